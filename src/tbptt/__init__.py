@@ -1,0 +1,34 @@
+"""tbptt: backpropagation through time and truncated BPTT(k1, k2), exactly and fast.
+
+The core needs numpy only. The PyTorch engine lives in `tbptt.torch` (the `torch` extra).
+
+    model = tbptt.ElmanRNN(A, B, C, b=None, c=None, f="tanh", g="identity")
+    trunc = tbptt.Truncation(k1, k2, inject="new", flush=False)
+    grads = tbptt.gradients(model, x, y, truncation=None, h0=None, loss="l2")
+
+The contract every engine implements is SEMANTICS.md (the model, exact BPTT, windows, the
+TBPTT(k1, k2) schedule, frozen and online use, streams and resets).
+"""
+
+from .elman import ElmanRNN
+from .gradients import gradients, total_loss
+from .online import TBPTT, NonFiniteError
+from .optim import SGD, Adam, clip_grad_norm, grad_norm
+from .schedule import INJECT_MODES, Truncation, Window
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INJECT_MODES",
+    "SGD",
+    "TBPTT",
+    "Adam",
+    "ElmanRNN",
+    "NonFiniteError",
+    "Truncation",
+    "Window",
+    "clip_grad_norm",
+    "grad_norm",
+    "gradients",
+    "total_loss",
+]

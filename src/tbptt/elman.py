@@ -1,0 +1,253 @@
+"""The seed's recurrent network in numpy: forward pass and the backward recursion (SEMANTICS.md 1-3).
+
+Time-major arrays, a batch of independent streams on axis 1:
+
+    (1.1)  a_t = A h_{t-1} + B x_t + b
+    (1.2)  h_t = f(a_t)
+    (1.3)  z_t = C h_t + c
+    (1.4)  yhat_t = g(z_t)
+    (1.5)  L = sum_t l_t
+
+    (2.1)  e_t     = dl_t/dz_t
+    (2.2)  delta_t = C^T e_t + A^T (f'(a_{t+1}) * delta_{t+1}),   delta_{T+1} = 0
+    (2.3)  dL/dA = sum_t r_t h_{t-1}^T,  dL/dB = sum_t r_t x_t^T,  dL/db = sum_t r_t,
+           where r_t = delta_t * f'(a_t)
+    (2.4)  dL/dC = sum_t e_t h_t^T,  dL/dc = sum_t e_t
+    (2.5)  dL/dh_0 = A^T r_1
+
+In row form (one row per stream), A h becomes h @ A.T and A^T r becomes r @ A. Python loops only
+over the recurrences (1.1) and (2.2); every sum over t is one matrix product over the stacked
+(T * batch) axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checks import FLOATS, as_param
+from .functions import OUTPUTS, activation
+
+Array = np.ndarray
+
+
+class ElmanRNN:
+    """The seed's model h_t = f(A h_{t-1} + B x_t + b), yhat_t = g(C h_t + c).
+
+    Args:
+        A: (n, n) recurrent weights.  B: (n, m) input weights.  C: (p, n) output weights.
+        b: optional (n,) state bias.  c: optional (p,) output bias.
+        f: state activation, one of tanh, sigmoid, relu, identity.
+        g: output activation, one of tanh, sigmoid, relu, identity, softmax.
+
+    All arrays share one dtype, float32 or float64. The model is immutable: training returns a new
+    one with `replace`.
+    """
+
+    def __init__(
+        self,
+        A: Array,
+        B: Array,
+        C: Array,
+        b: Array | None = None,
+        c: Array | None = None,
+        f: str = "tanh",
+        g: str = "identity",
+    ) -> None:
+        A = as_param("A", A, None, 2)
+        n = A.shape[0]
+        if A.shape != (n, n):
+            raise ValueError(f"A must be square (n, n), got {A.shape}")
+        B = as_param("B", B, None, 2)
+        if B.shape[0] != n:
+            raise ValueError(f"B must have shape ({n}, m) to match A, got {B.shape}")
+        C = as_param("C", C, None, 2)
+        if C.shape[1] != n:
+            raise ValueError(f"C must have shape (p, {n}) to match A, got {C.shape}")
+        b = None if b is None else as_param("b", b, (n,), 1)
+        c = None if c is None else as_param("c", c, (C.shape[0],), 1)
+        dtypes = {arr.dtype for arr in (A, B, C, b, c) if arr is not None}
+        if len(dtypes) != 1:
+            raise TypeError(f"A, B, C, b, c must share one dtype, got {sorted(map(str, dtypes))}")
+        activation(f, "f")
+        if g not in OUTPUTS:
+            raise ValueError(f"g must be one of {OUTPUTS}, got {g!r}")
+        self.A, self.B, self.C, self.b, self.c = A, B, C, b, c
+        self.f, self.g = f, g
+
+    # -- shapes and parameters ------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def m(self) -> int:
+        return self.B.shape[1]
+
+    @property
+    def p(self) -> int:
+        return self.C.shape[0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.A.dtype
+
+    @property
+    def params(self) -> dict[str, Array]:
+        """The parameters by name: A, B, C, and b, c when the model has them."""
+        out = {"A": self.A, "B": self.B, "C": self.C}
+        if self.b is not None:
+            out["b"] = self.b
+        if self.c is not None:
+            out["c"] = self.c
+        return out
+
+    def replace(self, **params: Array) -> ElmanRNN:
+        """A model with some parameters replaced (the same f and g)."""
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise ValueError(
+                f"unknown parameters {sorted(unknown)}; the model has {list(self.params)}"
+            )
+        return ElmanRNN(**{**self.params, **params}, f=self.f, g=self.g)
+
+    @classmethod
+    def init(
+        cls,
+        n: int,
+        m: int,
+        p: int,
+        *,
+        bias: bool = True,
+        f: str = "tanh",
+        g: str = "identity",
+        dtype: type = np.float64,
+        seed: int | np.random.Generator | None = 0,
+        spectral_radius: float | None = None,
+    ) -> ElmanRNN:
+        """A random model: A, B, C uniform in +-1/sqrt(fan_in) as torch.nn.RNN does, zero biases.
+
+        spectral_radius rescales A to that largest |eigenvalue| when given.
+        """
+        for name, v in (("n", n), ("m", m), ("p", p)):
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if np.dtype(dtype).type not in FLOATS:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+        rng = np.random.default_rng(seed)
+        k = 1 / np.sqrt(n)
+        A = rng.uniform(-k, k, (n, n))
+        if spectral_radius is not None:
+            A *= spectral_radius / max(np.abs(np.linalg.eigvals(A)).max(), 1e-12)
+        B = rng.uniform(-k, k, (n, m))
+        C = rng.uniform(-k, k, (p, n))
+        zb, zc = (np.zeros(n), np.zeros(p)) if bias else (None, None)
+        cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+        return cls(cast(A), cast(B), cast(C), cast(zb), cast(zc), f=f, g=g)
+
+    def __repr__(self) -> str:
+        bias = "" if self.b is None and self.c is None else ", with biases"
+        return (
+            f"ElmanRNN(n={self.n}, m={self.m}, p={self.p}, f={self.f!r}, g={self.g!r}, "
+            f"dtype={self.dtype}{bias})"
+        )
+
+
+@dataclass
+class Trajectory:
+    """What the forward pass keeps for the backward pass, all time-major."""
+
+    x: Array  # (T, batch, m) inputs
+    h_prev: Array  # (T, batch, n) the state each step started from: h_{t-1}, or h_0 after a reset
+    h: Array  # (T, batch, n) states h_t
+    fprime: Array  # (T, batch, n) f'(a_t)
+    z: Array  # (T, batch, p) output pre-activations
+    reset: Array | None  # (T, batch) bool: step t restarted from h_0, no gradient to h_{t-1}
+
+
+def forward(
+    model: ElmanRNN, x: Array, h_init: Array, reset: Array | None = None, h0: Array | None = None
+) -> Trajectory:
+    """Run (1.1)-(1.3) over x (T, batch, m) from h_init (batch, n).
+
+    Where reset[t, j] is true, stream j starts step t from h0 (a constant; default h_init).
+    Inputs are assumed checked (see checks.py).
+    """
+    A, B, C = model.A, model.B, model.C
+    T, batch, _ = x.shape
+    fn = activation(model.f).fn
+    a = np.matmul(x, B.T)  # (T, batch, n): B x_t for every t at once
+    if model.b is not None:
+        a += model.b
+    h = np.empty_like(a)  # (T, batch, n)
+    h_prev = np.empty_like(a)
+    restart = h_init if h0 is None else h0
+    state = h_init
+    for t in range(T):  # (1.1), (1.2): the only loop of the forward pass
+        if reset is not None and reset[t].any():
+            state = np.where(reset[t][:, None], restart, state)
+        h_prev[t] = state
+        a[t] += state @ A.T  # a_t = A h_{t-1} + B x_t + b
+        h[t] = state = fn(a[t])
+    fprime = activation(model.f).grad(a, h)  # (T, batch, n)
+    z = np.matmul(h, C.T)  # (T, batch, p) (1.3)
+    if model.c is not None:
+        z += model.c
+    return Trajectory(x=x, h_prev=h_prev, h=h, fprime=fprime, z=z, reset=reset)
+
+
+def backprop(
+    fprime: Array,
+    A: Array,
+    dh: Array,
+    carry: Array | None = None,
+    cut: Array | None = None,
+) -> tuple[Array, Array]:
+    """The window recursion (3.1) over L steps s..u, returning r_t = delta_t * f'(a_t) and dL/dh_{s-1}.
+
+    fprime: (L, batch, n) f'(a_t) for t = s..u.
+    dh: (K, batch, n) injected C^T e_t for the last K steps u-K+1..u (the set I), K <= L.
+    carry: (batch, n) A^T r_{u+1} flowing in from a later segment (None: delta_{u+1} = 0).
+    cut: (L, batch) bool, where a stream restarted from a constant at step t.
+    Returns R (L, batch, n) and A^T r_s (batch, n), the gradient reaching h_{s-1}.
+    """
+    L, batch, n = fprime.shape
+    first_injected = L - len(dh)
+    R = np.empty_like(fprime)  # (L, batch, n)
+    back = np.zeros((batch, n), fprime.dtype) if carry is None else carry  # A^T r_{t+1}
+    for t in range(L - 1, -1, -1):  # (3.1), from u down to s
+        if t >= first_injected:
+            np.add(dh[t - first_injected], back, out=R[t])  # delta_t
+        else:
+            R[t] = back
+        R[t] *= fprime[t]  # r_t = delta_t * f'(a_t)
+        back = R[t] @ A  # A^T r_t, the recurrent part of delta_{t-1}
+        if cut is not None and cut[t].any():
+            back = np.where(cut[t][:, None], 0, back)  # h_{t-1} was a constant for these streams
+    return R, back
+
+
+def stacked(arr: Array) -> Array:
+    """(T, batch, k) -> (T * batch, k): the stacked time axis that turns a sum over t into a product."""
+    return arr.reshape(-1, arr.shape[-1])
+
+
+def parameter_gradients(
+    R: Array, h_prev: Array, x: Array, e: Array, h: Array, bias_b: bool, bias_c: bool
+) -> dict[str, Array]:
+    """(2.3) and (2.4) as one matrix product each over the stacked time axis.
+
+    R, h_prev: (L, batch, n); x: (L, batch, m); e: (K, batch, p) and h: (K, batch, n) for the
+    injected steps (e already weighted by how many windows inject each step).
+    """
+    grads = {
+        "A": stacked(R).T @ stacked(h_prev),  # sum_t r_t h_{t-1}^T
+        "B": stacked(R).T @ stacked(x),  # sum_t r_t x_t^T
+        "C": stacked(e).T @ stacked(h),  # sum_t e_t h_t^T
+    }
+    if bias_b:
+        grads["b"] = R.sum(axis=(0, 1))
+    if bias_c:
+        grads["c"] = e.sum(axis=(0, 1))
+    return grads

@@ -1,0 +1,97 @@
+"""Activations f, g with their derivatives, and the per-step losses l_t (SEMANTICS.md 1 and 2).
+
+    (1.2)  h_t = f(a_t)
+    (1.4)  yhat_t = g(z_t)
+    (1.5)  l_t = 1/2 ||yhat_t - y_t||^2                         (loss="l2")
+           l_t = -log softmax(z_t)[y_t]                         (loss="cross_entropy", g = softmax)
+    (2.1)  e_t = dl_t/dz_t = (yhat_t - y_t) * g'(z_t)          (L2, elementwise g)
+           e_t = softmax(z_t) - onehot(y_t)                     (cross-entropy)
+
+Each derivative is written in terms of the activation's output where that is cheaper and exact
+(tanh' = 1 - h^2, sigmoid' = h (1 - h)), so the forward pass need not keep a_t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise function with its derivative given (pre-activation a, output h = fn(a))."""
+
+    name: str
+    fn: Callable[[Array], Array]
+    grad: Callable[[Array, Array], Array]  # (a, h) -> f'(a)
+
+
+def _sigmoid(a: Array) -> Array:
+    # 1 / (1 + exp(-a)) without overflow warnings for large |a|
+    out = np.exp(-np.logaddexp(0, -a))
+    return out.astype(a.dtype, copy=False)
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "tanh": Activation("tanh", np.tanh, lambda a, h: 1 - h * h),
+    "sigmoid": Activation("sigmoid", _sigmoid, lambda a, h: h * (1 - h)),
+    "relu": Activation("relu", lambda a: np.maximum(a, 0), lambda a, h: (a > 0).astype(a.dtype)),
+    "identity": Activation("identity", lambda a: a, lambda a, h: np.ones_like(a)),
+}
+OUTPUTS = (*ACTIVATIONS, "softmax")
+LOSSES = ("l2", "cross_entropy")
+
+
+def activation(name: object, argument: str = "f") -> Activation:
+    """Look up an elementwise activation by name, with an error that says what exists."""
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"{argument} must be one of {tuple(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+def softmax(z: Array) -> Array:
+    """softmax over the last axis, shifted by the max for stability."""
+    ez = np.exp(z - z.max(axis=-1, keepdims=True))
+    return ez / ez.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(z: Array) -> Array:
+    zs = z - z.max(axis=-1, keepdims=True)
+    return zs - np.log(np.exp(zs).sum(axis=-1, keepdims=True))
+
+
+def output(g: str, z: Array) -> Array:
+    """yhat = g(z) (1.4)."""
+    return softmax(z) if g == "softmax" else ACTIVATIONS[g].fn(z)
+
+
+def loss_and_error(
+    g: str, loss: str, z: Array, y: Array, mask: Array | None
+) -> tuple[Array, Array]:
+    """Per-step losses l_t (T, batch) and their errors e_t = dl_t/dz_t (T, batch, p).
+
+    z: (T, batch, p). y: (T, batch, p) for "l2", integer (T, batch) for "cross_entropy".
+    mask: (T, batch) of 0/1 weights or None; a masked step has l_t = 0 and e_t = 0.
+    """
+    if loss == "cross_entropy":
+        logp = log_softmax(z)  # (T, batch, p)
+        l = -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # (T, batch)
+        e = np.exp(logp)  # softmax(z_t)
+        np.put_along_axis(e, y[..., None], np.take_along_axis(e, y[..., None], -1) - 1, axis=-1)
+    else:
+        yhat = output(g, z)  # (T, batch, p)
+        r = yhat - y  # residual
+        l = 0.5 * np.einsum("tbp,tbp->tb", r, r)
+        if g == "softmax":
+            # vector-Jacobian product of softmax: J^T r = yhat * (r - <yhat, r>)
+            e = yhat * (r - np.einsum("tbp,tbp->tb", yhat, r)[..., None])
+        else:
+            e = r * ACTIVATIONS[g].grad(z, yhat)  # (2.1)
+    if mask is not None:
+        l = l * mask
+        e = e * mask[..., None]
+    return l, e

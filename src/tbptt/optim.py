@@ -1,0 +1,117 @@
+"""Optimizers for the numpy engine, as pure functions of (params, grads, state).
+
+Each follows torch.optim's update exactly, so both engines train to the same parameters:
+
+    SGD:       v <- mu v + g (v = g at the first step);  p <- p - lr v   (momentum mu; v = g when mu = 0)
+               nesterov: p <- p - lr (g + mu v)
+    Adam:      m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+               p <- p - lr/(1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)
+    clipping:  g <- g * min(1, max_norm / (||g|| + 1e-6))   (Pascanu, Mikolov and Bengio 2013,
+               Algorithm 1, with the 1e-6 that torch.nn.utils.clip_grad_norm_ adds)
+
+An optimizer never modifies arrays in place: it returns new parameter arrays, so a graph that still
+holds the old values (an overlapping window, SEMANTICS.md 5) stays valid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+Array = np.ndarray
+Params = dict[str, Array]
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(
+            f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}"
+        )
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Stochastic gradient descent with optional (Nesterov) momentum, like torch.optim.SGD."""
+
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("lr", self.lr)
+        _check_positive("momentum", self.momentum, allow_zero=True)
+
+    def init(self, params: Params) -> dict[str, Array]:
+        return {}
+
+    def step(self, params: Params, grads: Params, state: dict[str, Array]) -> tuple[Params, dict]:
+        new, state = {}, dict(state)
+        for k, p in params.items():
+            g = grads[k]
+            if self.momentum:
+                v = g.copy() if k not in state else self.momentum * state[k] + g
+                state[k] = v
+                g = g + self.momentum * v if self.nesterov else v
+            new[k] = p - self.lr * g
+        return new, state
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam (Kingma and Ba 2015), like torch.optim.Adam with its default eps."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_positive("lr", self.lr)
+        for name in ("beta1", "beta2"):
+            b = getattr(self, name)
+            if not 0 <= b < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {b!r}")
+        _check_positive("eps", self.eps)
+
+    def init(self, params: Params) -> dict[str, Array]:
+        state = {"step": np.zeros((), np.int64)}
+        for k, p in params.items():
+            state["m." + k] = np.zeros_like(p)
+            state["v." + k] = np.zeros_like(p)
+        return state
+
+    def step(self, params: Params, grads: Params, state: dict[str, Array]) -> tuple[Params, dict]:
+        k_step = int(state["step"]) + 1
+        new_state = {"step": np.asarray(k_step, np.int64)}
+        new = {}
+        c1 = 1 - self.beta1**k_step
+        c2 = math.sqrt(1 - self.beta2**k_step)
+        for k, p in params.items():
+            g = grads[k]
+            m = self.beta1 * state["m." + k] + (1 - self.beta1) * g
+            v = self.beta2 * state["v." + k] + (1 - self.beta2) * g * g
+            new_state["m." + k], new_state["v." + k] = m, v
+            new[k] = p - (self.lr / c1) * m / (np.sqrt(v) / c2 + self.eps)
+        return new, new_state
+
+
+Optimizer = SGD | Adam
+
+
+def grad_norm(grads: Params) -> float:
+    """The global L2 norm over every gradient array."""
+    return math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+
+
+def clip_grad_norm(grads: Params, max_norm: float) -> tuple[Params, float]:
+    """Rescale all gradients together when their global norm exceeds max_norm; returns the norm."""
+    norm = grad_norm(grads)
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1:
+        grads = {k: g * coef for k, g in grads.items()}
+    return grads, norm

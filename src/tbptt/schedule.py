@@ -1,0 +1,194 @@
+"""The TBPTT(k1, k2) schedule: which steps each update backpropagates and which losses it injects.
+
+This is the one definition of truncation that the numpy engine, the PyTorch engine, the explain
+tool and the tests all use (SEMANTICS.md, sections 3 and 4). Steps are numbered 1..T as in the
+contract.
+
+A window W = (s, u, I) backpropagates through steps s..u and injects the losses of the steps in I;
+h_{s-1} is a constant:
+
+    (3.1)  delta^W_t = [t in I] C^T e_t + A^T (f'(a_{t+1}) * delta^W_{t+1}),  s <= t <= u,  delta^W_{u+1} = 0
+
+Sutskever's schedule places a window at every k1-th step:
+
+    (4.1)  update times  u in {k1, 2 k1, ...}, u <= T   (flush: also u = T when k1 does not divide T)
+    (4.2)  window start  s = max(1, u - k2 + 1)
+    (4.3)  injected      "new":    I = (u_prev, u]
+                         "window": I = [s, u]
+                         "last":   I = {u}
+
+In every mode I is a run of consecutive steps ending at u, so a window is stored as three integers
+(s, i, u) with I = [i, u].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+INJECT_MODES = ("new", "window", "last")
+
+
+@dataclass(frozen=True)
+class Window:
+    """One update: backpropagate through steps s..u, inject the losses of steps i..u (1-based)."""
+
+    s: int  # first step the gradient reaches; h_{s-1} is a constant
+    i: int  # first injected loss
+    u: int  # update step: the last step computed before the update
+
+    @property
+    def steps(self) -> range:
+        """Steps s..u that the gradient flows through."""
+        return range(self.s, self.u + 1)
+
+    @property
+    def losses(self) -> range:
+        """Steps whose losses are injected, I = [i, u]."""
+        return range(self.i, self.u + 1)
+
+    def depth(self, t: int) -> int:
+        """How many steps the gradient of loss t travels in this window (t down to s)."""
+        return t - self.s + 1
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(
+            f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}"
+        )
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """TBPTT(k1, k2): every k1 steps, backpropagate over the last k2 steps (SEMANTICS.md 4).
+
+    k1 = k2 = T is exact BPTT; k1 = k2 = k is detach-every-k; k1 = 1 with inject="new" is
+    Williams and Peng's fully online BPTT(k2); k1 = T, k2 = k, inject="window" is Theano's
+    scan(truncate_gradient=k).
+
+    Args:
+        k1: steps between updates (Williams and Peng's h').
+        k2: how many steps each update backpropagates (their h).
+        inject: which losses an update injects: "new" (each loss exactly once; needs k2 >= k1),
+            "window" (every loss in the window, counted again where windows overlap) or
+            "last" (only the loss at the update step, as the common forum snippet does).
+        flush: also update at the end of the sequence when k1 does not divide its length;
+            without it the last T mod k1 losses take part in no update.
+    """
+
+    k1: int
+    k2: int
+    inject: str = "new"
+    flush: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k1", _check_int("k1", self.k1))
+        object.__setattr__(self, "k2", _check_int("k2", self.k2))
+        if self.inject not in INJECT_MODES:
+            raise ValueError(f"inject must be one of {INJECT_MODES}, got {self.inject!r}")
+        if not isinstance(self.flush, bool):
+            raise TypeError(f"flush must be a bool, got {self.flush!r}")
+        if self.inject == "new" and self.k2 < self.k1:
+            raise ValueError(
+                f"inject='new' needs k2 >= k1 (each new loss must lie inside its window), "
+                f"got k1={self.k1}, k2={self.k2}"
+            )
+
+    # -- one definition of a window -------------------------------------------------------------
+    def window(self, u: int, u_prev: int) -> Window:
+        """The window of the update at step u, the previous update having been at u_prev (0 if none)."""
+        s = max(1, u - self.k2 + 1)  # (4.2)
+        i = {"new": u_prev + 1, "window": s, "last": u}[self.inject]  # (4.3)
+        return Window(s=s, i=i, u=u)
+
+    def is_update(self, t: int) -> bool:
+        """Whether an update follows step t (1-based) of an unbounded stream."""
+        return t % self.k1 == 0  # (4.1)
+
+    def next_update(self, t: int) -> int:
+        """The first update time after step t (steps already computed: 1..t)."""
+        return (t // self.k1 + 1) * self.k1
+
+    def flush_window(self, T: int) -> Window | None:
+        """The extra window at the end of a stream of length T, if flush asks for one."""
+        if self.flush and T % self.k1 != 0 and T >= 1:
+            return self.window(T, (T // self.k1) * self.k1)
+        return None
+
+    def update_times(self, T: int) -> list[int]:
+        """Update steps u for a sequence of T steps (4.1)."""
+        _check_T(T)
+        times = list(range(self.k1, T + 1, self.k1))
+        if self.flush and T % self.k1 != 0 and T >= 1:
+            times.append(T)
+        return times
+
+    def windows(self, T: int) -> list[Window]:
+        """Every window of a sequence of T steps, in order of update."""
+        return list(self.iter_windows(T))
+
+    def iter_windows(self, T: int) -> Iterator[Window]:
+        u_prev = 0
+        for u in self.update_times(T):
+            yield self.window(u, u_prev)
+            u_prev = u
+
+    # -- what the schedule costs and keeps ------------------------------------------------------
+    @property
+    def keep(self) -> int:
+        """How many past steps an online engine must keep to build the next window."""
+        return self.k2
+
+    @property
+    def segment(self) -> int:
+        """Length of the segments that tile every window: gcd(k1, k2)."""
+        return math.gcd(self.k1, self.k2)
+
+    def backward_steps(self, T: int) -> int:
+        """Total backward steps over a sequence of T steps (Williams and Peng's cost)."""
+        return sum(w.u - w.s + 1 for w in self.iter_windows(T))
+
+    def loss_uses(self, T: int) -> list[tuple[int, int, int]]:
+        """For each loss step t = 1..T: (updates that inject it, shortest depth, longest depth).
+
+        The depth is how many steps its gradient travels (t down to s); 0 where no update uses it.
+        """
+        count = [0] * (T + 1)
+        shortest = [0] * (T + 1)
+        longest = [0] * (T + 1)
+        for w in self.iter_windows(T):
+            for t in w.losses:
+                d = w.depth(t)
+                shortest[t] = d if count[t] == 0 else min(shortest[t], d)
+                longest[t] = max(longest[t], d)
+                count[t] += 1
+        return [(count[t], shortest[t], longest[t]) for t in range(1, T + 1)]
+
+    # -- named schedules ------------------------------------------------------------------------
+    @classmethod
+    def exact(cls, T: int) -> Truncation:
+        """Exact BPTT over T steps: one window, every loss (section 2)."""
+        _check_T(T)
+        return cls(T, T, inject="new", flush=False)
+
+    @classmethod
+    def detach_every(cls, k: int) -> Truncation:
+        """Disjoint chunks of k steps with the state detached between them (k1 = k2 = k)."""
+        return cls(k, k, inject="new", flush=True)
+
+    def describe(self) -> str:
+        """A one-line description, e.g. 'TBPTT(k1=4, k2=8, inject=new)'."""
+        flush = ", flush" if self.flush else ""
+        return f"TBPTT(k1={self.k1}, k2={self.k2}, inject={self.inject}{flush})"
+
+
+def _check_T(T: object) -> None:
+    if isinstance(T, bool) or not isinstance(T, int | np.integer) or T < 0:
+        raise ValueError(f"T must be an integer >= 0 (the number of steps), got {T!r}")
