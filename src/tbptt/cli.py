@@ -1,0 +1,88 @@
+"""The `tbptt` command line: one subcommand per job, each defined in the module that does the work.
+
+    tbptt train        train a recurrent network with TBPTT(k1, k2) (tbptt/train.py)
+    tbptt sample       generate text from a trained character model (tbptt/train.py)
+    tbptt explain      draw a TBPTT(k1, k2) schedule (tbptt/explain.py)
+    tbptt bias         measure the gradient bias of truncation against exact BPTT (tbptt/bias.py)
+    tbptt suggest-k    choose k2 from the decay of the gradient over lags (tbptt/bias.py)
+
+A subcommand module defines `add_<name>_arguments(parser)` and `run_<name>(args) -> int`, and
+imports torch, matplotlib or tqdm only inside the functions that need them. Any ValueError,
+TypeError or OSError that reaches here is the user's input being wrong: one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# (command, module, one-line help)
+COMMANDS: list[tuple[str, str, str]] = [
+    (
+        "train",
+        "tbptt.train",
+        "train a recurrent network with TBPTT(k1, k2) on text, numbers or a task",
+    ),
+    ("sample", "tbptt.train", "generate text from a trained character model"),
+    ("explain", "tbptt.explain", "draw which steps each TBPTT(k1, k2) update backpropagates"),
+    ("bias", "tbptt.bias", "measure the gradient bias of truncation against exact BPTT"),
+    ("suggest-k", "tbptt.bias", "choose k2 from the decay of the gradient over lags"),
+]
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for; printed as one line, exit code 2."""
+
+
+def _function(module: str, prefix: str, command: str):
+    mod = importlib.import_module(module)
+    return getattr(mod, f"{prefix}_{command.replace('-', '_')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tbptt",
+        description=(
+            "Train recurrent networks with backpropagation through time (BPTT) and truncated "
+            "BPTT(k1, k2): every k1 steps, backpropagate over the last k2 steps."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"tbptt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command, module, help_text in COMMANDS:
+        try:
+            add = _function(module, "add", command + "_arguments")
+        except (ImportError, AttributeError):
+            continue  # a command whose module is not part of this installation
+        p = sub.add_parser(
+            command,
+            help=help_text,
+            description=help_text[0].upper() + help_text[1:] + ".",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        add(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = _function(args._module, "run", args.command)
+    try:
+        return int(run(args) or 0)
+    except (UsageError, ValueError, TypeError, OSError) as exc:
+        print(f"tbptt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tbptt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
