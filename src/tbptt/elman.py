@@ -176,25 +176,33 @@ def forward(
     """
     A, B, C = model.A, model.B, model.C
     T, batch, _ = x.shape
-    fn = activation(model.f).fn
-    a = np.matmul(x, B.T)  # (T, batch, n): B x_t for every t at once
+    f = activation(model.f)
+    Bx = np.matmul(x, B.T)  # (T, batch, n): B x_t for every t at once
     if model.b is not None:
-        a += model.b
-    h = np.empty_like(a)  # (T, batch, n)
-    h_prev = np.empty_like(a)
+        Bx += model.b
+    hs = np.empty((T + 1, batch, A.shape[0]), A.dtype)  # h_0, h_1, ..., h_T
+    hs[0] = h_init
+    AT = np.ascontiguousarray(A.T)  # (n, n); a transposed view would be copied every step
     restart = h_init if h0 is None else h0
-    state = h_init
-    for t in range(T):  # (1.1), (1.2): the only loop of the forward pass
-        if reset is not None and reset[t].any():
-            state = np.where(reset[t][:, None], restart, state)
-        h_prev[t] = state
-        a[t] += state @ A.T  # a_t = A h_{t-1} + B x_t + b
-        h[t] = state = fn(a[t])
-    fprime = activation(model.f).grad(a, h)  # (T, batch, n)
+    resets = reset is not None and reset.any()
+    rows = list(hs)  # views h_0, ..., h_T: indexing once here, not in the loop
+    for t, (prev, cur, bx) in enumerate(
+        zip(rows[:-1], rows[1:], Bx, strict=True)
+    ):  # (1.1), (1.2), the only loop
+        if resets and reset[t].any():
+            prev = np.where(reset[t][:, None], restart, prev)
+        np.dot(prev, AT, out=cur)  # A h_{t-1}  (np.dot: less per-call overhead than matmul)
+        cur += bx  # a_t = A h_{t-1} + B x_t + b
+        f.fn(cur, cur)  # h_t = f(a_t), in place
+    h = hs[1:]  # (T, batch, n), a view
+    h_prev = hs[:-1]  # (T, batch, n), a view: h_{t-1}
+    if resets:
+        h_prev = np.where(reset[:, :, None], restart, h_prev)  # h_0 where a stream restarted
+    fprime = f.grad(h)  # (T, batch, n) f'(a_t), from h_t
     z = np.matmul(h, C.T)  # (T, batch, p) (1.3)
     if model.c is not None:
         z += model.c
-    return Trajectory(x=x, h_prev=h_prev, h=h, fprime=fprime, z=z, reset=reset)
+    return Trajectory(x=x, h_prev=h_prev, h=h, fprime=fprime, z=z, reset=reset if resets else None)
 
 
 def backprop(
@@ -204,7 +212,7 @@ def backprop(
     carry: Array | None = None,
     cut: Array | None = None,
 ) -> tuple[Array, Array]:
-    """The window recursion (3.1) over L steps s..u, returning r_t = delta_t * f'(a_t) and dL/dh_{s-1}.
+    """The window recursion (3.1) over L steps s..u: r_t = delta_t * f'(a_t) and dL/dh_{s-1}.
 
     fprime: (L, batch, n) f'(a_t) for t = s..u.
     dh: (K, batch, n) injected C^T e_t for the last K steps u-K+1..u (the set I), K <= L.
@@ -215,16 +223,19 @@ def backprop(
     L, batch, n = fprime.shape
     first_injected = L - len(dh)
     R = np.empty_like(fprime)  # (L, batch, n)
-    back = np.zeros((batch, n), fprime.dtype) if carry is None else carry  # A^T r_{t+1}
+    back = np.zeros((batch, n), fprime.dtype) if carry is None else carry.copy()  # A^T r_{t+1}
+    cuts = cut is not None and cut.any()
+    rows = list(zip(R, fprime, strict=True))  # views, indexed once
     for t in range(L - 1, -1, -1):  # (3.1), from u down to s
+        r, fp = rows[t]
         if t >= first_injected:
-            np.add(dh[t - first_injected], back, out=R[t])  # delta_t
+            np.add(dh[t - first_injected], back, out=r)  # delta_t
+            r *= fp  # r_t = delta_t * f'(a_t)
         else:
-            R[t] = back
-        R[t] *= fprime[t]  # r_t = delta_t * f'(a_t)
-        back = R[t] @ A  # A^T r_t, the recurrent part of delta_{t-1}
-        if cut is not None and cut[t].any():
-            back = np.where(cut[t][:, None], 0, back)  # h_{t-1} was a constant for these streams
+            np.multiply(back, fp, out=r)
+        np.dot(r, A, out=back)  # A^T r_t, the recurrent part of delta_{t-1}
+        if cuts and cut[t].any():
+            back[cut[t]] = 0  # h_{t-1} was a constant for these streams
     return R, back
 
 

@@ -23,24 +23,42 @@ Array = np.ndarray
 
 @dataclass(frozen=True)
 class Activation:
-    """An elementwise function with its derivative given (pre-activation a, output h = fn(a))."""
+    """An elementwise function h = fn(a) and its derivative f'(a), written in terms of h.
+
+    fn(a, out) may write into out (which may be a itself); grad(h) returns f'(a) from h = fn(a),
+    which all four activations allow, so the forward pass keeps h and never a.
+    """
 
     name: str
-    fn: Callable[[Array], Array]
-    grad: Callable[[Array, Array], Array]  # (a, h) -> f'(a)
+    fn: Callable[[Array, Array | None], Array]
+    grad: Callable[[Array], Array]
 
 
-def _sigmoid(a: Array) -> Array:
-    # 1 / (1 + exp(-a)) without overflow warnings for large |a|
-    out = np.exp(-np.logaddexp(0, -a))
-    return out.astype(a.dtype, copy=False)
+def _sigmoid(a: Array, out: Array | None = None) -> Array:
+    # 1 / (1 + exp(-a)) = (1 + tanh(a / 2)) / 2: no overflow for large |a|, and in place
+    out = np.multiply(a, 0.5, out=out)
+    np.tanh(out, out=out)
+    out += 1
+    out *= 0.5
+    return out
+
+
+def _identity(a: Array, out: Array | None = None) -> Array:
+    if out is None:
+        return a.copy()
+    if out is not a:
+        out[...] = a
+    return out
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "tanh": Activation("tanh", np.tanh, lambda a, h: 1 - h * h),
-    "sigmoid": Activation("sigmoid", _sigmoid, lambda a, h: h * (1 - h)),
-    "relu": Activation("relu", lambda a: np.maximum(a, 0), lambda a, h: (a > 0).astype(a.dtype)),
-    "identity": Activation("identity", lambda a: a, lambda a, h: np.ones_like(a)),
+    "tanh": Activation("tanh", np.tanh, lambda h: 1 - h * h),
+    "sigmoid": Activation("sigmoid", _sigmoid, lambda h: h * (1 - h)),
+    # relu: h > 0 exactly where a > 0
+    "relu": Activation(
+        "relu", lambda a, out=None: np.maximum(a, 0, out=out), lambda h: (h > 0).astype(h.dtype)
+    ),
+    "identity": Activation("identity", _identity, lambda h: np.ones_like(h)),
 }
 OUTPUTS = (*ACTIVATIONS, "softmax")
 LOSSES = ("l2", "cross_entropy")
@@ -66,7 +84,7 @@ def log_softmax(z: Array) -> Array:
 
 def output(g: str, z: Array) -> Array:
     """yhat = g(z) (1.4)."""
-    return softmax(z) if g == "softmax" else ACTIVATIONS[g].fn(z)
+    return softmax(z) if g == "softmax" else ACTIVATIONS[g].fn(z, None)
 
 
 def loss_and_error(
@@ -89,8 +107,10 @@ def loss_and_error(
         if g == "softmax":
             # vector-Jacobian product of softmax: J^T r = yhat * (r - <yhat, r>)
             e = yhat * (r - np.einsum("tbp,tbp->tb", yhat, r)[..., None])
+        elif g == "identity":
+            e = r  # (2.1) with g' = 1
         else:
-            e = r * ACTIVATIONS[g].grad(z, yhat)  # (2.1)
+            e = r * ACTIVATIONS[g].grad(yhat)  # (2.1)
     if mask is not None:
         l = l * mask
         e = e * mask[..., None]

@@ -78,28 +78,24 @@ def window_sum(
     """sum_W g^W over a trajectory computed with fixed parameters (5.1), and the h_0 gradient."""
     T, batch, n = traj.h.shape
     dh = e @ model.C  # (T, batch, n): C^T e_t for every t, one product
-    R = np.zeros_like(traj.h)  # (T, batch, n): sum over windows of r^W_t
-    uses = np.zeros(T, dtype=model.dtype)  # n_t: windows that inject loss t
     gh0 = np.zeros((batch, n), model.dtype)
-    for w in windows:
-        sl = slice(w.s - 1, w.u)  # steps s..u, 0-based
-        cut = None if traj.reset is None else traj.reset[sl]
-        Rw, back = backprop(traj.fprime[sl], model.A, dh[w.i - 1 : w.u], cut=cut)
-        if len(windows) == 1:
-            R[sl] = Rw
-        else:
+    if len(windows) == 1 and windows[0] == Window(1, 1, T):  # exact BPTT: one window, every loss
+        R, gh0 = backprop(traj.fprime, model.A, dh, cut=traj.reset)
+        e_used = e
+    else:
+        R = np.zeros_like(traj.h)  # (T, batch, n): sum over windows of r^W_t
+        uses = np.zeros(T, dtype=model.dtype)  # n_t: windows that inject loss t
+        for w in windows:
+            sl = slice(w.s - 1, w.u)  # steps s..u, 0-based
+            cut = None if traj.reset is None else traj.reset[sl]
+            Rw, back = backprop(traj.fprime[sl], model.A, dh[w.i - 1 : w.u], cut=cut)
             R[sl] += Rw
-        uses[w.i - 1 : w.u] += 1
-        if w.s == 1:
-            gh0 += back  # (2.5) / (3.3): only a window that starts at step 1 reaches h_0
+            uses[w.i - 1 : w.u] += 1
+            if w.s == 1:
+                gh0 += back  # (2.5) / (3.3): only a window that starts at step 1 reaches h_0
+        e_used = e * uses[:, None, None]  # n_t e_t
     grads = parameter_gradients(
-        R,
-        traj.h_prev,
-        traj.x,
-        e * uses[:, None, None],
-        traj.h,
-        model.b is not None,
-        model.c is not None,
+        R, traj.h_prev, traj.x, e_used, traj.h, model.b is not None, model.c is not None
     )
     return grads, gh0
 
