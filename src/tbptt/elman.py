@@ -177,7 +177,7 @@ def forward(
     A, B, C = model.A, model.B, model.C
     T, batch, _ = x.shape
     f = activation(model.f)
-    Bx = np.matmul(x, B.T)  # (T, batch, n): B x_t for every t at once
+    Bx = project(x, B.T)  # (T, batch, n): B x_t for every t, one product
     if model.b is not None:
         Bx += model.b
     hs = np.empty((T + 1, batch, A.shape[0]), A.dtype)  # h_0, h_1, ..., h_T
@@ -199,7 +199,7 @@ def forward(
     if resets:
         h_prev = np.where(reset[:, :, None], restart, h_prev)  # h_0 where a stream restarted
     fprime = f.grad(h)  # (T, batch, n) f'(a_t), from h_t
-    z = np.matmul(h, C.T)  # (T, batch, p) (1.3)
+    z = project(h, C.T)  # (T, batch, p) (1.3)
     if model.c is not None:
         z += model.c
     return Trajectory(x=x, h_prev=h_prev, h=h, fprime=fprime, z=z, reset=reset if resets else None)
@@ -237,6 +237,14 @@ def backprop(
         if cuts and cut[t].any():
             back[cut[t]] = 0  # h_{t-1} was a constant for these streams
     return R, back
+
+
+def project(arr: Array, W: Array) -> Array:
+    """(T, batch, k) @ (k, j) -> (T, batch, j) as one matrix product over the stacked time axis.
+
+    np.matmul on the 3-d array would run T small products instead of one large one.
+    """
+    return (stacked(arr) @ W).reshape(*arr.shape[:-1], W.shape[1])
 
 
 def stacked(arr: Array) -> Array:

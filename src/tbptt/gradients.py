@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checks import check_batch, check_h0
-from .elman import ElmanRNN, Trajectory, backprop, forward, parameter_gradients
+from .elman import ElmanRNN, Trajectory, backprop, forward, parameter_gradients, project
 from .functions import loss_and_error
 from .schedule import Truncation, Window
 
@@ -77,7 +77,7 @@ def window_sum(
 ) -> tuple[dict[str, Array], Array]:
     """sum_W g^W over a trajectory computed with fixed parameters (5.1), and the h_0 gradient."""
     T, batch, n = traj.h.shape
-    dh = e @ model.C  # (T, batch, n): C^T e_t for every t, one product
+    dh = project(e, model.C)  # (T, batch, n): C^T e_t for every t, one product
     gh0 = np.zeros((batch, n), model.dtype)
     if len(windows) == 1 and windows[0] == Window(1, 1, T):  # exact BPTT: one window, every loss
         R, gh0 = backprop(traj.fprime, model.A, dh, cut=traj.reset)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checks import check_batch, check_h0
-from .elman import ElmanRNN, backprop, forward, parameter_gradients
+from .elman import ElmanRNN, backprop, forward, parameter_gradients, project
 from .functions import loss_and_error
 from .optim import SGD, Adam, clip_grad_norm
 from .schedule import Truncation
@@ -179,20 +179,33 @@ class TBPTT:
     def _forward(self, x: Array, y: Array, mask: Array | None, reset: Array | None) -> float:
         """Run steps t+1..t+len(x) with the current parameters; keep them as one segment."""
         model = self.model
+        x = np.array(x)  # our own copy: the caller may refill its buffer while we keep the graph
         traj = forward(model, x, self.h, reset, self.h0)
         l, e = loss_and_error(model.g, self.loss, traj.z, y, mask)
+        if not (np.isfinite(traj.h[-1]).all() and np.isfinite(l).all()):
+            bad = ~(np.isfinite(traj.h).all(axis=(1, 2)) & np.isfinite(l).all(axis=1))
+            step = self.t + 1 + int(np.argmax(bad))
+            raise NonFiniteError(
+                f"the state or loss became non-finite at step {step} (update {self.updates + 1}); "
+                f"parameters kept at their last finite values",
+                step,
+            )
         self.segments.append(
             Segment(self.t + 1, model.params, x, traj.h_prev, traj.h, traj.fprime, e, reset)
         )
         self.h = traj.h[-1]
         self.t += len(x)
-        # keep only what a future window can reach: steps after t + 1 - k2
-        oldest = self.t + 2 - self.truncation.keep
+        # keep only what a window can still reach: the update at u = t itself (regular or flush)
+        # starts at s = t - k2 + 1 (4.2), later ones later
+        oldest = self.t + 1 - self.truncation.keep
         while self.segments and self.segments[0].t1 < oldest:
             self.segments.popleft()
-        if not np.isfinite(self.h).all():
-            raise NonFiniteError(f"the state became non-finite by step {self.t}", self.t)
         return float(l.sum())
+
+    @property
+    def phase(self) -> int:
+        """Steps computed since the last update (0 right after an update)."""
+        return self.t - self.u_prev
 
     def _update(self, w) -> None:
         """Backpropagate window w through the kept segments (5.2), (5.3), then step the optimizer."""
@@ -205,20 +218,18 @@ class TBPTT:
             part = seg.tail(max(seg.t0, w.s))  # steps max(t0, s)..t1 of this segment
             first_loss = max(w.i, part.t0) - part.t0  # index of the first injected step
             e_inj = part.e[first_loss:]  # (K, batch, p)
-            dh = e_inj @ part.params["C"]  # C_t^T e_t for t in I
+            dh = project(e_inj, part.params["C"])  # C_t^T e_t for t in I
             R, back = backprop(part.fprime, part.params["A"], dh, back, part.reset)
             g = parameter_gradients(
                 R, part.h_prev, part.x, e_inj, part.h[first_loss:], "b" in names, "c" in names
             )
             for k in names:
                 grads[k] += g[k]
-        self.u_prev = w.u
-        self.updates += 1
         for k, g in grads.items():
             if not np.isfinite(g).all():
                 raise NonFiniteError(
                     f"the gradient of {k} became non-finite at the update after step {w.u} "
-                    f"(update {self.updates}); parameters kept at their last finite values",
+                    f"(update {self.updates + 1}); parameters kept at their last finite values",
                     w.u,
                 )
         if self.clip is not None:
@@ -226,10 +237,12 @@ class TBPTT:
         params, opt_state = self.optimizer.step(self.model.params, grads, self.opt_state)
         if not all(np.isfinite(v).all() for v in params.values()):
             raise NonFiniteError(
-                f"the parameters became non-finite at the update after step {w.u}; "
-                f"kept at their last finite values",
+                f"the parameters became non-finite at the update after step {w.u} "
+                f"(update {self.updates + 1}); kept at their last finite values",
                 w.u,
             )
+        self.u_prev = w.u
+        self.updates += 1
         self.model = self.model.replace(**params)
         self.opt_state = opt_state
 

