@@ -109,8 +109,12 @@ class TBPTT:
             )
         if loss not in ("l2", "cross_entropy"):
             raise ValueError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
-        if clip is not None and not (isinstance(clip, int | float) and clip > 0):
-            raise ValueError(f"clip must be a positive number or None, got {clip!r}")
+        if clip is not None and (
+            isinstance(clip, bool)
+            or not isinstance(clip, int | float | np.integer | np.floating)
+            or not 0 < clip < np.inf
+        ):
+            raise ValueError(f"clip must be a positive finite number or None, got {clip!r}")
         self.model = model
         self.truncation = truncation
         self.optimizer = optimizer

@@ -45,6 +45,10 @@ class SGD:
     def __post_init__(self) -> None:
         _check_positive("lr", self.lr)
         _check_positive("momentum", self.momentum, allow_zero=True)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError(
+                "nesterov=True needs momentum > 0, got momentum=0 (as torch.optim.SGD)"
+            )
 
     def init(self, params: Params) -> dict[str, Array]:
         return {}

@@ -180,8 +180,13 @@ class Truncation:
 
     @classmethod
     def detach_every(cls, k: int) -> Truncation:
-        """Disjoint chunks of k steps with the state detached between them (k1 = k2 = k)."""
-        return cls(k, k, inject="new", flush=True)
+        """Disjoint chunks of k steps with the state detached between them (k1 = k2 = k).
+
+        Without flush, as in section 4: when k does not divide T the last T mod k losses take
+        part in no update. (A flush window would reach k steps back, into the previous chunk,
+        which a detach-every-k loop does not do.)
+        """
+        return cls(k, k, inject="new", flush=False)
 
     def describe(self) -> str:
         """A one-line description, e.g. 'TBPTT(k1=4, k2=8, inject=new)'."""

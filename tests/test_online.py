@@ -1,0 +1,261 @@
+"""Online TBPTT (SEMANTICS.md 5-6, invariant 7.6): tbptt.TBPTT against a torch autograd twin."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import OnlineTBPTT, Problem, assert_close, plain_detach_training, rel_err
+
+import tbptt
+from tbptt import SGD, TBPTT, Adam, Truncation
+
+OPTIMIZERS = {
+    "sgd": SGD(lr=0.1),
+    "momentum": SGD(lr=0.05, momentum=0.9),
+    "nesterov": SGD(lr=0.05, momentum=0.8, nesterov=True),
+    "adam": Adam(lr=0.01),
+}
+
+
+def pieces(P: Problem, chunks: list[int]):
+    """(x, y, mask, reset) chunk by chunk, of the given lengths."""
+    t = 0
+    for c in chunks:
+        sl = slice(t, t + c)
+        yield P.x[sl], P.y[sl], _cut(P.mask, sl), _cut(P.reset, sl)
+        t += c
+    assert t == P.T
+
+
+def _cut(a: np.ndarray | None, sl: slice) -> np.ndarray | None:
+    return None if a is None else a[sl]
+
+
+def run_both(P, tr, opt, chunks, clip=None, rtol=1e-10, **kw):
+    """Feed the same chunks to the engine and the oracle; compare after every chunk and finish."""
+    eng = TBPTT(P.model, tr, opt, loss=P.loss, clip=clip, h0=P.h0)
+    ref = OnlineTBPTT(P.model, tr, opt, loss=P.loss, clip=clip, h0=P.h0, **kw)
+    for x, y, mask, reset in pieces(P, chunks):
+        got = eng.feed(x, y, mask=mask, reset=reset)
+        want = ref.feed(x, y, mask=mask, reset=reset)
+        assert abs(got - want) <= 1e-10 * max(abs(want), 1.0)  # the loss of the forward pass
+        assert eng.updates == ref.updates and eng.t == ref.t and eng.u_prev == ref.u_prev
+        assert_close(eng.model.params, ref.params, rtol=rtol)
+    eng.finish()
+    ref.finish()
+    assert eng.updates == ref.updates
+    assert_close(eng.model.params, ref.params, rtol=rtol)
+    return eng, ref
+
+
+# -- update by update against the canonical rule -------------------------------------------------
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+@pytest.mark.parametrize("inject", tbptt.INJECT_MODES)
+def test_online_matches_canonical_rule_update_by_update(opt, inject):
+    """Step-by-step chunks, k2 not a multiple of k1: every update equals the autograd twin's."""
+    P = Problem(T=17, batch=2, h0=True, seed=50)
+    run_both(P, Truncation(2, 5, inject, flush=True), OPTIMIZERS[opt], [1] * 17)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("clip", [0.05, 0.5])
+def test_online_clipping_matches_torch(opt, clip):
+    """Gradient-norm clipping equals torch.nn.utils.clip_grad_norm_ before each step."""
+    P = Problem(T=14, batch=2, seed=51)
+    tr = Truncation(3, 4, "new", flush=True)
+    eng, ref = run_both(P, tr, OPTIMIZERS[opt], [1] * 14, clip=clip)
+    unclipped = TBPTT(P.model, tr, OPTIMIZERS[opt])
+    unclipped.feed(P.x, P.y)
+    unclipped.finish()
+    assert rel_err(unclipped.model.params["A"], eng.model.params["A"]) > 1e-6  # clipping acted
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adam"])
+@pytest.mark.parametrize("inject", tbptt.INJECT_MODES)
+def test_online_resets_and_masks(opt, inject):
+    """Resets restart a stream from h0 as a constant, masks switch losses off; same as autograd."""
+    P = Problem(T=16, batch=3, h0=True, mask=True, reset=True, seed=52)
+    run_both(P, Truncation(3, 5, inject, flush=True), OPTIMIZERS[opt], [1] * 16)
+
+
+@pytest.mark.parametrize("chunks", [[16], [5, 5, 5, 1], [2, 7, 1, 1, 5], [4, 4, 4, 4]])
+@pytest.mark.parametrize(("k1", "k2"), [(3, 7), (3, 3), (4, 6)])
+def test_online_chunks_not_aligned_with_k1(chunks, k1, k2):
+    """Chunk lengths that do not align with k1 give the canonical rule's parameters."""
+    P = Problem(T=16, batch=2, mask=True, reset=True, seed=53)
+    run_both(P, Truncation(k1, k2, "new", flush=True), OPTIMIZERS["adam"], chunks)
+
+
+def test_online_chunking_does_not_matter():
+    """Any chunking of one stream trains to the same parameters."""
+    P = Problem(T=20, batch=2, mask=True, reset=True, seed=54)
+    tr = Truncation(3, 5, "window", flush=True)
+    results = []
+    for chunks in ([20], [1] * 20, [7, 6, 7], [2, 3, 5, 10]):
+        eng = TBPTT(P.model, tr, OPTIMIZERS["momentum"])
+        for x, y, mask, reset in pieces(P, chunks):
+            eng.feed(x, y, mask=mask, reset=reset)
+        eng.finish()
+        results.append(eng.model.params)
+    for other in results[1:]:
+        assert_close(other, results[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kind", ["single", "no-bias", "cross-entropy", "ce-single", "softmax-l2", "relu-sigmoid"]
+)
+def test_online_model_variants(kind):
+    """One stream, no biases, cross-entropy, softmax with L2, relu/sigmoid: same as autograd."""
+    opts = {
+        "single": {},
+        "no-bias": {"batch": 2, "bias": False},
+        "cross-entropy": {"batch": 2, "p": 3, "loss": "cross_entropy", "mask": True},
+        "ce-single": {"p": 3, "loss": "cross_entropy", "reset": True},
+        "softmax-l2": {"batch": 2, "p": 3, "g": "softmax"},
+        "relu-sigmoid": {"batch": 2, "f": "relu", "g": "sigmoid"},
+    }[kind]
+    P = Problem(T=13, seed=55, **opts)
+    run_both(P, Truncation(2, 3, "new", flush=True), OPTIMIZERS["adam"], [4, 4, 5])
+
+
+@pytest.mark.parametrize("flush", [False, True])
+def test_online_flush_only_on_finish(flush):
+    """Without flush the tail after the last update trains nothing; with flush finish() updates."""
+    P = Problem(T=11, batch=2, seed=56)
+    eng, ref = run_both(P, Truncation(4, 6, "new", flush=flush), OPTIMIZERS["sgd"], [11])
+    assert eng.updates == 2 + flush
+
+
+def test_online_k2_beyond_stream_start():
+    """k2 larger than every update time: windows reach back to step 1 and stop there."""
+    P = Problem(T=9, batch=2, h0=True, seed=57)
+    run_both(P, Truncation(2, 20, "new", flush=True), OPTIMIZERS["momentum"], [1] * 9)
+
+
+def test_online_k1_beyond_stream_trains_only_on_flush():
+    """k1 > T: no update while feeding; flush makes the one update."""
+    P = Problem(T=5, batch=2, seed=58)
+    eng, _ = run_both(P, Truncation(8, 8, "new", flush=True), OPTIMIZERS["sgd"], [2, 3])
+    assert eng.updates == 1
+
+
+def test_online_is_not_recomputation():
+    """With k2 > k1 the canonical rule differs from re-running windows with current parameters;
+    with k1 = k2 the two coincide."""
+    P = Problem(T=15, batch=2, seed=59)
+    for k1, k2, differs in ((3, 7, True), (3, 3, False)):
+        tr = Truncation(k1, k2, "new", flush=True)
+        eng = TBPTT(P.model, tr, OPTIMIZERS["sgd"])
+        eng.feed(P.x, P.y)
+        eng.finish()
+        recomputed = OnlineTBPTT(P.model, tr, OPTIMIZERS["sgd"], recompute=True)
+        recomputed.feed(P.x, P.y)
+        recomputed.finish()
+        err = rel_err(eng.model.params["A"], recomputed.params["A"])
+        assert (err > 1e-6) if differs else (err < 1e-10), err
+
+
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+def test_online_k1_equals_k2_is_plain_detach_training(opt):
+    """k1 = k2 = k online equals ordinary PyTorch training that detaches the state every k steps."""
+    P = Problem(T=19, batch=2, seed=60)
+    chunks = [(P.x[:6], P.y[:6]), (P.x[6:], P.y[6:])]
+    want = plain_detach_training(P.model, OPTIMIZERS[opt], 4, chunks, clip=1.0)
+    eng = TBPTT(P.model, Truncation(4, 4), OPTIMIZERS[opt], clip=1.0)
+    for x, y in chunks:
+        eng.feed(x, y)
+    eng.finish()
+    assert_close(eng.model.params, want, rtol=1e-10)
+
+
+def test_online_h_and_t_track_the_stream():
+    """The carried state is the last h_t of the forward pass and t counts the steps."""
+    P = Problem(T=10, batch=2, seed=61)
+    eng = TBPTT(P.model, Truncation(3, 4), OPTIMIZERS["sgd"])
+    ref = OnlineTBPTT(P.model, Truncation(3, 4), OPTIMIZERS["sgd"])
+    eng.feed(P.x[:7], P.y[:7])
+    ref.feed(P.x[:7], P.y[:7])
+    assert (eng.t, eng.u_prev) == (7, 6)
+    np.testing.assert_allclose(eng.h, ref.h.detach().numpy(), rtol=1e-12)
+
+
+def test_online_memory_does_not_grow():
+    """Only about k2 past steps are kept, however long the stream."""
+    P = Problem(T=60, batch=2, seed=62)
+    eng = TBPTT(P.model, Truncation(2, 5, "window"), OPTIMIZERS["sgd"])
+    for x, y, _, _ in pieces(P, [3] * 20):
+        eng.feed(x, y)
+        state = eng.state_dict()
+        kept = sum(len(v) for k, v in state.items() if k.startswith("seg") and k.endswith(".x"))
+        assert kept <= 5 + 3
+
+
+# -- save and resume ----------------------------------------------------------------------------
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize(("k1", "k2", "inject"), [(3, 7, "new"), (2, 5, "window"), (4, 4, "last")])
+def test_save_load_resume_is_identical(tmp_path, opt, k1, k2, inject):
+    """Saving mid-stream (between updates, windows pending) and resuming gives identical parameters."""
+    P = Problem(T=23, batch=2, h0=True, mask=True, reset=True, seed=63)
+    tr = Truncation(k1, k2, inject, flush=True)
+    chunks = [5, 6, 4, 8]
+    whole = TBPTT(P.model, tr, OPTIMIZERS[opt], h0=P.h0)
+    for x, y, mask, reset in pieces(P, chunks):
+        whole.feed(x, y, mask=mask, reset=reset)
+    whole.finish()
+
+    path = tmp_path / "run.npz"
+    parts = list(pieces(P, chunks))
+    first = TBPTT(P.model, tr, OPTIMIZERS[opt], h0=P.h0)
+    for x, y, mask, reset in parts[:2]:
+        first.feed(x, y, mask=mask, reset=reset)
+    first.save(path)
+    assert os.listdir(tmp_path) == ["run.npz"]  # no temporary file left behind
+    other = Problem(T=1, batch=2, seed=99).model  # load replaces whatever model it was built with
+    second = TBPTT(other, tr, OPTIMIZERS[opt], h0=P.h0)
+    second.load(path)
+    assert second.t == 11 and second.u_prev == first.u_prev
+    for x, y, mask, reset in parts[2:]:
+        second.feed(x, y, mask=mask, reset=reset)
+    second.finish()
+    for k, v in whole.model.params.items():
+        assert np.array_equal(second.model.params[k], v), k
+    assert np.array_equal(second.h, whole.h)
+
+
+def test_state_dict_round_trip_without_files():
+    """load_state_dict(state_dict()) continues exactly like the original object."""
+    P = Problem(T=12, batch=2, seed=64)
+    tr = Truncation(2, 5, "new")
+    a = TBPTT(P.model, tr, OPTIMIZERS["adam"])
+    a.feed(P.x[:5], P.y[:5])
+    b = TBPTT(P.model, tr, OPTIMIZERS["adam"])
+    b.load_state_dict(a.state_dict())
+    a.feed(P.x[5:], P.y[5:])
+    b.feed(P.x[5:], P.y[5:])
+    for k, v in a.model.params.items():
+        assert np.array_equal(b.model.params[k], v), k
+
+
+# -- random schedules ---------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(
+    k1=st.integers(1, 4),
+    k2=st.integers(1, 7),
+    inject=st.sampled_from(tbptt.INJECT_MODES),
+    flush=st.booleans(),
+    opt=st.sampled_from(sorted(OPTIMIZERS)),
+    batch=st.sampled_from([None, 2]),
+    chunks=st.lists(st.integers(1, 5), min_size=1, max_size=5),
+    extras=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_online_random_schedules(k1, k2, inject, flush, opt, batch, chunks, extras, seed):
+    """Random schedules, optimizers and chunkings: the engine equals the autograd twin."""
+    if inject == "new":
+        k2 = max(k1, k2)
+    P = Problem(sum(chunks), batch=batch, h0=extras, mask=extras, reset=extras, seed=seed)
+    run_both(P, Truncation(k1, k2, inject, flush), OPTIMIZERS[opt], chunks, clip=1.0)
