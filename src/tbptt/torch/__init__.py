@@ -1,0 +1,21 @@
+"""The PyTorch engine: TBPTT(k1, k2) for any recurrent nn.Module (the only part of tbptt using torch).
+
+    from tbptt.torch import TBPTT, ElmanRNN, Recurrent, l2_loss, cross_entropy_loss
+    model = Recurrent(nn.LSTM(m, hidden, num_layers=2), nn.Linear(hidden, p))
+    driver = TBPTT(model, tbptt.Truncation(k1, k2, inject="new"), optimizer, loss_fn=l2_loss)
+    for x, y in chunks:                        # (L, batch, m), (L, batch, p); any L
+        mean_loss = driver.feed(x, y)          # updates where the schedule says
+    driver.finish()                            # the flush update
+    driver.save(path)                          # everything needed to continue exactly
+
+The module protocol is module(x_chunk, state) -> (output_chunk, new_state), state a tensor or any
+nesting of tuples, lists and dicts of tensors, None meaning the module's zeros. The schedule is
+tbptt.Truncation, the same object as the numpy engine's, and the online update follows the
+canonical rule of SEMANTICS.md 5 (driver.py). Presets for other systems' schedules: presets.py.
+"""
+
+from . import presets
+from .driver import TBPTT
+from .modules import ElmanRNN, Recurrent, cross_entropy_loss, l2_loss
+
+__all__ = ["TBPTT", "ElmanRNN", "Recurrent", "cross_entropy_loss", "l2_loss", "presets"]

@@ -1,0 +1,187 @@
+"""The torch driver against the numpy engine: the seed's model trained online, float64 (issue 3, item 7).
+
+Both engines get the same ElmanRNN values, data, chunks, schedule and optimizer (tbptt.SGD/Adam and
+their torch.optim twins); after training they must hold the same parameters to 1e-10, and report
+the same mean losses per chunk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+import tbptt
+from tbptt.torch import TBPTT, ElmanRNN, cross_entropy_loss, l2_loss
+
+TOL = 1e-10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny float64 ops run fastest on one thread (the machine's cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_both(
+    trunc: tbptt.Truncation,
+    *,
+    opt: str = "sgd",
+    clip: float | None = None,
+    loss: str = "l2",
+    resets: bool = False,
+    masks: bool = False,
+    chunks: tuple[int, ...] = (5, 3, 7, 8),
+    batch: int = 3,
+    f: str = "tanh",
+    bias: bool = True,
+    seed: int = 0,
+    batch_first: bool = False,
+) -> tuple[tbptt.TBPTT, TBPTT, list[tuple[float, float]]]:
+    """Feed the same chunks to both engines; return them and the (numpy, torch) chunk losses."""
+    rng = np.random.default_rng(seed)
+    m, n, p, T = 2, 4, 3, sum(chunks)
+    g = "softmax" if loss == "cross_entropy" else "tanh"
+    model = tbptt.ElmanRNN.init(n, m, p, f=f, g=g, bias=bias, seed=seed + 1)
+    x = rng.normal(size=(T, batch, m))
+    y = (
+        rng.integers(0, p, (T, batch))
+        if loss == "cross_entropy"
+        else rng.normal(size=(T, batch, p))
+    )
+    reset = rng.random((T, batch)) < 0.15 if resets else None
+    mask = (rng.random((T, batch)) < 0.7).astype(float) if masks else None
+    if opt == "sgd":
+        np_opt = tbptt.SGD(lr=0.1, momentum=0.5)
+    else:
+        np_opt = tbptt.Adam(lr=0.02)
+    engine = tbptt.TBPTT(model, trunc, np_opt, loss=loss, clip=clip)
+    module = ElmanRNN.from_numpy(model, batch_first=batch_first)
+    if opt == "sgd":
+        t_opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.5)
+    else:
+        t_opt = torch.optim.Adam(module.parameters(), lr=0.02)
+    loss_fn = cross_entropy_loss if loss == "cross_entropy" else l2_loss
+    driver = TBPTT(module, trunc, t_opt, loss_fn=loss_fn, clip=clip, batch_first=batch_first)
+    losses, a = [], 0
+    for L in chunks:
+        sl = slice(a, a + L)
+        a += L
+        cut = lambda v: None if v is None else v[sl]  # noqa: E731, B023
+        l_np = engine.feed(x[sl], y[sl], mask=cut(mask), reset=cut(reset))
+        tx = lambda v: None if v is None else torch.tensor(v)  # noqa: E731
+        args = [tx(x[sl]), tx(y[sl]), tx(cut(mask)), tx(cut(reset))]
+        if batch_first:
+            args = [None if v is None else v.transpose(0, 1) for v in args]
+        l_t = driver.feed(*args)
+        losses.append((l_np, l_t))
+    engine.finish()
+    driver.finish()
+    return engine, driver, losses
+
+
+def max_diff(engine: tbptt.TBPTT, driver: TBPTT) -> float:
+    return max(
+        float(np.abs(v - getattr(driver.model, k).detach().numpy()).max())
+        for k, v in engine.model.params.items()
+    )
+
+
+CASES = [
+    # (k1, k2, inject, flush): k1 = k2; k2 > k1 not a multiple; every inject; k2 < k1; k1 = 1
+    (3, 3, "new", False),
+    (3, 3, "new", True),
+    (2, 5, "new", False),
+    (3, 5, "new", True),
+    (2, 5, "window", True),
+    (2, 5, "last", False),
+    (4, 2, "window", True),
+    (5, 2, "last", True),
+    (1, 3, "new", False),
+    (23, 23, "new", False),
+]
+
+
+@pytest.mark.parametrize("k1, k2, inject, flush", CASES)
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_same_parameters_as_numpy_engine(
+    k1: int, k2: int, inject: str, flush: bool, opt: str
+) -> None:
+    """After online training, torch and numpy engines hold the same parameters and chunk losses."""
+    trunc = tbptt.Truncation(k1, k2, inject, flush)
+    engine, driver, losses = train_both(trunc, opt=opt)
+    assert driver.updates == engine.updates == len(trunc.update_times(23))
+    assert max_diff(engine, driver) < TOL
+    for l_np, l_t in losses:
+        assert abs(l_np - l_t) < TOL
+
+
+@pytest.mark.parametrize(
+    "k1, k2, inject", [(3, 3, "new"), (2, 5, "new"), (2, 7, "window"), (3, 5, "last")]
+)
+def test_same_parameters_with_resets_masks_and_clipping(k1: int, k2: int, inject: str) -> None:
+    """Resets, masks and gradient-norm clipping give the numpy engine's parameters too."""
+    trunc = tbptt.Truncation(k1, k2, inject, flush=True)
+    engine, driver, losses = train_both(trunc, opt="adam", clip=0.3, resets=True, masks=True)
+    assert max_diff(engine, driver) < TOL
+    assert all(abs(a - b) < TOL for a, b in losses)
+
+
+def test_same_parameters_cross_entropy() -> None:
+    """Softmax cross-entropy with integer targets (the module returns logits for g=softmax)."""
+    trunc = tbptt.Truncation(3, 7, "window", flush=True)
+    engine, driver, losses = train_both(
+        trunc, opt="adam", clip=0.5, loss="cross_entropy", resets=True
+    )
+    assert max_diff(engine, driver) < TOL
+    assert all(abs(a - b) < TOL for a, b in losses)
+
+
+def test_same_parameters_batch_first_without_biases() -> None:
+    """batch_first chunks and a model without biases (the seed's) change nothing."""
+    trunc = tbptt.Truncation(2, 5, "new", flush=True)
+    engine, driver, _ = train_both(trunc, batch_first=True, bias=False, f="sigmoid", resets=True)
+    assert max_diff(engine, driver) < TOL
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    k1=hs.integers(1, 5),
+    extra=hs.integers(-3, 6),
+    inject=hs.sampled_from(["new", "window", "last"]),
+    flush=hs.booleans(),
+    chunks=hs.lists(hs.integers(1, 7), min_size=1, max_size=5),
+)
+def test_random_schedules_and_chunks(
+    k1: int, extra: int, inject: str, flush: bool, chunks: list
+) -> None:
+    """Random schedules and chunk lengths: the engines agree (chunk ends are free)."""
+    k2 = max(1, k1 + extra)
+    if inject == "new" and k2 < k1:
+        k2 = k1
+    trunc = tbptt.Truncation(k1, k2, inject, flush)
+    engine, driver, _ = train_both(trunc, chunks=tuple(chunks), batch=2, resets=True)
+    assert driver.updates == engine.updates
+    assert max_diff(engine, driver) < TOL
+
+
+def test_elman_forward_matches_numpy() -> None:
+    """ElmanRNN's forward pass is (1.1)-(1.4) as the numpy engine computes it, and converts back."""
+    rng = np.random.default_rng(3)
+    model = tbptt.ElmanRNN.init(5, 2, 3, f="relu", g="sigmoid", seed=2)
+    module = ElmanRNN.from_numpy(model)
+    x, y = rng.normal(size=(6, 4, 2)), rng.normal(size=(6, 4, 3))
+    yhat, h = module(torch.tensor(x))
+    z = tbptt.elman.forward(model, x, np.zeros((4, 5))).z
+    assert np.abs(yhat.detach().numpy() - 1 / (1 + np.exp(-z))).max() < 1e-14
+    back = module.to_numpy()
+    assert all(np.array_equal(back.params[k], v) for k, v in model.params.items())
+    grads = tbptt.gradients(model, x, y)  # exact BPTT of the numpy engine
+    l2_loss(yhat, torch.tensor(y)).sum().backward()
+    for k in ("A", "B", "C", "b", "c"):
+        assert np.abs(getattr(module, k).grad.numpy() - grads[k]).max() < TOL

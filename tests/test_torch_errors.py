@@ -1,0 +1,210 @@
+"""Bad input to the torch driver gets a clear error naming the argument, the value and the expectation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tbptt
+from tbptt.torch import TBPTT, ElmanRNN, Recurrent
+
+DT = torch.float64
+
+
+def lstm() -> Recurrent:
+    torch.manual_seed(0)
+    return Recurrent(nn.LSTM(3, 4, num_layers=2), nn.Linear(4, 2)).to(DT)
+
+
+def chunk(L: int = 6, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(L * 10 + batch)
+    return torch.randn(L, batch, 3, generator=gen, dtype=DT), torch.randn(
+        L, batch, 2, generator=gen, dtype=DT
+    )
+
+
+def driver(model: nn.Module | None = None, trunc=None, **kw) -> TBPTT:
+    model = lstm() if model is None else model
+    trunc = tbptt.Truncation(2, 5) if trunc is None else trunc
+    return TBPTT(model, trunc, torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+
+
+def test_state0_of_the_wrong_shape() -> None:
+    """An nn.LSTM state0 whose shapes do not match says which shapes it expected."""
+    bad = (torch.zeros(2, 3, 4, dtype=DT), torch.zeros(2, 3, 4, dtype=DT))  # batch 3, data has 2
+    d = driver(state0=bad)
+    with pytest.raises(
+        ValueError, match=r"state must be \(h, c\) of shapes \(\(2, 2, 4\), \(2, 2, 4\)\)"
+    ):
+        d.feed(*chunk())
+
+
+def test_elman_state_of_the_wrong_shape() -> None:
+    """ElmanRNN names the expected (batch, n) shape."""
+    net = ElmanRNN(3, 4, 2, dtype=DT)
+    d = driver(net, state0=torch.zeros(2, 5, dtype=DT))
+    with pytest.raises(
+        ValueError, match=r"state must have shape \(2, 4\) \(batch, n\), got \(2, 5\)"
+    ):
+        d.feed(*chunk())
+
+
+class Growing(nn.Module):
+    """Returns a state that grows by one row each call: it breaks the protocol's fixed shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, state):
+        n = 1 if state is None else state.shape[0] + 1
+        return self.lin(x), x.new_zeros(n, x.shape[1])
+
+
+def test_state_that_changes_shape() -> None:
+    """A module whose returned state changes shape between calls is refused."""
+    d = driver(Growing().to(DT), tbptt.Truncation(2, 2))
+    with pytest.raises(
+        ValueError, match=r"the model returned a state of shapes \(2, 2\), before \(1, 2\)"
+    ):
+        d.feed(*chunk())
+
+
+class NoState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, state):
+        return self.lin(x)
+
+
+class BadState(NoState):
+    def forward(self, x, state):
+        return self.lin(x), "hidden"
+
+
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        (
+            nn.Linear(3, 2),
+            r"protocol model\(x, state\) -> \(output, new_state\); calling it raised",
+        ),
+        (NoState(), r"protocol .* got a Tensor"),
+        (
+            BadState(),
+            r"the model's new_state must be a tensor or a tuple, list or dict of tensors, got str",
+        ),
+    ],
+)
+def test_module_that_breaks_the_protocol(module: nn.Module, message: str) -> None:
+    """Modules that are not called as (x, state) -> (output, new_state) get a TypeError."""
+    d = driver(module.to(DT))
+    with pytest.raises(TypeError, match=message):
+        d.feed(*chunk())
+
+
+def test_non_finite_loss_names_the_update_and_leaves_parameters() -> None:
+    """A NaN target: NonFiniteError with the update number; the parameters keep their values."""
+    d = driver(trunc=tbptt.Truncation(3, 3))
+    x, y = chunk(12)
+    d.feed(x[:6], y[:6])  # updates 1 and 2
+    before = [p.detach().clone() for p in d.model.parameters()]
+    y = y.clone()
+    y[7, 1, 0] = float("nan")
+    with pytest.raises(
+        tbptt.NonFiniteError,
+        match=r"non-finite \(nan\) in steps 7\.\.9; update 3 \(after step 9\) was not applied",
+    ) as info:
+        d.feed(x[6:], y[6:])
+    assert info.value.update == 3 and info.value.step == 9
+    assert d.updates == 2
+    for p, q in zip(d.model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_non_finite_gradient_with_finite_loss() -> None:
+    """An infinite gradient behind a finite loss is caught before the optimizer steps too."""
+
+    class Sqrt(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1, dtype=DT))
+
+        def forward(self, x, state):
+            out = torch.sqrt(self.w * x[..., :2] ** 2)  # d sqrt(0) / dw = inf
+            return out, x[-1, :, :1]
+
+    d = driver(Sqrt(), tbptt.Truncation(2, 2))
+    with pytest.raises(
+        tbptt.NonFiniteError,
+        match=r"gradient became non-finite at update 1 \(window of steps 1\.\.2\)",
+    ):
+        d.feed(*chunk())
+    assert d.model.w.item() == 0.0 and d.updates == 0
+
+
+def test_batch_size_change_mid_stream() -> None:
+    """A chunk with another batch size is refused: the streams go on together."""
+    d = driver()
+    d.feed(*chunk(5, batch=2))
+    with pytest.raises(ValueError, match="x has 3 streams .* started with 2"):
+        d.feed(*chunk(5, batch=3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"clip": -1.0}, ValueError, "clip must be a positive number or None, got -1.0"),
+        ({"batch_first": 1}, TypeError, "batch_first must be a bool, got 1"),
+        ({"amp": "yes"}, TypeError, "amp must be a bool or a torch.dtype, got 'yes'"),
+        ({"loss_fn": 3}, TypeError, "loss_fn must be callable"),
+        ({"scheduler": 3}, TypeError, "scheduler must have a step"),
+        ({"state0": [1, 2]}, TypeError, r"state0\[0\] must be a tensor"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, error: type, message: str) -> None:
+    """Constructor arguments are checked at the boundary."""
+    with pytest.raises(error, match=message):
+        driver(**kwargs)
+
+
+def test_bad_objects() -> None:
+    """A model, schedule or optimizer of the wrong kind, or a batch_first that disagrees."""
+    net = lstm()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got int"):
+        TBPTT(3, tbptt.Truncation(2, 2), opt)
+    with pytest.raises(TypeError, match="truncation must be a tbptt.Truncation, got tuple"):
+        TBPTT(net, (2, 2), opt)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got SGD"):
+        TBPTT(net, tbptt.Truncation(2, 2), tbptt.SGD())
+    bf = Recurrent(nn.LSTM(3, 4, batch_first=True))
+    with pytest.raises(ValueError, match="batch_first=False but the model has batch_first=True"):
+        TBPTT(bf, tbptt.Truncation(2, 2), torch.optim.SGD(bf.parameters(), lr=0.1))
+
+
+def test_bad_chunks() -> None:
+    """Targets, masks, resets and losses of the wrong shape or type, and feeding after finish()."""
+    d = driver()
+    x, y = chunk()
+    with pytest.raises(
+        ValueError, match=r"y must start with the shape \(6, 2\) of x \(L, batch\), got \(5, 2, 2\)"
+    ):
+        d.feed(x, y[:5])
+    with pytest.raises(ValueError, match=r"mask must have shape \(6, 2\)"):
+        d.feed(x, y, mask=torch.ones(6))
+    with pytest.raises(TypeError, match="reset must be a bool tensor, got dtype torch.int64"):
+        d.feed(x, y, reset=torch.zeros(6, 2, dtype=torch.long))
+    bad = driver(loss_fn=lambda out, y: ((out - y) ** 2).sum())
+    with pytest.raises(
+        ValueError,
+        match=r"loss_fn must return per-step, per-stream losses of shape \(1, 2\), got \(\)",
+    ):
+        bad.feed(x, y)
+    d.feed(x, y)
+    d.finish()
+    with pytest.raises(RuntimeError, match="the stream was finished"):
+        d.feed(x, y)
