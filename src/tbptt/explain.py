@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from .schedule import INJECT_MODES, Truncation, Window
 
 WIDE = 24  # up to this many steps, each step gets 3 columns; beyond, one column
+PLOT_STEPS = 120  # the figure draws at most this many steps
 NARROW = 64  # beyond this many steps, draw the first NARROW steps and summarize the rest
 WRAP = 92  # width of the running text
 TABLE_ROWS = 40  # beyond this many steps, the per-loss table groups steps with equal numbers
@@ -138,7 +139,7 @@ def diagram(summary: Summary) -> list[str]:
     """One row per update: which steps it backpropagates and which losses it injects."""
     T = min(summary.T, NARROW)
     wide = T <= WIDE
-    shown = [w for w in summary.windows if w.s <= T]
+    shown = [w for w in summary.windows if w.u <= T]
     n_w, u_w = len(str(max(len(shown), 1))), len(str(T))
     label_head = f"{'update':>{max(n_w, 6)}}  {'after step':>{max(u_w, 10)}}"
     lead = " " * len(label_head) + "  "
@@ -193,19 +194,17 @@ def loss_table(summary: Summary) -> list[str]:
         groups: dict[tuple[int, int, int], list[int]] = {}
         for t, key in enumerate(summary.uses, 1):
             groups.setdefault(key, []).append(t)
-        lines[0] = head + "  steps"
+        lines[0] = head + "  which steps"
         for (n, lo, hi), steps in sorted(groups.items(), key=lambda kv: kv[1][0]):
             lo_s, hi_s = (f"{lo}", f"{hi}") if n else ("-", "-")
-            lines.append(
-                f"  {len(steps):>8} x   {n:>7}  {lo_s:>14}  {hi_s:>13}  {_ranges(steps)}"
-            )
+            lines.append(f"  {len(steps):>8} x   {n:>7}  {lo_s:>14}  {hi_s:>13}  {_ranges(steps)}")
         lines[0] = lines[0].replace("loss of step", "  loss steps")
     return lines
 
 
 def notes(summary: Summary) -> list[str]:
     """What the schedule is called, and the losses it drops or repeats."""
-    tr, T = summary.truncation, summary.T
+    tr = summary.truncation
     out = []
     if summary.exact:
         out.append("This is exact BPTT: one window over all T steps, every loss once.")
@@ -263,10 +262,7 @@ def render(truncation: Truncation, T: int) -> str:
 # -- the figure -----------------------------------------------------------------------------------
 def plot(truncation: Truncation, T: int, path: str | os.PathLike) -> None:
     """Draw the schedule and the per-loss table as a figure; the format follows the suffix."""
-    path = os.fspath(path)
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in (".png", ".svg", ".pdf"):
-        raise ValueError(f"out must end in .png, .svg or .pdf, got {path!r}")
+    path = _check_out(path)
     s = summarize(truncation, T)
     import matplotlib
 
@@ -274,8 +270,12 @@ def plot(truncation: Truncation, T: int, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
 
-    rows = len(s.windows)
-    height = min(2.0 + 0.28 * rows, 12.0) + 2.2
+    full_T = T
+    T = min(T, PLOT_STEPS)  # draw the first PLOT_STEPS steps; the pattern repeats every k1
+    windows = [w for w in s.windows if w.u <= T]
+    uses = s.uses[:T]
+    rows = len(windows)
+    height = min(1.2 + 0.3 * rows, 10.0) + 2.4
     fig, (ax, ax2) = plt.subplots(
         2,
         1,
@@ -284,7 +284,7 @@ def plot(truncation: Truncation, T: int, path: str | os.PathLike) -> None:
         sharex=True,
     )
     segments, fwd, inj, thru, cuts = [], [], [], [], []
-    for j, w in enumerate(s.windows):
+    for j, w in enumerate(windows):
         y = -j
         segments.append([(w.s - 0.5, y), (w.u, y)])
         cuts.append([(w.s - 0.5, y - 0.35), (w.s - 0.5, y + 0.35)])
@@ -303,40 +303,49 @@ def plot(truncation: Truncation, T: int, path: str | os.PathLike) -> None:
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.scatter(xs, ys, zorder=3, **kw)
-    ax.plot([], [], color="black", lw=2, label="cut: h(s-1) held constant")
+    ax.plot([], [], color="black", lw=2, label="cut: $h_{s-1}$ held constant")
     ax.set_ylim(-rows + 0.4, 0.8)
     ax.set_yticks([-j for j in range(rows)] if rows <= 30 else [])
     if rows <= 30:
-        ax.set_yticklabels([f"u={w.u}" for w in s.windows])
+        ax.set_yticklabels([f"u={w.u}" for w in windows])
     ax.set_ylabel("update")
     ax.set_title(
-        f"{truncation.describe()}, T = {T}: {s.backward_steps} backward steps, "
-        f"{s.cost:.2f} per forward step (k2/k1 = {s.steady_cost:.2f})",
+        f"{truncation.describe()}, T = {full_T}"
+        + (f" (first {T} steps drawn)" if full_T > T else "")
+        + f": {s.backward_steps} backward steps, {s.cost:.2f} per forward step "
+        f"(k2/k1 = {s.steady_cost:.2f})",
         fontsize=10,
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    steps = range(1, T + 1)
-    count = [n for n, _, _ in s.uses]
-    ax2.bar(steps, count, color="0.75", label="updates injecting the loss")
-    ax2.set_ylabel("updates")
-    ax3 = ax2.twinx()
-    for t, (n, lo, hi) in zip(steps, s.uses, strict=True):
-        if n:
-            ax3.plot([t, t], [lo, hi], color="tab:red", lw=2)
-            ax3.plot([t], [hi], marker="_", color="tab:red")
-    ax3.plot([], [], color="tab:red", lw=2, label="depth: shortest to longest")
-    ax3.set_ylabel("depth (steps)")
-    ax3.set_ylim(0, max([hi for _, _, hi in s.uses] + [1]) + 1)
-    ax2.set_xlabel("step t")
+    # lower panel: each loss step's depth range, and how many updates inject it
+    top = max([hi for _, _, hi in uses] + [1])
+    for t, (n, lo, hi) in enumerate(uses, 1):
+        if n == 0:
+            ax2.text(t, 0.3, "0", ha="center", va="bottom", fontsize=7, color="0.4")
+            continue
+        ax2.plot([t, t], [lo, hi], color="tab:red", lw=3, solid_capstyle="butt")
+        ax2.plot([t, t], [lo, hi], ls="", marker="o", ms=3, color="tab:red")
+        if T <= 80:
+            ax2.text(t, hi + 0.25, str(n), ha="center", va="bottom", fontsize=7, color="0.3")
+    ax2.set_ylim(0, top + 1.2)
+    ax2.set_ylabel("depth (steps)")
+    ax2.set_xlabel("loss of step t")
     ax2.set_xlim(0.3, T + 0.7)
-    ax2.set_ylim(0, max(count + [1]) + 0.5)
-    lines = ax2.get_legend_handles_labels()
-    lines3 = ax3.get_legend_handles_labels()
-    ax2.legend(lines[0] + lines3[0], lines[1] + lines3[1], loc="upper left",
-               bbox_to_anchor=(1.08, 1.0), fontsize=8, frameon=False)  # fmt: skip
+    ax2.set_title(
+        "each loss: shortest to longest depth (steps its gradient travels back); "
+        "the number is how many updates inject it",
+        fontsize=8,
+    )
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
+
+
+def _check_out(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise ValueError(f"out must end in .png, .svg or .pdf, got {path!r}")
+    return path
 
 
 def save_figure(fig, path: str) -> None:
@@ -347,6 +356,7 @@ def save_figure(fig, path: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, format=suffix[1:], dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -368,13 +378,25 @@ def _number(text: str) -> int | float | str:
 
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--k1", required=True, metavar="K1", help="steps between updates (Williams and Peng's h')"
+        "--k1",
+        required=True,
+        metavar="K1",
+        default=argparse.SUPPRESS,
+        help="steps between updates (Williams and Peng's h')",
     )
     parser.add_argument(
-        "--k2", required=True, metavar="K2", help="steps each update backpropagates (their h)"
+        "--k2",
+        required=True,
+        metavar="K2",
+        default=argparse.SUPPRESS,
+        help="steps each update backpropagates (their h)",
     )
     parser.add_argument(
-        "--steps", required=True, metavar="T", help="length T of the sequence to draw"
+        "--steps",
+        required=True,
+        metavar="T",
+        default=argparse.SUPPRESS,
+        help="length T of the sequence to draw",
     )
     parser.add_argument(
         "--inject",
@@ -391,6 +413,7 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         metavar="FILE",
+        default=argparse.SUPPRESS,
         help="also write the schedule as a figure (.png or .svg)",
     )
 
@@ -398,8 +421,11 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
 def run_explain(args: argparse.Namespace) -> int:
     truncation = Truncation(_number(args.k1), _number(args.k2), args.inject, args.flush)
     T = _number(args.steps)
+    out = getattr(args, "out", None)
+    if out:
+        _check_out(out)
     print(render(truncation, T), end="")
-    if args.out:
-        plot(truncation, T, args.out)
-        print(f"Wrote {args.out}")
+    if out:
+        plot(truncation, T, out)
+        print(f"Wrote {out}")
     return 0
