@@ -24,7 +24,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python examples/readme.py
+	$(BIN)/tbptt train
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check src tests benchmarks examples

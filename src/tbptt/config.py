@@ -1,0 +1,259 @@
+"""The configuration of `tbptt train`: one dataclass, read from defaults, a TOML file and flags.
+
+Each field is a command-line flag (`hidden` is `--hidden`) and a key of the TOML file given with
+`--config run.toml`; flags override the file, the file overrides the defaults below. The run
+directory keeps the resolved configuration as config.toml, which `--config` reads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEXT_TASKS = ("shakespeare", "stdlib", "text")
+TASKS = (*TEXT_TASKS, "numbers", "adding", "copy", "influence")
+# fields a resumed run may change: how long it goes on and how it reports, not what it computes
+RESUMABLE = ("time_budget", "max_updates", "eval_every", "checkpoint_every", "threads")
+DEMO_SECONDS = 120.0
+
+
+def _f(default, help: str, choices: tuple | None = None, metavar: str | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+
+
+@dataclass
+class Config:
+    """Everything a training run depends on; the defaults are the two-minute Shakespeare demo."""
+
+    # what to learn
+    task: str | None = _f(None, "what to learn: a built-in corpus (shakespeare, the Python "
+        "standard library's source: stdlib), a text file (text), a numeric sequence for L2 "
+        "regression (numbers), or a synthetic task: adding problem, copy memory, influence "
+        "balancing. Default: shakespeare, or text/numbers from the extension of --data", TASKS)  # fmt: skip
+    data: str | None = _f(None, "a UTF-8 text file (character-level), or a .npy/.csv file of "
+        "numbers (T rows, one column per feature) to predict each row from the ones before", metavar="PATH")  # fmt: skip
+    valid_fraction: float = _f(
+        0.05, "the last fraction of the data held out for validation", metavar="F"
+    )
+    length: int = _f(
+        100, "adding problem: the minimal sequence length T; copy memory: the lag T", metavar="T"
+    )
+    # the model
+    engine: str = _f("numpy", "numpy: the reference engine (elman only); torch: PyTorch",
+                     ("numpy", "torch"))  # fmt: skip
+    cell: str = _f("elman", "elman: the seed's h = f(A h + B x + b), y = g(C h + c), on both "
+        "engines; rnn, gru, lstm: torch.nn's cells, on --engine torch", ("elman", "rnn", "gru", "lstm"))  # fmt: skip
+    hidden: int = _f(256, "units per layer (n)", metavar="N")
+    layers: int = _f(1, "stacked recurrent layers (torch cells only)", metavar="N")
+    activation: str = _f("tanh", "f of the elman cell", ("tanh", "sigmoid", "relu", "identity"))
+    bias: bool = _f(True, "the optional biases b and c of the elman cell")
+    spectral_radius: float | None = _f(None, "rescale the elman cell's random initial A to this "
+        "largest |eigenvalue| (default: none, A uniform in +-1/sqrt(n) as torch.nn.RNN)", metavar="R")  # fmt: skip
+    dtype: str = _f("float32", "floating-point type of parameters and data", ("float32", "float64"))
+    device: str = _f("cpu", "where the torch engine runs", ("cpu", "cuda"))
+    # the truncation: every k1 steps, backpropagate over the last k2 steps (SEMANTICS.md 4)
+    k1: int = _f(32, "steps between updates")
+    k2: int = _f(32, "steps each update backpropagates through")
+    inject: str = _f("new", "losses an update injects: new (each once; needs k2 >= k1), window "
+                     "(all in the window), last (the update step's only)", ("new", "window", "last"))  # fmt: skip
+    flush: bool = _f(False, "update at the end of a finite stream when k1 does not divide it")
+    # the optimizer
+    optimizer: str | None = _f(None, "the optimizer. Default: adam; sgd for --task influence, "
+                               "as in the paper", ("adam", "sgd"))  # fmt: skip
+    lr: float | None = _f(None, "learning rate. Default: 6e-3 for the elman cell, 4e-3 for rnn, "
+                          "gru and lstm, 1e-4 for --task influence",
+                          metavar="LR")  # fmt: skip
+    lr_decay: str = _f("cosine", "cosine: lr falls to 0 over --max-updates, else over "
+                       "--time-budget; none: constant", ("cosine", "none"))  # fmt: skip
+    clip: float | None = _f(5.0, "largest global gradient norm per update (0: no clipping)")
+    batch: int = _f(32, "independent streams trained side by side", metavar="B")
+    seed: int = _f(0, "seed of the initial parameters and of the synthetic tasks", metavar="S")
+    # how long, and where the results go
+    time_budget: float | None = _f(None, "seconds of training (evaluation and checkpoints not "
+        f"counted); {DEMO_SECONDS:g} when neither this nor --max-updates is given", metavar="SECONDS")  # fmt: skip
+    max_updates: int | None = _f(None, "stop after this many parameter updates", metavar="N")
+    eval_every: int = _f(
+        1000, "updates between validations (on at most 64K steps of it)", metavar="N"
+    )
+    checkpoint_every: int = _f(
+        1000, "updates between checkpoints (one at the end too)", metavar="N"
+    )
+    threads: int = _f(1, "CPU threads for the matrix products (numpy's OpenBLAS, or torch). A "
+        "recurrent step's products are small: two threads gain little on an idle machine and "
+        "lose many times over on a busy one", metavar="N")  # fmt: skip
+    run_dir: str | None = _f(None, "where config, vocabulary, metrics, plot and checkpoints go; "
+                             "default: runs/<time>-<task>-<engine>-<cell>", metavar="DIR")  # fmt: skip
+
+    @property
+    def text(self) -> bool:
+        return self.task in TEXT_TASKS
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+TYPES = typing.get_type_hints(Config)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; absent flags stay out of the namespace so the file can set them."""
+    for name, f in FIELDS.items():
+        kind = TYPES[name]
+        default = "none" if f.default is None else f.default
+        if isinstance(f.default, bool):
+            default = "on" if f.default else "off"
+        help = f.metadata["help"]
+        help += "" if "default:" in help.lower() else f" (default: {default})"
+        kw = dict(default=argparse.SUPPRESS, help=help, metavar=f.metadata["metavar"])
+        if kind is bool:
+            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help,
+                                default=argparse.SUPPRESS)  # fmt: skip
+            continue
+        base = typing.get_args(kind)[0] if typing.get_args(kind) else kind
+        if f.metadata["choices"]:
+            kw.update(choices=f.metadata["choices"], metavar=None)
+        parser.add_argument(flag(name), type=base, **kw)
+
+
+def _typed(name: str, value: object, where: str) -> object:
+    """Check one value from a TOML file against the field's type."""
+    kind = TYPES[name]
+    optional = type(None) in typing.get_args(kind)
+    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+    if value is None and optional:
+        return None
+    ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[base]
+        raise ValueError(f"{where}: {name} must be {want}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def read_toml(path: str | Path) -> dict:
+    """The fields a TOML file sets, type-checked; unknown keys are errors."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {path} is not valid TOML: {exc}") from None
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise ValueError(
+                f"--config {path}: unknown setting {key!r} (known: {', '.join(FIELDS)})"
+            )
+        out[name] = _typed(name, value, f"--config {path}")
+    return out
+
+
+def write_toml(cfg: Config) -> str:
+    """The configuration as TOML (unset options as comments)."""
+    lines = ["# tbptt train configuration; reuse it with: tbptt train --config config.toml"]
+    for name, value in dataclasses.asdict(cfg).items():
+        if name == "clip" and value is None:
+            value = 0.0  # no clipping
+        if value is None:
+            lines.append(f"# {name} = (not set)")
+        elif isinstance(value, bool):
+            lines.append(f"{name} = {str(value).lower()}")
+        elif isinstance(value, str):
+            lines.append(f"{name} = {json.dumps(value)}")
+        else:
+            lines.append(f"{name} = {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def check(cfg: Config) -> Config:
+    """Resolve the defaults that depend on other fields and reject what cannot run."""
+    if cfg.task is None:
+        suffix = Path(cfg.data).suffix.lower() if cfg.data else None
+        cfg.task = "shakespeare" if cfg.data is None else (
+            "numbers" if suffix in (".npy", ".csv") else "text")  # fmt: skip
+    if cfg.data:
+        cfg.data = str(
+            Path(cfg.data).expanduser().absolute()
+        )  # a resumed run finds it from anywhere
+    if cfg.task in ("text", "numbers") and not cfg.data:
+        raise ValueError(f"--task {cfg.task} needs --data PATH")
+    if cfg.task not in ("text", "numbers") and cfg.data:
+        raise ValueError(f"--data is for --task text or numbers, not --task {cfg.task}")
+    influence = cfg.task == "influence"
+    if influence:
+        if (cfg.engine, cfg.cell, cfg.optimizer or "sgd") != ("numpy", "elman", "sgd"):
+            raise ValueError("--task influence trains its one parameter theta with plain SGD on "
+                             "the numpy engine; drop --engine, --cell and --optimizer")  # fmt: skip
+        cfg.max_updates = cfg.max_updates or 10000  # it takes a fraction of a second
+        cfg.time_budget = None
+    cfg.optimizer = cfg.optimizer or ("sgd" if influence else "adam")
+    if cfg.lr is None:
+        cfg.lr = 1e-4 if influence else 6e-3 if cfg.cell == "elman" else 4e-3
+    if cfg.engine == "numpy" and cfg.cell != "elman":
+        raise ValueError(f"--cell {cfg.cell} needs --engine torch (numpy has the elman cell only)")
+    if cfg.engine == "numpy" and cfg.layers != 1:
+        raise ValueError(f"--layers {cfg.layers} needs --engine torch (numpy has one layer)")
+    if cfg.engine == "numpy" and cfg.device != "cpu":
+        raise ValueError(f"--device {cfg.device} needs --engine torch")
+    names = ("hidden", "layers", "k1", "k2", "batch", "length", "eval_every", "checkpoint_every")
+    for name in (*names, "threads"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{flag(name)} must be an integer >= 1, got {getattr(cfg, name)}")
+    if cfg.inject == "new" and cfg.k2 < cfg.k1:
+        raise ValueError(
+            f"--k2 {cfg.k2} < --k1 {cfg.k1} with --inject new: each new loss must lie inside its "
+            f"window; use k2 >= k1, or --inject window or last"
+        )
+    if not (0 < cfg.valid_fraction < 1):
+        raise ValueError(f"--valid-fraction must be between 0 and 1, got {cfg.valid_fraction}")
+    if cfg.spectral_radius is not None and not (0 < cfg.spectral_radius < math.inf):
+        raise ValueError(f"--spectral-radius must be a positive number, got {cfg.spectral_radius}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    if cfg.clip is not None and not (cfg.clip >= 0 and math.isfinite(cfg.clip)):
+        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {cfg.clip}")
+    if cfg.clip == 0:
+        cfg.clip = None
+    if cfg.max_updates is not None and cfg.max_updates < 1:
+        raise ValueError(f"--max-updates must be an integer >= 1, got {cfg.max_updates}")
+    if cfg.time_budget is not None and not (cfg.time_budget > 0 and math.isfinite(cfg.time_budget)):
+        raise ValueError(
+            f"--time-budget must be a positive number of seconds, got {cfg.time_budget}"
+        )
+    if cfg.time_budget is None and cfg.max_updates is None:
+        cfg.time_budget = DEMO_SECONDS
+    if cfg.run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg.run_dir = str(Path("runs") / f"{stamp}-{cfg.task}-{cfg.engine}-{cfg.cell}")
+    return cfg
+
+
+def from_args(args: argparse.Namespace, saved: dict | None = None) -> Config:
+    """Defaults <- --config file <- flags; with `saved` (a resumed run) only RESUMABLE may change."""
+    given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    if saved is not None:
+        for name, value in given.items():
+            if name not in RESUMABLE and name != "run_dir" and value != saved.get(name):
+                raise ValueError(
+                    f"{flag(name)} cannot change when resuming (the run has "
+                    f"{saved.get(name)!r}); only {', '.join(map(flag, RESUMABLE))} can"
+                )
+        given = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}
+    elif getattr(args, "config", None):
+        given = {**read_toml(args.config), **given}
+    return check(Config(**given))

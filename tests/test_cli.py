@@ -1,0 +1,360 @@
+"""`tbptt train` and `tbptt sample` end to end on tiny data: outputs, resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tbptt.cli import main
+
+TEXT = "".join(
+    f"{w}: to be, or not to be, that is the question {i}.\n"
+    for i, w in enumerate(["HAMLET", "OPHELIA", "HORATIO"] * 60)
+)
+TINY = ["--hidden", "12", "--batch", "3", "--k1", "5", "--k2", "5", "--eval-every", "10"]
+TINY += ["--checkpoint-every", "10", "--no-progress"]
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "play.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def tbptt(capsys, *args):
+    """Run the command in-process; return (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def params(run):
+    """The model's parameters in a run's latest checkpoint."""
+    state = json.loads((run / "checkpoint.json").read_text())["state"]
+    with np.load(run / state) as z:
+        return {k: z[k] for k in z.files if k.startswith(("model.", "opt."))}
+
+
+def assert_one_line_error(code, err, *words):
+    """Exit code 2, one line on stderr naming what is wrong, no traceback."""
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+def test_help_reads_like_documentation(capsys):
+    """Every flag of the issue is documented, with examples."""
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "examples:" in out
+    for opt in ("--engine", "--cell", "--hidden", "--layers", "--k1", "--k2", "--inject", "--flush",
+                "--optimizer", "--lr", "--clip", "--batch", "--seed", "--device", "--dtype",
+                "--time-budget", "--max-updates", "--run-dir", "--task", "--data", "--config",
+                "--resume"):  # fmt: skip
+        assert opt in out
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "--temperature" in capsys.readouterr().out
+
+
+def test_train_writes_a_complete_run_directory(tmp_path, text, capsys):
+    """Config, vocabulary, metrics, plot, one checkpoint; nats/char and a sample on stdout."""
+    run = tmp_path / "run"
+    code, out, err = tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 20,
+                           "--run-dir", run)  # fmt: skip
+    assert code == 0, err
+    assert "nats/char" in out and "bits/char" in out and "sample:" in out
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["checkpoint.json", "config.toml", "loss.png", "metrics.csv",
+                     "state-00000020.npz", "vocab.json"]  # fmt: skip
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "updates,steps,chars,seconds,lr,train_loss,valid_loss"
+    assert [r.split(",")[0] for r in lines[1:]] == ["10", "20"]
+    assert json.loads((run / "vocab.json").read_text()) == sorted(set(TEXT))
+    assert not list(tmp_path.glob(".tmp*"))
+
+
+def test_sample_continues_the_priming_text(tmp_path, text, capsys):
+    """`tbptt sample` prints the prime and then --length characters of the vocabulary."""
+    run = tmp_path / "run"
+    tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)
+    code, out, err = tbptt(capsys, "sample", run, "--prime", "HAM", "--length", 40)
+    assert code == 0, err
+    sample = out[:-1]  # print's newline
+    assert sample.startswith("HAM") and len(sample) == 43 and set(sample) <= set(TEXT)
+    again = tbptt(capsys, "sample", run, "--prime", "HAM", "--length", 40)[1]
+    assert again == out  # the same seed draws the same text
+    code, _, err = tbptt(capsys, "sample", run, "--prime", "Z")
+    assert_one_line_error(code, err, "'Z'")
+
+
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, text, capsys):
+    """20 updates, then 20 more with --resume, equal 40 updates in one go, bit for bit."""
+    common = ["--data", text, *TINY, "--lr-decay", "none"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert tbptt(capsys, "train", *common, "--max-updates", 40, "--run-dir", whole)[0] == 0
+    assert tbptt(capsys, "train", *common, "--max-updates", 20, "--run-dir", split)[0] == 0
+    code, _, err = tbptt(capsys, "train", "--resume", split, "--max-updates", 40, "--no-progress")
+    assert code == 0, err
+    a, b = params(whole), params(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    rows = (split / "metrics.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[0] for r in rows] == ["10", "20", "30", "40"]
+
+
+def test_resume_rejects_a_changed_setting(tmp_path, text, capsys):
+    """A resumed run keeps what it computes; only the budget may change."""
+    run = tmp_path / "run"
+    tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)
+    before = sorted(p.name for p in run.iterdir())
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--hidden", 20)
+    assert_one_line_error(code, err, "--hidden")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, text):
+    """SIGINT stops after the current update with a checkpoint; resuming ends where an
+    uninterrupted run ends."""
+    common = [sys.executable, "-m", "tbptt.cli", "train", "--data", str(text), *TINY]
+    common += ["--max-updates", "3000", "--checkpoint-every", "100000"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run([*common, "--run-dir", str(whole)], check=True, capture_output=True)
+    proc = subprocess.Popen([*common, "--run-dir", str(cut)], stderr=subprocess.PIPE, text=True)
+    for _ in range(200):  # the run directory appears once data and model are ready
+        if cut.exists():
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
+    stopped = json.loads((cut / "checkpoint.json").read_text())["updates"]
+    assert 0 < stopped < 3000
+    resume = [sys.executable, "-m", "tbptt.cli", "train", "--resume", str(cut), "--no-progress"]
+    subprocess.run(resume, check=True, capture_output=True)
+    a, b = params(whole), params(cut)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_config_file_is_read_and_flags_override_it(tmp_path, text, capsys):
+    """--config sets fields, a flag beats the file, and the run's config.toml reads back."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'data = "{text}"\nhidden = 7\nbatch = 3\nk1 = 4\nk2 = 6\nmax-updates = 5\n')
+    run = tmp_path / "run"
+    code, _, err = tbptt(capsys, "train", "--config", cfg, "--k2", 8, "--run-dir", run,
+                         "--no-progress")  # fmt: skip
+    assert code == 0, err
+    saved = (run / "config.toml").read_text()
+    assert "hidden = 7" in saved and "k2 = 8" in saved and "k1 = 4" in saved
+    code, _, err = tbptt(capsys, "train", "--config", run / "config.toml", "--run-dir",
+                         tmp_path / "again", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    for k, v in params(run).items():
+        np.testing.assert_array_equal(v, params(tmp_path / "again")[k])
+
+
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ("hidden = 'big'\n", ["hidden must be an integer", "'big'"]),
+        ("lr = true\n", ["lr must be a number"]),
+        ("hiden = 3\n", ["unknown setting 'hiden'"]),
+        ("hidden = \n", ["not valid TOML"]),
+    ],
+)
+def test_bad_config_file_is_one_line(tmp_path, text, capsys, toml, words):
+    """A wrong type, an unknown key or broken TOML: one line naming it, exit 2, no run."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(toml)
+    run = tmp_path / "run"
+    code, _, err = tbptt(capsys, "train", "--config", cfg, "--data", text, "--run-dir", run)
+    assert_one_line_error(code, err, *words)
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "words"),
+    [
+        (None, [], ["No such file", "missing.txt"]),
+        (b"", [], ["is empty"]),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", [], ["not a text file"]),
+        (b"caf\xe9 latin-1", [], ["not UTF-8 text"]),
+        (TEXT.encode(), ["--k1", "8", "--k2", "4"], ["--k2 4 < --k1 8", "--inject new"]),
+        (TEXT.encode(), ["--bogus", "1"], ["unrecognized arguments: --bogus"]),
+        (TEXT.encode(), ["--hidden", "big"], ["--hidden", "invalid int value"]),
+        (TEXT.encode(), ["--engine", "jax"], ["--engine", "invalid choice"]),
+        (TEXT.encode(), ["--cell", "lstm"], ["--cell lstm needs --engine torch"]),
+        (TEXT.encode(), ["--batch", "5000"], ["smaller --batch"]),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, make, extra, words):
+    """Missing, empty, binary data, bad options: one line, exit 2, no run directory."""
+    path = tmp_path / ("missing.txt" if make is None else "data.txt")
+    if make is not None:
+        path.write_bytes(make)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) if extra[:1] in (["--bogus"], ["--hidden"], ["--engine"]) else (
+        _nothing()
+    ) as info:  # fmt: skip
+        code, _, err = tbptt(capsys, "train", "--data", path, "--run-dir", run, "--max-updates",
+                             2, *extra)  # fmt: skip
+    if info is not None:
+        code, err = info.value.code, capsys.readouterr().err
+    assert_one_line_error(code, err, *words)
+    assert not run.exists() and not list(tmp_path.glob(".tmp*"))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_run_dir_in_use_is_refused(tmp_path, text, capsys):
+    """A second run never overwrites a first one."""
+    run = tmp_path / "run"
+    tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)
+    code, _, err = tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10,
+                         "--run-dir", run)  # fmt: skip
+    assert_one_line_error(code, err, "already holds files", "--resume")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage-json", "foreign-json", "other-shapes"])
+def test_corrupted_or_foreign_checkpoint_is_one_line(tmp_path, text, capsys, damage):
+    """A damaged state file, a broken or foreign checkpoint.json, another model's state."""
+    run = tmp_path / "run"
+    tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)
+    state = run / "state-00000010.npz"
+    if damage == "truncate":
+        state.write_bytes(state.read_bytes()[:300])
+    elif damage == "garbage-json":
+        (run / "checkpoint.json").write_text("{not json")
+    elif damage == "foreign-json":
+        (run / "checkpoint.json").write_text('{"format": "something-else", "state": "x"}')
+    else:
+        other = tmp_path / "other"
+        tbptt(capsys, "train", "--data", text, *TINY, "--hidden", 9, "--max-updates", 10,
+              "--run-dir", other)  # fmt: skip
+        state.write_bytes((other / "state-00000010.npz").read_bytes())
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
+    assert_one_line_error(code, err)
+    assert {"truncate": "corrupted", "garbage-json": "corrupted", "foreign-json": "not a tbptt",
+            "other-shapes": "shapes"}[damage] in err  # fmt: skip
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    code, _, err = tbptt(capsys, "sample", run)
+    assert_one_line_error(code, err)
+
+
+def test_numbers_from_npy_and_csv_train_with_the_l2_loss(tmp_path, capsys):
+    """A .npy or .csv sequence trains a regression and reports its L2 loss."""
+    t = np.arange(400) / 10
+    values = np.stack([np.sin(t), np.cos(t)], axis=1)
+    np.save(tmp_path / "s.npy", values)
+    np.savetxt(tmp_path / "s.csv", values, delimiter=",", header="sin,cos", comments="")
+    for name in ("s.npy", "s.csv"):
+        code, out, err = tbptt(capsys, "train", "--data", tmp_path / name, *TINY,
+                               "--max-updates", 10, "--run-dir", tmp_path / name[2:])  # fmt: skip
+        assert code == 0, err
+        assert "L2 loss/step" in out and "sample" not in out
+
+
+@pytest.mark.parametrize("task", ["adding", "copy"])
+def test_synthetic_tasks_train(tmp_path, capsys, task):
+    """The adding problem and copy memory run as streams of sequences with resets."""
+    length = 22 if task == "adding" else 5
+    code, out, err = tbptt(capsys, "train", "--task", task, "--length", length, *TINY,
+                           "--max-updates", 10, "--run-dir", tmp_path / task)  # fmt: skip
+    assert code == 0, err
+    assert "validation" in out
+
+
+def test_torch_engine_trains_an_lstm_and_resumes(tmp_path, text, capsys):
+    """--engine torch --cell lstm trains, checkpoints and resumes."""
+    pytest.importorskip("torch")
+    try:
+        import tbptt.torch as tt
+    except ImportError:
+        pytest.skip("tbptt.torch is not installed")
+    if not hasattr(tt, "TBPTT"):
+        pytest.skip("tbptt.torch has no TBPTT driver yet")
+    import torch
+
+    common = ["--engine", "torch", "--cell", "lstm", "--data", text, *TINY, "--lr-decay", "none"]
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    code, out, err = tbptt(capsys, "train", *common, "--max-updates", 10, "--run-dir", run)
+    assert code == 0, err
+    assert "nats/char" in out and (run / "state-00000010.pt").exists()
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
+    assert code == 0, err
+    assert tbptt(capsys, "train", *common, "--max-updates", 20, "--run-dir", whole)[0] == 0
+
+    def tensors(obj):  # every tensor of a saved driver state, in a fixed order
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+        if isinstance(obj, dict):
+            return [t for k in sorted(obj, key=str) for t in tensors(obj[k])]
+        if isinstance(obj, list | tuple):
+            return [t for v in obj for t in tensors(v)]
+        return []
+
+    a = tensors(torch.load(whole / "state-00000020.pt", weights_only=True)["model"])
+    b = tensors(torch.load(run / "state-00000020.pt", weights_only=True)["model"])
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)  # resumed = uninterrupted, bit for bit
+    code, out, err = tbptt(capsys, "sample", run, "--length", 20)
+    assert code == 0 and len(out) == 21, err
+
+
+def test_demo_defaults_are_the_seeds_model_on_shakespeare():
+    """No arguments: numpy engine, elman cell (tanh, softmax), Shakespeare, two minutes."""
+    from tbptt.config import Config, check
+
+    cfg = check(Config())
+    assert (cfg.task, cfg.engine, cfg.cell, cfg.activation) == (
+        "shakespeare",
+        "numpy",
+        "elman",
+        "tanh",
+    )
+    assert cfg.time_budget == 120 and cfg.max_updates is None
+    assert (cfg.hidden, cfg.batch, cfg.k1, cfg.k2) == (256, 32, 32, 32)
+    assert (cfg.optimizer, cfg.lr, cfg.lr_decay) == ("adam", 6e-3, "cosine")
+    assert check(Config(engine="torch", cell="lstm")).lr == 4e-3
+    assert Path(cfg.run_dir).parts[0] == "runs"
+    assert os.sep not in Path(cfg.run_dir).name
+
+
+def test_influence_balancing_shows_truncation_pushing_the_wrong_way(tmp_path, capsys):
+    """Tallec and Ollivier's 23 units: k2 = 50 finds theta* = -1/6, k2 = 10 walks away from it."""
+    code, out, err = tbptt(capsys, "train", "--task", "influence", "--k1", 1, "--k2", 50,
+                           "--max-updates", 20000, "--run-dir", tmp_path / "long")  # fmt: skip
+    assert code == 0, err
+    theta = float((tmp_path / "long" / "metrics.csv").read_text().splitlines()[-1].split(",")[2])
+    assert theta == pytest.approx(-1 / 6, abs=1e-6) and "right sign" in out
+    code, out, err = tbptt(capsys, "train", "--task", "influence", "--k1", 1, "--k2", 10,
+                           "--max-updates", 2000, "--run-dir", tmp_path / "short")  # fmt: skip
+    assert code == 0, err
+    rows = (tmp_path / "short" / "metrics.csv").read_text().splitlines()[1:]
+    assert float(rows[-1].split(",")[2]) > 0.5 and "wrong sign" in out  # theta0 = 0.5, growing
+    code, _, err = tbptt(capsys, "train", "--task", "influence", "--engine", "torch")
+    assert_one_line_error(code, err, "--task influence")
