@@ -36,13 +36,21 @@ class UsageError(Exception):
     """A mistake in what the user asked for; printed as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the long usage block is one `--help` away."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _function(module: str, prefix: str, command: str):
     mod = importlib.import_module(module)
     return getattr(mod, f"{prefix}_{command.replace('-', '_')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tbptt",
         description=(
             "Train recurrent networks with backpropagation through time (BPTT) and truncated "
@@ -53,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"tbptt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=Parser
+    )
     for command, module, help_text in COMMANDS:
         try:
             add = _function(module, "add", command + "_arguments")

@@ -371,24 +371,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar (default: when stderr is a terminal)")  # fmt: skip
     cf.add_config_arguments(parser)
-    _one_line_errors(parser)
-
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """Argument errors as one line (argparse would print the long usage first)."""
-
-    def error(message: str):
-        print(f"{parser.prog}: error: {message} (see {parser.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-    def parse_known_args(args=None, namespace=None):
-        ns, extra = type(parser).parse_known_args(parser, args, namespace)
-        if extra:  # unknown options are this command's mistake: say so here, in one line
-            error(f"unrecognized arguments: {' '.join(extra)}")
-        return ns, extra
-
-    parser.error = error
-    parser.parse_known_args = parse_known_args
 
 
 def _open_run(args: argparse.Namespace, cfg: cf.Config | None):
@@ -610,7 +592,6 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prime", default="", help="text the model reads first; the sample "
                         "continues it (default: a new line)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
-    _one_line_errors(parser)
 
 
 def run_sample(args: argparse.Namespace) -> int:
