@@ -30,6 +30,10 @@ The flush window at the end of a stream (u = T, s = T - k2 + 1) generally starts
 and it may reach steps whose graph an earlier update consumed. It is rebuilt from the segments'
 records (inputs, entering state, parameter values, RNG state): the same computation with the same
 parameter values, run again once at the end of the stream.
+
+Under torch.distributed (distributed.py) each process runs this on its own streams; the update's
+gradient is summed over the processes once, after the whole window (either path) and before
+clipping and the step, so every process takes the step one process with all streams would take.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from ..online import NonFiniteError
 from ..schedule import Truncation, Window
 from . import state as st
 from .checks import amp_setup, check_arguments, check_chunk, check_losses, check_result
+from .distributed import resolve
 from .modules import l2_loss
 from .resume import driver_state, load, load_driver_state, save
 from .segments import Graph, Params, Segment, capture_rng, fork_rng, reset_rows
@@ -82,10 +87,15 @@ class TBPTT:
             during backward); the same numbers for less memory.
         state0: the state a stream starts and restarts (after a reset) from; None: the module's
             zeros. A constant: no gradient reaches it.
+        process_group: None: when torch.distributed is initialized (or the model is wrapped in
+            DistributedDataParallel) this process trains its own streams and each update sums
+            the gradient over the group's processes (distributed.py); False: never; or a
+            torch.distributed.ProcessGroup.
 
     feed(x, y, mask=None, reset=None) runs one chunk and updates where the schedule says;
     finish() does the flush update. state, t, updates: the carried state, the steps computed and
-    the updates made. save/load write and read everything needed to continue exactly.
+    the updates made. save/load write and read everything needed to continue exactly (with
+    several processes: collective calls; rank 0 writes the streams of all of them).
     """
 
     def __init__(
@@ -100,7 +110,9 @@ class TBPTT:
         amp: bool | torch.dtype = False,
         checkpoint: bool = False,
         state0: st.State | None = None,
+        process_group: object | None = None,
     ) -> None:
+        model, self._comm = resolve(model, process_group)  # DDP: its .module and its group
         check_arguments(
             model, truncation, optimizer, loss_fn, clip, scheduler, batch_first, checkpoint
         )
@@ -131,6 +143,8 @@ class TBPTT:
         self._pending: list[Tensor] = []  # loss sums not yet checked for finiteness
         self._pending_from = 1
         self._chunk_total = 0.0
+        if self._comm is not None:  # the same settings everywhere; rank 0's parameters
+            self._comm.setup(self)
 
     # -- the stream -----------------------------------------------------------------------------
     @property
@@ -300,7 +314,7 @@ class TBPTT:
     def _update(self, w: Window, final: bool = False) -> None:
         """Backpropagate window w (5.2), (5.3) and step the optimizer: the update number n."""
         n = self.updates + 1
-        self._check_losses(f"update {n} (after step {w.u}) was not applied", n)
+        self._check_losses(f"update {n} (after step {w.u}) was not applied", n, update=True)
         segs = [seg for seg in self._segments if seg.t1 >= w.s]
         for p in self._named.values():
             p.grad = None
@@ -324,6 +338,8 @@ class TBPTT:
             grads = self._window_grads(w, segs, final)
             for name, p in self._named.items():
                 p.grad = grads.get(name)
+        if self._comm is not None:  # (D.2): the gradient of the loss over all processes' streams
+            self._comm.sum_grads(list(self._named.values()), n)
         self._step(n, w)
 
     def _injected(self, losses: Tensor, a: int) -> Tensor | None:
@@ -435,16 +451,27 @@ class TBPTT:
         while self._segments and self._segments[0].t1 < oldest:
             self._segments.popleft()
 
-    def _check_losses(self, what: str, n: int) -> None:
-        """Raise NonFiniteError before any update uses a non-finite loss (one sync)."""
-        if not self._pending:
+    def _check_losses(self, what: str, n: int, update: bool = False) -> None:
+        """Raise NonFiniteError before any update uses a non-finite loss (one sync).
+
+        With several processes, also before every update: all at step t, all raise together.
+        """
+        if not self._pending and not (update and self._comm is not None):
             return
-        total = self._pending[0] if len(self._pending) == 1 else torch.stack(self._pending).sum()
-        v = float(total)
+        v = 0.0
+        if self._pending:
+            total = (
+                self._pending[0] if len(self._pending) == 1 else torch.stack(self._pending).sum()
+            )
+            v = float(total)
         first, self._pending, self._pending_from = self._pending_from, [], self.t + 1
-        if not math.isfinite(v):
+        here = finite = math.isfinite(v)
+        if self._comm is not None:  # a collective: every process at step t, all raise together
+            finite = self._comm.check_step(self.t, here, n)
+        if not finite:
+            value = "in another process" if here else v
             raise _non_finite(
-                f"the loss became non-finite ({v}) in steps {first}..{self.t}; {what}; the "
+                f"the loss became non-finite ({value}) in steps {first}..{self.t}; {what}; the "
                 f"parameters are untouched (updates so far: {self.updates})",
                 self.t,
                 n,
@@ -452,21 +479,46 @@ class TBPTT:
         self._chunk_total += v
 
     # -- saving ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Everything needed to continue exactly, as tensors and plain values (weights_only-safe)."""
+    def state_dict(self) -> dict | None:
+        """Everything needed to continue exactly, as tensors and plain values (weights_only-safe).
+
+        Several processes: a collective call; rank 0 gets the state over all streams, the others
+        None.
+        """
+        if self._comm is not None:
+            return self._comm.state_dict(self)
         return driver_state(self)
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore what state_dict() returned (model, optimizer, scheduler, stream, kept steps)."""
+    def load_state_dict(self, sd: dict | None) -> None:
+        """Restore what state_dict() returned (model, optimizer, scheduler, stream, kept steps).
+
+        Several processes: a collective call; rank 0's sd is used, each process takes its streams.
+        """
+        if self._comm is not None:
+            sd = self._comm.local_state(self, sd)
         load_driver_state(self, sd)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write state_dict() atomically (a temporary file in the same folder, then a rename)."""
-        save(self.state_dict(), path)
+    def save(self, path: str | os.PathLike | None) -> None:
+        """Write state_dict() atomically (a temporary file in the same folder, then a rename).
 
-    def load(self, path: str | os.PathLike) -> None:
-        """Read what save() wrote, with torch.load(weights_only=True): no arbitrary unpickling."""
-        self.load_state_dict(load(path))
+        Several processes: a collective call; rank 0 writes, and every process returns once the
+        file is complete (the other ranks' path is not used).
+        """
+        if self._comm is not None:
+            self._comm.save(self, path)
+        else:
+            save(self.state_dict(), path)
+
+    def load(self, path: str | os.PathLike | None) -> None:
+        """Read what save() wrote, with torch.load(weights_only=True): no arbitrary unpickling.
+
+        Several processes: a collective call; rank 0 reads the file (the other ranks' path is not
+        used) and sends it to the others; any number of processes that divides the streams.
+        """
+        if self._comm is not None:
+            self.load_state_dict(self._comm.load(path))
+        else:
+            self.load_state_dict(load(path))
 
 
 def _diff_leaves(state: st.State) -> list[Tensor]:

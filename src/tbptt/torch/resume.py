@@ -18,6 +18,10 @@ different parameter values than the first time.
 
 The file is a torch.save of tensors, numbers, strings, lists and dicts only, so torch.load with
 weights_only=True reads it.
+
+With several processes (distributed.py) rank 0 writes the same format over all streams of all
+ranks (each per-stream tensor concatenated along the stream axis), plus "ranks": each rank's
+batch share and RNG states; any number of processes that divides the streams reads it.
 """
 
 from __future__ import annotations
