@@ -78,7 +78,7 @@ def test_train_writes_a_complete_run_directory(tmp_path, text, capsys):
                      "state-00000020.npz", "vocab.json"]  # fmt: skip
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     lines = (run / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "updates,steps,chars,seconds,lr,train_loss,valid_loss"
+    assert lines[0] == "updates,steps,chars,seconds,lr,train_loss,valid_loss,k2"
     assert [r.split(",")[0] for r in lines[1:]] == ["10", "20"]
     assert json.loads((run / "vocab.json").read_text()) == sorted(set(TEXT))
     assert not list(tmp_path.glob(".tmp*"))
@@ -112,6 +112,25 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, text, cap
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     rows = (split / "metrics.csv").read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["10", "20", "30", "40"]
+
+
+def test_adapt_k2_follows_aicher_and_resumes_exactly(tmp_path, text, capsys):
+    """--adapt-k2 sets k2 to bias.suggest_k's K on the last 2 x adapt-max steps, and a resumed
+    run goes on with the k2 in force at the save: the same parameters as one run."""
+    adapt = ["--k1", 4, "--k2", 4, "--adapt-k2", 0.1, "--adapt-every", 10, "--adapt-max", 16]
+    common = ["--data", text, *TINY, "--lr-decay", "none", *adapt]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert tbptt(capsys, "train", *common, "--max-updates", 40, "--run-dir", whole)[0] == 0
+    assert tbptt(capsys, "train", *common, "--max-updates", 20, "--run-dir", split)[0] == 0
+    code, _, err = tbptt(capsys, "train", "--resume", split, "--max-updates", 40, "--no-progress")
+    assert code == 0, err
+    a, b = params(whole), params(split)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    rows = (whole / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",k2")
+    k2s = [int(r.split(",")[-1]) for r in rows[1:]]
+    assert all(4 <= k <= 16 for k in k2s) and k2s != [4] * len(k2s)  # it moved, within bounds
 
 
 def test_resume_rejects_a_changed_setting(tmp_path, text, capsys):

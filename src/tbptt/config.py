@@ -64,6 +64,12 @@ class Config:
     inject: str = _f("new", "losses an update injects: new (each once; needs k2 >= k1), window "
                      "(all in the window), last (the update step's only)", ("new", "window", "last"))  # fmt: skip
     flush: bool = _f(False, "update at the end of a finite stream when k1 does not divide it")
+    adapt_k2: float | None = _f(None, "re-estimate k2 every --adapt-every updates: the smallest K "
+        "whose estimated relative gradient bias is at most DELTA, from the geometric decay of "
+        "||dl_t/dh_{t-k}|| on the last 2 x --adapt-max steps (Aicher, Foti and Fox 2019; numpy "
+        "engine). Default: off, k2 fixed", metavar="DELTA")  # fmt: skip
+    adapt_every: int = _f(500, "updates between re-estimates of k2 with --adapt-k2", metavar="N")
+    adapt_max: int = _f(128, "the largest k2 --adapt-k2 may choose", metavar="K")
     # the optimizer
     optimizer: str | None = _f(None, "the optimizer. Default: adam; sgd for --task influence, "
                                "as in the paper", ("adam", "sgd"))  # fmt: skip
@@ -210,7 +216,8 @@ def check(cfg: Config) -> Config:
         raise ValueError(f"--layers {cfg.layers} needs --engine torch (numpy has one layer)")
     if cfg.engine == "numpy" and cfg.device != "cpu":
         raise ValueError(f"--device {cfg.device} needs --engine torch")
-    names = ("hidden", "layers", "k1", "k2", "batch", "length", "eval_every", "checkpoint_every")
+    names = ("hidden", "layers", "k1", "k2", "batch", "length", "eval_every", "checkpoint_every",
+             "adapt_every", "adapt_max")  # fmt: skip
     for name in (*names, "threads"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{flag(name)} must be an integer >= 1, got {getattr(cfg, name)}")
@@ -219,6 +226,15 @@ def check(cfg: Config) -> Config:
             f"--k2 {cfg.k2} < --k1 {cfg.k1} with --inject new: each new loss must lie inside its "
             f"window; use k2 >= k1, or --inject window or last"
         )
+    if cfg.adapt_k2 is not None:
+        if not (0 < cfg.adapt_k2 < 1):
+            raise ValueError(
+                f"--adapt-k2 must be a relative bias between 0 and 1, got {cfg.adapt_k2}"
+            )
+        if cfg.engine != "numpy":
+            raise ValueError("--adapt-k2 needs --engine numpy (the lag analysis is numpy's)")
+        if cfg.adapt_max < cfg.k1:
+            raise ValueError(f"--adapt-max {cfg.adapt_max} must be >= --k1 {cfg.k1}")
     if not (0 < cfg.valid_fraction < 1):
         raise ValueError(f"--valid-fraction must be between 0 and 1, got {cfg.valid_fraction}")
     if cfg.spectral_radius is not None and not (0 < cfg.spectral_radius < math.inf):

@@ -40,7 +40,7 @@ from .schedule import Truncation
 
 VALID_LIMIT = 1 << 16  # targets of the intermediate validations; the final one reads all of it
 FORMAT = "tbptt-train-checkpoint"
-COLUMNS = ("updates", "steps", "chars", "seconds", "lr", "train_loss", "valid_loss")
+COLUMNS = ("updates", "steps", "chars", "seconds", "lr", "train_loss", "valid_loss", "k2")
 
 
 def _umask() -> int:
@@ -114,6 +114,25 @@ class NumpyEngine:
 
     def feed(self, x, y, mask, reset) -> float:
         return self.driver.feed(x, y, mask, reset)
+
+    @property
+    def k2(self) -> int:
+        return self.driver.truncation.k2
+
+    def set_k2(self, k2: int) -> None:
+        """Go on with another k2; the next window reaches back as far as the steps still kept."""
+        from dataclasses import replace
+
+        self.driver.truncation = replace(self.driver.truncation, k2=k2)
+
+    def suggest_k2(self, x, y, mask, reset, delta: float, k_max: int) -> int:
+        """Aicher, Foti and Fox's K for the current parameters on a recent stretch (x of 2 k_max
+        steps): the smallest k2 >= k1 whose estimated relative bias is at most delta."""
+        from .bias import suggest_k
+
+        K = suggest_k(self.driver.model, x, y, delta, loss=self.driver.loss, max_lag=k_max,
+                      k_max=k_max, mask=mask, reset=reset)  # fmt: skip
+        return max(K, self.driver.truncation.k1)
 
     def run(self, x, h=None, reset=None):
         """Forward only from h (None: zeros): outputs z (T, batch, p) and the last state."""
@@ -387,6 +406,8 @@ def _open_run(args: argparse.Namespace, cfg: cf.Config | None):
         problem = load_problem(cfg, "".join(vocab) if vocab else None)
         engine = make_engine(cfg, problem)
         loop = load_checkpoint(run, engine)
+        if cfg.adapt_k2 is not None and "k2" in loop:  # --adapt-k2: the k2 in force at the save
+            engine.set_k2(int(loop["k2"]))
         rows = []
         if (run / "metrics.csv").is_file():
             with open(run / "metrics.csv", newline="") as fh:
@@ -478,10 +499,12 @@ def run_train(args: argparse.Namespace) -> int:
         rows.append({"updates": updates, "steps": updates * cfg.k1, "chars": updates * per_update,
                      "seconds": round(seconds, 3), "lr": f"{lr:.6g}",
                      "train_loss": "" if train_loss is None else f"{train_loss:.5f}",
-                     "valid_loss": "" if valid_loss is None else f"{valid_loss:.5f}"})  # fmt: skip
+                     "valid_loss": "" if valid_loss is None else f"{valid_loss:.5f}",
+                     "k2": getattr(engine, "k2", cfg.k2)})  # fmt: skip
 
     def checkpoint() -> None:
-        save_checkpoint(run, engine, {"updates": updates, "seconds": seconds})
+        save_checkpoint(run, engine, {"updates": updates, "seconds": seconds,
+                                      "k2": getattr(engine, "k2", cfg.k2)})  # fmt: skip
         if engine.rank == 0:  # torchrun: rank 0 alone writes
             write_metrics(run, rows)
             plot(run, rows, cfg, problem.unit)
@@ -500,6 +523,8 @@ def run_train(args: argparse.Namespace) -> int:
             engine.set_lr(lr)
             window.append(engine.feed(*problem.train(updates * cfg.k1, cfg.k1)))  # one update
             updates += 1
+            if cfg.adapt_k2 is not None and updates % cfg.adapt_every == 0:
+                adapt_k2(engine, problem, cfg, updates)
             seconds += time.perf_counter() - start
             if engine.launch is not None:  # torchrun: the same budget and stop on every process
                 seconds, asked = engine.launch.agree(seconds, bool(stop))
@@ -550,6 +575,18 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         print(f"validation: {valid:.4f} {problem.unit}")
     return 0
+
+
+def adapt_k2(engine, problem: Problem, cfg: cf.Config, updates: int) -> None:
+    """--adapt-k2: re-estimate k2 on the last 2 x adapt_max steps of (at most 8 of) the streams."""
+    steps = 2 * cfg.adapt_max
+    if updates * cfg.k1 < steps:
+        return  # not enough of the stream seen yet
+    x, y, mask, reset = problem.train(updates * cfg.k1 - steps, steps)
+    few = slice(0, 8)  # the lag profile is a mean over t and streams: a few streams suffice
+    pick = lambda a: None if a is None else a[:, few]  # noqa: E731
+    k2 = engine.suggest_k2(pick(x), pick(y), pick(mask), pick(reset), cfg.adapt_k2, cfg.adapt_max)
+    engine.set_k2(k2)
 
 
 def _raise():
