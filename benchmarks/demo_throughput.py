@@ -1,0 +1,180 @@
+"""Throughput of the default demo in characters per second (issue 6, target 5).
+
+The default `tbptt train` run (tbptt.config.Config's defaults: Shakespeare, the numpy engine's
+Elman cell) is measured through the library directly, on the same data the demo reads
+(tbptt.data.load_problem), beside a plain PyTorch loop in the style of pytorch/examples'
+word_language_model on the same chunks:
+
+    numpy         tbptt.TBPTT(ElmanRNN(V -> hidden -> V, softmax), Truncation(k1, k2), Adam, clip)
+    torch engine  tbptt.torch.TBPTT with tbptt.torch.ElmanRNN, the same model (when present)
+    plain torch   nn.RNN(V, hidden, tanh) + nn.Linear(hidden, V): repackage_hidden, zero_grad,
+                  forward, summed cross-entropy, backward, clip_grad_norm_, Adam step
+
+All three read the demo's one-hot inputs (B x_t picks a column of B), so they run the same model;
+word_language_model's nn.Embedding would be the same lookup. Characters per second count every
+stream: batch * steps / seconds. Data preparation is done before timing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from common import Group, Row, interleave, load, set_blas_threads
+
+import tbptt
+
+# the demo's defaults, used when tbptt.config is not importable
+DEFAULTS = {
+    "hidden": 256,
+    "batch": 32,
+    "k1": 32,
+    "k2": 32,
+    "inject": "new",
+    "lr": 6e-3,
+    "clip": 5.0,
+    "activation": "tanh",
+    "bias": True,
+    "dtype": "float32",
+    "threads": 1,
+}
+
+
+def demo_config() -> tuple[dict, str]:
+    """The default run's settings, resolved as `tbptt train` resolves them (tbptt.config.check)."""
+    try:
+        from tbptt.config import Config, check
+
+        cfg = check(Config())  # fills the defaults that depend on other fields (lr, task)
+        out = {k: getattr(cfg, k, v) for k, v in DEFAULTS.items()}
+        return out, "tbptt.config defaults as `tbptt train` resolves them"
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return dict(DEFAULTS), "tbptt.config not available: the defaults copied in this file"
+
+
+def demo_chunks(cfg: dict, steps: int) -> tuple[list[tuple], int, str]:
+    """`steps` steps of the demo's training streams in chunks of k1: (x one-hot, y ids, reset)."""
+    try:
+        from types import SimpleNamespace
+
+        from tbptt.data import load_problem
+
+        ns = SimpleNamespace(
+            task="shakespeare", data=None, valid_fraction=0.05, batch=cfg["batch"],
+            dtype=cfg["dtype"], seed=0, length=100,
+        )  # fmt: skip
+        problem = load_problem(ns)
+        chunks = [problem.train(t, cfg["k1"]) for t in range(0, steps, cfg["k1"])]
+        return [(x, y, r) for x, y, _, r in chunks], problem.m, "Shakespeare (tbptt.data)"
+    except (ImportError, ValueError, AttributeError) as exc:
+        # the same layout from random text when the demo's data is unavailable
+        rng = np.random.default_rng(0)
+        V = 65
+        ids = rng.integers(0, V, (steps + 1, cfg["batch"]))
+        eye = np.eye(V, dtype=np.dtype(cfg["dtype"]))
+        k = cfg["k1"]
+        chunks = [(eye[ids[t : t + k]], ids[t + 1 : t + 1 + k], None) for t in range(0, steps, k)]
+        return chunks, V, f"random characters ({type(exc).__name__}: {exc})"
+
+
+def run(quick: bool, reps: int | None, threads: int) -> Group:
+    import torch
+
+    group = Group("Default demo throughput (target 5)", load_before=load())
+    cfg, source = demo_config()
+    # the demo's own thread count (tbptt train --threads), the same for numpy and torch
+    demo_threads = int(cfg["threads"] or threads)
+    set_blas_threads(demo_threads)
+    torch.set_num_threads(demo_threads)
+    reps = reps or (3 if quick else 7)
+    steps = cfg["k1"] * (8 if quick else 24)
+    chunks, V, data = demo_chunks(cfg, steps)
+    n, batch = cfg["hidden"], cfg["batch"]
+    dtype = np.dtype(cfg["dtype"])
+    tdtype = torch.float32 if dtype == np.float32 else torch.float64
+    trunc = tbptt.Truncation(cfg["k1"], cfg["k2"], inject=cfg["inject"])
+    group.notes.append(
+        f"Configuration ({source}): Elman {cfg['activation']}, hidden {n}, vocabulary {V}, "
+        f"batch {batch}, {trunc.describe()}, Adam lr {cfg['lr']}, clip {cfg['clip']}, "
+        f"{cfg['dtype']}, {demo_threads} thread(s) as the demo runs (numpy and torch alike); "
+        f"data: {data}; {steps} steps per timed run."
+    )
+    model0 = tbptt.ElmanRNN.init(
+        n, V, V, bias=cfg["bias"], f=cfg["activation"], g="softmax", dtype=dtype, seed=0
+    )
+
+    def numpy_engine():
+        d = tbptt.TBPTT(
+            model0, trunc, tbptt.Adam(lr=cfg["lr"]), loss="cross_entropy", clip=cfg["clip"]
+        )
+        for x, y, reset in chunks:
+            d.feed(x, y, reset=reset)
+
+    tchunks = [
+        (
+            torch.from_numpy(x),
+            torch.from_numpy(np.asarray(y, np.int64)),
+            None if r is None else torch.from_numpy(r),
+        )
+        for x, y, r in chunks
+    ]
+
+    def plain_torch():
+        torch.manual_seed(0)
+        rnn = torch.nn.RNN(V, n, nonlinearity=cfg["activation"], bias=cfg["bias"], dtype=tdtype)
+        decoder = torch.nn.Linear(n, V, bias=cfg["bias"], dtype=tdtype)
+        params = list(rnn.parameters()) + list(decoder.parameters())
+        opt = torch.optim.Adam(params, lr=cfg["lr"])
+        criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+        hidden = None
+        for x, y, reset in tchunks:
+            if hidden is not None:
+                hidden = hidden.detach()  # repackage_hidden: no backprop into the last chunk
+                if reset is not None and bool(reset[0].any()):
+                    hidden = torch.where(reset[0][None, :, None], 0.0, hidden)
+            opt.zero_grad()
+            out, hidden = rnn(x, hidden)  # (k, batch, n)
+            loss = criterion(decoder(out).view(-1, V), y.view(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
+            opt.step()
+
+    cases = {"numpy engine": numpy_engine, "plain torch": plain_torch}
+    try:
+        from tbptt.torch import TBPTT, ElmanRNN, cross_entropy_loss
+
+        def torch_engine():
+            net = ElmanRNN.from_numpy(model0)
+            d = TBPTT(
+                net, trunc, torch.optim.Adam(net.parameters(), lr=cfg["lr"]),
+                loss_fn=cross_entropy_loss, clip=cfg["clip"],
+            )  # fmt: skip
+            for x, y, reset in tchunks:
+                d.feed(x, y, reset=reset)
+
+        cases["torch engine"] = torch_engine
+    except ImportError as exc:
+        group.notes.append(f"tbptt.torch not measured: {exc}.")
+    t = interleave(cases, reps=reps)
+    group.notes.append(t.contention() + ".")
+    chars = batch * steps
+    for name in cases:
+        group.rows.append(
+            Row(f"{name}: characters per second", chars / t.median(name), "chars/s", "", None)
+        )
+    for name in ("numpy engine", "torch engine"):
+        if name in cases:
+            r = t.ratio("plain torch", name)
+            lo, hi = t.spread("plain torch", name)
+            group.rows.append(
+                Row(
+                    f"plain torch loop time / {name} time",
+                    r,
+                    "x",
+                    "",
+                    None,
+                    f"per-repetition range {lo:.2f}-{hi:.2f}",
+                )
+            )
+    set_blas_threads(threads)
+    torch.set_num_threads(threads)
+    group.load_after = load()
+    return group

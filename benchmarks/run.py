@@ -1,0 +1,247 @@
+"""Run the benchmark suite and write docs/performance.md (issue 6). `make bench` calls this.
+
+    python benchmarks/run.py --out docs/performance.md          everything, about 10 minutes
+    python benchmarks/run.py --quick                            fewer repetitions, shorter runs
+    python benchmarks/run.py --groups bptt,tbptt_cost           some groups only, to stdout
+
+Every figure is a ratio of medians over interleaved repetitions measured in the same run (see
+common.py); no absolute time is compared with another run. The report records the load average
+around each group and the other processes' CPU use sampled before each repetition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.metadata
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+GROUPS = {  # name: (module, what it measures)
+    "bptt": ("bptt", "exact BPTT: numpy engine against nn.RNN, an eager torch loop and JAX"),
+    "tbptt_cost": ("tbptt_cost", "TBPTT(k1, k2) against its cost model, numpy engine"),
+    "torch": ("torch_driver", "the PyTorch engine's driver against hand-written loops"),
+    "memory": ("memory", "peak memory of streaming training against stream length"),
+    "demo": ("demo_throughput", "the default demo's characters per second"),
+}
+
+INTRO = """\
+# Performance
+
+What `make bench` (`python benchmarks/run.py --out docs/performance.md`) measured on this
+machine, against the targets of issue 6. The machine has 2 cores shared with other jobs, so no
+absolute time means anything from one run to the next: every figure below is a **ratio measured
+side by side in the same run, the median over interleaved repetitions** (each repetition runs
+every case once, in an order rotated from one repetition to the next, and gives one ratio of two
+times taken moments apart; the table shows the median of these ratios, the details their range).
+numpy (OpenBLAS), torch (`torch.set_num_threads`) and JAX (`XLA_FLAGS`) all use the same number
+of threads. Absolute medians in the details are for orientation only.
+
+Before each timed sample the suite waits, for a bounded time, until other processes leave the
+CPUs mostly idle; the CPU use it saw and the load average around each group are recorded. With
+two threads per library on two shared cores, a busy neighbour slows a multi-threaded library
+far more than a single-threaded one, so rows measured while others were busy deserve less trust.
+Known sensitivities: OpenBLAS's two-thread products of one recurrent step (batch 32 and 64) can
+run several times slower while another job holds a core, and JAX much less so, so the
+batch-32 "jax / numpy" and the batch-64 GEMM-efficiency rows swing from run to run on a busy
+machine (a per-repetition range reaching far below the median shows it); the batch-1 rows,
+the cost-model rows and the memory rows are stable. `python benchmarks/profile_numpy.py`
+breaks the numpy engine's time into phases and audits the float32 path.
+
+Targets are checked here and reported, never asserted in tests. The benchmarks live in
+`benchmarks/` (one file per group; `python benchmarks/run.py --help`).
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/run.py",
+        description=(
+            "Run tbptt's benchmarks (issue 6) and write a Markdown report of measured ratios "
+            "against their targets. Groups: "
+            + "; ".join(f"{k}: {v[1]}" for k, v in GROUPS.items())
+            + "."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--groups",
+        default=",".join(GROUPS),
+        help="comma-separated groups to run, from: " + ", ".join(GROUPS) + " (default: all)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer repetitions and shorter streams (a few minutes; noisier figures)",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="timed repetitions per case (default: each group's own, fewer with --quick)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads for numpy's BLAS, torch and JAX alike (default: 2)",
+    )
+    parser.add_argument(
+        "--max-busy",
+        type=float,
+        default=0.3,
+        help="before each repetition, wait (at most 10 s, 150 s in all) while other processes use more than "
+        "this fraction of the CPUs; 1 disables the wait (default: 0.3)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="PATH",
+        help="write the report here (atomically); default: print it to stdout",
+    )
+    args = parser.parse_args(argv)
+    names = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = [g for g in names if g not in GROUPS]
+    if unknown or not names:
+        parser.error(f"--groups: unknown {unknown or 'empty'}; choose from {', '.join(GROUPS)}")
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    args.groups = names
+    return args
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def render(groups: list, env: dict[str, str]) -> str:
+    from common import fmt_ms
+
+    out = [INTRO]
+    out.append("## Results\n")
+    out.append(f"Produced by `{env['command']}` in {env['elapsed']}; {env['load']} at the start.\n")
+    out.append("| group | comparison | measured | target | verdict | details |")
+    out.append("|---|---|---|---|---|---|")
+    for g in groups:
+        short = g.title.split(":")[0].split(" (")[0]
+        if g.skipped:
+            out.append(f"| {short} | (not run) | - | - | skipped | {g.skipped} |")
+        for r in g.rows:
+            out.append(
+                f"| {short} | {r.name} | {r.shown()} | {r.target or '-'} | {r.verdict()} | "
+                f"{r.note} |"
+            )
+    out.append("")
+    for g in groups:
+        out.append(f"## {g.title}\n")
+        if g.skipped:
+            out.append(f"Skipped: {g.skipped}\n")
+        for note in g.notes:
+            if note:
+                out.append(f"- {note}")
+        out.append(f"- Ran {fmt_ms(g.seconds)}; {g.load_before} before, {g.load_after} after.\n")
+    out.append("## Environment\n")
+    for k, v in env.items():
+        if k not in ("command", "elapsed"):
+            out.append(f"- {k}: {v}")
+    out.append("")
+    return "\n".join(out)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename over the target."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".md")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import common
+
+    common.prepare_jax(args.threads)  # before anything imports jax
+    common.set_blas_threads(args.threads)
+    common.QUIET.max_busy = args.max_busy
+    blas = common.blas_info()
+    start, start_load = time.perf_counter(), common.load()
+    groups = []
+    for name in args.groups:
+        module, what = GROUPS[name]
+        print(f"[{name}] {what} ... ({common.load()})", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            group = importlib.import_module(module).run(args.quick, args.reps, args.threads)
+        except Exception as exc:  # the code under test is moving: report, run the other groups
+            traceback.print_exc()
+            group = common.Group(what, skipped=f"failed: {type(exc).__name__}: {exc}")
+        group.seconds = time.perf_counter() - t0
+        groups.append(group)
+        for r in group.rows:
+            print(f"  {r.name}: {r.shown()} {r.target} {r.verdict()}", file=sys.stderr)
+        if group.skipped:
+            print(f"  skipped: {group.skipped}", file=sys.stderr)
+    elapsed = time.perf_counter() - start
+    cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    env = {
+        "command": cmd.strip(),
+        "elapsed": common.fmt_ms(elapsed),
+        "load": start_load,
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "code": common.git_state(ROOT),
+        "python": platform.python_version(),
+        "packages": ", ".join(
+            f"{d} {version(d)}" for d in ("numpy", "torch", "jax", "jaxlib", "tbptt")
+        ),
+        "numpy BLAS": f"{blas.get('blas', '?')}; kernel {blas.get('kernel', '?')}; "
+        f"{blas.get('threads', '?')} threads",
+        "OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE": f"{blas['OPENBLAS_CORETYPE']} / "
+        f"{blas['OPENBLAS_L2_SIZE']} (reported, not changed)",
+        "threads": f"{args.threads} for numpy, torch and JAX (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')})",
+        "waiting for a quiet machine": f"{common.fmt_ms(common.QUIET.waited)} in all "
+        f"(threshold {100 * args.max_busy:.0f}% of the CPUs)",
+    }
+    report = render(groups, env)
+    if args.out:
+        write_atomic(args.out, report)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
