@@ -112,6 +112,15 @@ class ElmanRNN:
             )
         return ElmanRNN(**{**self.params, **params}, f=self.f, g=self.g)
 
+    def _updated(self, params: dict[str, Array]) -> ElmanRNN:
+        """The same model with new values of the same shapes and dtype, already checked finite
+        (the optimizer's output in online training): no second validation on the hot path."""
+        new = object.__new__(ElmanRNN)
+        new.__dict__.update(self.__dict__)
+        for k, v in params.items():
+            setattr(new, k, v)
+        return new
+
     @classmethod
     def init(
         cls,

@@ -43,6 +43,11 @@ def _sigmoid(a: Array, out: Array | None = None) -> Array:
     return out
 
 
+def _tanh_grad(h: Array) -> Array:
+    fp = h * h
+    return np.subtract(1, fp, out=fp)  # tanh'(a) = 1 - h^2, one temporary
+
+
 def _identity(a: Array, out: Array | None = None) -> Array:
     if out is None:
         return a.copy()
@@ -52,7 +57,7 @@ def _identity(a: Array, out: Array | None = None) -> Array:
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "tanh": Activation("tanh", np.tanh, lambda h: 1 - h * h),
+    "tanh": Activation("tanh", np.tanh, _tanh_grad),
     "sigmoid": Activation("sigmoid", _sigmoid, lambda h: h * (1 - h)),
     # relu: h > 0 exactly where a > 0
     "relu": Activation(

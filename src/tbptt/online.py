@@ -247,7 +247,7 @@ class TBPTT:
             )
         self.u_prev = w.u
         self.updates += 1
-        self.model = self.model.replace(**params)
+        self.model = self.model._updated(params)  # checked finite just above
         self.opt_state = opt_state
 
     # -- inspection and saving ------------------------------------------------------------------
