@@ -12,6 +12,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 # One thread per BLAS and per torch: the suite runs on 2 shared cores, where two spinning BLAS
-# threads per process slow small products by 10x. Subprocesses (CLI tests, torchrun) inherit it.
+# threads per process slow small products by 10x. torch reads OMP_NUM_THREADS when it is first
+# imported (after this file), and subprocesses (CLI tests, torchrun) inherit it.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")

@@ -40,15 +40,6 @@ def torchrun(mode: str, out, timeout: float = 120, nproc: int = 2, **env: str):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 ops run fastest on one thread (the machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def single(name: str, chunks=w.CHUNKS, finish: bool = True) -> w.TBPTT:
     d = w.make(name)
     w.feed(d, chunks)

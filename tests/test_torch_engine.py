@@ -19,15 +19,6 @@ from tbptt.torch import TBPTT, ElmanRNN, cross_entropy_loss, l2_loss
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 ops run fastest on one thread (the machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train_both(
     trunc: tbptt.Truncation,
     *,

@@ -18,15 +18,6 @@ DT = torch.float64
 M, N, P, BATCH = 2, 4, 3, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 ops run fastest on one thread (the machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Recorder(torch.optim.Optimizer):
     """An optimizer that records every update's gradients and leaves the parameters unchanged."""
 

@@ -21,15 +21,6 @@ M, H, P, BATCH, T = 3, 5, 2, 2, 40
 CHUNKS = [(0, 4), (4, 11), (11, 12), (12, 19), (19, 26), (26, 33), (33, 40)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 ops run fastest on one thread (the machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, BATCH, M, generator=g, dtype=DT)

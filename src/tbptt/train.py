@@ -302,7 +302,8 @@ def plot(run: Path, rows: list[dict], cfg: cf.Config, unit: str) -> None:
     ax.set_ylabel(unit)
     ax.set_title(f"{cfg.task}: {cfg.engine} {cfg.cell} {cfg.hidden}, k1={cfg.k1} k2={cfg.k2}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing to label before the first record
+        ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
