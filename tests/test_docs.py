@@ -6,8 +6,9 @@ The rules, for whoever writes documentation:
   (so blocks may write files).
 - ```sh blocks: every line is a `tbptt ...` command, run in-process (tbptt.cli.main); it must
   exit 0. A ```sh block with any other command (python examples/..., make, pip) must be marked.
-- A ```text block that follows a python or sh block (blank lines between allowed) is that block's
-  expected standard output, compared exactly (trailing spaces ignored).
+- A ```text block that follows a python or sh block (with only blank lines, or the word "prints",
+  between them) is that block's expected standard output, compared exactly (trailing spaces
+  ignored).
 - Markers, on the line right before the opening fence:
   `<!-- no-test -->` skips the block (say why nearby: it needs minutes, or several processes);
   `<!-- slow -->` marks the whole file's test slow (it still runs in the full suite).
@@ -42,7 +43,7 @@ def blocks(text: str) -> list[dict]:
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
         expected = None
         if j + 1 < len(fences) and fences[j + 1].group(1) == "text":
-            if not text[m.end() : fences[j + 1].start()].strip():
+            if text[m.end() : fences[j + 1].start()].strip() in ("", "prints"):
                 expected = fences[j + 1].group(2)
         out.append(
             {

@@ -208,3 +208,22 @@ def test_bad_chunks() -> None:
     d.finish()
     with pytest.raises(RuntimeError, match="the stream was finished"):
         d.feed(x, y)
+
+
+def test_targets_of_the_wrong_shape_are_an_error_not_a_broadcast():
+    """l2_loss and cross_entropy_loss refuse targets that would broadcast to another loss."""
+    import pytest
+    import torch
+
+    from tbptt.torch import cross_entropy_loss, l2_loss
+
+    out = torch.zeros(3, 3, 1, dtype=torch.float64)
+    for y in (torch.zeros(3, 3), torch.zeros(3, 3, 4), torch.zeros(3, 3, 0)):
+        with pytest.raises(ValueError, match="shape"):
+            l2_loss(out, y)
+    logits = torch.zeros(3, 2, 5)
+    with pytest.raises(ValueError, match="integer class indices"):
+        cross_entropy_loss(logits, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="integer class indices"):
+        cross_entropy_loss(logits, torch.zeros(3, 5, dtype=torch.long))
+    assert torch.equal(l2_loss(out + 1, out), torch.full((3, 3), 0.5, dtype=torch.float64))

@@ -345,6 +345,9 @@ def _check_out(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if os.path.splitext(path)[1].lower() not in (".png", ".svg", ".pdf"):
         raise ValueError(f"out must end in .png, .svg or .pdf, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"out: the folder {folder!r} of {path!r} does not exist")
     return path
 
 

@@ -42,6 +42,11 @@ OUTPUTS = (*ACTIVATIONS, "softmax")
 
 def l2_loss(output: Tensor, y: Tensor) -> Tensor:
     """l_t = 1/2 ||yhat_t - y_t||^2 over the last axis: (L, batch, p) -> (L, batch)."""
+    if y.shape != output.shape:  # broadcasting would silently compute another loss
+        raise ValueError(
+            f"y must have the model output's shape {tuple(output.shape)} for l2_loss, "
+            f"got {tuple(y.shape)}"
+        )
     r = output - y  # (L, batch, p)
     return 0.5 * (r * r).sum(-1)
 
@@ -49,6 +54,11 @@ def l2_loss(output: Tensor, y: Tensor) -> Tensor:
 def cross_entropy_loss(logits: Tensor, y: Tensor) -> Tensor:
     """l_t = -log softmax(z_t)[y_t]: logits (L, batch, p), integer y (L, batch) -> (L, batch)."""
     lead = y.shape
+    if lead != logits.shape[:-1] or y.is_floating_point():
+        raise ValueError(
+            f"y must hold integer class indices of shape {tuple(logits.shape[:-1])} (the logits' "
+            f"shape without the class axis) for cross_entropy_loss, got {y.dtype} {tuple(lead)}"
+        )
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
     ).view(lead)
