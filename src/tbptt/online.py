@@ -30,7 +30,7 @@ import numpy as np
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, backprop, forward, parameter_gradients, project
 from .functions import loss_and_error
-from .optim import SGD, Adam, clip_grad_norm
+from .optim import SGD, Adam, clip_grad_norm, grad_norm
 from .schedule import Truncation
 
 Array = np.ndarray
@@ -214,7 +214,7 @@ class TBPTT:
     def _update(self, w) -> None:
         """Backpropagate window w through the kept segments (5.2), (5.3), then step the optimizer."""
         names = list(self.model.params)
-        grads = {k: np.zeros_like(v) for k, v in self.model.params.items()}
+        grads: dict[str, Array] | None = None
         back = None  # A_{t+1}^T r_{t+1} flowing into the later end of each segment
         for seg in reversed(self.segments):
             if seg.t0 > w.u or seg.t1 < w.s:
@@ -227,15 +227,21 @@ class TBPTT:
             g = parameter_gradients(
                 R, part.h_prev, part.x, e_inj, part.h[first_loss:], "b" in names, "c" in names
             )
-            for k in names:
-                grads[k] += g[k]
-        for k, g in grads.items():
-            if not np.isfinite(g).all():
-                raise NonFiniteError(
-                    f"the gradient of {k} became non-finite at the update after step {w.u} "
-                    f"(update {self.updates + 1}); parameters kept at their last finite values",
-                    w.u,
-                )
+            if grads is None:
+                grads = g  # the newest segment's own arrays: nothing else holds them
+            else:
+                for k in names:
+                    grads[k] += g[k]
+        if grads is None:  # no kept step in the window (a k2 raised mid-stream, say)
+            grads = {k: np.zeros_like(v) for k, v in self.model.params.items()}
+        if not np.isfinite(grad_norm(grads)):  # one pass; look for the culprit only if needed
+            for k, g in grads.items():
+                if not np.isfinite(g).all():
+                    raise NonFiniteError(
+                        f"the gradient of {k} became non-finite at the update after step {w.u} "
+                        f"(update {self.updates + 1}); parameters kept at their last finite values",
+                        w.u,
+                    )
         if self.clip is not None:
             grads, _ = clip_grad_norm(grads, self.clip)
         params, opt_state = self.optimizer.step(self.model.params, grads, self.opt_state)
