@@ -98,9 +98,8 @@ def test_sample_continues_the_priming_text(tmp_path, text, capsys):
     assert_one_line_error(code, err, "'Z'")
 
 
-def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, text, capsys):
-    """20 updates, then 20 more with --resume, equal 40 updates in one go, bit for bit."""
-    common = ["--data", text, *TINY, "--lr-decay", "none"]
+def split_and_whole(tmp_path, capsys, common) -> tuple:
+    """Train 40 updates in one go, and 20 then 20 more with --resume; both run directories."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert tbptt(capsys, "train", *common, "--max-updates", 40, "--run-dir", whole)[0] == 0
     assert tbptt(capsys, "train", *common, "--max-updates", 20, "--run-dir", split)[0] == 0
@@ -110,6 +109,12 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, text, cap
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    return whole, split
+
+
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path, text, capsys):
+    """20 updates, then 20 more with --resume, equal 40 updates in one go, bit for bit."""
+    _, split = split_and_whole(tmp_path, capsys, ["--data", text, *TINY, "--lr-decay", "none"])
     rows = (split / "metrics.csv").read_text().splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == ["10", "20", "30", "40"]
 
@@ -119,14 +124,7 @@ def test_adapt_k2_follows_aicher_and_resumes_exactly(tmp_path, text, capsys):
     run goes on with the k2 in force at the save: the same parameters as one run."""
     adapt = ["--k1", 4, "--k2", 4, "--adapt-k2", 0.1, "--adapt-every", 10, "--adapt-max", 16]
     common = ["--data", text, *TINY, "--lr-decay", "none", *adapt]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    assert tbptt(capsys, "train", *common, "--max-updates", 40, "--run-dir", whole)[0] == 0
-    assert tbptt(capsys, "train", *common, "--max-updates", 20, "--run-dir", split)[0] == 0
-    code, _, err = tbptt(capsys, "train", "--resume", split, "--max-updates", 40, "--no-progress")
-    assert code == 0, err
-    a, b = params(whole), params(split)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    whole, _ = split_and_whole(tmp_path, capsys, common)
     rows = (whole / "metrics.csv").read_text().splitlines()
     assert rows[0].endswith(",k2")
     k2s = [int(r.split(",")[-1]) for r in rows[1:]]

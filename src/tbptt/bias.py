@@ -56,7 +56,7 @@ import numpy as np
 
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, Trajectory, forward
-from .functions import ACTIVATIONS, OUTPUTS, loss_and_error
+from .functions import ACTIVATIONS, LOSSES, OUTPUTS, loss_and_error
 from .gradients import window_sum
 from .schedule import INJECT_MODES, Truncation, Window
 
@@ -697,7 +697,7 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--steps", type=int, default=256, help="random or run data: steps T")
     d.add_argument("--batch", type=int, default=8, help="random data: streams")
     d.add_argument("--data-seed", type=int, default=1, help="random data: seed")
-    d.add_argument("--loss", default=None, choices=("l2", "cross_entropy"),
+    d.add_argument("--loss", default=None, choices=LOSSES,
                    help="the per-step loss; none means cross_entropy when g is softmax, else l2")  # fmt: skip
     a = parser.add_argument_group("per-lag profile")
     a.add_argument("--max-lag", type=int, default=None,

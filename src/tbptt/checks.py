@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .functions import LOSSES
+
 Array = np.ndarray
 FLOATS = (np.float32, np.float64)
 
@@ -75,7 +77,7 @@ def check_batch(
     reset: object = None,
 ) -> Batch:
     """Check x, y, mask and reset against the model (m inputs, p outputs) and the loss."""
-    if loss not in ("l2", "cross_entropy"):
+    if loss not in LOSSES:
         raise ValueError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
     if loss == "cross_entropy" and g != "softmax":
         raise ValueError(f"loss='cross_entropy' needs the model's g='softmax', got g={g!r}")

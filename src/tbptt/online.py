@@ -29,7 +29,7 @@ import numpy as np
 
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, backprop, forward, parameter_gradients, project
-from .functions import loss_and_error
+from .functions import LOSSES, loss_and_error
 from .optim import SGD, Adam, clip_grad_norm, grad_norm
 from .schedule import Truncation
 
@@ -107,7 +107,7 @@ class TBPTT:
             raise TypeError(
                 f"optimizer must be tbptt.SGD or tbptt.Adam, got {type(optimizer).__name__}"
             )
-        if loss not in ("l2", "cross_entropy"):
+        if loss not in LOSSES:
             raise ValueError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
         if clip is not None and (
             isinstance(clip, bool)
