@@ -1,9 +1,10 @@
 """A plain PyTorch loop in the style of pytorch/examples' word_language_model, for comparison.
 
 The baseline of docs/results.md: detach every 50 steps, Adam 2e-3, gradient norm clipped at 0.25,
-32 streams, one thread, one-hot inputs, the same validation split as `tbptt train`.
+32 streams, one-hot inputs, the same validation split as `tbptt train`.
 
-    python benchmarks/wlm_baseline.py rnn 120     # cell (rnn or lstm), training seconds
+    python benchmarks/wlm_baseline.py rnn 120       # cell (rnn or lstm), training seconds
+    python benchmarks/wlm_baseline.py lstm 120 2    # ... and torch threads (default 1)
 """
 
 import sys
@@ -13,16 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from tbptt.data import batchify, encode, shakespeare_text, split
+from tbptt.data import batchify, corpus_split
 
 cell, budget = sys.argv[1], float(sys.argv[2])
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
 torch.manual_seed(0)
-text = encode(shakespeare_text())
-ids, V = torch.from_numpy(text.symbols.astype(np.int64)), len(text.vocab)
-cut = split(len(ids), 0.05)  # the same validation text as tbptt train
-train = torch.from_numpy(batchify(ids[:cut].numpy(), 32).copy())
-valid = torch.from_numpy(batchify(ids[cut:].numpy(), 16).copy())
+train_text, valid_text = corpus_split("shakespeare", 0.05)  # the same split as tbptt train
+V = len(train_text.vocab)
+train = torch.from_numpy(batchify(train_text.symbols.astype(np.int64), 32).copy())
+valid = torch.from_numpy(batchify(valid_text.symbols.astype(np.int64), 16).copy())
 rnn, head = (nn.LSTM if cell == "lstm" else nn.RNN)(V, 256), nn.Linear(256, V)
 params = [*rnn.parameters(), *head.parameters()]
 opt, eye = torch.optim.Adam(params, lr=2e-3), torch.eye(V)

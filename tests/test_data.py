@@ -10,6 +10,8 @@ from tbptt.data import (
     read_numbers,
     read_text,
     shakespeare_text,
+    corpus_split,
+    shakespeare_plays,
     split,
     stdlib_text,
     strip_markdown,
@@ -127,6 +129,20 @@ def test_shakespeare_corpus_is_iambics_plays_without_markup():
     assert "HAMLET:\nTo be, or not to be" in text
     for mark in ("**", "_", "\\", "\n#"):
         assert mark not in text
+
+
+def test_corpus_split_holds_out_the_end_of_every_play():
+    """Validation is the last 5% of each of the 38 plays, training the rest of each, one vocabulary."""
+    plays = shakespeare_plays()
+    train, valid = corpus_split("shakespeare", 0.05)
+    assert train.vocab == valid.vocab and len(plays) == 38
+    text = lambda part: "".join(part.vocab[i] for i in part.symbols)  # noqa: E731
+    tr, va = text(train), text(valid)
+    cuts = [split(len(p), 0.05) for p in plays]
+    assert va == "\n\n".join(p[c:] for p, c in zip(plays, cuts, strict=True))
+    assert tr == "\n\n".join(p[:c] for p, c in zip(plays, cuts, strict=True))
+    assert 0.049 < len(va) / (len(tr) + len(va)) < 0.051
+    assert "HAMLET:\nTo be, or not to be" in tr
 
 
 def test_stdlib_corpus_is_python_source():

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import typing
@@ -40,7 +41,10 @@ class Config:
     data: str | None = _f(None, "a UTF-8 text file (character-level), or a .npy/.csv file of "
         "numbers (T rows, one column per feature) to predict each row from the ones before", metavar="PATH")  # fmt: skip
     valid_fraction: float = _f(
-        0.05, "the last fraction of the data held out for validation", metavar="F"
+        0.05,
+        "the fraction held out for validation: the end of a --data file, or the end of "
+        "every document (each play, each module) of a built-in corpus",
+        metavar="F",
     )
     length: int = _f(
         100, "adding problem: the minimal sequence length T; copy memory: the lag T", metavar="T"
@@ -91,9 +95,11 @@ class Config:
     checkpoint_every: int = _f(
         1000, "updates between checkpoints (one at the end too)", metavar="N"
     )
-    threads: int = _f(1, "CPU threads for the matrix products (numpy's OpenBLAS, or torch). A "
-        "recurrent step's products are small: two threads gain little on an idle machine and "
-        "lose many times over on a busy one", metavar="N")  # fmt: skip
+    threads: int | None = _f(None, "CPU threads for the matrix products (numpy's OpenBLAS, or "
+        "torch). Default: $OMP_NUM_THREADS when set; else 1 for the numpy engine, whose per-step "
+        "products are small (a second thread gains little on an idle machine and loses many "
+        "times over on a busy one), and for torch the CPUs this process may use, at most 4, "
+        "shared among the processes of a torchrun job (an LSTM step is four gates wide)", metavar="N")  # fmt: skip
     run_dir: str | None = _f(None, "where config, vocabulary, metrics, plot and checkpoints go; "
                              "default: runs/<time>-<task>-<engine>-<cell>", metavar="DIR")  # fmt: skip
 
@@ -186,6 +192,20 @@ def write_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def default_threads(engine: str) -> int:
+    """--threads when not given: $OMP_NUM_THREADS, else 1 (numpy) or this process's share of the
+    CPUs it may use, at most 4 (torch; a torchrun job's processes on one machine share them)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    if engine == "numpy":
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    share = (cpus or 1) // (int(local) if local.isdigit() and int(local) >= 1 else 1)
+    return max(1, min(4, share))
+
+
 def check(cfg: Config) -> Config:
     """Resolve the defaults that depend on other fields and reject what cannot run."""
     if cfg.task is None:
@@ -216,6 +236,8 @@ def check(cfg: Config) -> Config:
         raise ValueError(f"--layers {cfg.layers} needs --engine torch (numpy has one layer)")
     if cfg.engine == "numpy" and cfg.device != "cpu":
         raise ValueError(f"--device {cfg.device} needs --engine torch")
+    if cfg.threads is None:
+        cfg.threads = default_threads(cfg.engine)
     names = ("hidden", "layers", "k1", "k2", "batch", "length", "eval_every", "checkpoint_every",
              "adapt_every", "adapt_max")  # fmt: skip
     for name in (*names, "threads"):

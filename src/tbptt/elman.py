@@ -176,11 +176,18 @@ class Trajectory:
 
 
 def forward(
-    model: ElmanRNN, x: Array, h_init: Array, reset: Array | None = None, h0: Array | None = None
+    model: ElmanRNN,
+    x: Array,
+    h_init: Array,
+    reset: Array | None = None,
+    h0: Array | None = None,
+    hs: Array | None = None,
 ) -> Trajectory:
     """Run (1.1)-(1.3) over x (T, batch, m) from h_init (batch, n).
 
     Where reset[t, j] is true, stream j starts step t from h0 (a constant; default h_init).
+    hs: optional (T + 1, batch, n) C-contiguous buffer for h_init, h_1, ..., h_T (the online
+    driver's history); the trajectory's h and h_prev are then views of it.
     Inputs are assumed checked (see checks.py).
     """
     A, B, C = model.A, model.B, model.C
@@ -189,7 +196,8 @@ def forward(
     Bx = project(x, B.T)  # (T, batch, n): B x_t for every t, one product
     if model.b is not None:
         Bx += model.b
-    hs = np.empty((T + 1, batch, A.shape[0]), A.dtype)  # h_0, h_1, ..., h_T
+    if hs is None:
+        hs = np.empty((T + 1, batch, A.shape[0]), A.dtype)  # h_0, h_1, ..., h_T
     hs[0] = h_init
     AT = np.ascontiguousarray(A.T)  # (n, n); a transposed view would be copied every step
     restart = h_init if h0 is None else h0
@@ -220,6 +228,7 @@ def backprop(
     dh: Array,
     carry: Array | None = None,
     cut: Array | None = None,
+    out: Array | None = None,
 ) -> tuple[Array, Array]:
     """The window recursion (3.1) over L steps s..u: r_t = delta_t * f'(a_t) and dL/dh_{s-1}.
 
@@ -227,11 +236,12 @@ def backprop(
     dh: (K, batch, n) injected C^T e_t for the last K steps u-K+1..u (the set I), K <= L.
     carry: (batch, n) A^T r_{u+1} flowing in from a later segment (None: delta_{u+1} = 0).
     cut: (L, batch) bool, where a stream restarted from a constant at step t.
+    out: optional (L, batch, n) array, C-contiguous rows, to hold R.
     Returns R (L, batch, n) and A^T r_s (batch, n), the gradient reaching h_{s-1}.
     """
     L, batch, n = fprime.shape
     first_injected = L - len(dh)
-    R = np.empty_like(fprime)  # (L, batch, n)
+    R = np.empty_like(fprime) if out is None else out  # (L, batch, n)
     back = np.zeros((batch, n), fprime.dtype) if carry is None else carry.copy()  # A^T r_{t+1}
     cuts = cut is not None and cut.any()
     rows = list(zip(R, fprime, strict=True))  # views, indexed once

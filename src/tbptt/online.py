@@ -20,6 +20,7 @@ constant (section 6): the gradient stops there and the schedule is unchanged.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections import deque
@@ -30,7 +31,7 @@ import numpy as np
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, backprop, forward, parameter_gradients, project
 from .functions import LOSSES, loss_and_error
-from .optim import SGD, Adam, clip_grad_norm, grad_norm
+from .optim import SGD, Adam, all_finite, grad_norm
 from .schedule import Truncation
 
 Array = np.ndarray
@@ -46,30 +47,63 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class Segment:
-    """Steps t0..t0+L-1 computed with one set of parameter values (those in force then)."""
+    """Steps t0..t0+L-1, computed with one set of parameter values (those in force then).
+
+    Their x_t, h_t and e_t live in the driver's History; what differs from segment to segment
+    stays here: the parameters and f'(a_t), which the backward recursion (5.2) reads per segment.
+    """
 
     t0: int  # first step, 1-based
     params: dict[str, Array]  # the values these steps ran with (never modified in place)
-    x: Array  # (L, batch, m)
-    h_prev: Array  # (L, batch, n)
-    h: Array  # (L, batch, n)
-    fprime: Array  # (L, batch, n)
-    e: Array  # (L, batch, p) dl_t/dz_t, computed with this segment's C
-    reset: Array | None  # (L, batch) bool
+    fprime: Array  # (L, batch, n) f'(a_t)
+    reset: Array | None  # (L, batch) bool: the step restarted from h0
 
     @property
     def t1(self) -> int:
         """Last step of the segment."""
-        return self.t0 + len(self.x) - 1
+        return self.t0 + len(self.fprime) - 1
 
-    def tail(self, start: int) -> Segment:
-        """The part of the segment from step `start` on."""
-        k = start - self.t0
-        cut = lambda a: None if a is None else a[k:]  # noqa: E731
-        return Segment(
-            start, self.params, self.x[k:], self.h_prev[k:], self.h[k:], self.fprime[k:],
-            self.e[k:], cut(self.reset),
-        )  # fmt: skip
+
+class History:
+    """x_t, h_t and e_t of the kept steps, contiguous in time across segments.
+
+    A window's parameter gradients (5.3) are then one product each over its stacked steps, however
+    many segments (parameter values) it spans. Row j of x and e holds step `first` + j; row j of
+    h holds h_{first + j - 1}, so steps s..u read h_{t-1} as h[s - first : u - first + 1] and h_t
+    one row later. The forward pass writes its states straight into h. Steps no window can reach
+    are dropped by moving the kept rows to the front when room is needed (amortized: the buffers
+    hold at least twice what is kept).
+    """
+
+    def __init__(self, h: Array, m: int, p: int) -> None:
+        self.batch, self.n = h.shape
+        self.m, self.p, self.dtype = m, p, h.dtype
+        self.first, self.rows = 1, 0  # step held by row 0, number of steps held
+        self._alloc(0)
+        self.h[0] = h
+
+    def _alloc(self, cap: int) -> None:
+        b, dt = self.batch, self.dtype
+        self.cap = cap
+        self.x = np.empty((cap, b, self.m), dt)  # (cap, batch, m)
+        self.h = np.empty((cap + 1, b, self.n), dt)  # (cap + 1, batch, n)
+        self.e = np.empty((cap, b, self.p), dt)  # (cap, batch, p)
+
+    def reserve(self, L: int, keep_from: int) -> int:
+        """Room for L more steps, dropping the steps before keep_from; returns the next free row."""
+        if self.rows + L <= self.cap:
+            return self.rows
+        drop = min(max(0, keep_from - self.first), self.rows)
+        kept = self.rows - drop
+        old = (self.x, self.h, self.e)
+        if kept + L > self.cap // 2:  # grow: keep the buffers at least twice what they hold
+            self._alloc(2 * (kept + L))
+        self.x[:kept] = old[0][drop : self.rows]  # numpy copies overlapping rows safely
+        self.h[: kept + 1] = old[1][drop : self.rows + 1]
+        self.e[:kept] = old[2][drop : self.rows]
+        self.first += drop
+        self.rows = kept
+        return kept
 
 
 class TBPTT:
@@ -128,6 +162,7 @@ class TBPTT:
         self.u_prev = 0  # the last update time (the schedule's phase)
         self.updates = 0
         self.segments: deque[Segment] = deque()
+        self.history: History | None = None  # x_t, h_t, e_t of the kept steps
         self.finished = False
 
     # -- the stream -----------------------------------------------------------------------------
@@ -153,6 +188,7 @@ class TBPTT:
         if self.h is None:
             self.h0 = np.array(check_h0(self._h0_arg, self.model.n, batch, self.model.dtype))
             self.h = self.h0.copy()
+            self.history = History(self.h, self.model.m, self.model.p)
         elif batch != self.batch:
             raise ValueError(
                 f"x has {batch} streams, but this stream was started with {self.batch}"
@@ -182,9 +218,11 @@ class TBPTT:
 
     def _forward(self, x: Array, y: Array, mask: Array | None, reset: Array | None) -> float:
         """Run steps t+1..t+len(x) with the current parameters; keep them as one segment."""
-        model = self.model
-        x = np.array(x)  # our own copy: the caller may refill its buffer while we keep the graph
-        traj = forward(model, x, self.h, reset, self.h0)
+        model, hist, L = self.model, self.history, len(x)
+        row = hist.reserve(L, self.segments[0].t0 if self.segments else self.t + 1)
+        xs = hist.x[row : row + L]  # (L, batch, m)
+        xs[...] = x  # our own copy: the caller may refill its buffer while we keep the graph
+        traj = forward(model, xs, self.h, reset, self.h0, hs=hist.h[row : row + L + 1])
         l, e = loss_and_error(model.g, self.loss, traj.z, y, mask)
         if not (np.isfinite(traj.h[-1]).all() and np.isfinite(l).all()):
             bad = ~(np.isfinite(traj.h).all(axis=(1, 2)) & np.isfinite(l).all(axis=1))
@@ -194,11 +232,11 @@ class TBPTT:
                 f"parameters kept at their last finite values",
                 step,
             )
-        self.segments.append(
-            Segment(self.t + 1, model.params, x, traj.h_prev, traj.h, traj.fprime, e, reset)
-        )
-        self.h = traj.h[-1]
-        self.t += len(x)
+        hist.e[row : row + L] = e
+        hist.rows = row + L
+        self.segments.append(Segment(self.t + 1, model.params, traj.fprime, reset))
+        self.h = traj.h[-1].copy()  # the carried state; the history's rows may move
+        self.t += L
         # keep only what a window can still reach: the update at u = t itself (regular or flush)
         # starts at s = t - k2 + 1 (4.2), later ones later
         oldest = self.t + 1 - self.truncation.keep
@@ -211,30 +249,39 @@ class TBPTT:
         """Steps computed since the last update (0 right after an update)."""
         return self.t - self.u_prev
 
+    def _window_gradients(self, w) -> dict[str, Array]:
+        """(5.2) through the kept segments of window w, each with its own A and C, then (5.3) as
+        one product per parameter over the window's stacked steps."""
+        hist, names = self.history, list(self.model.params)
+        segs = [seg for seg in self.segments if seg.t1 >= w.s and seg.t0 <= w.u]
+        if not segs:  # no kept step in the window (a k2 raised mid-stream, say)
+            return {k: np.zeros_like(v) for k, v in self.model.params.items()}
+        s, u = max(w.s, segs[0].t0), min(w.u, segs[-1].t1)  # the kept steps of the window
+        i = max(w.i, s)  # the first injected step: I = i..u
+        a, c, first = s - hist.first, u - hist.first + 1, hist.first  # rows of steps s..u
+        R = np.empty((u - s + 1, hist.batch, hist.n), hist.dtype)  # (L, batch, n) r_t
+        back = None  # A_{t+1}^T r_{t+1} flowing into the later end of each segment
+        cuts = []
+        for seg in reversed(segs):
+            lo, hi = max(seg.t0, s), min(seg.t1, u)  # this segment's steps in the window
+            dh = project(hist.e[max(i, lo) - first : hi - first + 1], seg.params["C"])  # C_t^T e_t
+            part = slice(lo - seg.t0, hi - seg.t0 + 1)
+            cut = None if seg.reset is None else seg.reset[part]
+            _, back = backprop(seg.fprime[part], seg.params["A"], dh, back, cut,
+                               out=R[lo - s : hi - s + 1])  # fmt: skip
+            cuts.append(np.zeros(R.shape[:2], bool)[: hi - lo + 1] if cut is None else cut)
+        h_prev = hist.h[a:c]  # (L, batch, n) h_{t-1}
+        if any(seg.reset is not None for seg in segs):  # h_0 where a stream restarted
+            h_prev = np.where(np.concatenate(cuts[::-1])[:, :, None], self.h0, h_prev)
+        e_inj = hist.e[i - first : c]  # (K, batch, p) e_t, t in I
+        h_inj = hist.h[i - first + 1 : c + 1]  # (K, batch, n) h_t, t in I
+        return parameter_gradients(R, h_prev, hist.x[a:c], e_inj, h_inj, "b" in names, "c" in names)
+
     def _update(self, w) -> None:
         """Backpropagate window w through the kept segments (5.2), (5.3), then step the optimizer."""
-        names = list(self.model.params)
-        grads: dict[str, Array] | None = None
-        back = None  # A_{t+1}^T r_{t+1} flowing into the later end of each segment
-        for seg in reversed(self.segments):
-            if seg.t0 > w.u or seg.t1 < w.s:
-                continue
-            part = seg.tail(max(seg.t0, w.s))  # steps max(t0, s)..t1 of this segment
-            first_loss = max(w.i, part.t0) - part.t0  # index of the first injected step
-            e_inj = part.e[first_loss:]  # (K, batch, p)
-            dh = project(e_inj, part.params["C"])  # C_t^T e_t for t in I
-            R, back = backprop(part.fprime, part.params["A"], dh, back, part.reset)
-            g = parameter_gradients(
-                R, part.h_prev, part.x, e_inj, part.h[first_loss:], "b" in names, "c" in names
-            )
-            if grads is None:
-                grads = g  # the newest segment's own arrays: nothing else holds them
-            else:
-                for k in names:
-                    grads[k] += g[k]
-        if grads is None:  # no kept step in the window (a k2 raised mid-stream, say)
-            grads = {k: np.zeros_like(v) for k, v in self.model.params.items()}
-        if not np.isfinite(grad_norm(grads)):  # one pass; look for the culprit only if needed
+        grads = self._window_gradients(w)  # fresh arrays: the optimizer may write into them
+        norm = grad_norm(grads)  # one pass; look for the culprit only if needed
+        if not math.isfinite(norm):
             for k, g in grads.items():
                 if not np.isfinite(g).all():
                     raise NonFiniteError(
@@ -242,10 +289,14 @@ class TBPTT:
                         f"(update {self.updates + 1}); parameters kept at their last finite values",
                         w.u,
                     )
-        if self.clip is not None:
-            grads, _ = clip_grad_norm(grads, self.clip)
-        params, opt_state = self.optimizer.step(self.model.params, grads, self.opt_state)
-        if not all(np.isfinite(v).all() for v in params.values()):
+        if self.clip is not None and self.clip / (norm + 1e-6) < 1:  # as optim.clip_grad_norm
+            coef = self.clip / (norm + 1e-6)
+            for g in grads.values():
+                g *= coef
+        params, opt_state = self.optimizer.step(
+            self.model.params, grads, self.opt_state, reuse_grads=True
+        )
+        if not all_finite(params.values()):
             raise NonFiniteError(
                 f"the parameters became non-finite at the update after step {w.u} "
                 f"(update {self.updates + 1}); kept at their last finite values",
@@ -267,13 +318,20 @@ class TBPTT:
         out["updates"] = np.asarray(self.updates)
         if self.h is not None:
             out["h"], out["h0"] = self.h, self.h0
+        hist = self.history
         for j, seg in enumerate(self.segments):
+            rows = slice(seg.t0 - hist.first, seg.t1 - hist.first + 1)
+            h_prev = hist.h[rows.start : rows.stop]
+            if seg.reset is not None:
+                h_prev = np.where(seg.reset[:, :, None], self.h0, h_prev)
             out[f"seg{j}.t0"] = np.asarray(seg.t0)
             for k, v in seg.params.items():
                 out[f"seg{j}.param.{k}"] = v
-            for k in ("x", "h_prev", "h", "fprime", "e", "reset"):
-                if getattr(seg, k) is not None:
-                    out[f"seg{j}.{k}"] = getattr(seg, k)
+            out[f"seg{j}.x"], out[f"seg{j}.e"] = hist.x[rows], hist.e[rows]
+            out[f"seg{j}.h_prev"], out[f"seg{j}.h"] = h_prev, hist.h[rows.start + 1 : rows.stop + 1]
+            out[f"seg{j}.fprime"] = seg.fprime
+            if seg.reset is not None:
+                out[f"seg{j}.reset"] = seg.reset
         return out
 
     def load_state_dict(self, state: dict[str, Array]) -> None:
@@ -289,16 +347,26 @@ class TBPTT:
         self.updates = int(state["updates"])
         self.h = np.array(state["h"]) if "h" in state else None
         self.h0 = np.array(state["h0"]) if "h0" in state else None
-        self.segments = deque()
-        j = 0
-        while f"seg{j}.t0" in state:
+        self.segments, self.history = deque(), None
+        if self.h is None:
+            return
+        saved = []
+        while f"seg{len(saved)}.t0" in state:
+            j = len(saved)
             get = lambda k: np.array(state[f"seg{j}.{k}"]) if f"seg{j}.{k}" in state else None  # noqa: E731, B023
-            seg_params = {k: get(f"param.{k}") for k in params}
-            self.segments.append(
-                Segment(int(state[f"seg{j}.t0"]), seg_params, get("x"), get("h_prev"), get("h"),
-                        get("fprime"), get("e"), get("reset"))
-            )  # fmt: skip
-            j += 1
+            saved.append((int(state[f"seg{j}.t0"]), {k: get(f"param.{k}") for k in params},
+                          get("x"), get("h_prev"), get("h"), get("fprime"), get("e"), get("reset")))  # fmt: skip
+        hist = self.history = History(self.h, self.model.m, self.model.p)
+        hist.first = saved[0][0] if saved else self.t + 1
+        hist.reserve(sum(len(sg[2]) for sg in saved), hist.first)
+        if saved:
+            hist.h[0] = saved[0][3][0]  # h_{t0-1} (h0 where that step restarted: the same use)
+        for t0, seg_params, x, _, h, fprime, e, reset in saved:
+            row = t0 - hist.first
+            hist.x[row : row + len(x)], hist.e[row : row + len(x)] = x, e
+            hist.h[row + 1 : row + len(x) + 1] = h
+            hist.rows = row + len(x)
+            self.segments.append(Segment(t0, seg_params, fprime, reset))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write state_dict() to an .npz file atomically (temp file in the same folder, then rename)."""

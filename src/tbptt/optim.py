@@ -9,8 +9,10 @@ Each follows torch.optim's update exactly, so both engines train to the same par
     clipping:  g <- g * min(1, max_norm / (||g|| + 1e-6))   (Pascanu, Mikolov and Bengio 2013,
                Algorithm 1, with the 1e-6 that torch.nn.utils.clip_grad_norm_ adds)
 
-An optimizer never modifies arrays in place: it returns new parameter arrays, so a graph that still
-holds the old values (an overlapping window, SEMANTICS.md 5) stays valid.
+An optimizer never modifies parameters or state in place: it returns new arrays, so a graph that
+still holds the old values (an overlapping window, SEMANTICS.md 5) stays valid. A caller that owns
+its gradient arrays may pass reuse_grads=True: the new parameters are then written into them (the
+same values, bit for bit), which saves an allocation and a pass per parameter.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ class SGD:
     def init(self, params: Params) -> dict[str, Array]:
         return {}
 
-    def step(self, params: Params, grads: Params, state: dict[str, Array]) -> tuple[Params, dict]:
+    def step(
+        self, params: Params, grads: Params, state: dict[str, Array], *, reuse_grads: bool = False
+    ) -> tuple[Params, dict]:
         new, state = {}, dict(state)
         for k, p in params.items():
             g = grads[k]
@@ -61,7 +65,11 @@ class SGD:
                 v = g.copy() if k not in state else self.momentum * state[k] + g
                 state[k] = v
                 g = g + self.momentum * v if self.nesterov else v
-            new[k] = p - self.lr * g
+            if reuse_grads and not self.momentum:
+                out = np.multiply(g, -self.lr, out=g)  # -(lr g), exactly
+                new[k] = np.add(out, p, out=out)  # p - lr g, the same bits
+            else:
+                new[k] = p - self.lr * g
         return new, state
 
 
@@ -89,7 +97,9 @@ class Adam:
             state["v." + k] = np.zeros_like(p)
         return state
 
-    def step(self, params: Params, grads: Params, state: dict[str, Array]) -> tuple[Params, dict]:
+    def step(
+        self, params: Params, grads: Params, state: dict[str, Array], *, reuse_grads: bool = False
+    ) -> tuple[Params, dict]:
         k_step = int(state["step"]) + 1
         new_state = {"step": np.asarray(k_step, np.int64)}
         new = {}
@@ -97,10 +107,22 @@ class Adam:
         c2 = math.sqrt(1 - self.beta2**k_step)
         for k, p in params.items():
             g = grads[k]
-            m = self.beta1 * state["m." + k] + (1 - self.beta1) * g
-            v = self.beta2 * state["v." + k] + (1 - self.beta2) * g * g
+            # each line evaluates as b1 m + (1 - b1) g, b2 v + ((1 - b2) g) g and
+            # p - ((lr / c1) m) / (sqrt(v) / c2 + eps), with two temporaries instead of eight
+            t = np.multiply(g, 1 - self.beta1)
+            m = np.multiply(state["m." + k], self.beta1)
+            m += t
+            np.multiply(g, 1 - self.beta2, out=t)
+            t *= g
+            v = np.multiply(state["v." + k], self.beta2)
+            v += t
             new_state["m." + k], new_state["v." + k] = m, v
-            new[k] = p - (self.lr / c1) * m / (np.sqrt(v) / c2 + self.eps)
+            d = np.sqrt(v, out=g if reuse_grads else None)
+            d /= c2
+            d += self.eps
+            np.multiply(m, self.lr / c1, out=t)
+            t /= d
+            new[k] = np.subtract(p, t, out=t)
         return new, new_state
 
 
@@ -110,6 +132,16 @@ Optimizer = SGD | Adam
 def grad_norm(grads: Params) -> float:
     """The global L2 norm over every gradient array."""
     return math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+
+
+def all_finite(arrays) -> bool:
+    """Whether every element of every array is finite: one pass each through BLAS's dot product
+    (a sum of squares of finite values is finite unless it overflows, and then the exact
+    elementwise test decides)."""
+    arrays = list(arrays)
+    if math.isfinite(sum(float(np.vdot(a, a)) for a in arrays)):
+        return True
+    return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
 def clip_grad_norm(grads: Params, max_norm: float) -> tuple[Params, float]:
