@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tbptt
-from tbptt import bias
+from tbptt import bias, bias_commands
 from tbptt.cli import main
 
 ACT = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda a: a}
@@ -265,5 +265,5 @@ def test_cli_suggest_k_prints_suggest_k(tmp_path, capsys):
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     model = tbptt.ElmanRNN.init(8, 4, 2, seed=0, spectral_radius=0.8)
-    d = bias.synthetic_data(model, 120, 2, "l2", 1)
+    d = bias_commands.synthetic_data(model, 120, 2, "l2", 1)
     assert int(last) == bias.suggest_k(model, d["x"], d["y"], 0.2, max_lag=30)

@@ -361,6 +361,22 @@ def test_demo_defaults_are_the_seeds_model_on_shakespeare():
     assert os.sep not in Path(cfg.run_dir).name
 
 
+def test_threads_default_to_omp_else_one_for_numpy_and_the_cpus_for_torch(monkeypatch):
+    """--threads unset: $OMP_NUM_THREADS; else numpy 1, torch this process's CPUs (at most 4),
+    divided among a torchrun job's local processes. An explicit --threads wins."""
+    from tbptt.config import Config, check
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert check(Config()).threads == 3 and check(Config(engine="torch")).threads == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert check(Config()).threads == 1
+    assert check(Config(engine="torch")).threads == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert check(Config(engine="torch")).threads == 3
+    assert check(Config(engine="torch", threads=1)).threads == 1
+
+
 def test_influence_balancing_shows_truncation_pushing_the_wrong_way(tmp_path, capsys):
     """Tallec and Ollivier's 23 units: k2 = 50 finds theta* = -1/6, k2 = 10 walks away from it."""
     code, out, err = tbptt(capsys, "train", "--task", "influence", "--k1", 1, "--k2", 50,

@@ -3,8 +3,8 @@
     tbptt train        train a recurrent network with TBPTT(k1, k2) (tbptt/train.py)
     tbptt sample       generate text from a trained character model (tbptt/train.py)
     tbptt explain      draw a TBPTT(k1, k2) schedule (tbptt/explain.py)
-    tbptt bias         measure the gradient bias of truncation against exact BPTT (tbptt/bias.py)
-    tbptt suggest-k    choose k2 from the decay of the gradient over lags (tbptt/bias.py)
+    tbptt bias         measure truncation's gradient bias vs exact BPTT (tbptt/bias_commands.py)
+    tbptt suggest-k    choose k2 from the decay of the gradient over lags (tbptt/bias_commands.py)
 
 A subcommand module defines `add_<name>_arguments(parser)` and `run_<name>(args) -> int`, and
 imports torch, matplotlib or tqdm only inside the functions that need them. Any ValueError,
@@ -27,8 +27,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ),
     ("sample", "tbptt.train", "generate text from a trained character model"),
     ("explain", "tbptt.explain", "draw which steps each TBPTT(k1, k2) update backpropagates"),
-    ("bias", "tbptt.bias", "measure the gradient bias of truncation against exact BPTT"),
-    ("suggest-k", "tbptt.bias", "choose k2 from the decay of the gradient over lags"),
+    ("bias", "tbptt.bias_commands", "measure the gradient bias of truncation against exact BPTT"),
+    ("suggest-k", "tbptt.bias_commands", "choose k2 from the decay of the gradient over lags"),
 ]
 
 

@@ -1,0 +1,475 @@
+"""The `tbptt bias` and `tbptt suggest-k` commands and their input and output.
+
+Reading a model (an .npz file or a `tbptt train` run directory) and data (a file, a run's
+validation data, or random data), the CSV files, plots and terminal tables, and the argument
+parsers and runners the `tbptt` command line calls. The mathematics, equations (B.1)-(B.6), is in
+tbptt.bias. Plots import matplotlib inside the functions that draw them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .bias import (
+    TINY,
+    BiasRow,
+    KChoice,
+    LagProfile,
+    choose_k,
+    lag_profile,
+    schedules,
+    truncation_bias,
+)
+from .elman import ElmanRNN
+from .functions import ACTIVATIONS, LOSSES, OUTPUTS
+from .schedule import INJECT_MODES
+
+Array = np.ndarray
+
+
+# -- reading a model and data for the commands -----------------------------------------------------
+def load_model(path: str | os.PathLike) -> ElmanRNN:
+    """An ElmanRNN in float64 from an .npz file or a `tbptt train` run directory (numpy engine).
+
+    The file holds A, B, C and optionally b, c (or the same keys prefixed "model.", as
+    `TBPTT.save` writes them) and optionally f and g as strings. A run directory's latest state
+    (checkpoint.json) is read; f is its config's activation and g is softmax for the
+    cross-entropy tasks (text and copy), identity otherwise.
+    """
+    path = Path(path)
+    meta: dict = {}
+    if path.is_dir():
+        meta = _run_config(path)
+        pointer = path / "checkpoint.json"
+        if pointer.exists():
+            path = path / json.loads(pointer.read_text())["state"]
+        else:
+            files = sorted(path.glob("*.npz"), key=lambda p: p.stat().st_mtime)
+            if not files:
+                raise ValueError(f"model: no checkpoint.json or .npz file in {str(path)!r}")
+            path = files[-1]
+    if path.suffix != ".npz":
+        raise ValueError(f"model: {str(path)!r} is not an .npz file (bias needs the numpy engine)")
+    if not path.exists():
+        raise OSError(f"model: no such file {str(path)!r}")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    params = {}
+    for key in ("A", "B", "C", "b", "c"):
+        for name in (key, f"model.{key}"):
+            if name in arrays:
+                params[key] = np.asarray(arrays[name], dtype=np.float64)
+    if not {"A", "B", "C"} <= set(params):
+        raise ValueError(
+            f"model: {str(path)!r} holds no A, B, C (or model.A, ...) arrays; keys: "
+            f"{sorted(arrays)[:8]}"
+        )
+    f = str(arrays["f"]) if "f" in arrays else str(meta.get("activation", "tanh"))
+    g = str(arrays["g"]) if "g" in arrays else ("softmax" if _cross_entropy(meta) else "identity")
+    return ElmanRNN(**params, f=f, g=g)
+
+
+def _run_config(run: Path) -> dict:
+    cfg = run / "config.toml"
+    if not cfg.exists():
+        return {}
+    import tomllib
+
+    with open(cfg, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def _cross_entropy(meta: dict) -> bool:
+    return meta.get("task") in ("shakespeare", "stdlib", "text", "copy")
+
+
+def run_data(run: str | os.PathLike, steps: int) -> dict[str, Array]:
+    """Up to `steps` steps of a `tbptt train` run's validation data, as x, y, mask, reset."""
+    from . import config as cf
+    from .data import load_problem
+
+    run = Path(run)
+    meta = _run_config(run)
+    if not meta:
+        raise ValueError(f"data: {str(run)!r} has no config.toml; give --data FILE.npz")
+    cfg = cf.check(cf.Config(**meta))
+    vocab = None
+    if (run / "vocab.json").exists():
+        v = json.loads((run / "vocab.json").read_text())
+        vocab = "".join(v) if isinstance(v, list) else v
+    problem = load_problem(cfg, vocab)
+    parts, total = [], 0
+    for chunk in problem.valid(None):
+        parts.append(chunk)
+        total += len(chunk[0])
+        if total >= steps:
+            break
+    out: dict[str, Array] = {}
+    for k, name in enumerate(("x", "y", "mask", "reset")):
+        if parts[0][k] is not None:
+            arr = np.concatenate([p[k] for p in parts])[:steps]
+            out[name] = arr.astype(np.float64) if arr.dtype.kind == "f" else arr
+    return out
+
+
+def load_data(path: str | os.PathLike) -> dict[str, Array]:
+    """x, y and optionally mask, reset, h0 from an .npz file (time-major arrays)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    if "x" not in arrays or "y" not in arrays:
+        raise ValueError(f"data: {str(path)!r} must hold arrays x and y, got {sorted(arrays)}")
+    return {k: arrays[k] for k in ("x", "y", "mask", "reset", "h0") if k in arrays}
+
+
+def synthetic_data(model: ElmanRNN, T: int, batch: int, loss: str, seed: int) -> dict[str, Array]:
+    """Random data shaped for the model: x ~ N(0, 1) (one-hot symbols for cross-entropy) and
+    random targets. It measures what the network's own dynamics do to the gradient."""
+    rng = np.random.default_rng(seed)
+    if loss == "cross_entropy":
+        x = np.eye(model.m, dtype=model.dtype)[rng.integers(model.m, size=(T, batch))]
+        y = rng.integers(model.p, size=(T, batch))
+    else:
+        x = rng.normal(size=(T, batch, model.m)).astype(model.dtype)
+        y = rng.normal(size=(T, batch, model.p)).astype(model.dtype)
+    return {"x": x, "y": y}
+
+
+# -- output files ----------------------------------------------------------------------------------
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temporary file in the same folder, then rename it over path."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def bias_csv(rows: list[BiasRow], estimate: dict[int, float] | None = None) -> str:
+    """One line per schedule and parameter ("all" is every parameter as one vector)."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(
+        ["k1", "k2", "inject", "flush", "param", "cosine", "rel_error", "backward_steps",
+         "estimated_rel_bias"]
+    )  # fmt: skip
+    for r in rows:
+        tr = r.truncation
+        est = ""
+        if estimate is not None and tr.k1 == 1 and tr.inject == "new" and tr.k2 in estimate:
+            est = f"{estimate[tr.k2]:.6g}"
+        for name, (cos, rel) in [("all", (r.cosine, r.rel_error)), *r.per_param.items()]:
+            w.writerow(
+                [tr.k1, tr.k2, tr.inject, tr.flush, name, f"{cos:.10g}", f"{rel:.10g}",
+                 r.backward_steps, est if name == "all" else ""]
+            )  # fmt: skip
+    return out.getvalue()
+
+
+def lags_csv(profile: LagProfile) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["lag", "mean_norm", "fitted", "cum_norm"])
+    for tau, (phi, fit, cum) in enumerate(
+        zip(profile.norms, profile.fitted(), profile.cum_norms, strict=True)
+    ):
+        w.writerow([tau, f"{phi:.10g}", f"{fit:.10g}", f"{cum:.10g}"])
+    return out.getvalue()
+
+
+def plot_bias(rows: list[BiasRow], path: str | os.PathLike, estimate: dict[int, float] | None = None,
+              title: str = "") -> None:  # fmt: skip
+    """Relative error and cosine against k2, one line per inject mode (and k1), and the relative
+    error per parameter for the first mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .explain import save_figure
+
+    groups: dict[tuple[str, int | None], list[BiasRow]] = {}
+    for r in rows:
+        groups.setdefault((r.truncation.inject, r.truncation.k1), []).append(r)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for (inject, k1), rs in groups.items():
+        k2 = [r.truncation.k2 for r in rs]
+        label = f"inject={inject}, k1={k1}"
+        axes[0].plot(k2, [max(r.rel_error, 1e-17) for r in rs], marker="o", label=label)
+        axes[1].plot(k2, [r.cosine for r in rs], marker="o", label=label)
+    if estimate:
+        ks = sorted(estimate)
+        axes[0].plot(ks, [estimate[k] for k in ks], ls="--", color="black",
+                     label="Aicher et al. bound (estimated)")  # fmt: skip
+    first = next(iter(groups.values()))
+    exact_names = []
+    for name in first[0].per_param:
+        errs = [r.per_param[name][1] for r in first]
+        if max(errs) < 1e-12:  # e.g. C and c with inject=new: each loss used once, exactly
+            exact_names.append(name)
+            continue
+        axes[2].plot([r.truncation.k2 for r in first], errs, marker=".", label=name)
+    if exact_names:
+        axes[2].plot([], [], ls="", label=f"exact: {', '.join(exact_names)}")
+    for ax, ylabel in zip(axes, ("relative error", "cosine similarity", "relative error"),
+                          strict=True):  # fmt: skip
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k2 (steps backpropagated)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].set_title("||g_trunc - g_exact|| / ||g_exact||", fontsize=9)
+    axes[1].set_title("cos(g_trunc, g_exact)", fontsize=9)
+    inj = first[0].truncation
+    axes[2].set_title(f"per parameter (inject={inj.inject}, k1={inj.k1})", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, os.fspath(path))
+    plt.close(fig)
+
+
+def plot_lags(profile: LagProfile, path: str | os.PathLike, title: str = "") -> None:
+    """phi_tau on a log scale with the fitted geometric decay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .explain import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    keep = profile.norms > TINY
+    ax.semilogy(
+        profile.lags[keep], profile.norms[keep], marker=".", label="mean ||dl_t/dh_(t-tau)||"
+    )
+    if np.isfinite(profile.rate) and profile.rate > 0:
+        ax.semilogy(profile.lags, profile.fitted(), ls="--", color="black",
+                    label=f"fit: beta = {profile.rate:.3f} (from lag {profile.fit_from})")  # fmt: skip
+    ax.set_xlabel("lag tau (steps)")
+    ax.set_ylabel("norm")
+    ax.set_title(title or "Per-lag gradient (Pascanu et al. 2013, eq. 4)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, os.fspath(path))
+    plt.close(fig)
+
+
+# -- terminal tables -------------------------------------------------------------------------------
+def _num(v: float) -> str:
+    return "nan" if not math.isfinite(v) else f"{v:.3g}" if abs(v) >= 1e-3 else f"{v:.2e}"
+
+
+def bias_table(rows: list[BiasRow], estimate: dict[int, float] | None = None) -> str:
+    names = list(rows[0].per_param) if rows else []
+    head = f"{'k1':>4} {'k2':>5} {'inject':>7} {'cosine':>9} {'rel err':>9}"
+    head += "".join(f" {'err ' + k:>9}" for k in names)
+    head += f" {'est. bias':>9}" if estimate else ""
+    lines = [head]
+    for r in rows:
+        tr = r.truncation
+        line = f"{tr.k1:>4} {tr.k2:>5} {tr.inject:>7} {r.cosine:>9.6f} {_num(r.rel_error):>9}"
+        line += "".join(f" {_num(r.per_param[k][1]):>9}" for k in names)
+        if estimate:
+            e = estimate.get(tr.k2) if tr.k1 == 1 and tr.inject == "new" else None
+            line += f" {_num(e) if e is not None else '':>9}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def lag_table(profile: LagProfile, every: int | None = None) -> str:
+    lags = profile.lags
+    if every is None:
+        every = max(1, len(lags) // 16)
+    shown = [t for t in lags if t % every == 0 or t == lags[-1]]
+    lines = [f"{'lag':>5} {'mean norm':>11} {'fitted':>11}"]
+    fit = profile.fitted()
+    for t in shown:
+        lines.append(f"{t:>5} {profile.norms[t]:>11.4e} {fit[t]:>11.4e}")
+    return "\n".join(lines)
+
+
+# -- the commands ----------------------------------------------------------------------------------
+def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model (a saved one, or a fresh random one)")
+    g.add_argument(
+        "--model",
+        metavar="PATH",
+        default=None,
+        help="an .npz with A, B, C[, b, c] or a run directory",
+    )
+    g.add_argument("--hidden", type=int, default=32, help="fresh model: units n")
+    g.add_argument("--inputs", type=int, default=4, help="fresh model: inputs m")
+    g.add_argument("--outputs", type=int, default=2, help="fresh model: outputs p")
+    g.add_argument("--f", default="tanh", choices=tuple(ACTIVATIONS), help="fresh model: f")
+    g.add_argument("--g", default="identity", choices=OUTPUTS, help="fresh model: g")
+    g.add_argument("--spectral-radius", type=float, default=1.0, metavar="RHO",
+                   help="fresh model: rescale A to this largest |eigenvalue|")  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="fresh model: seed of the parameters")
+    d = parser.add_argument_group(
+        "data (a file; a run directory's validation data; or random data shaped for the model)"
+    )
+    d.add_argument("--data", metavar="FILE.npz", help="arrays x, y[, mask, reset, h0], time-major")
+    d.add_argument("--steps", type=int, default=256, help="random or run data: steps T")
+    d.add_argument("--batch", type=int, default=8, help="random data: streams")
+    d.add_argument("--data-seed", type=int, default=1, help="random data: seed")
+    d.add_argument("--loss", default=None, choices=LOSSES,
+                   help="the per-step loss; none means cross_entropy when g is softmax, else l2")  # fmt: skip
+    a = parser.add_argument_group("per-lag profile")
+    a.add_argument("--max-lag", type=int, default=None,
+                   help="longest lag measured; none means min(64, T/2)")  # fmt: skip
+    a.add_argument("--fit-from", type=int, default=1, help="first lag of the geometric fit")
+
+
+def _hide_none_defaults(parser: argparse.ArgumentParser) -> None:
+    """No "(default: None)" in --help: options whose default is None are simply left out."""
+    for action in parser._actions:
+        if action.default is None:
+            action.default = argparse.SUPPRESS
+
+
+def _get(args: argparse.Namespace, name: str):
+    return getattr(args, name, None)
+
+
+def _model_and_data(args: argparse.Namespace) -> tuple[ElmanRNN, dict[str, Array], str]:
+    if _get(args, "model"):
+        model = load_model(args.model)
+    else:
+        model = ElmanRNN.init(
+            args.hidden, args.inputs, args.outputs, f=args.f, g=args.g, seed=args.seed,
+            spectral_radius=args.spectral_radius,
+        )  # fmt: skip
+    loss = _get(args, "loss") or ("cross_entropy" if model.g == "softmax" else "l2")
+    if _get(args, "data"):
+        data = load_data(args.data)
+    elif _get(args, "model") and Path(args.model).is_dir():
+        data = run_data(args.model, args.steps)
+    else:
+        for name in ("steps", "batch"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be an integer >= 1, got {getattr(args, name)}")
+        data = synthetic_data(model, args.steps, args.batch, loss, args.data_seed)
+    return model, data, loss
+
+
+def _describe(model: ElmanRNN, data: dict[str, Array], loss: str) -> str:
+    x = np.asarray(data["x"])
+    T, batch = x.shape[0], (x.shape[1] if x.ndim == 3 else 1)
+    rho = float(np.abs(np.linalg.eigvals(model.A.astype(np.float64))).max())
+    return f"{model!r}, spectral radius of A {rho:.3f}; {T} steps x {batch} streams, loss={loss}"
+
+
+def _profile_from(args, model, data, loss) -> LagProfile:
+    kw = {k: data[k] for k in ("mask", "reset") if k in data}
+    return lag_profile(
+        model,
+        data["x"],
+        data["y"],
+        _get(args, "max_lag"),
+        data.get("h0"),
+        loss,
+        fit_from=args.fit_from,
+        **kw,
+    )
+
+
+def add_bias_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_and_data(parser)
+    _hide_none_defaults(parser)
+    s = parser.add_argument_group("schedules compared with exact BPTT")
+    s.add_argument("--k2", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], metavar="K2",
+                   help="truncation lengths")  # fmt: skip
+    s.add_argument("--k1", type=int, nargs="+", default=[1],
+                   help="steps between updates (one or more); 0 means k1 = k2 (disjoint chunks)")  # fmt: skip
+    s.add_argument("--inject", nargs="+", default=["new"], choices=INJECT_MODES,
+                   help="inject modes to compare")  # fmt: skip
+    s.add_argument("--delta", type=float, default=0.1,
+                   help="relative bias for the suggested K (Aicher et al.)")  # fmt: skip
+    parser.add_argument("--out-dir", default="tbptt-bias", metavar="DIR",
+                        help="where bias.csv, lags.csv, bias.png and lags.png go")  # fmt: skip
+
+
+def run_bias(args: argparse.Namespace) -> int:
+    model, data, loss = _model_and_data(args)
+    T = np.asarray(data["x"]).shape[0]
+    k1s = [None if k == 0 else k for k in args.k1]
+    trs = schedules(args.k2, k1s, args.inject, flush=True)
+    kw = {k: data[k] for k in ("mask", "reset") if k in data}
+    rows = truncation_bias(model, data["x"], data["y"], trs, data.get("h0"), loss, **kw)
+    profile = _profile_from(args, model, data, loss)
+    choice = choose_k(profile, args.delta, k_max=max(256, max(args.k2)))
+    estimate = {k: float(choice.rel_bias[k - 1]) for k in args.k2 if k <= len(choice.rel_bias)}
+    os.makedirs(args.out_dir, exist_ok=True)
+    out = Path(args.out_dir)
+    write_atomic(out / "bias.csv", bias_csv(rows, estimate))
+    write_atomic(out / "lags.csv", lags_csv(profile))
+    title = _describe(model, data, loss)
+    plot_bias(rows, out / "bias.png", estimate, title)
+    plot_lags(profile, out / "lags.png")
+    print(title)
+    print(f"Frozen TBPTT estimate against exact BPTT on the same trajectory (T = {T}):")
+    print(bias_table(rows, estimate))
+    print("(est. bias: Aicher et al.'s estimated relative bias bound, for k1 = 1, inject=new)")
+    print()
+    print(f"Per-lag gradient, mean over {profile.count} loss terms (Pascanu et al. eq. 4):")
+    print(lag_table(profile))
+    print(f"Fitted geometric decay: beta = {profile.rate:.4f} per step (half-life "
+          f"{profile.half_life:.3g} steps), fitted from lag {profile.fit_from}.")  # fmt: skip
+    print(_k_sentence(choice))
+    print(f"Wrote {out / 'bias.csv'}, {out / 'lags.csv'}, {out / 'bias.png'}, {out / 'lags.png'}")
+    return 0
+
+
+def _k_sentence(choice: KChoice) -> str:
+    if choice.bounded:
+        return (
+            f"Suggested k2 (Aicher et al., delta = {choice.delta:g}): K = {choice.k} "
+            f"(estimated relative bias {choice.rel_bias[choice.k - 1]:.3g})."
+        )
+    return (
+        f"No K up to {len(choice.rel_bias)} has an estimated relative bias <= {choice.delta:g} "
+        f"(no geometric decay, or too little of it); K = {choice.k}."
+    )
+
+
+def add_suggest_k_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_and_data(parser)
+    _hide_none_defaults(parser)
+    parser.add_argument("--delta", type=float, default=0.1,
+                        help="largest acceptable relative bias of the truncated gradient")  # fmt: skip
+    parser.add_argument("--k-max", type=int, default=256, help="the largest K considered")
+
+
+def run_suggest_k(args: argparse.Namespace) -> int:
+    model, data, loss = _model_and_data(args)
+    profile = _profile_from(args, model, data, loss)
+    choice = choose_k(profile, args.delta, args.k_max)
+    print(_describe(model, data, loss))
+    print(f"Fitted geometric decay of mean ||dl_t/dh_(t-tau)||: beta = {profile.rate:.4f} per "
+          f"step (from lag {profile.fit_from} to {profile.max_lag}).")  # fmt: skip
+    shown = sorted({1, 2, 4, 8, 16, 32, 64, 128, choice.k} & set(range(1, args.k_max + 1)))
+    print("   K  estimated relative bias")
+    for k in shown:
+        print(f"{k:>4}  {_num(float(choice.rel_bias[k - 1]))}")
+    print(_k_sentence(choice))
+    print(choice.k)
+    return 0
