@@ -101,7 +101,7 @@ def run_case(a: argparse.Namespace, nproc: int, streams: int) -> dict:
     return json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("{")][-1])
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--streams", type=int, default=32, help="B, the global batch (default 32)")
@@ -114,16 +114,20 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=40, help="timed updates per case (default 40)")
     p.add_argument("--warmup", type=int, default=5, help="updates before timing (default 5)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every case (default 3)")
-    a = p.parse_args()
-    if a.worker:
-        return worker(a)
+    return p
+
+
+CASES = ("1 x B", "1 x B/2", "2 x B/2", "2 x B")
+
+
+def measure(a: argparse.Namespace) -> dict:
+    """Every case `reps` times, interleaved: median time and comm per update, parameters, loads."""
     B = a.streams
     cases = {"1 x B": (1, B), "1 x B/2": (1, B // 2), "2 x B/2": (2, B // 2), "2 x B": (2, B)}
     times: dict[str, list[float]] = {c: [] for c in cases}
     comms: dict[str, list[float]] = {c: [] for c in cases}
     names = list(cases)
-    params = 0
-    loads = []
+    params, loads = 0, []
     for r in range(a.reps):
         for c in names[r % len(names) :] + names[: r % len(names)]:
             out = run_case(a, *cases[c])
@@ -132,20 +136,63 @@ def main() -> None:
             params = out["params"]
         loads.append(os.getloadavg()[0])
     med = {c: statistics.median(v) for c, v in times.items()}
-    print(f"LSTM {a.features}-{a.hidden}-{a.features} ({params:,} parameters), TBPTT({a.k1}, {a.k2}), "
-          f"B = {B} streams, float32, 1 thread per process, {a.reps} repetitions, "
-          f"load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores")  # fmt: skip
+    return {
+        "cases": cases, "med": med, "comm": {c: statistics.median(v) for c, v in comms.items()},
+        "params": params, "loads": loads,
+        "strong": med["1 x B"] / med["2 x B/2"],  # (2.0: perfect)
+        "weak": med["1 x B"] / med["2 x B"],  # (1.0: perfect)
+        "ideal": med["1 x B"] / med["1 x B/2"],  # the strong speed-up's ceiling here
+    }  # fmt: skip
+
+
+def describe(a: argparse.Namespace, m: dict) -> str:
+    return (
+        f"LSTM {a.features}-{a.hidden}-{a.features} ({m['params']:,} parameters), "
+        f"TBPTT({a.k1}, {a.k2}), B = {a.streams} streams, float32, 1 thread per process, "
+        f"{a.reps} repetitions, load average {min(m['loads']):.1f}-{max(m['loads']):.1f} "
+        f"on {os.cpu_count()} cores"
+    )
+
+
+def run(quick: bool, reps: int | None, threads: int):
+    """The group for benchmarks/run.py (every process uses one thread whatever `threads` says)."""
+    from common import Group, Row, load
+
+    a = parser().parse_args([])
+    a.reps = reps or (1 if quick else 3)
+    if quick:
+        a.updates = 20
+    group = Group("Data-parallel torch driver: 2 processes against 1", load_before=load())
+    m = measure(a)
+    ms = {c: f"{1e3 * m['med'][c]:.1f} ms" for c in CASES}
+    group.rows.append(Row(
+        "strong scaling: time per update, 1 process x B streams / 2 processes x B/2", m["strong"],
+        "x", "-", None, f"{ms['1 x B']} against {ms['2 x B/2']} (comm {1e3 * m['comm']['2 x B/2']:.1f} ms); "
+        f"ceiling 1 x B / 1 x B/2 = {m['ideal']:.2f}x",
+    ))  # fmt: skip
+    group.rows.append(Row(
+        "weak scaling: time per update, 1 process x B / 2 processes x B each", m["weak"], "x",
+        "-", None, f"{ms['1 x B']} against {ms['2 x B']} (comm {1e3 * m['comm']['2 x B']:.1f} ms)",
+    ))  # fmt: skip
+    group.notes.append(describe(a, m) + "; python benchmarks/distributed.py --help for the cases.")
+    group.load_after = load()
+    return group
+
+
+def main() -> None:
+    a = parser().parse_args()
+    if a.worker:
+        return worker(a)
+    m = measure(a)
+    print(describe(a, m))
     print(f"{'case':10s} {'ms/update':>10s} {'comm ms':>8s} {'streams x steps/s':>18s}")
-    for c, (nproc, streams) in cases.items():
-        rate = nproc * streams * a.k1 / med[c]
-        comm = f"{1e3 * statistics.median(comms[c]):8.2f}" if nproc > 1 else f"{'-':>8s}"
-        print(f"{c:10s} {1e3 * med[c]:10.2f} {comm} {rate:18,.0f}")
-    strong = med["1 x B"] / med["2 x B/2"]
-    weak = med["1 x B"] / med["2 x B"]
-    ideal = med["1 x B"] / med["1 x B/2"]
+    for c, (nproc, streams) in m["cases"].items():
+        rate = nproc * streams * a.k1 / m["med"][c]
+        comm = f"{1e3 * m['comm'][c]:8.2f}" if nproc > 1 else f"{'-':>8s}"
+        print(f"{c:10s} {1e3 * m['med'][c]:10.2f} {comm} {rate:18,.0f}")
     print(
-        f"strong speed-up (1 x B / 2 x B/2): {strong:.2f} (with no cost of running together: "
-        f"{ideal:.2f} = 1 x B / 1 x B/2)   weak efficiency (1 x B / 2 x B): {weak:.2f}"
+        f"strong speed-up (1 x B / 2 x B/2): {m['strong']:.2f} (with no cost of running together: "
+        f"{m['ideal']:.2f} = 1 x B / 1 x B/2)   weak efficiency (1 x B / 2 x B): {m['weak']:.2f}"
     )
 
 

@@ -32,6 +32,7 @@ GROUPS = {  # name: (module, what it measures)
     "torch": ("torch_driver", "the PyTorch engine's driver against hand-written loops"),
     "memory": ("memory", "peak memory of streaming training against stream length"),
     "demo": ("demo_throughput", "the default demo's characters per second"),
+    "distributed": ("distributed", "the torch driver under torchrun: 2 processes against 1"),
 }
 
 INTRO = """\
