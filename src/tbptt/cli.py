@@ -1,7 +1,7 @@
 """The `tbptt` command line: one subcommand per job, each defined in the module that does the work.
 
     tbptt train        train a recurrent network with TBPTT(k1, k2) (tbptt/train.py)
-    tbptt sample       generate text from a trained character model (tbptt/train.py)
+    tbptt sample       generate text from a trained character model (tbptt/sample.py)
     tbptt explain      draw a TBPTT(k1, k2) schedule (tbptt/explain.py)
     tbptt bias         measure truncation's gradient bias vs exact BPTT (tbptt/bias_commands.py)
     tbptt suggest-k    choose k2 from the decay of the gradient over lags (tbptt/bias_commands.py)
@@ -25,7 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
         "tbptt.train",
         "train a recurrent network with TBPTT(k1, k2) on text, numbers or a task",
     ),
-    ("sample", "tbptt.train", "generate text from a trained character model"),
+    ("sample", "tbptt.sample", "generate text from a trained character model"),
     ("explain", "tbptt.explain", "draw which steps each TBPTT(k1, k2) update backpropagates"),
     ("bias", "tbptt.bias_commands", "measure the gradient bias of truncation against exact BPTT"),
     ("suggest-k", "tbptt.bias_commands", "choose k2 from the decay of the gradient over lags"),
