@@ -169,7 +169,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, text):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_config_file_is_read_and_flags_override_it(tmp_path, text, capsys):
+def test_config_file_is_read_and_flags_override_it(tmp_path, text, capsys, monkeypatch):
     """--config sets fields, a flag beats the file, and the run's config.toml reads back."""
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'data = "{text}"\nhidden = 7\nbatch = 3\nk1 = 4\nk2 = 6\nmax-updates = 5\n')
@@ -184,6 +184,14 @@ def test_config_file_is_read_and_flags_override_it(tmp_path, text, capsys):
     assert code == 0, err
     for k, v in params(run).items():
         np.testing.assert_array_equal(v, params(tmp_path / "again")[k])
+    # as the file says: `--config config.toml` alone starts a new run (its own directory)
+    assert "# run_dir = " in saved and "# threads = " in saved
+    monkeypatch.chdir(tmp_path)
+    code, _, err = tbptt(capsys, "train", "--config", run / "config.toml", "--no-progress")
+    assert code == 0, err
+    (new,) = (tmp_path / "runs").iterdir()
+    for k, v in params(run).items():
+        np.testing.assert_array_equal(v, params(new)[k])
 
 
 @pytest.mark.parametrize(
@@ -208,7 +216,7 @@ def test_bad_config_file_is_one_line(tmp_path, text, capsys, toml, words):
 @pytest.mark.parametrize(
     ("make", "extra", "words"),
     [
-        (None, [], ["No such file", "missing.txt"]),
+        (None, [], ["no such file", "missing.txt"]),
         (b"", [], ["is empty"]),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", [], ["not a text file"]),
         (b"caf\xe9 latin-1", [], ["not UTF-8 text"]),

@@ -62,10 +62,12 @@ def test_bad_text_files_are_named(tmp_path, content, message):
     assert str(path) in str(info.value)
 
 
-def test_missing_file_is_an_os_error(tmp_path):
-    """A missing file raises FileNotFoundError naming it."""
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+def test_missing_file_is_a_value_error_naming_the_flag(tmp_path):
+    """A missing text or numeric file: a ValueError naming --data and the path."""
+    with pytest.raises(ValueError, match=r"--data .*nope.txt: no such file"):
         read_text(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match=r"--data .*nope.npy: no such file"):
+        read_numbers(tmp_path / "nope.npy")
 
 
 def test_a_fixed_vocabulary_rejects_new_characters(tmp_path):

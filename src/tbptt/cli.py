@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -86,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = _function(args._module, "run", args.command)
     try:
         return int(run(args) or 0)
+    except BrokenPipeError:  # `tbptt ... | head`: the reader left; not the user's error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except (UsageError, ValueError, TypeError, OSError) as exc:
         print(f"tbptt {args.command}: error: {exc}", file=sys.stderr)
         return 2

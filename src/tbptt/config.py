@@ -43,7 +43,8 @@ class Config:
     valid_fraction: float = _f(
         0.05,
         "the fraction held out for validation: the end of a --data file, or the end of "
-        "every document (each play, each module) of a built-in corpus",
+        "every document (each play, each module) of a built-in corpus; synthetic tasks draw "
+        "their own validation sequences",
         metavar="F",
     )
     length: int = _f(
@@ -90,14 +91,17 @@ class Config:
         f"counted); {DEMO_SECONDS:g} when neither this nor --max-updates is given", metavar="SECONDS")  # fmt: skip
     max_updates: int | None = _f(None, "stop after this many parameter updates", metavar="N")
     eval_every: int = _f(
-        1000, "updates between validations (on at most 64K steps of it)", metavar="N"
+        1000,
+        "updates between validations, each on at most 64K targets of the validation data (the "
+        "last on all of it)",
+        metavar="N",
     )
     checkpoint_every: int = _f(
         1000, "updates between checkpoints (one at the end too)", metavar="N"
     )
     threads: int | None = _f(None, "CPU threads for the matrix products (numpy's OpenBLAS, or "
         "torch). Default: $OMP_NUM_THREADS when set; else 1 for the numpy engine, whose per-step "
-        "products are small (a second thread gains little on an idle machine and loses many "
+        "products are small (a second thread gains a few percent on an idle machine and loses many "
         "times over on a busy one), and for torch the CPUs this process may use, at most 4, "
         "shared among the processes of a torchrun job (an LSTM step is four gates wide)", metavar="N")  # fmt: skip
     run_dir: str | None = _f(None, "where config, vocabulary, metrics, plot and checkpoints go; "
@@ -159,6 +163,8 @@ def read_toml(path: str | Path) -> dict:
     else:  # pragma: no cover
         import tomli as tomllib
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
@@ -175,13 +181,21 @@ def read_toml(path: str | Path) -> dict:
     return out
 
 
+# written as comments: where this run lives and what this machine gave it, not what it computes
+MACHINE = {"run_dir": "this run's directory; a new run picks its own",
+           "threads": "resolved on this machine; unset, each machine picks its own"}  # fmt: skip
+
+
 def write_toml(cfg: Config) -> str:
-    """The configuration as TOML (unset options as comments)."""
+    """The configuration as TOML (unset options as comments). `tbptt train --config` of it starts
+    a new run with the same settings: the run directory and the thread count stay comments."""
     lines = ["# tbptt train configuration; reuse it with: tbptt train --config config.toml"]
     for name, value in dataclasses.asdict(cfg).items():
         if name == "clip" and value is None:
             value = 0.0  # no clipping
-        if value is None:
+        if name in MACHINE:
+            lines.append(f"# {name} = {json.dumps(value)}  ({MACHINE[name]})")
+        elif value is None:
             lines.append(f"# {name} = (not set)")
         elif isinstance(value, bool):
             lines.append(f"{name} = {str(value).lower()}")
@@ -258,7 +272,9 @@ def check(cfg: Config) -> Config:
         if cfg.adapt_max < cfg.k1:
             raise ValueError(f"--adapt-max {cfg.adapt_max} must be >= --k1 {cfg.k1}")
     if not (0 < cfg.valid_fraction < 1):
-        raise ValueError(f"--valid-fraction must be between 0 and 1, got {cfg.valid_fraction}")
+        raise ValueError(
+            f"--valid-fraction must be strictly between 0 and 1, got {cfg.valid_fraction}"
+        )
     if cfg.spectral_radius is not None and not (0 < cfg.spectral_radius < math.inf):
         raise ValueError(f"--spectral-radius must be a positive number, got {cfg.spectral_radius}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):

@@ -2,8 +2,9 @@
 
 Validation text is held out once: the last `valid_fraction` of a file (--data), or of every document
 of a built-in corpus (each of Shakespeare's plays, each standard-library module), so that the
-validation text samples the whole corpus rather than its last few documents. Each split is cut into
-`batch` independent streams laid side by side, as pytorch/examples' word_language_model does:
+validation text samples the whole corpus rather than its last few documents. The training part is
+cut into `batch` independent streams laid side by side, as pytorch/examples' word_language_model
+does (the validation part into 16, read from the zero state):
 
     text       a b c d e f g h i j k l m n o p q r s t u v w x      (24 symbols, batch = 4)
     streams    a g m s        column j is stream j; row t is step t of every stream
@@ -78,7 +79,9 @@ def read_text(path: str | os.PathLike, vocab: str | None = None) -> Text:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"--data {path} is a folder; give a text, .npy or .csv file")
-    size = path.stat().st_size  # FileNotFoundError names the path
+    if not path.exists():
+        raise ValueError(f"--data {path}: no such file")
+    size = path.stat().st_size
     if size == 0:
         raise ValueError(f"--data {path} is empty")
     raw = np.memmap(path, np.uint8, mode="r")  # (N,) bytes, read lazily
@@ -188,6 +191,8 @@ def corpus_split(name: str, valid_fraction: float, vocab: str | None = None) -> 
 def read_numbers(path: str | os.PathLike) -> Array:
     """A numeric sequence (T, features) from .npy (memory-mapped) or .csv (an optional header row)."""
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--data {path}: no such file")
     if path.stat().st_size == 0:
         raise ValueError(f"--data {path} is empty")
     if path.suffix == ".npy":

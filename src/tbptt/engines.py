@@ -29,8 +29,9 @@ from .schedule import Truncation
 def blas_threads(n: int) -> bool:
     """Limit numpy's OpenBLAS to n threads (what threadpoolctl does); False if none is loaded.
 
-    The per-step products of a recurrent network are small: with two threads OpenBLAS spends
-    more time waking and waiting than computing, and on a busy machine far more.
+    The per-step products of a recurrent network are small: a second OpenBLAS thread gains a few
+    percent on an idle machine and, waiting for a descheduled thread at every product, loses many
+    times over on a busy one (docs/cli.md, --threads).
     """
     import ctypes
     import re

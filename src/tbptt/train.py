@@ -386,7 +386,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     chars = updates * per_update
     what = "characters" if cfg.text else "steps"
-    print(f"trained {updates:,} updates, {chars:,} {what} in {seconds:.0f} s "
+    print(f"trained {updates:,} updates, {chars:,} {what} in {seconds:.{0 if seconds >= 10 else 1}f} s "
           f"({chars / max(seconds, 1e-9):,.0f} {what}/s); run directory {run}")  # fmt: skip
     if cfg.text:
         from .sample import generate  # sample.py imports this module
