@@ -13,8 +13,10 @@ segments using each step's own A:
     (5.3)  g_A = sum_{t=s..u} r_t h_{t-1}^T   (r_t = delta_t * f'(a_t)), likewise B, b;
            g_C = sum_{t in I} e_t h_t^T, likewise c
 
-where A_t, C_t are the values step t ran with and e_t was computed with C_t. Only the last k2
-steps are kept, so memory does not grow with the stream. A reset restarts a stream from h0, a
+where A_t, C_t are the values step t ran with and e_t was computed with C_t. The recursion (5.2)
+runs segment by segment; the kept x_t, h_t and e_t lie in one History, contiguous across segments,
+so each sum (5.3) is one matrix product over the window's stacked steps. Only the last k2 steps
+are kept, so memory does not grow with the stream. A reset restarts a stream from h0, a
 constant (section 6): the gradient stops there and the schedule is unchanged.
 """
 
