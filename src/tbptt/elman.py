@@ -192,26 +192,27 @@ def forward(
     """
     A, B, C = model.A, model.B, model.C
     T, batch, _ = x.shape
+    n = A.shape[0]
     f = activation(model.f)
-    Bx = project(x, B.T)  # (T, batch, n): B x_t for every t, one product
-    if model.b is not None:
-        Bx += model.b
     if hs is None:
-        hs = np.empty((T + 1, batch, A.shape[0]), A.dtype)  # h_0, h_1, ..., h_T
+        hs = np.empty((T + 1, batch, n), A.dtype)  # h_0, h_1, ..., h_T
+    h = hs[1:]  # (T, batch, n), a view: B x_t + b first, overwritten by h_t step by step
+    np.matmul(stacked(x), B.T, out=stacked(h))  # B x_t for every t, one product
+    if model.b is not None:
+        h += model.b
     hs[0] = h_init
     AT = np.ascontiguousarray(A.T)  # (n, n); a transposed view would be copied every step
+    Ah = np.empty((batch, n), A.dtype)  # A h_{t-1}
     restart = h_init if h0 is None else h0
     resets = reset is not None and reset.any()
     rows = list(hs)  # views h_0, ..., h_T: indexing once here, not in the loop
-    for t, (prev, cur, bx) in enumerate(
-        zip(rows[:-1], rows[1:], Bx, strict=True)
-    ):  # (1.1), (1.2), the only loop
+    fn = f.fn
+    for t, (prev, cur) in enumerate(zip(rows[:-1], rows[1:], strict=True)):  # (1.1), (1.2)
         if resets and reset[t].any():
             prev = np.where(reset[t][:, None], restart, prev)
-        np.dot(prev, AT, out=cur)  # A h_{t-1}  (np.dot: less per-call overhead than matmul)
-        cur += bx  # a_t = A h_{t-1} + B x_t + b
-        f.fn(cur, cur)  # h_t = f(a_t), in place
-    h = hs[1:]  # (T, batch, n), a view
+        np.dot(prev, AT, out=Ah)  # A h_{t-1}  (np.dot: less per-call overhead than matmul)
+        np.add(Ah, cur, out=cur)  # a_t = A h_{t-1} + B x_t + b
+        fn(cur, cur)  # h_t = f(a_t), in place
     h_prev = hs[:-1]  # (T, batch, n), a view: h_{t-1}
     if resets:
         h_prev = np.where(reset[:, :, None], restart, h_prev)  # h_0 where a stream restarted
