@@ -237,7 +237,8 @@ def backprop(
     dh: (K, batch, n) injected C^T e_t for the last K steps u-K+1..u (the set I), K <= L.
     carry: (batch, n) A^T r_{u+1} flowing in from a later segment (None: delta_{u+1} = 0).
     cut: (L, batch) bool, where a stream restarted from a constant at step t.
-    out: optional (L, batch, n) array, C-contiguous rows, to hold R.
+    out: optional (L, batch, n) array, C-contiguous rows, to hold R; it may be dh itself when
+    every step is injected (K = L): step t reads dh_t before it writes r_t.
     Returns R (L, batch, n) and A^T r_s (batch, n), the gradient reaching h_{s-1}.
     """
     L, batch, n = fprime.shape

@@ -106,7 +106,7 @@ def loss_and_error(
         e = np.exp(logp)  # softmax(z_t)
         np.put_along_axis(e, y[..., None], np.take_along_axis(e, y[..., None], -1) - 1, axis=-1)
     else:
-        yhat = output(g, z)  # (T, batch, p)
+        yhat = z if g == "identity" else output(g, z)  # (T, batch, p); z is not modified
         r = yhat - y  # residual
         l = 0.5 * np.einsum("tbp,tbp->tb", r, r)
         if g == "softmax":

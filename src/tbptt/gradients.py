@@ -80,7 +80,7 @@ def window_sum(
     dh = project(e, model.C)  # (T, batch, n): C^T e_t for every t, one product
     gh0 = np.zeros((batch, n), model.dtype)
     if len(windows) == 1 and windows[0] == Window(1, 1, T):  # exact BPTT: one window, every loss
-        R, gh0 = backprop(traj.fprime, model.A, dh, cut=traj.reset)
+        R, gh0 = backprop(traj.fprime, model.A, dh, cut=traj.reset, out=dh)  # r_t over C^T e_t
         e_used = e
     else:
         R = np.zeros_like(traj.h)  # (T, batch, n): sum over windows of r^W_t
