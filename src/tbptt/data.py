@@ -165,12 +165,6 @@ def stdlib_text() -> str:
     return "\n".join(stdlib_modules())
 
 
-def corpus(name: str, vocab: str | None = None) -> Text:
-    """A built-in corpus by name, encoded in memory, its documents joined."""
-    documents, sep = CORPORA[name]
-    return encode(sep.join(documents()), vocab, name=f"the {name} corpus")
-
-
 def corpus_split(name: str, valid_fraction: float, vocab: str | None = None) -> tuple[Text, Text]:
     """A built-in corpus as training and validation text: the last valid_fraction of every
     document is held out (see `split`), the rest of each document trains. Both parts share the
