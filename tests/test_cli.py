@@ -262,6 +262,27 @@ def test_run_dir_in_use_is_refused(tmp_path, text, capsys):
     assert_one_line_error(code, err, "already holds files", "--resume")
 
 
+def test_resume_before_the_first_checkpoint_starts_the_run(tmp_path, text, capsys):
+    """A run killed before its first checkpoint (only config.toml and vocab.json) is resumed from
+    update 0: the same parameters as a run that was never interrupted. With state files but no
+    checkpoint.json, which state is current is unknown: a one-line error."""
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    code, _, err = tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10,
+                         "--run-dir", whole)  # fmt: skip
+    assert code == 0, err
+    tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)
+    for p in run.iterdir():  # as if killed before the first checkpoint
+        if p.name not in ("config.toml", "vocab.json"):
+            p.unlink()
+    code, out, err = tbptt(capsys, "train", "--resume", run)
+    assert code == 0 and "no checkpoint yet" in out, err
+    for k, v in params(whole).items():
+        np.testing.assert_array_equal(v, params(run)[k])
+    (run / "checkpoint.json").unlink()
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
+    assert_one_line_error(code, err, "no checkpoint.json")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage-json", "foreign-json", "other-shapes"])
 def test_corrupted_or_foreign_checkpoint_is_one_line(tmp_path, text, capsys, damage):
     """A damaged state file, a broken or foreign checkpoint.json, another model's state."""

@@ -224,7 +224,12 @@ def _open_run(args: argparse.Namespace, cfg: cf.Config | None):
         vocab = json.loads((run / "vocab.json").read_text()) if cfg.text else None
         problem = load_problem(cfg, "".join(vocab) if vocab else None)
         engine = make_engine(cfg, problem)
-        loop = load_checkpoint(run, engine)
+        if (run / "checkpoint.json").is_file() or any(run.glob("state-*")):
+            loop = load_checkpoint(run, engine)
+        else:  # stopped before its first checkpoint (killed, out of memory): nothing to continue
+            loop = {"updates": 0, "seconds": 0.0}
+            if engine.rank == 0:
+                print(f"{run} has no checkpoint yet: its run starts from the beginning")
         if cfg.adapt_k2 is not None and "k2" in loop:  # --adapt-k2: the k2 in force at the save
             engine.set_k2(int(loop["k2"]))
         rows = []
