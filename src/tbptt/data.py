@@ -155,16 +155,6 @@ def stdlib_modules() -> list[str]:
 CORPORA = {"shakespeare": (shakespeare_plays, "\n\n"), "stdlib": (stdlib_modules, "\n")}
 
 
-def shakespeare_text() -> str:
-    """All of Shakespeare's plays as one text."""
-    return "\n\n".join(shakespeare_plays())
-
-
-def stdlib_text() -> str:
-    """All of the standard library's modules as one text."""
-    return "\n".join(stdlib_modules())
-
-
 def corpus_split(name: str, valid_fraction: float, vocab: str | None = None) -> tuple[Text, Text]:
     """A built-in corpus as training and validation text: the last valid_fraction of every
     document is held out (see `split`), the rest of each document trains. Both parts share the

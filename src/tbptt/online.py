@@ -33,7 +33,7 @@ import numpy as np
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, backprop, forward, parameter_gradients, project
 from .functions import LOSSES, loss_and_error
-from .optim import SGD, Adam, all_finite, grad_norm
+from .optim import SGD, Adam, all_finite, clip_coefficient, grad_norm
 from .schedule import Truncation
 
 Array = np.ndarray
@@ -263,7 +263,8 @@ class TBPTT:
         a, c, first = s - hist.first, u - hist.first + 1, hist.first  # rows of steps s..u
         R = np.empty((u - s + 1, hist.batch, hist.n), hist.dtype)  # (L, batch, n) r_t
         back = None  # A_{t+1}^T r_{t+1} flowing into the later end of each segment
-        cuts = []
+        resets = any(seg.reset is not None for seg in segs)
+        cuts = []  # (L_seg, batch) reset flags, newest segment first, when some stream restarted
         for seg in reversed(segs):
             lo, hi = max(seg.t0, s), min(seg.t1, u)  # this segment's steps in the window
             dh = project(hist.e[max(i, lo) - first : hi - first + 1], seg.params["C"])  # C_t^T e_t
@@ -271,9 +272,10 @@ class TBPTT:
             cut = None if seg.reset is None else seg.reset[part]
             _, back = backprop(seg.fprime[part], seg.params["A"], dh, back, cut,
                                out=R[lo - s : hi - s + 1])  # fmt: skip
-            cuts.append(np.zeros(R.shape[:2], bool)[: hi - lo + 1] if cut is None else cut)
+            if resets:
+                cuts.append(np.zeros((hi - lo + 1, hist.batch), bool) if cut is None else cut)
         h_prev = hist.h[a:c]  # (L, batch, n) h_{t-1}
-        if any(seg.reset is not None for seg in segs):  # h_0 where a stream restarted
+        if resets:  # h_0 where a stream restarted
             h_prev = np.where(np.concatenate(cuts[::-1])[:, :, None], self.h0, h_prev)
         e_inj = hist.e[i - first : c]  # (K, batch, p) e_t, t in I
         h_inj = hist.h[i - first + 1 : c + 1]  # (K, batch, n) h_t, t in I
@@ -291,8 +293,8 @@ class TBPTT:
                         f"(update {self.updates + 1}); parameters kept at their last finite values",
                         w.u,
                     )
-        if self.clip is not None and self.clip / (norm + 1e-6) < 1:  # as optim.clip_grad_norm
-            coef = self.clip / (norm + 1e-6)
+        coef = 1.0 if self.clip is None else clip_coefficient(norm, self.clip)
+        if coef < 1:  # clip_grad_norm, in place: the arrays are ours
             for g in grads.values():
                 g *= coef
         params, opt_state = self.optimizer.step(

@@ -144,10 +144,15 @@ def all_finite(arrays) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays)
 
 
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """The factor clipping applies to every gradient (it clips only when below 1)."""
+    return max_norm / (norm + 1e-6)
+
+
 def clip_grad_norm(grads: Params, max_norm: float) -> tuple[Params, float]:
     """Rescale all gradients together when their global norm exceeds max_norm; returns the norm."""
     norm = grad_norm(grads)
-    coef = max_norm / (norm + 1e-6)
+    coef = clip_coefficient(norm, max_norm)
     if coef < 1:
         grads = {k: g * coef for k, g in grads.items()}
     return grads, norm
