@@ -53,7 +53,7 @@ GEMM_N = 2048
 def data(cfg: Config, seed: int = 0):
     rng = np.random.default_rng(seed)
     model = tbptt.ElmanRNN.init(
-        cfg.n, cfg.m, cfg.p, bias=False, f="tanh", g="identity", dtype=np.float32, seed=seed
+        n=cfg.n, m=cfg.m, p=cfg.p, bias=False, f="tanh", g="identity", dtype=np.float32, seed=seed
     )
     x = rng.standard_normal((cfg.T, cfg.batch, cfg.m), dtype=np.float32)  # (T, batch, m)
     y = rng.standard_normal((cfg.T, cfg.batch, cfg.p), dtype=np.float32)  # (T, batch, p)

@@ -98,7 +98,7 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         f"data: {data}; {steps} steps per timed run."
     )
     model0 = tbptt.ElmanRNN.init(
-        n, V, V, bias=cfg["bias"], f=cfg["activation"], g="softmax", dtype=dtype, seed=0
+        n=n, m=V, p=V, bias=cfg["bias"], f=cfg["activation"], g="softmax", dtype=dtype, seed=0
     )
 
     def numpy_engine():

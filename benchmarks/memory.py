@@ -35,7 +35,7 @@ def child(engine: str, steps: int) -> dict:
         import tbptt
 
         driver = tbptt.TBPTT(
-            tbptt.ElmanRNN.init(N, M, M, dtype=np.float32),
+            tbptt.ElmanRNN.init(n=N, m=M, p=M, dtype=np.float32),
             tbptt.Truncation(K1, K2),
             tbptt.SGD(lr=1e-3),
         )

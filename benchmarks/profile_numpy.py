@@ -197,8 +197,8 @@ def audit_dtypes() -> list[str]:
     mask = (rng.random((T, batch)) > 0.2).astype(f32)
     reset = rng.random((T, batch)) > 0.9
     for f in ("tanh", "sigmoid", "relu", "identity"):
-        model = tbptt.ElmanRNN.init(n, m, p, f=f, dtype=f32)
-        softmax = tbptt.ElmanRNN.init(n, m, p, f=f, g="softmax", dtype=f32)
+        model = tbptt.ElmanRNN.init(n=n, m=m, p=p, f=f, dtype=f32)
+        softmax = tbptt.ElmanRNN.init(n=n, m=m, p=p, f=f, g="softmax", dtype=f32)
         check("gradients", tbptt.gradients(model, x, y, mask=mask, reset=reset))
         check("gradients", tbptt.gradients(softmax, x, yc, loss="cross_entropy"))
         check("gradients", tbptt.gradients(model, x, y, truncation=tbptt.Truncation(5, 10)))

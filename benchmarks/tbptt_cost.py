@@ -63,7 +63,7 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
 
 def one_config(group: Group, cfg: Config, reps: int) -> None:
     rng = np.random.default_rng(0)
-    model = tbptt.ElmanRNN.init(cfg.n, cfg.m, cfg.m, bias=False, dtype=np.float32, seed=0)
+    model = tbptt.ElmanRNN.init(n=cfg.n, m=cfg.m, p=cfg.m, bias=False, dtype=np.float32, seed=0)
     x = rng.standard_normal((cfg.T, cfg.batch, cfg.m), dtype=np.float32)  # (T, batch, m)
     y = rng.standard_normal((cfg.T, cfg.batch, cfg.m), dtype=np.float32)
     xs = rng.standard_normal((cfg.stream, cfg.batch, cfg.m), dtype=np.float32)  # the stream

@@ -38,7 +38,7 @@ def accuracy(model: tbptt.ElmanRNN, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def train(k1, k2, args) -> tuple[list[int], list[float], np.ndarray, float]:
     rng = np.random.default_rng(args.seed)
-    model = tbptt.ElmanRNN.init(args.hidden, 10, 10, g="softmax", seed=args.seed)
+    model = tbptt.ElmanRNN.init(n=args.hidden, m=10, p=10, g="softmax", seed=args.seed)
     opt = tbptt.Adam(lr=args.lr)
     state = opt.init(model.params)
     trunc = tbptt.Truncation(k1, k2, inject="new", flush=True)

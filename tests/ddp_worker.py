@@ -65,7 +65,7 @@ def make(name: str, process_group: object = None) -> TBPTT:
     if kind == "lstm":
         model = Recurrent(nn.LSTM(M, H, num_layers=2), nn.Linear(H, P)).to(DT)
     else:
-        model = ElmanRNN(M, H, P, batch_first=True, dtype=DT, seed=1)
+        model = ElmanRNN(n=H, m=M, p=P, batch_first=True, dtype=DT, seed=1)
     if ddp and torch.distributed.is_initialized():  # the reference is the bare model
         model = nn.parallel.DistributedDataParallel(model)
         model.register_comm_hook(None, _ddp_hook)  # counts the reducer's own all-reduces

@@ -19,7 +19,7 @@ ACT = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda a: a}
 def problem(T=14, batch=3, n=5, m=2, p=2, f="tanh", seed=0, rho=1.2):
     """A small float64 model and random data with a reset and a mask."""
     rng = np.random.default_rng(seed)
-    model = tbptt.ElmanRNN.init(n, m, p, f=f, seed=seed, spectral_radius=rho)
+    model = tbptt.ElmanRNN.init(n=n, m=m, p=p, f=f, seed=seed, spectral_radius=rho)
     model = model.replace(b=rng.normal(size=n) * 0.1, c=rng.normal(size=p) * 0.1)
     x, y = rng.normal(size=(T, batch, m)), rng.normal(size=(T, batch, p))
     reset = np.zeros((T, batch), bool)
@@ -220,7 +220,7 @@ def test_cli_bias_writes_table_csv_and_plots(tmp_path, capsys):
     data = tmp_path / "data.npz"
     rng = np.random.default_rng(0)
     np.savez(data, x=rng.normal(size=(40, 2, 3)), y=rng.normal(size=(40, 2, 2)))
-    model = tbptt.ElmanRNN.init(6, 3, 2, seed=1, spectral_radius=0.9)
+    model = tbptt.ElmanRNN.init(n=6, m=3, p=2, seed=1, spectral_radius=0.9)
     np.savez(tmp_path / "model.npz", **model.params, f="tanh", g="identity")
     out = tmp_path / "out"
     args = ["bias", "--model", str(tmp_path / "model.npz"), "--data", str(data), "--k2", "2", "4",
@@ -264,6 +264,6 @@ def test_cli_suggest_k_prints_suggest_k(tmp_path, capsys):
             "--batch", "2", "--max-lag", "30", "--delta", "0.2"]  # fmt: skip
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    model = tbptt.ElmanRNN.init(8, 4, 2, seed=0, spectral_radius=0.8)
+    model = tbptt.ElmanRNN.init(n=8, m=4, p=2, seed=0, spectral_radius=0.8)
     d = bias_commands.synthetic_data(model, 120, 2, "l2", 1)
     assert int(last) == bias.suggest_k(model, d["x"], d["y"], 0.2, max_lag=30)

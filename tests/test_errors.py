@@ -13,8 +13,8 @@ import tbptt
 from tbptt import SGD, TBPTT, Adam, ElmanRNN, NonFiniteError, Truncation
 
 n, m, p, T = 3, 2, 2, 5
-MODEL = ElmanRNN.init(n, m, p, seed=0)
-SOFTMAX = ElmanRNN.init(n, m, p, g="softmax", seed=0)
+MODEL = ElmanRNN.init(n=n, m=m, p=p, seed=0)
+SOFTMAX = ElmanRNN.init(n=n, m=m, p=p, g="softmax", seed=0)
 X, Y = np.zeros((T, m)), np.zeros((T, p))
 XB, YB = np.zeros((T, 2, m)), np.zeros((T, 2, p))
 
@@ -134,11 +134,11 @@ def test_model_replace_and_init_checked():
     with pytest.raises(ValueError, match="Z"):
         MODEL.replace(Z=np.zeros(2))
     with pytest.raises(ValueError, match=names("n")):
-        ElmanRNN.init(0, m, p)
+        ElmanRNN.init(n=0, m=m, p=p)
     with pytest.raises(ValueError, match=names("m")):
-        ElmanRNN.init(n, 1.5, p)
+        ElmanRNN.init(n=n, m=1.5, p=p)
     with pytest.raises(TypeError, match=names("dtype")):
-        ElmanRNN.init(n, m, p, dtype=np.int32)
+        ElmanRNN.init(n=n, m=m, p=p, dtype=np.int32)
 
 
 # -- the schedule -------------------------------------------------------------------------------
@@ -263,7 +263,7 @@ def test_load_refuses_other_parameters(tmp_path):
     with_bias = TBPTT(MODEL, Truncation(2, 3), SGD())
     with_bias.feed(X, Y)
     with_bias.save(tmp_path / "a.npz")
-    no_bias = TBPTT(ElmanRNN.init(n, m, p, bias=False), Truncation(2, 3), SGD())
+    no_bias = TBPTT(ElmanRNN.init(n=n, m=m, p=p, bias=False), Truncation(2, 3), SGD())
     with pytest.raises(ValueError, match="parameters"):
         no_bias.load(tmp_path / "a.npz")
 

@@ -38,7 +38,7 @@ def train_both(
     rng = np.random.default_rng(seed)
     m, n, p, T = 2, 4, 3, sum(chunks)
     g = "softmax" if loss == "cross_entropy" else "tanh"
-    model = tbptt.ElmanRNN.init(n, m, p, f=f, g=g, bias=bias, seed=seed + 1)
+    model = tbptt.ElmanRNN.init(n=n, m=m, p=p, f=f, g=g, bias=bias, seed=seed + 1)
     x = rng.normal(size=(T, batch, m))
     y = (
         rng.integers(0, p, (T, batch))
@@ -164,7 +164,7 @@ def test_random_schedules_and_chunks(
 def test_elman_forward_matches_numpy() -> None:
     """ElmanRNN's forward pass is (1.1)-(1.4) as the numpy engine computes it, and converts back."""
     rng = np.random.default_rng(3)
-    model = tbptt.ElmanRNN.init(5, 2, 3, f="relu", g="sigmoid", seed=2)
+    model = tbptt.ElmanRNN.init(n=5, m=2, p=3, f="relu", g="sigmoid", seed=2)
     module = ElmanRNN.from_numpy(model)
     x, y = rng.normal(size=(6, 4, 2)), rng.normal(size=(6, 4, 3))
     yhat, h = module(torch.tensor(x))

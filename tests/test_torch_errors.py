@@ -42,7 +42,7 @@ def test_state0_of_the_wrong_shape() -> None:
 
 def test_elman_state_of_the_wrong_shape() -> None:
     """ElmanRNN names the expected (batch, n) shape."""
-    net = ElmanRNN(3, 4, 2, dtype=DT)
+    net = ElmanRNN(n=4, m=3, p=2, dtype=DT)
     d = driver(net, state0=torch.zeros(2, 5, dtype=DT))
     with pytest.raises(
         ValueError, match=r"state must have shape \(2, 4\) \(batch, n\), got \(2, 5\)"

@@ -286,7 +286,7 @@ def test_amp_float16_uses_a_grad_scaler_and_stays_close() -> None:
     x, y, _ = data()
     out = []
     for amp in (False, torch.float16):
-        model = ElmanRNN(M, 8, P, seed=0)
+        model = ElmanRNN(n=8, m=M, p=P, seed=0)
         opt = torch.optim.SGD(model.parameters(), lr=0.02)
         driver = TBPTT(model, tbptt.Truncation(2, 5), opt, amp=amp, clip=1.0)
         for a, b in CHUNKS:

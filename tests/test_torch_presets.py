@@ -33,7 +33,7 @@ class Recorder(torch.optim.Optimizer):
 
 def model(f: str = "tanh", g: str = "identity", batch_first: bool = False) -> ElmanRNN:
     return ElmanRNN(
-        M, N, P, bias=g != "softmax", f=f, g=g, batch_first=batch_first, dtype=DT, seed=3
+        n=N, m=M, p=P, bias=g != "softmax", f=f, g=g, batch_first=batch_first, dtype=DT, seed=3
     )
 
 

@@ -34,7 +34,7 @@ def make(trunc: tbptt.Truncation, checkpoint: bool = False, kind: str = "lstm") 
     if kind == "lstm":
         model = Recurrent(nn.LSTM(M, H, num_layers=2, dropout=0.3), nn.Linear(H, P)).to(DT)
     else:
-        model = ElmanRNN(M, H, P, dtype=DT, seed=1)
+        model = ElmanRNN(n=H, m=M, p=P, dtype=DT, seed=1)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     return TBPTT(model, trunc, opt, clip=1.0, scheduler=sched, checkpoint=checkpoint)

@@ -11,8 +11,9 @@ TBPTT(k1, k2) schedule, frozen and online use, streams and resets).
 """
 
 from .elman import ElmanRNN
+from .errors import InputError, NonFiniteError
 from .gradients import gradients, total_loss
-from .online import TBPTT, NonFiniteError
+from .online import TBPTT
 from .optim import SGD, Adam, clip_grad_norm, grad_norm
 from .schedule import INJECT_MODES, Truncation, Window
 
@@ -24,6 +25,7 @@ __all__ = [
     "TBPTT",
     "Adam",
     "ElmanRNN",
+    "InputError",
     "NonFiniteError",
     "Truncation",
     "Window",

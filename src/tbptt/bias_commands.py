@@ -355,7 +355,7 @@ def _model_and_data(args: argparse.Namespace) -> tuple[ElmanRNN, dict[str, Array
         model = load_model(args.model)
     else:
         model = ElmanRNN.init(
-            args.hidden, args.inputs, args.outputs, f=args.f, g=args.g, seed=args.seed,
+            n=args.hidden, m=args.inputs, p=args.outputs, f=args.f, g=args.g, seed=args.seed,
             spectral_radius=args.spectral_radius,
         )  # fmt: skip
     loss = _get(args, "loss") or ("cross_entropy" if model.g == "softmax" else "l2")

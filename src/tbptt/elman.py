@@ -124,10 +124,10 @@ class ElmanRNN:
     @classmethod
     def init(
         cls,
+        *,
         n: int,
         m: int,
         p: int,
-        *,
         bias: bool = True,
         f: str = "tanh",
         g: str = "identity",
@@ -136,6 +136,8 @@ class ElmanRNN:
         spectral_radius: float | None = None,
     ) -> ElmanRNN:
         """A random model: A, B, C uniform in +-1/sqrt(fan_in) as torch.nn.RNN does, zero biases.
+
+        n hidden units, m inputs, p outputs: keywords, the same as tbptt.torch.ElmanRNN's.
 
         spectral_radius rescales A to that largest |eigenvalue| when given.
         """

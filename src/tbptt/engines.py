@@ -64,7 +64,7 @@ class NumpyEngine:
 
         self.np_dtype = np.dtype(cfg.dtype)
         g = "softmax" if problem.loss == "cross_entropy" else "identity"
-        model = tbptt.ElmanRNN.init(cfg.hidden, problem.m, problem.p, bias=cfg.bias,
+        model = tbptt.ElmanRNN.init(n=cfg.hidden, m=problem.m, p=problem.p, bias=cfg.bias,
             f=cfg.activation, g=g, dtype=np.dtype(cfg.dtype).type, seed=cfg.seed,
             spectral_radius=cfg.spectral_radius)  # fmt: skip
         opt = tbptt.Adam(lr=cfg.lr) if cfg.optimizer == "adam" else tbptt.SGD(lr=cfg.lr)
@@ -148,7 +148,7 @@ class TorchEngine:
         m, p, n = problem.m, problem.p, cfg.hidden
         if cfg.cell == "elman":
             g = "softmax" if problem.loss == "cross_entropy" else "identity"
-            model = ElmanRNN(m, n, p, bias=cfg.bias, f=cfg.activation, g=g, seed=cfg.seed)
+            model = ElmanRNN(n=n, m=m, p=p, bias=cfg.bias, f=cfg.activation, g=g, seed=cfg.seed)
             if cfg.spectral_radius is not None:  # as tbptt.ElmanRNN.init(spectral_radius=) does
                 with torch.no_grad():
                     radius = torch.linalg.eigvals(model.A.double()).abs().max()

@@ -32,19 +32,12 @@ import numpy as np
 
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, backprop, forward, parameter_gradients, project
+from .errors import NonFiniteError
 from .functions import LOSSES, loss_and_error
 from .optim import SGD, Adam, all_finite, clip_coefficient, grad_norm
 from .schedule import Truncation
 
 Array = np.ndarray
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or inf appeared during training; the parameters keep their last finite values."""
-
-    def __init__(self, message: str, step: int) -> None:
-        super().__init__(message)
-        self.step = step
 
 
 @dataclass

@@ -49,7 +49,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from ..online import NonFiniteError
+from ..errors import NonFiniteError
 from ..schedule import Truncation, Window
 from . import state as st
 from .checks import amp_setup, check_arguments, check_chunk, check_losses, check_result
@@ -63,9 +63,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _non_finite(message: str, step: int, update: int) -> NonFiniteError:
-    err = NonFiniteError(message, step)
-    err.update = update
-    return err
+    return NonFiniteError(message, step, update)
 
 
 class TBPTT:

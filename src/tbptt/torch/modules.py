@@ -68,7 +68,7 @@ class ElmanRNN(nn.Module):
     """The seed's model h_t = f(A h_{t-1} + B x_t + b), yhat_t = g(C h_t + c) (SEMANTICS.md 1).
 
     Args:
-        m: inputs, n: hidden units, p: outputs.
+        n: hidden units, m: inputs, p: outputs (keywords, as in tbptt.ElmanRNN.init).
         bias: whether the model has the biases b and c.
         f: state activation, one of tanh, sigmoid, relu, identity.
         g: output activation, one of tanh, sigmoid, relu, identity, softmax. With "softmax" the
@@ -85,20 +85,20 @@ class ElmanRNN(nn.Module):
 
     def __init__(
         self,
-        m: int,
+        *,
         n: int,
+        m: int,
         p: int,
         bias: bool = True,
         f: str = "tanh",
         g: str = "identity",
-        *,
         batch_first: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        for name, v in (("m", m), ("n", n), ("p", p)):
+        for name, v in (("n", n), ("m", m), ("p", p)):
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if f not in ACTIVATIONS:
@@ -169,9 +169,15 @@ class ElmanRNN(nn.Module):
             raise ValueError("the torch ElmanRNN has both biases b and c or neither")
         dtype = torch.float64 if model.dtype == np.float64 else torch.float32
         out = cls(
-            model.m, model.n, model.p, bias=model.b is not None, f=model.f, g=model.g,
-            batch_first=batch_first, dtype=dtype,
-        )  # fmt: skip
+            n=model.n,
+            m=model.m,
+            p=model.p,
+            bias=model.b is not None,
+            f=model.f,
+            g=model.g,
+            batch_first=batch_first,
+            dtype=dtype,
+        )
         with torch.no_grad():
             for k, v in model.params.items():
                 getattr(out, k).copy_(torch.from_numpy(np.array(v)))

@@ -1,0 +1,111 @@
+"""One way to write a file: whole or not at all.
+
+Every file tbptt writes (checkpoints, metrics, plots, configurations, figures, CSV tables) goes
+through `atomic_write`: the bytes go to a temporary file in the target's own folder, are flushed
+to the disk (fsync), and the temporary file is renamed over the target, and the folder's entry is
+flushed too. A reader, or a run killed at any moment, sees either the old file or the new one,
+never a part. The file gets the mode `open()` would give a new file: 0o666 less the umask
+(mkstemp's private 0o600 is not kept). A run directory is created the same way by
+`atomic_directory`: its first files are written into a temporary folder that is renamed into place.
+
+Temporary names start with TMP_PREFIX; `remove_stale` deletes those a killed process left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+TMP_PREFIX = ".tmp-"
+
+Content = bytes | str | Callable[[BinaryIO], None]
+
+
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename in `folder` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fill(fh: BinaryIO, content: Content) -> None:
+    if callable(content):
+        content(fh)
+    else:
+        fh.write(content.encode() if isinstance(content, str) else content)
+
+
+def atomic_write(path: str | os.PathLike, content: Content) -> None:
+    """Write `content` (bytes, str as UTF-8, or a function writing to a binary file) to `path`.
+
+    The file appears whole or not at all (module docstring); on any error the temporary file is
+    removed and the target is left as it was.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{name}-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _fill(fh, content)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_directory(path: str | os.PathLike, files: Mapping[str, Content]) -> None:
+    """Create the folder `path` holding `files` (name -> content) in one rename.
+
+    `path` must not exist, or be an empty folder (which is replaced). Its parent is created.
+    """
+    path = Path(os.path.abspath(os.fspath(path)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-"))
+    try:
+        for name, content in files.items():
+            with open(tmp / name, "wb") as fh:
+                _fill(fh, content)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp / name, 0o666 & ~_umask())
+        os.chmod(tmp, 0o777 & ~_umask())
+        _fsync_dir(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files and folders a killed writer left in `folder`; their names."""
+    gone = []
+    for entry in Path(folder).glob(f"{TMP_PREFIX}*"):
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        gone.append(entry.name)
+    return gone
