@@ -11,7 +11,12 @@ The rules, for whoever writes documentation:
   ignored).
 - Markers, on the line right before the opening fence:
   `<!-- no-test -->` skips the block (say why nearby: it needs minutes, or several processes);
-  `<!-- slow -->` marks the whole file's test slow (it still runs in the full suite).
+  `<!-- slow -->` marks the whole file's test slow (it still runs in the full suite);
+  `<!-- tolerance: rel=R abs=A -->` compares the numbers of the expected output with that
+  tolerance (|got - want| <= A + R |want|) and the rest of the text exactly. Use it where a
+  number depends on floating-point rounding (a BLAS kernel, a CPU's instruction set, chaotic
+  training); the page says in words what is compared. Without it, outputs are compared exactly,
+  so a page shows only figures that hold on every machine.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from tbptt.cli import main as tbptt_main
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 NO_TEST, SLOW = "<!-- no-test -->", "<!-- slow -->"
+TOLERANCE = re.compile(r"^<!-- tolerance: rel=(\S+) abs=(\S+) -->$")
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 RUN = ("python", "sh")
 
 
@@ -49,7 +56,7 @@ def blocks(text: str) -> list[dict]:
             {
                 "line": text.count("\n", 0, m.start()) + 1,
                 "lang": lang,
-                "marker": before if before in (NO_TEST, SLOW) else "",
+                "marker": before if before in (NO_TEST, SLOW) or TOLERANCE.match(before) else "",
                 "code": m.group(2),
                 "expected": expected,
             }
@@ -69,9 +76,18 @@ def documents() -> list:
     return params
 
 
-def same_text(got: str, want: str) -> bool:
+def same_text(got: str, want: str, marker: str = "") -> bool:
+    """Equal line by line (trailing spaces ignored); numbers within the marker's tolerance."""
     norm = lambda s: [line.rstrip() for line in s.strip("\n").splitlines()]  # noqa: E731
-    return norm(got) == norm(want)
+    tol = TOLERANCE.match(marker)
+    if tol is None:
+        return norm(got) == norm(want)
+    rel, abs_ = float(tol.group(1)), float(tol.group(2))
+    a, b = "\n".join(norm(got)), "\n".join(norm(want))
+    if NUMBER.split(a) != NUMBER.split(b):  # the words around the numbers, exactly
+        return False
+    pairs = zip(map(float, NUMBER.findall(a)), map(float, NUMBER.findall(b)), strict=True)
+    return all(abs(x - y) <= abs_ + rel * abs(y) for x, y in pairs)
 
 
 def run_sh(code: str, where: str) -> str:
@@ -102,6 +118,17 @@ def test_parser_reads_markers_and_outputs():
     ]
 
 
+def test_tolerance_marker_compares_numbers_within_it_and_words_exactly():
+    """A tolerance marker lets numbers differ within it, never the words or the number count."""
+    marker = "<!-- tolerance: rel=0.1 abs=0.01 -->"
+    assert blocks(f"{marker}\n```python\nprint(1)\n```\n")[0]["marker"] == marker
+    assert same_text("loss 0.48 -> 0.475\n", "loss 0.47 -> 0.47", marker)
+    assert not same_text("loss 0.48 -> 0.60", "loss 0.47 -> 0.47", marker)
+    assert not same_text("cost 0.48 -> 0.47", "loss 0.47 -> 0.47", marker)
+    assert not same_text("loss 0.47 -> 0.47 0.1", "loss 0.47 -> 0.47", marker)
+    assert not same_text("loss 0.48 -> 0.47", "loss 0.47 -> 0.47")  # no marker: exact
+
+
 @pytest.mark.parametrize("path", documents())
 def test_snippets_run(path: Path, tmp_path, monkeypatch):
     """Each block of the file runs without error and prints the output the file shows."""
@@ -120,4 +147,4 @@ def test_snippets_run(path: Path, tmp_path, monkeypatch):
         else:
             got = run_sh(b["code"], where)
         if b["expected"] is not None:
-            assert same_text(got, b["expected"]), f"{where} printed:\n{got}"
+            assert same_text(got, b["expected"], b["marker"]), f"{where} printed:\n{got}"
