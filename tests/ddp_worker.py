@@ -114,8 +114,11 @@ def equal(out: str, launch) -> None:
         feed(d, CHUNKS[CUT:], cols)
         d.finish()
         dist.all_reduce = all_reduce
-        grad_size = sum(p.numel() + 1 for p in d.model.parameters())  # gradients and flags
-        calls[name] = [d.updates, sizes.count(grad_size), len(DDP_HOOK_CALLS)]
+        # the update's buffer: gradients and their flags, 3 values, 3 slots per rank
+        grad_size = sum(p.numel() + 1 for p in d.model.parameters()) + 3 + 3 * launch.world
+        k1 = d.truncation.k1
+        between = sum(1 for _, b in CHUNKS if b % k1)  # chunks ending between two updates
+        calls[name] = [d.updates, sizes.count(grad_size), between, len(sizes), len(DDP_HOOK_CALLS)]
         d.save(os.path.join(out, f"{name}-end.pt"))
         for src in ("single-mid", "mid"):  # resume what 1 process saved, and 2, on 2
             d = make(name)

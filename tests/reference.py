@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tbptt import Window
+
 Tensor = torch.Tensor
 DTYPE = torch.float64
 
@@ -351,9 +353,16 @@ class OnlineTBPTT:
         return total / max(count, 1.0)
 
     def finish(self) -> None:
-        """The flush update at the end of the stream, when the schedule asks for it."""
-        if self.truncation.flush and self.t % self.truncation.k1 != 0:
-            self._update(self.truncation.window(self.t, self.u_prev))
+        """The flush update at the end of the stream (contract version 2, section 4): the next
+        scheduled window, at u_prev + k1, cut at T; none when that leaves it empty."""
+        tr = self.truncation
+        if not (tr.flush and self.t % tr.k1 != 0):
+            return
+        s = max(1, self.u_prev + tr.k1 - tr.k2 + 1)
+        if s > self.t:
+            return
+        i = {"new": self.u_prev + 1, "window": s, "last": self.t}[tr.inject]
+        self._update(Window(s=s, i=i, u=self.t))
 
     def _update(self, w) -> None:
         if self.recompute:
@@ -410,7 +419,19 @@ def plain_detach_training(model, optimizer, k, chunks, loss="l2", clip=None):
 
 # -- test problems and comparison ----------------------------------------------------------------
 class Problem:
-    """A tiny random model with data: the same arguments go to the engine and to the oracles."""
+    """A tiny random model with data: the same arguments go to the engine and to the oracles.
+
+    `model` is a new ElmanRNN object on the initial values each time it is read: tbptt.TBPTT
+    trains the model it is given, and every trainer of a test starts from the same values.
+    """
+
+    @property
+    def model(self):
+        return self._model.copy()
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
 
     def __init__(
         self,
@@ -439,7 +460,7 @@ class Problem:
         B = rng.normal(0, 1 / np.sqrt(m), (n, m))
         C = rng.normal(0, 1 / np.sqrt(n), (p, n))
         b, c = (rng.normal(0, 0.3, n), rng.normal(0, 0.3, p)) if bias else (None, None)
-        self.model = tbptt.ElmanRNN(A, B, C, b, c, f=f, g=g)
+        self._model = tbptt.ElmanRNN(A, B, C, b, c, f=f, g=g)
         lead = (T,) if batch is None else (T, batch)
         self.x = rng.normal(size=(*lead, m))
         if loss == "cross_entropy":

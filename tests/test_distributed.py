@@ -106,13 +106,16 @@ def test_checkpoint_of_one_or_two_processes_resumes_on_two(name: str, src: str, 
 
 
 @pytest.mark.slow
-def test_one_gradient_all_reduce_per_update_and_none_from_ddp(equal_run) -> None:
-    """Whatever the segments and backward calls of a window: one gradient all-reduce per update."""
+def test_one_collective_per_update_and_none_from_ddp(equal_run) -> None:
+    """Whatever the segments and backward calls of a window: one all-reduce per update (its
+    gradient, checks and loss together), one more per chunk ending between updates (the loss
+    check), one when the driver is made and one after the save; DDP's reducer never fires."""
     for r in (0, 1):
         calls = json.loads((equal_run / f"calls-{r}.json").read_text())
-        for name, (updates, grad_reduces, ddp_reduces) in calls.items():
+        for name, (updates, grad_reduces, between, total, ddp_reduces) in calls.items():
             assert updates == single(name).updates > 0
-            assert (grad_reduces, ddp_reduces) == (updates, 0), name
+            assert (grad_reduces, ddp_reduces) == (updates + between, 0), name
+            assert total == grad_reduces + 2, name
 
 
 @pytest.mark.slow
@@ -254,12 +257,13 @@ def test_numpy_engine_under_torchrun_is_refused(monkeypatch, tmp_path, capsys) -
 
 def test_checkpoint_splits_into_equal_shares_of_streams() -> None:
     """A 4-stream file split for 2 ranks gives each its half; 3 ranks cannot share 4 streams."""
-    from tbptt.torch.distributed import _split
+    from tbptt.torch.distributed import split_streams
 
     d = single("lstm-k2-k5-flush", w.CHUNKS[: w.CUT], finish=False)
     sd = d.state_dict()
+    dims = [1, 1]  # the stream axis of the LSTM's (h, c): (layers, batch, hidden)
     for r in (0, 1):
-        part = _split(d, sd, r, 2)
+        part = split_streams(sd, r, 2, 1, dims)
         cols = slice(2 * r, 2 * r + 2)
         assert part["batch"] == 2 and part["t"] == sd["t"]
         for a, b in zip(w.st_leaves(part["state"]), w.st_leaves(sd["state"]), strict=True):
@@ -267,4 +271,4 @@ def test_checkpoint_splits_into_equal_shares_of_streams() -> None:
         for p, q in zip(part["segments"], sd["segments"], strict=True):
             assert torch.equal(p["x"], q["x"][:, cols]) and torch.equal(p["y"], q["y"][:, cols])
     with pytest.raises(ValueError, match="holds 4 streams, which 3 processes cannot share"):
-        _split(d, sd, 0, 3)
+        split_streams(sd, 0, 3, 1, dims)

@@ -13,13 +13,14 @@ from tbptt import Truncation, Window
 
 
 def spec_windows(k1: int, k2: int, inject: str, flush: bool, T: int) -> list[tuple]:
-    """Section 4 transcribed: [(s, I as a set, u)] in update order."""
-    times = [u for u in range(1, T + 1) if u % k1 == 0]
-    if flush and T % k1 != 0 and T >= 1:
-        times.append(T)
+    """Section 4 (contract version 2) transcribed: [(s, I as a set, u)] in update order."""
+    times = [(u, max(1, u - k2 + 1)) for u in range(1, T + 1) if u % k1 == 0]
+    if flush and T % k1 != 0 and T >= 1:  # the next scheduled window, cut at T; none if empty
+        s = max(1, (T // k1) * k1 + k1 - k2 + 1)
+        if s <= T:
+            times.append((T, s))
     out, u_prev = [], 0
-    for u in times:
-        s = max(1, u - k2 + 1)
+    for u, s in times:
         injected = {
             "new": set(range(u_prev + 1, u + 1)),
             "window": set(range(s, u + 1)),
@@ -131,11 +132,16 @@ def test_exact_is_one_window_over_everything(T):
 
 
 @pytest.mark.parametrize("T", [6, 7, 13])
-def test_k2_at_least_T_with_flush_is_exact_window_set(T):
-    """k2 >= T, inject='new', flush: windows start at 1 and inject each loss once."""
-    tr = Truncation(4, T + 2, "new", flush=True)
+def test_k2_at_least_k1_ceil_T_over_k1_with_flush_is_exact_window_set(T):
+    """k2 >= k1 ceil(T / k1), inject='new', flush: windows start at 1 and inject each loss once;
+    one step less and the flush window (or the last one) starts later."""
+    k1 = 4
+    k2 = k1 * math.ceil(T / k1)
+    tr = Truncation(k1, k2, "new", flush=True)
     assert all(w.s == 1 for w in tr.windows(T))
     assert sorted(t for w in tr.windows(T) for t in w.losses) == list(range(1, T + 1))
+    if T > k1:
+        assert Truncation(k1, k2 - 1, "new", flush=True).windows(T)[-1].s == 2
 
 
 @pytest.mark.parametrize(("k", "T", "flush"), [(3, 9, False), (3, 9, True), (3, 10, False)])
@@ -146,16 +152,23 @@ def test_detach_every_k_is_disjoint_chunks(k, T, flush):
     assert [(w.s, w.i, w.u) for w in tr.windows(T)] == [(s, s, u) for s, u in chunks]
 
 
-def test_detach_every_k_flush_window_reaches_back_k2_steps():
-    """With flush and k not dividing T, the last window starts at T - k2 + 1, not after the last chunk.
-
-    Section 4 taken literally: the flush window is (max(1, T - k2 + 1), (u_prev, T], T), so it
-    backpropagates into the previous chunk, unlike a detach-every-k loop's short last chunk.
-    """
+def test_detach_every_k_flush_window_is_the_short_last_chunk():
+    """With flush and k not dividing T, the last window is the short last chunk alone (version 2:
+    the next window cut at T), as a detach-every-k loop trains it; without flush it is dropped."""
     k, T = 3, 10
     windows = Truncation(k, k, "new", flush=True).windows(T)
-    assert Truncation.detach_every(k) == Truncation(k, k, "new", flush=False)
-    assert [(w.s, w.i, w.u) for w in windows] == [(1, 1, 3), (4, 4, 6), (7, 7, 9), (8, 10, 10)]
+    assert Truncation.detach_every(k) == Truncation(k, k, "new", flush=True)
+    assert [(w.s, w.i, w.u) for w in windows] == [(1, 1, 3), (4, 4, 6), (7, 7, 9), (10, 10, 10)]
+    no_flush = Truncation.detach_every(k, flush=False).windows(T)
+    assert [(w.s, w.i, w.u) for w in no_flush] == [(1, 1, 3), (4, 4, 6), (7, 7, 9)]
+
+
+@pytest.mark.parametrize(("k1", "k2", "T", "want"), [(4, 2, 7, (7, 7)), (4, 2, 6, None), (4, 6, 7, (3, 7))])
+def test_flush_window_is_empty_when_k2_is_at_most_k1_minus_T_mod_k1(k1, k2, T, want):
+    """No flush update when k2 <= k1 - (T mod k1): the next window would start after T."""
+    w = Truncation(k1, k2, "window", flush=True).flush_window(T)
+    assert (None if w is None else (w.s, w.u)) == want
+    assert Truncation(k1, k2, "window", flush=True).update_times(T)[-1] == (T if want else 4)
 
 
 @pytest.mark.parametrize("k2", [1, 3, 20])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -166,43 +168,42 @@ def test_random_schedules_match_autograd(
 # -- 7.3: the special cases of section 4 ------------------------------------------------------------
 @pytest.mark.parametrize("T", [5, 8])
 @pytest.mark.parametrize("k1", [1, 3, 5, 8])
-def test_k2_at_least_T_new_flush_is_exact(T, k1):
-    """k2 >= T with inject='new' and flush equals exact BPTT, h0 included."""
+def test_k2_at_least_k1_ceil_T_over_k1_new_flush_is_exact(T, k1):
+    """k2 >= k1 ceil(T / k1) with inject='new' and flush equals exact BPTT, h0 included; so does
+    k1 >= T with k2 >= k1 (one window)."""
     P = Problem(T=T, batch=2, h0=True, mask=True, reset=True, seed=30)
     exact = exact_gradient(P.model, P.x, P.y, **P.kw)[1]
-    for k2 in (max(T, k1), T + 3):
+    least = k1 * math.ceil(T / k1)
+    for k2 in (least, least + 3):
         assert_close(estimate(P, Truncation(k1, k2, "new", flush=True)), exact, rtol=1e-10)
+    if T % k1 and least - 1 >= k1:  # one step less: the flush window no longer reaches step 1
+        Q = Problem(T=T, batch=2, seed=30)  # no resets, which could cut there anyway
+        got = estimate(Q, Truncation(k1, least - 1, "new", flush=True))
+        assert rel_err(flat(got), flat(estimate(Q, None))) > 1e-8
 
 
 @pytest.mark.parametrize(("k", "T"), [(1, 6), (2, 6), (3, 7), (3, 9), (7, 7)])
 def test_k1_equals_k2_is_detach_every_k(k, T):
-    """k1 = k2 = k (no flush) equals an autograd loop that detaches the state every k steps."""
+    """k1 = k2 = k equals an autograd loop that detaches the state every k steps: with flush
+    including its short last chunk, without it dropping that chunk."""
     P = Problem(T=T, batch=2, h0=True, mask=True, reset=True, seed=31)
-    want = detach_every_k(P.model, P.x, P.y, k, flush=False, **P.kw)
-    assert_close(estimate(P, Truncation(k, k)), want, rtol=1e-10)
-    if T % k == 0:  # flush changes nothing when k divides T
-        assert_close(estimate(P, Truncation.detach_every(k)), want, rtol=1e-10)
+    for flush in (False, True):
+        want = detach_every_k(P.model, P.x, P.y, k, flush=flush, **P.kw)
+        assert_close(estimate(P, Truncation(k, k, "new", flush)), want, rtol=1e-10)
+        assert_close(estimate(P, Truncation.detach_every(k, flush)), want, rtol=1e-10)
 
 
-def test_detach_every_k_flush_reaches_into_previous_chunk():
-    """With flush and k not dividing T the last window starts at T - k + 1, so it is not the
-    detach loop's short last chunk; it is the window section 4 defines."""
+def test_detach_every_k_flush_window_is_the_short_last_chunk():
+    """With flush and k not dividing T the last window is the steps after the last chunk alone
+    (contract version 2), not a window reaching k steps back into the previous chunk."""
     k, T = 3, 7
     P = Problem(T=T, batch=2, seed=32)
     got = estimate(P, Truncation(k, k, "new", flush=True))
-    loop = detach_every_k(P.model, P.x, P.y, k, flush=True)
-    assert rel_err(got["A"], loop["A"]) > 1e-4
-    windows = [(1, 1, 3), (4, 4, 6), (5, 7, 7)]
-    want = frozen_gradient(P.model, P.x, P.y, [_w(*w) for w in windows])
-    assert_close(got, want, rtol=1e-10)
-
-
-def test_detach_every_preset_drops_the_partial_last_chunk():
-    """Truncation.detach_every(k) has no flush: the last T mod k losses take part in no update."""
-    k, T = 3, 7
-    P = Problem(T=T, batch=2, seed=32)
-    want = detach_every_k(P.model, P.x, P.y, k, flush=False)
-    assert_close(estimate(P, Truncation.detach_every(k)), want, rtol=1e-10)
+    windows = [(1, 1, 3), (4, 4, 6), (7, 7, 7)]
+    assert_close(got, frozen_gradient(P.model, P.x, P.y, [_w(*w) for w in windows]), rtol=1e-10)
+    reaching_back = [(1, 1, 3), (4, 4, 6), (5, 7, 7)]  # version 1's flush window
+    old = frozen_gradient(P.model, P.x, P.y, [_w(*w) for w in reaching_back])
+    assert rel_err(got["A"], old["A"]) > 1e-4
 
 
 def _w(s: int, i: int, u: int) -> tbptt.Window:
@@ -275,30 +276,33 @@ def flat(grads: dict[str, np.ndarray]) -> np.ndarray:
 @pytest.mark.parametrize(("k1", "flush"), [(3, True), (4, False), (5, True)])
 def test_new_estimate_approaches_exact_as_k2_grows(k1, flush):
     """Frozen inject='new' (flush or k1 | T), a contractive net: the error shrinks as k2 grows
-    and is 0 at k2 >= T."""
+    and is 0 once every window starts at step 1 (k2 >= k1 ceil(T / k1))."""
     T = 12
     P = Problem(T=T, batch=2, scale=0.5, seed=42)
     exact = flat(estimate(P, None))
+    least = k1 * math.ceil(T / k1)
     errors = [
         rel_err(flat(estimate(P, Truncation(k1, k2, "new", flush))), exact)
-        for k2 in range(k1, T + 3)
+        for k2 in range(k1, least + 3)
     ]
     assert errors[0] > 1e-2  # the truncation bias is visible at k2 = k1
     assert all(b <= a for a, b in zip(errors, errors[1:], strict=False)), errors
-    assert errors[T - k1 - 1] > 1e-8  # k2 = T - 1 is still biased
-    assert max(errors[T - k1 :]) < 1e-13  # k2 >= T: exact
+    assert errors[least - k1 - 1] > 1e-8  # one step short is still biased
+    assert max(errors[least - k1 :]) < 1e-13  # k2 >= k1 ceil(T / k1): exact
 
 
 @pytest.mark.parametrize(("inject", "k1"), [("window", 3), ("window", 5), ("last", 3)])
 def test_window_and_last_converge_to_something_else(inject, k1):
-    """inject='window' or 'last' at k2 >= T is the exact gradient of each loss weighted by the
-    number of windows injecting it, not the exact gradient."""
+    """inject='window' or 'last' with every window starting at step 1 (k2 >= k1 ceil(T / k1)) is
+    the exact gradient of each loss weighted by the number of windows injecting it, not the exact
+    gradient."""
     T = 12
     P = Problem(T=T, batch=2, scale=0.9, seed=43)
-    tr = Truncation(k1, T, inject, flush=True)
+    least = k1 * math.ceil(T / k1)
+    tr = Truncation(k1, least, inject, flush=True)
     uses = np.array([c for c, _, _ in tr.loss_uses(T)], dtype=np.float64)  # n_t
     weighted = exact_gradient(P.model, P.x, P.y, mask=np.repeat(uses[:, None], 2, axis=1))[1]
-    for k2 in (T, T + 4):
+    for k2 in (least, least + 4):
         assert_close(estimate(P, Truncation(k1, k2, inject, flush=True)), weighted, rtol=1e-10)
     exact = estimate(P, None)
     assert rel_err(estimate(P, tr)["A"], exact["A"]) > 0.1

@@ -41,8 +41,9 @@ class ElmanRNN:
         f: state activation, one of tanh, sigmoid, relu, identity.
         g: output activation, one of tanh, sigmoid, relu, identity, softmax.
 
-    All arrays share one dtype, float32 or float64. The model is immutable: training returns a new
-    one with `replace`.
+    All arrays share one dtype, float32 or float64. The arrays are never modified in place.
+    tbptt.TBPTT trains the model it is given as torch.optim does: after each update its attributes
+    A, B, C, b, c name the new values (fresh arrays; `replace` makes an independent copy).
     """
 
     def __init__(
@@ -112,14 +113,16 @@ class ElmanRNN:
             )
         return ElmanRNN(**{**self.params, **params}, f=self.f, g=self.g)
 
-    def _updated(self, params: dict[str, Array]) -> ElmanRNN:
-        """The same model with new values of the same shapes and dtype, already checked finite
-        (the optimizer's output in online training): no second validation on the hot path."""
-        new = object.__new__(ElmanRNN)
-        new.__dict__.update(self.__dict__)
+    def copy(self) -> ElmanRNN:
+        """An independent model with copies of the parameter arrays (the same f and g)."""
+        return ElmanRNN(**{k: v.copy() for k, v in self.params.items()}, f=self.f, g=self.g)
+
+    def _rebind(self, params: dict[str, Array]) -> None:
+        """Point this model at new values of the same shapes and dtype, already checked finite
+        (the optimizer's output in online training, tbptt.TBPTT): the arrays it held before are
+        not modified, so whatever still holds them (an overlapping window) keeps its values."""
         for k, v in params.items():
-            setattr(new, k, v)
-        return new
+            setattr(self, k, v)
 
     @classmethod
     def init(

@@ -15,16 +15,23 @@ segments using each step's own A:
 
 where A_t, C_t are the values step t ran with and e_t was computed with C_t. The recursion (5.2)
 runs segment by segment; the kept x_t, h_t and e_t lie in one History, contiguous across segments,
-so each sum (5.3) is one matrix product over the window's stacked steps. Only the last k2 steps
-are kept, so memory does not grow with the stream. A reset restarts a stream from h0, a
-constant (section 6): the gradient stops there and the schedule is unchanged.
+so each sum (5.3) is one matrix product over the window's stacked steps. Only the steps the next
+window reaches are kept (at most k2), so memory does not grow with the stream; the flush window
+(4.4) starts where the next regular window would, so it needs nothing more. A reset restarts a
+stream from h0, a constant (section 6): the gradient stops there and the schedule is unchanged.
+
+    (5.4)  reduction="mean": the update (5.3) divided by N, the number of injected, unmasked
+           (step, stream) losses (the mask weights summed over t in I and the streams)
+
+The model is trained as torch.optim trains a module: after each update its attributes A, B, C,
+b, c name the new values. The arrays themselves are never modified, so the segments of an
+overlapping window keep the values they ran with at no cost.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections import deque
 from dataclasses import dataclass
 
@@ -32,10 +39,14 @@ import numpy as np
 
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, backprop, forward, parameter_gradients, project
-from .errors import NonFiniteError
+from .errors import InputError, NonFiniteError
+from .files import atomic_write
 from .functions import LOSSES, loss_and_error
 from .optim import SGD, Adam, all_finite, clip_coefficient, grad_norm
 from .schedule import Truncation
+
+FORMAT = "tbptt.TBPTT/2"
+REDUCTIONS = ("sum", "mean")
 
 Array = np.ndarray
 
@@ -52,6 +63,7 @@ class Segment:
     params: dict[str, Array]  # the values these steps ran with (never modified in place)
     fprime: Array  # (L, batch, n) f'(a_t)
     reset: Array | None  # (L, batch) bool: the step restarted from h0
+    weight: Array | None  # (L,) the mask weights summed over the streams; None: no mask
 
     @property
     def t1(self) -> int:
@@ -105,12 +117,16 @@ class TBPTT:
     """Train an ElmanRNN online with TBPTT(k1, k2) on a stream of chunks.
 
     Args:
-        model: the initial ElmanRNN; `self.model` holds the current one.
+        model: the ElmanRNN to train. It is trained in place, as torch.optim trains a module:
+            after each update `model.A` (and B, C, b, c) is the new value; `self.model` is it.
         truncation: the schedule (k1, k2, inject, flush).
         optimizer: tbptt.SGD or tbptt.Adam.
         loss: "l2" or "cross_entropy".
         clip: max global gradient norm per update (None: no clipping).
         h0: the state a stream starts (and restarts) from: (n,) or (batch, n); None means zeros.
+        reduction: "sum" (each update differentiates the sum of its injected losses, the
+            contract's L) or "mean" (that sum divided by the number of its injected, unmasked
+            (step, stream) losses, mask weights summed), (5.4).
 
     Feed chunks with `feed(x, y, mask=None, reset=None)`; chunk lengths are free and do not change
     the update times. Call `finish()` at the end of the stream for the flush update.
@@ -125,26 +141,30 @@ class TBPTT:
         loss: str = "l2",
         clip: float | None = None,
         h0: Array | None = None,
+        reduction: str = "sum",
     ) -> None:
         if not isinstance(model, ElmanRNN):
-            raise TypeError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
+            raise InputError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
         if not isinstance(truncation, Truncation):
-            raise TypeError(
+            raise InputError(
                 f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}"
             )
         if not isinstance(optimizer, SGD | Adam):
-            raise TypeError(
+            raise InputError(
                 f"optimizer must be tbptt.SGD or tbptt.Adam, got {type(optimizer).__name__}"
             )
         if loss not in LOSSES:
-            raise ValueError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
+            raise InputError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
         if clip is not None and (
             isinstance(clip, bool)
             or not isinstance(clip, int | float | np.integer | np.floating)
             or not 0 < clip < np.inf
         ):
-            raise ValueError(f"clip must be a positive finite number or None, got {clip!r}")
+            raise InputError(f"clip must be a positive finite number or None, got {clip!r}")
+        if reduction not in REDUCTIONS:
+            raise InputError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.model = model
+        self.reduction = reduction
         self.truncation = truncation
         self.optimizer = optimizer
         self.loss = loss
@@ -170,8 +190,9 @@ class TBPTT:
     ) -> float:
         """Run the next chunk (T_c, [batch,] m), updating wherever the schedule says.
 
-        Returns the chunk's mean loss per (unmasked) step and stream, computed during the forward
-        pass with the parameters in force at each step.
+        Returns the chunk's mean loss sum(w l) / sum(w) over its steps and streams (w the mask
+        weights, 1 without a mask; 0 when every weight is 0), computed during the forward pass
+        with the parameters in force at each step.
         """
         if self.finished:
             raise RuntimeError("the stream was finished; create a new TBPTT to train on another")
@@ -202,7 +223,7 @@ class TBPTT:
             if self.truncation.is_update(self.t):
                 self._update(self.truncation.window(self.t, self.u_prev))
             start = stop
-        return total / max(count, 1.0)
+        return total / count if count > 0 else 0.0
 
     def finish(self) -> None:
         """End of stream: the flush update (when asked for and k1 does not divide the length)."""
@@ -229,15 +250,18 @@ class TBPTT:
             )
         hist.e[row : row + L] = e
         hist.rows = row + L
-        self.segments.append(Segment(self.t + 1, model.params, traj.fprime, reset))
+        weight = None if mask is None else mask.sum(axis=1)  # (L,)
+        self.segments.append(Segment(self.t + 1, model.params, traj.fprime, reset, weight))
         self.h = traj.h[-1].copy()  # the carried state; the history's rows may move
         self.t += L
-        # keep only what a window can still reach: the update at u = t itself (regular or flush)
-        # starts at s = t - k2 + 1 (4.2), later ones later
-        oldest = self.t + 1 - self.truncation.keep
+        return float(l.sum())
+
+    def _prune(self) -> None:
+        """Keep only what a window can still reach: the next one, regular (4.2) or flush (4.4),
+        starts at s = next_update - k2 + 1, later ones later."""
+        oldest = self.truncation.next_update(self.t) - self.truncation.k2 + 1
         while self.segments and self.segments[0].t1 < oldest:
             self.segments.popleft()
-        return float(l.sum())
 
     @property
     def phase(self) -> int:
@@ -274,9 +298,23 @@ class TBPTT:
         h_inj = hist.h[i - first + 1 : c + 1]  # (K, batch, n) h_t, t in I
         return parameter_gradients(R, h_prev, hist.x[a:c], e_inj, h_inj, "b" in names, "c" in names)
 
+    def _count(self, w) -> float:
+        """(5.4): N, the injected (step, stream) losses of window w, mask weights summed."""
+        total = 0.0
+        for seg in self.segments:
+            lo, hi = max(seg.t0, w.i), min(seg.t1, w.u)
+            if lo <= hi:
+                rows = slice(lo - seg.t0, hi - seg.t0 + 1)
+                total += (hi - lo + 1) * self.batch if seg.weight is None else seg.weight[rows].sum()
+        return float(total)
+
     def _update(self, w) -> None:
         """Backpropagate window w through the kept segments (5.2), (5.3), then step the optimizer."""
         grads = self._window_gradients(w)  # fresh arrays: the optimizer may write into them
+        if self.reduction == "mean":  # (5.4): the derivative of sum / N is the derivative / N
+            N = self._count(w)
+            for g in grads.values():
+                g /= N if N > 0 else 1.0
         norm = grad_norm(grads)  # one pass; look for the culprit only if needed
         if not math.isfinite(norm):
             for k, g in grads.items():
@@ -301,18 +339,29 @@ class TBPTT:
             )
         self.u_prev = w.u
         self.updates += 1
-        self.model = self.model._updated(params)  # checked finite just above
+        self.model._rebind(params)  # checked finite just above; the old arrays stay untouched
         self.opt_state = opt_state
+        self._prune()
 
     # -- inspection and saving ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Array]:
-        """Everything needed to continue exactly: parameters, optimizer, carried state, phase and
-        the kept segments, as a flat dict of arrays (np.savez-ready, no pickling)."""
-        out: dict[str, Array] = {f"model.{k}": v for k, v in self.model.params.items()}
+        """Everything needed to continue exactly: parameters, optimizer, carried state, phase,
+        the schedule and settings it was made with, and the kept segments, as a flat dict of
+        arrays (np.savez-ready, no pickling)."""
+        tr = self.truncation
+        out: dict[str, Array] = {
+            "format": np.asarray(FORMAT),
+            "truncation": np.asarray([tr.k1, tr.k2]),
+            "inject": np.asarray(tr.inject),
+            "flush": np.asarray(tr.flush),
+            "loss": np.asarray(self.loss),
+            "reduction": np.asarray(self.reduction),
+            "t": np.asarray(self.t),
+            "u_prev": np.asarray(self.u_prev),
+            "updates": np.asarray(self.updates),
+        }
+        out.update({f"model.{k}": v for k, v in self.model.params.items()})
         out.update({f"opt.{k}": np.asarray(v) for k, v in self.opt_state.items()})
-        out["t"] = np.asarray(self.t)
-        out["u_prev"] = np.asarray(self.u_prev)
-        out["updates"] = np.asarray(self.updates)
         if self.h is not None:
             out["h"], out["h0"] = self.h, self.h0
         hist = self.history
@@ -329,16 +378,16 @@ class TBPTT:
             out[f"seg{j}.fprime"] = seg.fprime
             if seg.reset is not None:
                 out[f"seg{j}.reset"] = seg.reset
+            if seg.weight is not None:
+                out[f"seg{j}.weight"] = seg.weight
         return out
 
     def load_state_dict(self, state: dict[str, Array]) -> None:
-        """Restore what state_dict saved (the model's f, g, schedule and optimizer are this object's)."""
+        """Restore what state_dict saved, after checking it belongs to a trainer like this one
+        (the same schedule, loss, reduction and parameter shapes); InputError if not."""
+        _check_saved(state, self)
         params = {k[6:]: np.array(v) for k, v in state.items() if k.startswith("model.")}
-        if set(params) != set(self.model.params):
-            raise ValueError(
-                f"state holds parameters {sorted(params)}, the model has {sorted(self.model.params)}"
-            )
-        self.model = self.model.replace(**params)
+        self.model._rebind(params)
         self.opt_state = {k[4:]: np.array(v) for k, v in state.items() if k.startswith("opt.")}
         self.t, self.u_prev = int(state["t"]), int(state["u_prev"])
         self.updates = int(state["updates"])
@@ -347,39 +396,84 @@ class TBPTT:
         self.segments, self.history = deque(), None
         if self.h is None:
             return
-        saved = []
-        while f"seg{len(saved)}.t0" in state:
-            j = len(saved)
-            get = lambda k: np.array(state[f"seg{j}.{k}"]) if f"seg{j}.{k}" in state else None  # noqa: E731, B023
-            saved.append((int(state[f"seg{j}.t0"]), {k: get(f"param.{k}") for k in params},
-                          get("x"), get("h_prev"), get("h"), get("fprime"), get("e"), get("reset")))  # fmt: skip
         hist = self.history = History(self.h, self.model.m, self.model.p)
-        hist.first = saved[0][0] if saved else self.t + 1
-        hist.reserve(sum(len(sg[2]) for sg in saved), hist.first)
-        if saved:
-            hist.h[0] = saved[0][3][0]  # h_{t0-1} (h0 where that step restarted: the same use)
-        for t0, seg_params, x, _, h, fprime, e, reset in saved:
-            row = t0 - hist.first
-            hist.x[row : row + len(x)], hist.e[row : row + len(x)] = x, e
-            hist.h[row + 1 : row + len(x) + 1] = h
-            hist.rows = row + len(x)
-            self.segments.append(Segment(t0, seg_params, fprime, reset))
+        n_segs = sum(1 for k in state if k.endswith(".t0") and k.startswith("seg"))
+        get = lambda j, k: np.array(state[f"seg{j}.{k}"]) if f"seg{j}.{k}" in state else None  # noqa: E731
+        if n_segs:
+            hist.first = int(state["seg0.t0"])
+            hist.reserve(sum(len(state[f"seg{j}.x"]) for j in range(n_segs)), hist.first)
+            hist.h[0] = state["seg0.h_prev"][0]  # h_{t0-1} (h0 where that step restarted: the same use)
+        else:
+            hist.first = self.t + 1
+        for j in range(n_segs):
+            t0, x = int(state[f"seg{j}.t0"]), state[f"seg{j}.x"]
+            row, L = t0 - hist.first, len(x)
+            hist.x[row : row + L], hist.e[row : row + L] = x, state[f"seg{j}.e"]
+            hist.h[row + 1 : row + L + 1] = state[f"seg{j}.h"]
+            hist.rows = row + L
+            seg_params = {k: get(j, f"param.{k}") for k in params}
+            self.segments.append(
+                Segment(t0, seg_params, get(j, "fprime"), get(j, "reset"), get(j, "weight"))
+            )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write state_dict() to an .npz file atomically (temp file in the same folder, then rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **self.state_dict())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write state_dict() to an .npz file atomically (tbptt.files.atomic_write)."""
+        state = self.state_dict()
+        atomic_write(path, lambda fh: np.savez(fh, **state))
 
     def load(self, path: str | os.PathLike) -> None:
-        """Load what save() wrote (no pickled objects are read)."""
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            self.load_state_dict({k: data[k] for k in data.files})
+        """Load what save() wrote (no pickled objects are read); InputError if the file is
+        damaged or from another kind of trainer."""
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                state = {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file") from None
+        except Exception as exc:  # a truncated zip, a foreign format, an object array
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "pickle" in first:
+                first = "it holds Python objects, not only arrays"
+            raise InputError(f"{path} is damaged or not a tbptt.TBPTT state ({first})") from None
+        try:
+            self.load_state_dict(state)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
+
+
+def _check_saved(state: dict[str, Array], trainer: TBPTT) -> None:
+    """InputError unless `state` comes from a trainer with the same schedule, loss, reduction and
+    parameter shapes, with every array its shape needs."""
+    if not isinstance(state, dict) or str(state.get("format", "")) != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise InputError(f"state must be a {FORMAT!r} dict from TBPTT.state_dict(), got {got!r}")
+    tr = trainer.truncation
+    try:
+        k1, k2 = (int(k) for k in state["truncation"])
+        saved = Truncation(k1, k2, inject=str(state["inject"]), flush=bool(state["flush"]))
+        loss, reduction = str(state["loss"]), str(state["reduction"])
+        t, u_prev, updates = (int(state[k]) for k in ("t", "u_prev", "updates"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"the saved state is incomplete or damaged ({exc})") from None
+    if saved != tr:
+        raise InputError(
+            f"the saved run used {saved.describe()}, this trainer has {tr.describe()}; resume "
+            "with the same schedule"
+        )
+    for name, value in (("loss", loss), ("reduction", reduction)):
+        if value != getattr(trainer, name):
+            raise InputError(f"the saved run had {name}={value!r}, this trainer {getattr(trainer, name)!r}")
+    if not (0 <= u_prev <= t and updates >= 0 and (u_prev % tr.k1 == 0 or u_prev == t)):
+        raise InputError(f"the saved position is inconsistent (t={t}, u_prev={u_prev})")
+    mine = {k: v.shape for k, v in trainer.model.params.items()}
+    got = {k[6:]: np.shape(v) for k, v in state.items() if k.startswith("model.")}
+    if got != mine:
+        raise InputError(f"the saved parameters have shapes {got}; this model's are {mine}")
+    dtype = trainer.model.dtype
+    for k, v in state.items():
+        if k.startswith(("model.", "seg")) and np.asarray(v).dtype.kind == "f" and v.dtype != dtype:
+            raise InputError(f"the saved {k} is {v.dtype}; this model is {dtype}")
+    if "h" in state:
+        n = trainer.model.n
+        if np.ndim(state["h"]) != 2 or np.shape(state["h"])[1] != n:
+            raise InputError(f"the saved state h has shape {np.shape(state['h'])}; expected (batch, {n})")

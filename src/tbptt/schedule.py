@@ -11,11 +11,18 @@ h_{s-1} is a constant:
 
 Sutskever's schedule places a window at every k1-th step:
 
-    (4.1)  update times  u in {k1, 2 k1, ...}, u <= T   (flush: also u = T when k1 does not divide T)
+    (4.1)  update times  u in {k1, 2 k1, ...}, u <= T   (flush: also u = T when k1 does not divide T
+                         and the flush window is not empty)
     (4.2)  window start  s = max(1, u - k2 + 1)
+    (4.4)  flush window  the next scheduled window (at u_prev + k1) cut at T:
+                         s = max(1, u_prev + k1 - k2 + 1), u = T; none when s > T
     (4.3)  injected      "new":    I = (u_prev, u]
                          "window": I = [s, u]
                          "last":   I = {u}
+
+The flush window reaches no further back than the next regular window would have, so an online
+engine keeps exactly the steps a regular window needs; with k1 = k2 = k the last T mod k steps
+are one more chunk, trained alone, as a detach-every-k loop trains its short last chunk.
 
 In every mode I is a run of consecutive steps ending at u, so a window is stored as three integers
 (s, i, u) with I = [i, u].
@@ -69,7 +76,7 @@ def _check_int(name: str, value: object) -> int:
 class Truncation:
     """TBPTT(k1, k2): every k1 steps, backpropagate over the last k2 steps (SEMANTICS.md 4).
 
-    k1 = k2 = T is exact BPTT; k1 = k2 = k is detach-every-k; k1 = 1 with inject="new" is
+    k1 = k2 = T is exact BPTT; k1 = k2 = k (with flush) is detach-every-k; k1 = 1 with inject="new" is
     Williams and Peng's fully online BPTT(k2); k1 = T, k2 = k, inject="window" is Theano's
     scan(truncate_gradient=k).
 
@@ -79,8 +86,9 @@ class Truncation:
         inject: which losses an update injects: "new" (each loss exactly once; needs k2 >= k1),
             "window" (every loss in the window, counted again where windows overlap) or
             "last" (only the loss at the update step, as the common forum snippet does).
-        flush: also update at the end of the sequence when k1 does not divide its length;
-            without it the last T mod k1 losses take part in no update.
+        flush: also update at the end of the sequence when k1 does not divide its length, over
+            the next regular window cut there (4.4); without it the last T mod k1 losses take
+            part in no update.
     """
 
     k1: int
@@ -104,7 +112,9 @@ class Truncation:
     # -- one definition of a window -------------------------------------------------------------
     def window(self, u: int, u_prev: int) -> Window:
         """The window of the update at step u, the previous update having been at u_prev (0 if none)."""
-        s = max(1, u - self.k2 + 1)  # (4.2)
+        return self._window(max(1, u - self.k2 + 1), u, u_prev)  # (4.2)
+
+    def _window(self, s: int, u: int, u_prev: int) -> Window:
         i = {"new": u_prev + 1, "window": s, "last": u}[self.inject]  # (4.3)
         return Window(s=s, i=i, u=u)
 
@@ -117,16 +127,19 @@ class Truncation:
         return (t // self.k1 + 1) * self.k1
 
     def flush_window(self, T: int) -> Window | None:
-        """The extra window at the end of a stream of length T, if flush asks for one."""
-        if self.flush and T % self.k1 != 0 and T >= 1:
-            return self.window(T, (T // self.k1) * self.k1)
-        return None
+        """The extra window at the end of a stream of length T (4.4), if flush asks for one and
+        it is not empty: the next regular window, cut at T."""
+        if not (self.flush and T >= 1 and T % self.k1 != 0):
+            return None
+        u_prev = (T // self.k1) * self.k1
+        s = max(1, u_prev + self.k1 - self.k2 + 1)  # (4.4)
+        return self._window(s, T, u_prev) if s <= T else None
 
     def update_times(self, T: int) -> list[int]:
         """Update steps u for a sequence of T steps (4.1)."""
         _check_T(T)
         times = list(range(self.k1, T + 1, self.k1))
-        if self.flush and T % self.k1 != 0 and T >= 1:
+        if self.flush_window(T) is not None:
             times.append(T)
         return times
 
@@ -135,10 +148,14 @@ class Truncation:
         return list(self.iter_windows(T))
 
     def iter_windows(self, T: int) -> Iterator[Window]:
+        _check_T(T)
         u_prev = 0
-        for u in self.update_times(T):
+        for u in range(self.k1, T + 1, self.k1):
             yield self.window(u, u_prev)
             u_prev = u
+        last = self.flush_window(T)
+        if last is not None:
+            yield last
 
     # -- what the schedule costs and keeps ------------------------------------------------------
     @property
@@ -179,14 +196,13 @@ class Truncation:
         return cls(T, T, inject="new", flush=False)
 
     @classmethod
-    def detach_every(cls, k: int) -> Truncation:
+    def detach_every(cls, k: int, flush: bool = True) -> Truncation:
         """Disjoint chunks of k steps with the state detached between them (k1 = k2 = k).
 
-        Without flush, as in section 4: when k does not divide T the last T mod k losses take
-        part in no update. (A flush window would reach k steps back, into the previous chunk,
-        which a detach-every-k loop does not do.)
+        With flush (the default) the last T mod k steps are one more, shorter chunk (4.4), as a
+        detach-every-k loop trains its short last chunk; without it they take part in no update.
         """
-        return cls(k, k, inject="new", flush=False)
+        return cls(k, k, inject="new", flush=flush)
 
     def describe(self) -> str:
         """A one-line description, e.g. 'TBPTT(k1=4, k2=8, inject=new)'."""

@@ -151,7 +151,7 @@ def save_checkpoint(run: Path, engine, loop: dict) -> None:
             old.unlink()
 
 
-def load_checkpoint(run: Path, engine) -> dict:
+def load_checkpoint(run: Path, engine, adapt: bool = False) -> dict:
     """Restore the engine from the run's latest checkpoint; one-line errors when it is unusable."""
     path = run / "checkpoint.json"
     if not path.is_file():
@@ -169,6 +169,8 @@ def load_checkpoint(run: Path, engine) -> dict:
         int(loop["updates"]), float(loop["seconds"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path} is corrupted ({type(exc).__name__}: {exc})") from None
+    if adapt and "k2" in loop:  # --adapt-k2: the k2 in force at the save
+        engine.set_k2(int(loop["k2"]))
     try:
         engine.load(state)
     except Exception as exc:  # a truncated zip, a foreign pickle, missing or mis-shaped arrays
@@ -225,13 +227,11 @@ def _open_run(args: argparse.Namespace, cfg: cf.Config | None):
         problem = load_problem(cfg, "".join(vocab) if vocab else None)
         engine = make_engine(cfg, problem)
         if (run / "checkpoint.json").is_file() or any(run.glob("state-*")):
-            loop = load_checkpoint(run, engine)
+            loop = load_checkpoint(run, engine, adapt=cfg.adapt_k2 is not None)
         else:  # stopped before its first checkpoint (killed, out of memory): nothing to continue
             loop = {"updates": 0, "seconds": 0.0}
             if engine.rank == 0:
                 print(f"{run} has no checkpoint yet: its run starts from the beginning")
-        if cfg.adapt_k2 is not None and "k2" in loop:  # --adapt-k2: the k2 in force at the save
-            engine.set_k2(int(loop["k2"]))
         rows = []
         if (run / "metrics.csv").is_file():
             with open(run / "metrics.csv", newline="") as fh:

@@ -5,10 +5,12 @@ expectation (CONTRIBUTING.md). Chunks are time-major (L, batch, ...) unless batc
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..schedule import Truncation
 from . import state as st
 
@@ -24,90 +26,154 @@ def check_arguments(
     scheduler: object,
     batch_first: object,
     checkpoint: object,
-) -> None:
-    """The driver's constructor arguments, each of the kind and range it needs."""
+    reduction: object = "sum",
+) -> float | None:
+    """The driver's constructor arguments, each of the kind and range it needs; the clip as a
+    float (numpy and torch scalars accepted)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(truncation, Truncation):
-        raise TypeError(f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}")
+        raise InputError(f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
+        raise InputError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
     if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (output, y) -> (L, batch), got {loss_fn!r}")
-    if clip is not None and (
-        isinstance(clip, bool)
-        or not isinstance(clip, int | float)
-        or not math.isfinite(clip)
-        or clip <= 0
-    ):
-        raise ValueError(f"clip must be a positive number or None, got {clip!r}")
+        raise InputError(f"loss_fn must be callable (output, y) -> (L, batch), got {loss_fn!r}")
+    if clip is not None:
+        if isinstance(clip, Tensor) and clip.numel() == 1 and not clip.dtype.is_complex:
+            clip = clip.item()
+        if isinstance(clip, bool) or not isinstance(clip, numbers.Real):
+            raise InputError(f"clip must be a positive number or None, got {clip!r}")
+        clip = float(clip)
+        if not (math.isfinite(clip) and clip > 0):
+            raise InputError(f"clip must be a positive number or None, got {clip!r}")
+    if reduction not in ("sum", "mean"):
+        raise InputError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
-        raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+        raise InputError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
     for name, v in (("batch_first", batch_first), ("checkpoint", checkpoint)):
         if not isinstance(v, bool):
-            raise TypeError(f"{name} must be a bool, got {v!r}")
+            raise InputError(f"{name} must be a bool, got {v!r}")
     declared = getattr(model, "batch_first", None)
     if isinstance(declared, bool) and declared != batch_first:
-        raise ValueError(
+        raise InputError(
             f"batch_first={batch_first} but the model has batch_first={declared}; pass the same"
         )
+    return clip
 
 
-def amp_setup(amp: object, device: torch.device) -> tuple[torch.dtype | None, object]:
-    """The autocast dtype (None: off) and a GradScaler for float16 (True means float16 on CUDA)."""
+def amp_setup(
+    amp: object, device: torch.device, model: nn.Module | None = None
+) -> tuple[torch.dtype | None, object]:
+    """The autocast dtype (None: off) and a GradScaler for float16 (True means float16 on CUDA,
+    bfloat16 on the CPU).
+
+    Whether this machine can run the model's recurrent layers (nn.RNN, nn.GRU, nn.LSTM) under
+    autocast is tried here, on one step of one stream: on the CPU, oneDNN runs nn.LSTM in
+    bfloat16 only with AVX-512 (BF16) instructions, and an AVX2-only CPU would otherwise fail
+    in the middle of training.
+    """
     if amp is False or amp is None:
         return None, None
     if amp is True:
         dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     elif isinstance(amp, torch.dtype):
+        if amp not in (torch.float16, torch.bfloat16):
+            raise InputError(f"amp must be torch.float16 or torch.bfloat16 as a dtype, got {amp}")
         dtype = amp
     else:
-        raise TypeError(f"amp must be a bool or a torch.dtype, got {amp!r}")
+        raise InputError(f"amp must be a bool or a torch.dtype, got {amp!r}")
+    for layer in [] if model is None else model.modules():
+        if isinstance(layer, nn.RNNBase):
+            probe_autocast(layer, device, dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return dtype, scaler
+
+
+def probe_autocast(layer: nn.RNNBase, device: torch.device, dtype: torch.dtype) -> None:
+    """Run one step of `layer` forward and backward under autocast; InputError if it cannot."""
+    x = torch.zeros(1, 1, layer.input_size, device=device)  # (L, batch, m) either layout
+    params = [p for p in layer.parameters() if p.requires_grad]
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            out, _ = layer(x)
+        if params:
+            torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise InputError(
+            f"amp={dtype}: this {device.type.upper()} cannot run {type(layer).__name__} in "
+            f"{str(dtype).removeprefix('torch.')} (bfloat16 nn.LSTM on a CPU needs AVX-512; "
+            f"{first}); train without amp, or on a device that supports it"
+        ) from None
+
+
+def check_state0(state0: object, params: dict[str, Tensor], device: torch.device) -> object:
+    """state0 detached on the model's device, of the parameters' floating dtype (or None)."""
+    if state0 is None:
+        return None
+    st.check(state0, "state0")
+    dtypes = {p.dtype for p in params.values() if p.is_floating_point()}
+    for t in st.leaves(state0):
+        if t.is_floating_point() and dtypes and t.dtype not in dtypes:
+            raise InputError(
+                f"state0 holds a {t.dtype} tensor, but the model's parameters are "
+                f"{', '.join(sorted(map(str, dtypes)))}; give state0 the parameters' dtype"
+            )
+    return st.tree_map(lambda s: s.detach().to(device), state0)
 
 
 def check_chunk(
     x: object, y: object, mask: object, reset: object, device: torch.device, batch_first: bool
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
-    """x, y, mask, reset as our own tensors on the model's device, and the chunk's batch size.
+    """x, y, mask, reset as tensors on the model's device, and the chunk's batch size.
 
-    The copies matter: the driver keeps chunks while a window can reach them, and a loader may
-    refill its buffers.
+    A floating x of two axes is one stream, (L, m), as torch.nn.RNN reads unbatched input: it
+    gets a batch axis of 1, and so do y, mask and reset. (Integer inputs of two axes are token
+    ids, (L, batch).) The tensors are not copied here: the driver copies the records it keeps
+    beyond the call (TBPTT.feed).
     """
     lead_name = "(batch, L)" if batch_first else "(L, batch)"
-    x = torch.as_tensor(x).detach().to(device, copy=True)
-    y = torch.as_tensor(y).detach().to(device, copy=True)
+    x, y = _tensor(x, "x", device), _tensor(y, "y", device)
+    mask = None if mask is None else _tensor(mask, "mask", device)
+    reset = None if reset is None else _tensor(reset, "reset", device)
     if x.dim() < 2:
-        raise ValueError(f"x must have shape {lead_name[:-1]}, ...), got {tuple(x.shape)}")
+        raise InputError(f"x must have shape {lead_name[:-1]}, ...), got {tuple(x.shape)}")
+    if x.dim() == 2 and x.is_floating_point():  # one stream (L, m)
+        ax = 0 if batch_first else 1
+        x = x.unsqueeze(ax)
+        y = y.unsqueeze(ax) if y.dim() >= 1 and y.shape[0] == x.shape[1 - ax] else y
+        mask = None if mask is None or mask.dim() != 1 else mask.unsqueeze(ax)
+        reset = None if reset is None or reset.dim() != 1 else reset.unsqueeze(ax)
     lead = tuple(x.shape[:2])
     if tuple(y.shape[:2]) != lead:
-        raise ValueError(
+        raise InputError(
             f"y must start with the shape {lead} of x {lead_name}, got {tuple(y.shape)}"
         )
-    if mask is not None:
-        mask = torch.as_tensor(mask).detach().to(device, copy=True)
-        if tuple(mask.shape) != lead:
-            raise ValueError(
-                f"mask must have shape {lead} {lead_name} like x, got {tuple(mask.shape)}"
-            )
+    if mask is not None and tuple(mask.shape) != lead:
+        raise InputError(f"mask must have shape {lead} {lead_name} like x, got {tuple(mask.shape)}")
     if reset is not None:
-        reset = torch.as_tensor(reset).detach().to(device, copy=True)
         if reset.dtype != torch.bool:
-            raise TypeError(f"reset must be a bool tensor, got dtype {reset.dtype}")
+            raise InputError(f"reset must be a bool tensor, got dtype {reset.dtype}")
         if tuple(reset.shape) != lead:
-            raise ValueError(
+            raise InputError(
                 f"reset must have shape {lead} {lead_name} like x, got {tuple(reset.shape)}"
             )
     return x, y, mask, reset, lead[0 if batch_first else 1]
 
 
+def _tensor(a: object, name: str, device: torch.device) -> Tensor:
+    try:
+        return torch.as_tensor(a).detach().to(device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{name} must be a tensor or an array, got {type(a).__name__}: {exc}") from None
+
+
 def check_result(res: object, x: Tensor) -> tuple[Tensor, st.State]:
     """The module's result under the protocol (output, new_state), output starting like x."""
     if not (isinstance(res, tuple | list) and len(res) == 2):
-        raise TypeError(
+        raise InputError(
             "model must follow the protocol model(x, state) -> (output, new_state), "
             f"got a {type(res).__name__}"
         )
@@ -115,17 +181,25 @@ def check_result(res: object, x: Tensor) -> tuple[Tensor, st.State]:
     lead = tuple(x.shape[:2])
     if not isinstance(out, Tensor) or tuple(out.shape[:2]) != lead:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"model's output must start with the shape {lead} of x, got {got}")
+        raise InputError(f"model's output must start with the shape {lead} of x, got {got}")
     st.check(new, "the model's new_state")
     return out, new
 
 
 def check_losses(losses: object, x: Tensor) -> Tensor:
-    """loss_fn's result: per-step, per-stream losses shaped like x's first two axes."""
+    """loss_fn's result: floating per-step, per-stream losses shaped like x's first two axes,
+    attached to the graph when gradients are being recorded."""
     want = tuple(x.shape[:2])
     if not isinstance(losses, Tensor) or tuple(losses.shape) != want:
         got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-        raise ValueError(
+        raise InputError(
             f"loss_fn must return per-step, per-stream losses of shape {want}, got {got}"
+        )
+    if not losses.is_floating_point():
+        raise InputError(f"loss_fn must return floating-point losses, got dtype {losses.dtype}")
+    if torch.is_grad_enabled() and not losses.requires_grad:
+        raise InputError(
+            "the losses do not depend on the model's parameters (no gradient can flow): the "
+            "model's output or loss_fn's result was detached, or computed under torch.no_grad()"
         )
     return losses

@@ -10,25 +10,31 @@ ranks, and each update applies its gradient:
 
 so the ranks' gradients are SUMMED, not averaged: W processes with B/W streams each take the same
 steps as one process with all B streams (DistributedDataParallel averages, which is right for a
-mean loss; the driver's loss is a sum). Per update there is one all-reduce of the flattened
-gradient (one per dtype and device), after the whole window was backpropagated (all its segments,
-on either path of driver.py) and before unscaling, clipping and optimizer.step: clipping sees the
-global norm, and every rank takes the same step. A model wrapped in DistributedDataParallel is
+mean loss; the driver's loss is a sum; with reduction="mean" the summed gradient is divided by the
+summed count). Per update there is ONE collective (an all-reduce; one per dtype and device when
+the parameters have several), after the whole window was backpropagated (all its segments, on
+either path of driver.py) and before unscaling, clipping and optimizer.step, so clipping sees the
+global norm and every rank takes the same step. Its buffer holds the flattened gradient, a flag
+per parameter (whether it has a gradient), the loss total and count of the chunk (the mean the
+driver reports), the mean reduction's count, and one slot per rank for its step t and for the
+finiteness of its losses: the checks that keep the ranks in step travel with the gradient. A model wrapped in DistributedDataParallel is
 accepted: the driver runs its `.module` and uses its process group, so DDP's own reducer never
 fires (as if every backward ran under `no_sync()`), and the driver's all-reduce is the only one.
 
-Two small all-reduces (MAX) keep the ranks in step: one when the driver is made (the same
-schedule and parameter shapes everywhere; then the parameters and buffers are broadcast from rank
-0, as DDP does), one before each update and after each chunk (every rank at the same step t, and
-a non-finite loss on any rank stops all of them at the same update). A collective that fails (a
-process died, or stopped answering within the process group's timeout) raises DistributedError.
+When the driver is made, one small all-reduce checks that every rank has the same schedule and
+parameter shapes; then the parameters and buffers are broadcast from rank 0, as DDP does. A chunk
+that ends between updates is checked by a collective of the same buffer (gradient zero), so ranks
+at different steps t meet in the same call and all raise; a non-finite loss on any rank stops all
+of them at the same update. A collective that fails (a process died, or stopped answering within
+the process group's timeout) raises DistributedError.
 
-Checkpoints (resume.py's format, unchanged): rank 0 gathers the per-stream parts (the carried
-state, the kept segments' inputs, targets, masks, resets and entering states) along the stream
-axis, writes the file atomically, and a barrier tells every rank it is complete. The file is a
+Checkpoints (TBPTT.state_dict's format): rank 0 gathers the per-stream parts (the carried state,
+the kept segments' inputs, targets, masks, resets and entering states) along the stream axis,
+writes the file atomically, and a barrier tells every rank it is complete. The file is a
 single-process checkpoint over all B streams, plus each rank's RNG states under "ranks": a
 single process loads it as it is, and W' processes load it when W' divides B, rank r taking
-streams r B/W' .. (r+1) B/W' - 1.
+streams r B/W' .. (r+1) B/W' - 1. This module gets values from the driver (its state dict, the
+stream axis, the state's stream axes), never the driver itself.
 """
 
 from __future__ import annotations
@@ -38,16 +44,13 @@ import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import InputError
 from . import state as st
-from .resume import FORMAT, driver_state, load, save
-
-if TYPE_CHECKING:
-    from .driver import TBPTT
 
 Tensor = torch.Tensor
 PER_STREAM = ("x", "y", "mask", "reset")  # segment records with a stream axis, besides state_in
@@ -64,8 +67,8 @@ def _dist():
     return dist
 
 
-def resolve(model: nn.Module, process_group: object) -> tuple[nn.Module, Comm | None]:
-    """The module the driver runs and how its ranks talk (None: a single process).
+def resolve(model: nn.Module, process_group: object) -> tuple[nn.Module, Any]:
+    """The module the driver runs and its process group (None: a single process).
 
     process_group None: a DistributedDataParallel model's group, else the default group when
     torch.distributed is initialized; False: no communication; or a ProcessGroup.
@@ -78,7 +81,7 @@ def resolve(model: nn.Module, process_group: object) -> tuple[nn.Module, Comm | 
     available = dist.is_available()
     if process_group is False:
         if ddp:
-            raise ValueError(
+            raise InputError(
                 "process_group=False with a DistributedDataParallel model: the model trains with "
                 "its process group; pass process_group=None, or the unwrapped model"
             )
@@ -93,13 +96,13 @@ def resolve(model: nn.Module, process_group: object) -> tuple[nn.Module, Comm | 
     elif available and isinstance(process_group, dist.ProcessGroup):
         group = process_group
     else:
-        raise TypeError(
+        raise InputError(
             "process_group must be None (automatic), False (a single process) or a "
             f"torch.distributed.ProcessGroup, got {type(process_group).__name__}"
         )
     if dist.get_world_size(group) == 1:
         return inner, None
-    return inner, Comm(group)
+    return inner, group
 
 
 class Comm:
@@ -135,76 +138,98 @@ class Comm:
         hi, lo = both[:n].tolist(), (-both[n:]).tolist()
         return list(zip(lo, hi, strict=True))
 
-    def setup(self, d: TBPTT) -> None:
-        """Check that every rank runs the same schedule and model; give all rank 0's values."""
-        tr = d.truncation
-        params = list(d._named.values())
-        names = ("k1", "k2", "inject", "flush", "batch_first", "parameters", "parameter elements")
-        inject = ("new", "window", "last").index(tr.inject)
-        ours = [tr.k1, tr.k2, inject, int(tr.flush), int(d.batch_first), len(params)]
-        ours.append(sum(p.numel() for p in params))
-        spread = self._spread(ours, "the check of the driver's settings")
-        for name, (lo, hi) in zip(names, spread, strict=True):
+    def setup(self, settings: dict[str, int], tensors: list[Tensor]) -> None:
+        """Check that every rank has the same settings; give all rank 0's tensor values."""
+        spread = self._spread(list(settings.values()), "the check of the driver's settings")
+        for name, (lo, hi) in zip(settings, spread, strict=True):
             if lo != hi:
-                raise ValueError(
+                raise InputError(
                     f"the processes disagree on {name} (from {lo} to {hi}): every rank must make "
                     "the same model and the same tbptt.Truncation"
                 )
-        tensors = [*d.model.parameters(), *d.model.buffers()]
         with torch.no_grad():
             for ts in _by_kind(tensors).values():
                 flat = torch.cat([t.detach().reshape(-1) for t in ts])
                 self._call(
-                    "the broadcast of the initial parameters", _dist().broadcast, flat,
-                    src=self.src, group=self.group,
-                )  # fmt: skip
+                    "the broadcast of the initial parameters",
+                    _dist().broadcast,
+                    flat,
+                    src=self.src,
+                    group=self.group,
+                )
                 for t, part in zip(ts, flat.split([t.numel() for t in ts]), strict=True):
                     t.copy_(part.view_as(t))
 
-    def check_step(self, t: int, finite: bool, n: int) -> bool:
-        """Every rank at step t (raise if not); True when the losses are finite on all ranks."""
-        (_, bad), (t_lo, t_hi) = self._spread([int(not finite), t], f"the check before update {n}")
-        if t_lo != t_hi:
-            raise ValueError(
-                f"the processes are at different steps of the stream (t from {t_lo} to {t_hi}) "
-                f"before update {n}: every rank must feed chunks of the same lengths, so that "
+    def reduce(
+        self, params: list[Tensor], *, t: int, finite: bool, values: list[float], what: str,
+        grads: bool = True,
+    ) -> Reduced:
+        """The update's one collective (module docstring): p.grad <- the sum over the ranks
+        (grads=False: a check between updates, the gradient slots zero), the values summed, and
+        every rank's step t and finiteness. Raises InputError on all ranks when their t differ.
+        """  # fmt: skip
+        W, r = self.world, self.rank
+        kinds = list(_by_kind(params).values()) or [[]]
+        control = None
+        for k, ps in enumerate(kinds):
+            for p in ps:
+                if grads and p.grad is not None and p.grad.is_sparse:
+                    raise InputError("sparse gradients cannot be summed over processes here")
+            like = ps[0] if ps else torch.zeros((), dtype=torch.float64)
+            have = [grads and p.grad is not None for p in ps]
+            parts = [
+                p.grad.reshape(-1) if h else p.new_zeros(p.numel()) for p, h in zip(ps, have, strict=True)
+            ]
+            extra = [float(h) for h in have]
+            if k == 0:  # values, then per rank: t in two exact halves, and a non-finite flag
+                slots = [0.0] * (3 * W)
+                slots[3 * r : 3 * r + 3] = [float(t >> 20), float(t & 0xFFFFF), float(not finite)]
+                extra += [*values, *slots]
+            flat = torch.cat([*parts, torch.tensor(extra, dtype=like.dtype).to(like.device)])
+            self._call(f"the all-reduce of {what}", _dist().all_reduce, flat, group=self.group)
+            n = sum(p.numel() for p in ps)
+            tail = flat[n:].double().tolist()
+            for p, g, f in zip(ps, flat[:n].split([p.numel() for p in ps]), tail, strict=False):
+                if grads:
+                    p.grad = g.view_as(p) if f > 0 else None
+            if k == 0:
+                control = tail[len(ps) :]
+        values_sum, slots = control[: len(values)], control[len(values) :]
+        ts = [int(slots[3 * q]) * (1 << 20) + int(slots[3 * q + 1]) for q in range(W)]
+        if min(ts) != max(ts):
+            raise InputError(
+                f"the processes are at different steps of the stream (t from {min(ts)} to "
+                f"{max(ts)}) at {what}: every rank must feed chunks of the same lengths, so that "
                 "the schedule's update times are the same everywhere"
             )
-        return not bad
+        bad = any(slots[3 * q + 2] > 0 for q in range(W))
+        return Reduced(finite=not bad, values=values_sum)
 
-    def sum_grads(self, params: list[Tensor], n: int) -> None:
-        """(D.2): p.grad <- sum over the ranks, one all-reduce per dtype and device.
-
-        A parameter keeps grad None only when it has none on every rank (one flag per parameter
-        travels with the gradients).
-        """
-        for ps in _by_kind(params).values():
-            for p in ps:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError("sparse gradients cannot be summed over processes here")
-            parts = [
-                p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in ps
-            ]
-            flags = torch.tensor([float(p.grad is not None) for p in ps], dtype=ps[0].dtype)
-            flat = torch.cat([*parts, flags.to(ps[0].device)])
-            self._call(
-                f"the gradient all-reduce of update {n}", _dist().all_reduce, flat,
-                group=self.group,
-            )  # fmt: skip
-            present = flat[-len(ps) :].tolist()
-            grads = flat[: -len(ps)].split([p.numel() for p in ps])
-            for p, g, f in zip(ps, grads, present, strict=True):
-                p.grad = g.view_as(p) if f > 0 else None
-
-    def barrier(self, ok: bool, what: str) -> bool:
-        """Wait for every rank; True when every rank says ok."""
-        (lo, _), = self._spread([int(ok)], what)  # fmt: skip
-        return lo == 1
+    def together(self, fn: Callable[[], None], what: str) -> None:
+        """Run fn on every rank, then wait for all; every rank raises if one failed."""
+        error: BaseException | None = None
+        try:
+            fn()
+        except DistributedError:
+            raise
+        except Exception as exc:  # tell the others, then raise it here
+            error = exc
+        (lo, _), = self._spread([int(error is None)], f"the barrier after {what}")  # fmt: skip
+        if lo != 1:
+            if error is not None:
+                raise error
+            raise DistributedError(
+                f"process {self.rank} of {self.world}: {what} failed in another process (its "
+                "error is in its output)"
+            )
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def state_dict(self, d: TBPTT) -> dict | None:
-        """The run's state over all streams on rank 0 (module docstring), None on the others."""
-        sd = driver_state(d)
+    def gather_streams(self, sd: dict, axis: int, dims: list[int] | None) -> dict | None:
+        """The run's state over all streams on rank 0 (module docstring), None on the others.
+
+        sd: this rank's state dict; axis: the stream axis of x, y, masks and resets; dims: the
+        stream axis of each tensor of the carried state (None before the first chunk).
+        """
         local = {
             "batch": sd["batch"],
             "state": sd["state"],
@@ -218,54 +243,34 @@ class Comm:
         local = _cpu(local)
         parts = [None] * self.world if self.rank == 0 else None
         self._call(
-            "gathering the checkpoint", _dist().gather_object, local, parts, dst=self.src,
+            "gathering the checkpoint",
+            _dist().gather_object,
+            (local, dims),
+            parts,
+            dst=self.src,
             group=self.group,
-        )  # fmt: skip
+        )
         if self.rank != 0:
             return None
-        return _merge(d, sd, parts)
+        dims = next((d for _, d in parts if d is not None), None)
+        return merge_streams(sd, [p for p, _ in parts], axis, dims)
 
-    def local_state(self, d: TBPTT, sd: dict | None) -> dict:
-        """Rank 0's global state, broadcast; this rank's streams of it (module docstring)."""
-        box = [sd if self.rank == 0 else None]
+    def broadcast(self, obj: Any, what: str) -> Any:
+        """Rank 0's object on every rank."""
+        box = [obj if self.rank == 0 else None]
         self._call(
-            "broadcasting the checkpoint", _dist().broadcast_object_list, box, src=self.src,
+            f"broadcasting {what}", _dist().broadcast_object_list, box, src=self.src,
             group=self.group,
         )  # fmt: skip
-        sd = box[0]
-        if isinstance(sd, str):  # rank 0 could not read it: the message
-            raise ValueError(sd)
-        return _split(d, sd, self.rank, self.world)
+        return box[0]
 
-    def save(self, d: TBPTT, path: str | os.PathLike | None) -> None:
-        """Rank 0 writes the gathered state atomically; no rank returns before the file is whole."""
-        error: BaseException | None = None
-        try:
-            sd = self.state_dict(d)
-            if self.rank == 0:
-                if path is None:
-                    raise TypeError("path must be a file name on rank 0, got None")
-                save(sd, path)
-        except DistributedError:
-            raise
-        except Exception as exc:  # tell the others, then raise it here
-            error = exc
-        if not self.barrier(error is None, "the barrier after writing the checkpoint"):
-            if error is not None:
-                raise error
-            raise DistributedError(
-                f"process {self.rank} of {self.world}: the checkpoint was not written, another "
-                "process failed while gathering or writing it (its error is in its output)"
-            )
 
-    def load(self, path: str | os.PathLike | None) -> dict | str | None:
-        """Rank 0 reads the file (weights_only); a message instead when it cannot."""
-        if self.rank != 0:
-            return None
-        try:
-            return load(path)
-        except Exception as exc:
-            return f"cannot read checkpoint {os.fspath(path) if path else path}: {exc}"
+@dataclass
+class Reduced:
+    """What the update's collective brought back besides the gradient."""
+
+    finite: bool  # every rank's losses were finite
+    values: list[float]  # the values, summed over the ranks
 
 
 def _by_kind(tensors: list[Tensor]) -> dict[tuple, list[Tensor]]:
@@ -285,16 +290,6 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
-def _stream_axis(d: TBPTT) -> int:
-    """The stream axis of x, y, masks and resets: 1 time-major, 0 batch-first."""
-    return 1 - d._tdim
-
-
-def _state_dims(d: TBPTT, state: st.State, batch: int) -> list[int]:
-    dims = d._batch_dims(state)
-    return dims if dims is not None else [st.batch_dim(t, batch) for t in st.leaves(state)]
-
-
 def _cat(values: list[Tensor | None], ax: int, counts: list[int], fill: int) -> Tensor | None:
     """The ranks' records side by side on the stream axis ax; a rank's None (no mask: weights
     1, no reset: False) becomes `fill` where another rank has a tensor."""
@@ -307,8 +302,8 @@ def _cat(values: list[Tensor | None], ax: int, counts: list[int], fill: int) -> 
     return torch.cat([full(n) if v is None else v for v, n in zip(values, counts, strict=True)], ax)
 
 
-def _merge(d: TBPTT, sd: dict, parts: list[dict]) -> dict:
-    """Rank 0's state_dict with the ranks' streams side by side, in rank order."""
+def merge_streams(sd: dict, parts: list[dict], ax: int, dims: list[int] | None) -> dict:
+    """Rank 0's state dict with the ranks' streams side by side on axis ax, in rank order."""
     out = dict(sd)
     out["segments"] = [dict(r) for r in sd["segments"]]
     counts = [p["batch"] for p in parts]
@@ -316,12 +311,10 @@ def _merge(d: TBPTT, sd: dict, parts: list[dict]) -> dict:
         out["batch"] = None if all(c is None for c in counts) else sum(c or 0 for c in counts)
     else:
         out["batch"] = sum(counts)
-    ax = _stream_axis(d)
 
     def cat_state(states: list) -> Any:
         if states[0] is None:
             return None
-        dims = _state_dims(d, states[0], counts[0])
         cols = [st.leaves(s) for s in states]
         it = iter([torch.cat([c[i] for c in cols], dim) for i, dim in enumerate(dims)])
         return st.tree_map(lambda _: next(it), states[0])
@@ -344,10 +337,11 @@ def _merge(d: TBPTT, sd: dict, parts: list[dict]) -> dict:
     return out
 
 
-def _split(d: TBPTT, sd: dict, rank: int, world: int) -> dict:
-    """This rank's part of a checkpoint over all streams, in the single-process format."""
-    if not isinstance(sd, dict) or sd.get("format") != FORMAT:
-        return sd  # resume.load_driver_state says what is wrong with it
+def split_streams(sd: dict, rank: int, world: int, ax: int, dims: list[int] | None) -> dict:
+    """This rank's part of a checkpoint over all streams, in the single-process format.
+
+    ax: the stream axis of x, y, masks and resets; dims: that of each tensor of the state.
+    """
     ranks = sd.get("ranks")
     same = ranks is not None and len(ranks) == world
     B = sd.get("batch")
@@ -360,21 +354,20 @@ def _split(d: TBPTT, sd: dict, rank: int, world: int) -> dict:
     if same:
         counts = [r["batch"] for r in ranks]
     elif B % world:
-        raise ValueError(
+        raise InputError(
             f"the checkpoint holds {B} streams, which {world} processes cannot share equally; "
             f"resume with a number of processes that divides {B}"
         )
     else:
         counts = [B // world] * world
     a, n = sum(counts[:rank]), counts[rank]
-    ax = _stream_axis(d)
     cut = lambda v: None if v is None else v.narrow(ax, a, n).clone()  # noqa: E731
 
     def cut_state(s: Any) -> Any:
         if s is None:
             return None
-        dims = iter(_state_dims(d, s, B))
-        return st.tree_map(lambda t: t.narrow(next(dims), a, n).clone(), s)
+        it = iter(dims)
+        return st.tree_map(lambda t: t.narrow(next(it), a, n).clone(), s)
 
     out["batch"] = n
     out["state"] = cut_state(sd["state"])
@@ -404,7 +397,7 @@ class Launch:
     def streams(self, batch: int) -> slice:
         """This rank's streams of a global batch: a contiguous block of batch / world."""
         if batch % self.world:
-            raise ValueError(
+            raise InputError(
                 f"--batch {batch} must be divisible by the number of processes ({self.world}): "
                 f"each process trains batch / processes streams"
             )
@@ -442,14 +435,14 @@ def init_from_env(device: str = "cpu", timeout: float | None = None) -> Launch:
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        raise InputError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if world <= 1:
         return Launch(0, 1, 0, torch.device(device))
     missing = [
         k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
     ]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the processes with "
             "torchrun (it sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)"
         )
@@ -457,11 +450,11 @@ def init_from_env(device: str = "cpu", timeout: float | None = None) -> Launch:
     if timeout is None:
         timeout = float(os.environ.get("TBPTT_TIMEOUT", DEFAULT_TIMEOUT))
     if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        raise InputError(f"timeout must be a positive number of seconds, got {timeout}")
     dev = torch.device(device)
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here")
+            raise InputError("--device cuda: no CUDA device is available here")
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     dist = _dist()

@@ -6,10 +6,12 @@ of (4.2)-(4.3) is backpropagated and the optimizer steps; the stream goes on fro
 state with the new parameters.
 
     (4.1)  update times  u in {k1, 2 k1, ...}   (flush: also u = T at finish())
-    (4.2)  window start  s = max(1, u - k2 + 1)
+    (4.2)  window start  s = max(1, u - k2 + 1)   (flush: where the next regular window starts)
     (4.3)  injected      "new": I = (u_prev, u],  "window": I = [s, u],  "last": I = {u}
     (5.2), (5.3)         the update: the derivative of sum_{t in I} l_t through steps s..u as they
                          were computed, each with the parameter values it ran with (segments.py)
+    (5.4)  reduction     "sum": that derivative; "mean": divided by the number of injected,
+                         unmasked (step, stream) losses (mask weights summed)
 
 Two paths, chosen from the schedule alone:
 
@@ -26,14 +28,12 @@ Two paths, chosen from the schedule alone:
                          segment's graph is freed once no later window reaches it. No step is
                          computed twice.
 
-The flush window at the end of a stream (u = T, s = T - k2 + 1) generally starts inside a segment,
-and it may reach steps whose graph an earlier update consumed. It is rebuilt from the segments'
-records (inputs, entering state, parameter values, RNG state): the same computation with the same
-parameter values, run again once at the end of the stream.
+The flush window (contract version 2) is the next regular window cut at the end of the stream, so
+it consists of kept segments with their graphs, like any other window.
 
 Under torch.distributed (distributed.py) each process runs this on its own streams; the update's
-gradient is summed over the processes once, after the whole window (either path) and before
-clipping and the step, so every process takes the step one process with all streams would take.
+gradient is summed over the processes in one collective, after the whole window (either path) and
+before clipping and the step, so every process takes the step one process with all streams would.
 """
 
 from __future__ import annotations
@@ -49,21 +49,25 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from ..errors import NonFiniteError
+from ..errors import InputError, NonFiniteError
+from ..files import atomic_write
 from ..schedule import Truncation, Window
+from . import distributed as dd
 from . import state as st
-from .checks import amp_setup, check_arguments, check_chunk, check_losses, check_result
-from .distributed import resolve
+from .checks import (
+    amp_setup,
+    check_arguments,
+    check_chunk,
+    check_losses,
+    check_result,
+    check_state0,
+)
 from .modules import l2_loss
-from .resume import driver_state, load, load_driver_state, save
 from .segments import Graph, Params, Segment, capture_rng, fork_rng, reset_rows
 
 Tensor = torch.Tensor
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def _non_finite(message: str, step: int, update: int) -> NonFiniteError:
-    return NonFiniteError(message, step, update)
+FORMAT = "tbptt.torch.TBPTT/2"
 
 
 class TBPTT:
@@ -80,7 +84,8 @@ class TBPTT:
         scheduler: an LR scheduler, stepped once per update.
         batch_first: chunks (and outputs, losses, masks, resets) are (batch, L, ...).
         amp: run the module and the loss under torch.autocast (True: float16 on CUDA, bfloat16
-            on the CPU; or a dtype). float16 brings a GradScaler.
+            on the CPU; or a dtype). float16 brings a GradScaler, whose skipped steps are counted
+            in `skipped`. A CPU that cannot run the module in bfloat16 is refused here.
         checkpoint: keep each segment's graph as a torch.utils.checkpoint (activations recomputed
             during backward); the same numbers for less memory.
         state0: the state a stream starts and restarts (after a reset) from; None: the module's
@@ -89,6 +94,10 @@ class TBPTT:
             DistributedDataParallel) this process trains its own streams and each update sums
             the gradient over the group's processes (distributed.py); False: never; or a
             torch.distributed.ProcessGroup.
+        reduction: "sum" (the contract's L: each update differentiates the sum of its injected
+            losses) or "mean" (that sum divided by the number of injected, unmasked (step,
+            stream) losses, mask weights summed: what word_language_model, Lightning and Keras
+            compute, a short last chunk included).
 
     feed(x, y, mask=None, reset=None) runs one chunk and updates where the schedule says;
     finish() does the flush update. state, t, updates: the carried state, the steps computed and
@@ -109,40 +118,54 @@ class TBPTT:
         checkpoint: bool = False,
         state0: st.State | None = None,
         process_group: object | None = None,
+        reduction: str = "sum",
     ) -> None:
-        model, self._comm = resolve(model, process_group)  # DDP: its .module and its group
-        check_arguments(
-            model, truncation, optimizer, loss_fn, clip, scheduler, batch_first, checkpoint
-        )
+        model, group = dd.resolve(model, process_group)  # DDP: its .module and its group
+        clip = check_arguments(
+            model, truncation, optimizer, loss_fn, clip, scheduler, batch_first, checkpoint,
+            reduction,
+        )  # fmt: skip
         self._named: Params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self._named:
-            raise ValueError("model has no parameters that require grad: nothing to train")
+            raise InputError("model has no parameters that require grad: nothing to train")
         self.model, self.truncation, self.optimizer = model, truncation, optimizer
         self.loss_fn, self.clip, self.scheduler = loss_fn, clip, scheduler
-        self.batch_first, self.checkpoint = batch_first, checkpoint
+        self.batch_first, self.checkpoint, self.reduction = batch_first, checkpoint, reduction
         self._tdim = 1 if batch_first else 0  # the time axis of x, y, losses, masks, resets
         self.device = next(iter(self._named.values())).device
-        self._amp_dtype, self.scaler = amp_setup(amp, self.device)
-        if state0 is not None:
-            st.check(state0, "state0")
-            state0 = st.tree_map(lambda s: s.detach().to(self.device), state0)
-        self.state0 = state0
+        self._amp_dtype, self.scaler = amp_setup(amp, self.device, model)
+        self.state0 = check_state0(state0, self._named, self.device)
         self._overlap = truncation.k2 > truncation.k1  # kept graphs outlive optimizer steps
         self.t = 0  # steps computed so far: the position in the stream
         self.u_prev = 0  # the last update time: the schedule's phase
         self.updates = 0
+        self.skipped = 0  # float16 loss scaling: updates whose step the GradScaler skipped
         self.batch: int | None = None  # streams, fixed by the first chunk
         self.finished = False
         self.last_grad_norm: float | None = None
-        self._state: st.State | None = state0  # the carried state, attached to the last graph
+        self._state: st.State | None = self.state0  # the carried state, attached to the last graph
         self._segments: deque[Segment] = deque()
         self._copies: Params | None = None  # parameter copies of the current interval (overlap)
         self._sig: object = None  # the state's structure and shapes, fixed by the first call
         self._pending: list[Tensor] = []  # loss sums not yet checked for finiteness
         self._pending_from = 1
-        self._chunk_total = 0.0
+        self._chunk_total = self._chunk_count = self._chunk_local = 0.0
+        self._comm = None if group is None else dd.Comm(group)
         if self._comm is not None:  # the same settings everywhere; rank 0's parameters
-            self._comm.setup(self)
+            tr, params = truncation, list(self._named.values())
+            self._comm.setup(
+                {
+                    "k1": tr.k1,
+                    "k2": tr.k2,
+                    "inject": ("new", "window", "last").index(tr.inject),
+                    "flush": int(tr.flush),
+                    "batch_first": int(batch_first),
+                    "reduction": int(reduction == "mean"),
+                    "parameters": len(params),
+                    "parameter elements": sum(p.numel() for p in params),
+                },
+                [*model.parameters(), *model.buffers()],
+            )
 
     # -- the stream -----------------------------------------------------------------------------
     @property
@@ -156,8 +179,10 @@ class TBPTT:
         """Run the next chunk x (L, batch, ...) with targets y, updating where the schedule says.
 
         mask (L, batch): weights of the losses (0 switches l_t off). reset (L, batch) bool: stream
-        j starts step t from state0 (6.1). All (batch, L, ...) when batch_first. Returns the
-        chunk's mean loss per (unmasked) step and stream, as computed during the forward pass.
+        j starts step t from state0 (6.1). All (batch, L, ...) when batch_first. A chunk of one
+        stream may leave out the batch axis: x (L, m) with y (L, p) or (L,). Returns the chunk's
+        mean loss, sum(w l) / sum(w) over its steps and streams (w the mask, 1 without one), as
+        computed during the forward pass; with several processes, over all of them.
         """
         if self.finished:
             raise RuntimeError("the stream was finished; create a new TBPTT to train on another")
@@ -165,18 +190,17 @@ class TBPTT:
         if self.batch is None:
             self.batch = batch
         elif batch != self.batch:
-            raise ValueError(
+            raise InputError(
                 f"x has {batch} streams (batch size), but this stream was started with "
                 f"{self.batch}; the streams of a batch go on together, so the size cannot change"
             )
         T = x.shape[self._tdim]
         count = float(T * self.batch) if mask is None else float(mask.sum())
-        self._chunk_total = 0.0
+        self._chunk_total, self._chunk_count, self._chunk_local = 0.0, count, count
         start = 0
         while start < T:  # split at update times and window starts; chunk ends are free
             stop = min(T, start + self._next_boundary(self.t) - self.t)
-            cut = lambda a: None if a is None else a.narrow(self._tdim, start, stop - start)  # noqa: E731, B023
-            self._forward(cut(x), cut(y), cut(mask), cut(reset))
+            self._forward(*(self._cut(a, start, stop) for a in (x, y, mask, reset)))
             if self.truncation.is_update(self.t):
                 self._update(self.truncation.window(self.t, self.u_prev))
             self._prune()
@@ -184,18 +208,28 @@ class TBPTT:
         self._check_losses(
             f"no update used it yet (next: update {self.updates + 1})", self.updates + 1
         )
-        return self._chunk_total / max(count, 1.0)
+        for seg in self._segments:  # records that outlive this call: our own copies
+            if not seg.owned:
+                copy = lambda a: None if a is None else a.clone()  # noqa: E731
+                seg.x, seg.y, seg.mask, seg.reset = map(copy, (seg.x, seg.y, seg.mask, seg.reset))
+                seg.owned = True
+        return self._chunk_total / max(self._chunk_count, 1e-300)
 
     def finish(self) -> None:
-        """End of stream: the flush update (when asked for and k1 does not divide the length)."""
+        """End of stream: the flush update (when asked for and its window is not empty)."""
         if self.finished:
             return
         w = self.truncation.flush_window(self.t)
         if w is not None and w.u > self.u_prev:
-            self._update(w, final=True)
+            self._update(w)
         self._segments.clear()
         self._copies = None
         self.finished = True
+
+    def _cut(self, a: Tensor | None, start: int, stop: int) -> Tensor | None:
+        if a is None or (start == 0 and stop == a.shape[self._tdim]):
+            return a
+        return a.narrow(self._tdim, start, stop - start)
 
     def _next_boundary(self, t: int) -> int:
         """The first segment boundary after step t: an update time u or a window start s - 1."""
@@ -227,25 +261,25 @@ class TBPTT:
             params, grad, leaf = None, t1 >= s, False
             link = grad and t0 > s and prev is not None and prev.graph is not None
             state_in = state if link else st.detach(state)
-        rng, device_rng = capture_rng(self.device)
+        rng, device_rng = capture_rng(self.device) if grad else (None, None)  # rerun on load
         seg = Segment(
-            t0, L, x, y, mask, reset, st.detach(state), params, rng, device_rng, None, link
-        )
+            t0=t0, L=L, x=x, y=y, mask=mask, reset=reset, state_in=st.detach(state),
+            params=params, rng=rng, device_rng=device_rng, link=link,
+        )  # fmt: skip
         with nullcontext() if grad else torch.no_grad():
-            losses, state_out = self._run(seg, state_in, 0, params, self.checkpoint and grad)
+            losses, state_out = self._run(seg, state_in, params, self.checkpoint and grad)
         if grad:
-            seg.graph = Graph(state_in, losses, state_out, leaf)
+            seg.graph = Graph(state_in=state_in, losses=losses, state_out=state_out, leaf=leaf)
         self._segments.append(seg)
         self._state = state_out
         self.t = t1
         self._pending.append(losses.detach().sum(dtype=torch.float64))
 
     def _run(
-        self, seg: Segment, state: st.State | None, a: int, params: Params | None, ckpt: bool
+        self, seg: Segment, state: st.State | None, params: Params | None, ckpt: bool
     ) -> tuple[Tensor, st.State]:
-        """Steps a..L-1 of the segment from `state`: the masked losses and the final state."""
-        narrow = lambda v: v if v is None or a == 0 else v.narrow(self._tdim, a, seg.L - a)  # noqa: E731
-        args = (narrow(seg.x), narrow(seg.y), narrow(seg.mask), narrow(seg.reset), state, params)
+        """The segment's steps from `state`: the masked losses and the final state."""
+        args = (seg.x, seg.y, seg.mask, seg.reset, state, params)
         if ckpt:
             return torch_checkpoint(self._steps, *args, use_reentrant=False)
         return self._steps(*args)
@@ -287,7 +321,7 @@ class TBPTT:
                     res = functional_call(self.model, params, (x, state))
         except TypeError as exc:
             if first:
-                raise TypeError(
+                raise InputError(
                     "model must follow the protocol model(x, state) -> (output, new_state); "
                     f"calling it raised: {exc}"
                 ) from exc
@@ -296,33 +330,35 @@ class TBPTT:
         sig = st.signature(new)
         if first:
             if self.state0 is not None and st.signature(self.state0) != sig:
-                raise ValueError(
+                raise InputError(
                     f"state0 has shapes {st.signature(self.state0)}, but the model's state has {sig}"
                 )
             self._sig = sig
         elif sig != self._sig:
-            raise ValueError(f"the model returned a state of shapes {sig}, before {self._sig}")
+            raise InputError(f"the model returned a state of shapes {sig}, before {self._sig}")
         return out, new
 
     def _batch_dims(self, state) -> list[int] | None:
         d = getattr(self.model, "state_batch_dim", None)
         return None if d is None else [int(d)] * len(st.leaves(state))
 
+    def _state_dims(self, state: st.State | None, batch: int) -> list[int] | None:
+        """The stream axis of each tensor of a state (for the processes' checkpoints)."""
+        if state is None:
+            return None
+        dims = self._batch_dims(state)
+        return dims if dims is not None else [st.batch_dim(t, batch) for t in st.leaves(state)]
+
     # -- the update -----------------------------------------------------------------------------
-    def _update(self, w: Window, final: bool = False) -> None:
+    def _update(self, w: Window) -> None:
         """Backpropagate window w (5.2), (5.3) and step the optimizer: the update number n."""
         n = self.updates + 1
-        self._check_losses(f"update {n} (after step {w.u}) was not applied", n, update=True)
+        if self._comm is None:
+            self._check_losses(f"update {n} (after step {w.u}) was not applied", n)
         segs = [seg for seg in self._segments if seg.t1 >= w.s]
         for p in self._named.values():
             p.grad = None
-        chained = (
-            not self._overlap
-            and all(seg.graph is not None for seg in segs)
-            and segs[0].t0 == w.s
-            and all(seg.link for seg in segs[1:])
-        )
-        if chained:  # one graph from s to u: one backward, as the plain detach loop does
+        if not self._overlap:  # one graph from s to u (4.2): one backward, as the detach loop does
             total = None
             for seg in segs:
                 part = self._injected(seg.graph.losses, max(w.i, seg.t0) - seg.t0)
@@ -333,11 +369,17 @@ class TBPTT:
             for seg in segs:
                 seg.graph = None
         else:
-            grads = self._window_grads(w, segs, final)
+            grads = self._window_grads(w, segs)
             for name, p in self._named.items():
                 p.grad = grads.get(name)
+        mean = self.reduction == "mean"
+        count = self._count(w, segs) if mean else 0.0
         if self._comm is not None:  # (D.2): the gradient of the loss over all processes' streams
-            self._comm.sum_grads(list(self._named.values()), n)
+            count = self._sync(n, w, count)
+        if mean and count > 0:  # (5.4): the derivative of the mean is that of the sum / count
+            for p in self._named.values():
+                if p.grad is not None:
+                    p.grad.div_(count)
         self._step(n, w)
 
     def _injected(self, losses: Tensor, a: int) -> Tensor | None:
@@ -347,20 +389,27 @@ class TBPTT:
             return None
         return losses.sum() if a == 0 else losses.narrow(self._tdim, a, L - a).sum()
 
-    def _window_grads(self, w: Window, segs: list[Segment], final: bool) -> dict[str, Tensor]:
+    def _count(self, w: Window, segs: list[Segment]) -> float:
+        """(5.4): the number of injected (step, stream) losses, mask weights summed."""
+        total = 0.0
+        for seg in segs:
+            a = max(w.i, seg.t0) - seg.t0
+            if a < seg.L:
+                steps = seg.L - a
+                total += steps * self.batch if seg.mask is None else float(self._cut(seg.mask, a, seg.L).sum())
+        return total
+
+    def _window_grads(self, w: Window, segs: list[Segment]) -> dict[str, Tensor]:
         """Walk the window from u back to s, one segment at a time (5.2), summing (5.3)."""
         tr = self.truncation
-        keep_from = math.inf if final else tr.next_update(w.u) - tr.k2 + 1
+        keep_from = tr.next_update(w.u) - tr.k2 + 1  # the next window's first step
         acc: dict[str, Tensor] = {}
         g_state: list[Tensor | None] | None = None  # dL_W / d(state entering the later segment)
         for seg in reversed(segs):
-            start = max(seg.t0, w.s)
-            need_state = start > w.s
+            need_state = seg.t0 > w.s
             graph = seg.graph
-            if graph is None or not graph.leaf or start > seg.t0:
-                graph = self._rebuild(seg, start, need_state)
             outs, gouts = [], []
-            part = self._injected(graph.losses, max(w.i, start) - start)
+            part = self._injected(graph.losses, max(w.i, seg.t0) - seg.t0)
             if part is not None:
                 outs.append(part if self.scaler is None else self.scaler.scale(part))
                 gouts.append(torch.ones_like(outs[-1]))
@@ -369,11 +418,11 @@ class TBPTT:
                     if g is not None and o.requires_grad:
                         outs.append(o)
                         gouts.append(g)
-            P = seg.params if seg.params is not None else self._named
+            P = seg.params
             names = list(P)
             ins = [P[k] for k in names]
             sin = _diff_leaves(graph.state_in) if need_state and graph.state_in is not None else []
-            retain = graph is seg.graph and seg.t1 >= keep_from
+            retain = seg.t1 >= keep_from
             res = [None] * (len(ins) + len(sin))
             if outs:
                 res = torch.autograd.grad(
@@ -387,17 +436,19 @@ class TBPTT:
                 seg.graph = None
         return acc
 
-    def _rebuild(self, seg: Segment, start: int, need_state: bool) -> Graph:
-        """Run a segment again from its record (same inputs, state, parameter values and RNG)."""
-        a = start - seg.t0
-        with fork_rng(seg, self.device):
-            state = seg.state_in
-            if a > 0:  # the window starts inside this segment: its first a steps carry no gradient
-                with torch.no_grad():
-                    _, state = self._run(_head(seg, a, self._tdim), state, 0, seg.params, False)
-            state = st.as_leaf(state) if need_state else st.detach(state)
-            losses, state_out = self._run(seg, state, a, seg.params, False)
-        return Graph(state, losses, state_out, True)
+    def _sync(self, n: int, w: Window, count: float) -> float:
+        """One collective for the update: gradients summed, the finiteness of every process's
+        losses and its step t checked, the loss totals and the mean's count summed."""
+        v = self._pending_total()
+        res = self._comm.reduce(
+            list(self._named.values()),
+            t=self.t,
+            finite=math.isfinite(v),
+            values=[v if math.isfinite(v) else 0.0, self._chunk_local, count],
+            what=f"update {n}",
+        )
+        self._after_check(res, v, f"update {n} (after step {w.u}) was not applied", n)
+        return res.values[2]
 
     def _step(self, n: int, w: Window) -> None:
         params = list(self._named.values())
@@ -412,16 +463,17 @@ class TBPTT:
         if self.scaler is None and not math.isfinite(self.last_grad_norm):
             for p in params:
                 p.grad = None
-            raise _non_finite(
+            raise NonFiniteError(
                 f"the gradient became non-finite at update {n} (window of steps {w.s}..{w.u}); "
                 "the update was not applied and the parameters are untouched",
                 w.u,
                 n,
             )
-        self._snapshot(w.u)
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.skipped += int(self.scaler.get_scale() < scale)  # an inf/NaN step was skipped
         else:
             self.optimizer.step()
         if self.scheduler is not None:
@@ -429,83 +481,236 @@ class TBPTT:
         self.u_prev, self.updates = w.u, n
         self._copies = None  # the next interval runs with copies of the new values
 
-    def _snapshot(self, u: int) -> None:
-        """Before an in-place step: give the records a later flush window may rerun their values."""
-        if not self.truncation.flush or self._overlap:
-            return
-        snap = None
-        for seg in self._segments:
-            if seg.params is None and seg.t1 >= u - self.truncation.k2 + 2:
-                if snap is None:
-                    snap = {k: p.detach().clone().requires_grad_() for k, p in self._named.items()}
-                seg.params = snap
-
     def _prune(self) -> None:
         """Drop the segments no future window can reach: memory is bounded by k2 steps."""
         tr = self.truncation
-        oldest = tr.next_update(self.t) - tr.k2 + 1  # the next regular window
-        if tr.flush:  # a flush at T >= t (T > t right after an update) starts at T - k2 + 1
-            oldest = min(oldest, self.t - tr.k2 + 1 + (self.u_prev == self.t))
+        oldest = tr.next_update(self.t) - tr.k2 + 1  # the next window, regular or flush
         while self._segments and self._segments[0].t1 < oldest:
             self._segments.popleft()
 
-    def _check_losses(self, what: str, n: int, update: bool = False) -> None:
+    def _pending_total(self) -> float:
+        if not self._pending:
+            return 0.0
+        total = self._pending[0] if len(self._pending) == 1 else torch.stack(self._pending).sum()
+        return float(total)
+
+    def _check_losses(self, what: str, n: int) -> None:
         """Raise NonFiniteError before any update uses a non-finite loss (one sync).
 
-        With several processes, also before every update: all at step t, all raise together.
+        With several processes, a collective (every process at step t, all raise together); the
+        update's own check travels with its gradients (_sync).
         """
-        if not self._pending and not (update and self._comm is not None):
+        if self._comm is None:
+            if not self._pending:
+                return
+            v = self._pending_total()
+            self._after_check(None, v, what, n)
             return
-        v = 0.0
-        if self._pending:
-            total = (
-                self._pending[0] if len(self._pending) == 1 else torch.stack(self._pending).sum()
-            )
-            v = float(total)
+        if not self._pending:
+            return
+        v = self._pending_total()
+        res = self._comm.reduce(
+            list(self._named.values()),
+            grads=False,
+            t=self.t,
+            finite=math.isfinite(v),
+            values=[v if math.isfinite(v) else 0.0, self._chunk_local, 0.0],
+            what=f"the check after step {self.t}",
+        )
+        self._after_check(res, v, what, n)
+
+    def _after_check(self, res: dd.Reduced | None, v: float, what: str, n: int) -> None:
         first, self._pending, self._pending_from = self._pending_from, [], self.t + 1
-        here = finite = math.isfinite(v)
-        if self._comm is not None:  # a collective: every process at step t, all raise together
-            finite = self._comm.check_step(self.t, here, n)
+        here = math.isfinite(v)
+        finite = here if res is None else res.finite
         if not finite:
             value = "in another process" if here else v
-            raise _non_finite(
+            raise NonFiniteError(
                 f"the loss became non-finite ({value}) in steps {first}..{self.t}; {what}; the "
                 f"parameters are untouched (updates so far: {self.updates})",
                 self.t,
                 n,
             )
-        self._chunk_total += v
+        if res is None:
+            self._chunk_total += v
+        else:  # the mean over every process's streams
+            self._chunk_total += res.values[0]
+            self._chunk_count = res.values[1]
 
     # -- saving ---------------------------------------------------------------------------------
     def state_dict(self) -> dict | None:
         """Everything needed to continue exactly, as tensors and plain values (weights_only-safe).
 
-        Several processes: a collective call; rank 0 gets the state over all streams, the others
-        None.
+        model, optimizer, scheduler, grad scaler: their state_dict()s; the stream: t, u_prev,
+        updates, batch and the carried state; the kept steps: each segment's record (inputs,
+        targets, mask, reset flags, entering state, the parameter values it ran with, shared per
+        update, and RNG state); torch's generators. The kept graphs are not saved: on load every
+        segment that had one is run again from its record, in the same module calls, so the
+        rebuilt graph and the carried state are those of the uninterrupted run.
+
+        Several processes: a collective call; rank 0 gets the state over all streams (each
+        per-stream tensor side by side on the stream axis, plus every rank's RNG states under
+        "ranks"), the others None.
         """
-        if self._comm is not None:
-            return self._comm.state_dict(self)
-        return driver_state(self)
+        sets: list[dict[str, Tensor]] = []
+        index: dict[int, int] = {}
+
+        def set_id(P: dict | None) -> int:
+            if P is None:
+                return -1
+            if id(P) not in index:
+                index[id(P)] = len(sets)
+                sets.append({k: v.detach() for k, v in P.items()})
+            return index[id(P)]
+
+        segments = [
+            {
+                "t0": seg.t0,
+                "L": seg.L,
+                **{k: getattr(seg, k) for k in dd.PER_STREAM},
+                "state_in": seg.state_in,
+                "params": set_id(seg.params),
+                "rng": seg.rng,
+                "device_rng": seg.device_rng,
+                "graph": seg.graph is not None,
+                "leaf": seg.graph is not None and seg.graph.leaf,
+                "link": seg.link,
+            }
+            for seg in self._segments
+        ]
+        tr, sched, cuda = self.truncation, self.scheduler, self.device.type == "cuda"
+        sd = {
+            "format": FORMAT,
+            "truncation": [tr.k1, tr.k2, tr.inject, tr.flush],
+            "batch_first": self.batch_first,
+            "reduction": self.reduction,
+            "t": self.t,
+            "u_prev": self.u_prev,
+            "updates": self.updates,
+            "skipped": self.skipped,
+            "batch": self.batch,
+            "finished": self.finished,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if sched is None else sched.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "state": self.state,
+            "copies": set_id(self._copies),
+            "param_sets": sets,
+            "segments": segments,
+            "rng": torch.get_rng_state(),
+            "device_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+        }
+        if self._comm is None:
+            return sd
+        return self._comm.gather_streams(
+            sd, axis=1 - self._tdim, dims=self._state_dims(self._state, self.batch or 0)
+        )
 
     def load_state_dict(self, sd: dict | None) -> None:
-        """Restore what state_dict() returned (model, optimizer, scheduler, stream, kept steps).
+        """Restore what state_dict() returned; the kept graphs are rebuilt from the records.
 
-        Several processes: a collective call; rank 0's sd is used, each process takes its streams.
+        Several processes: a collective call; rank 0's sd is used, each process takes its share
+        of the streams (any number of processes that divides them).
         """
         if self._comm is not None:
-            sd = self._comm.local_state(self, sd)
-        load_driver_state(self, sd)
+            sd = self._comm.broadcast(sd, "the checkpoint")
+            if isinstance(sd, str):  # rank 0 could not read it: the message
+                raise InputError(sd)
+        self._check_saved(sd)
+        if self._comm is not None:
+            B = sd["batch"]
+            dims = None if B is None else self._state_dims(sd["state"], B)
+            sd = dd.split_streams(sd, self._comm.rank, self._comm.world, 1 - self._tdim, dims)
+        self.model.load_state_dict(sd["model"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(sd["scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(sd["scaler"])
+        self.t, self.u_prev, self.updates = int(sd["t"]), int(sd["u_prev"]), int(sd["updates"])
+        self.skipped = int(sd["skipped"])
+        self.batch, self.finished = sd["batch"], bool(sd["finished"])
+        dev = lambda v: None if v is None else st.tree_map(lambda t: t.to(self.device), v)  # noqa: E731
+        sets = [
+            {k: v.to(self.device).detach().requires_grad_() for k, v in P.items()}
+            for P in sd["param_sets"]
+        ]
+        self._copies = sets[sd["copies"]] if sd["copies"] >= 0 else None
+        self._segments.clear()
+        self._pending, self._pending_from = [], self.t + 1
+        prev: Segment | None = None
+        for r in sd["segments"]:
+            seg = Segment(
+                t0=int(r["t0"]), L=int(r["L"]), **{k: dev(r[k]) for k in dd.PER_STREAM},
+                state_in=dev(r["state_in"]), params=sets[r["params"]] if r["params"] >= 0 else None,
+                rng=r["rng"], device_rng=r["device_rng"], link=bool(r["link"]), owned=True,
+            )  # fmt: skip
+            if r["graph"]:  # run it again: the same module calls on the same values
+                if r["leaf"]:
+                    entering = st.as_leaf(seg.state_in)
+                elif seg.link and prev is not None and prev.graph is not None:
+                    entering = prev.graph.state_out
+                else:
+                    entering = st.detach(seg.state_in)
+                with fork_rng(seg, self.device):
+                    losses, out = self._run(seg, entering, seg.params, self.checkpoint)
+                seg.graph = Graph(
+                    state_in=entering, losses=losses, state_out=out, leaf=bool(r["leaf"])
+                )
+            self._segments.append(seg)
+            prev = seg
+        state = dev(sd["state"])
+        if prev is not None and prev.graph is not None and prev.t1 == self.t:
+            state = prev.graph.state_out  # attached, as in the uninterrupted run
+        self._state = state
+        self._sig = None if state is None else st.signature(state)
+        torch.set_rng_state(sd["rng"])
+        if sd["device_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(sd["device_rng"], self.device)
+
+    def _check_saved(self, sd: object) -> None:
+        """A state from this kind of driver with the same schedule and settings, or InputError."""
+        if not isinstance(sd, dict) or sd.get("format") != FORMAT:
+            got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
+            raise InputError(f"state must be a {FORMAT!r} dict from TBPTT.state_dict(), got {got!r}")
+        tr = self.truncation
+        mine = [tr.k1, tr.k2, tr.inject, tr.flush]
+        if list(sd["truncation"]) != mine:
+            raise InputError(
+                f"the saved run used Truncation{tuple(sd['truncation'])} (k1, k2, inject, flush), "
+                f"this driver has Truncation{tuple(mine)}; resume with the same schedule"
+            )
+        for name in ("batch_first", "reduction"):
+            if sd[name] != getattr(self, name):
+                raise InputError(
+                    f"the saved run had {name}={sd[name]!r}, this driver {getattr(self, name)!r}"
+                )
+        for name, obj in (("scheduler", self.scheduler), ("scaler", self.scaler)):
+            if (sd[name] is None) != (obj is None):
+                raise InputError(
+                    f"the saved run {'had' if sd[name] is not None else 'had no'} {name}, "
+                    f"this driver {'has none' if obj is None else 'has one'}"
+                )
 
     def save(self, path: str | os.PathLike | None) -> None:
-        """Write state_dict() atomically (a temporary file in the same folder, then a rename).
+        """Write state_dict() atomically (tbptt.files.atomic_write).
 
         Several processes: a collective call; rank 0 writes, and every process returns once the
         file is complete (the other ranks' path is not used).
         """
-        if self._comm is not None:
-            self._comm.save(self, path)
-        else:
-            save(self.state_dict(), path)
+        if self._comm is None:
+            atomic_write(path, lambda fh: torch.save(self.state_dict(), fh))
+            return
+
+        def write() -> None:
+            sd = self.state_dict()
+            if self._comm.rank == 0:
+                if path is None:
+                    raise InputError("path must be a file name on rank 0, got None")
+                atomic_write(path, lambda fh: torch.save(sd, fh))
+
+        self._comm.together(write, "writing the checkpoint")
 
     def load(self, path: str | os.PathLike | None) -> None:
         """Read what save() wrote, with torch.load(weights_only=True): no arbitrary unpickling.
@@ -513,20 +718,37 @@ class TBPTT:
         Several processes: a collective call; rank 0 reads the file (the other ranks' path is not
         used) and sends it to the others; any number of processes that divides the streams.
         """
-        if self._comm is not None:
-            self.load_state_dict(self._comm.load(path))
-        else:
-            self.load_state_dict(load(path))
+        if self._comm is None:
+            self.load_state_dict(read(path))
+            return
+        sd = None
+        if self._comm.rank == 0:
+            try:
+                sd = read(path)
+            except InputError as exc:
+                sd = str(exc)  # every rank raises it
+        self.load_state_dict(sd)
+
+
+def read(path: str | os.PathLike) -> dict:
+    """A saved driver state, read with weights_only=True onto the CPU; InputError if unreadable.
+
+    The error names the file and never suggests loading it unsafely.
+    """
+    import pickle
+    import zipfile
+
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"checkpoint {path}: no such file") from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+            first = "it holds objects other than tensors and plain values"
+        raise InputError(f"checkpoint {path} is damaged or not a tbptt checkpoint ({first})") from None
 
 
 def _diff_leaves(state: st.State) -> list[Tensor]:
     return [t for t in st.leaves(state) if st.differentiable(t)]
-
-
-def _head(seg: Segment, a: int, tdim: int) -> Segment:
-    """The first a steps of a segment, as a segment."""
-    cut = lambda v: None if v is None else v.narrow(tdim, 0, a)  # noqa: E731
-    return Segment(
-        seg.t0, a, cut(seg.x), cut(seg.y), cut(seg.mask), cut(seg.reset), seg.state_in,
-        seg.params, seg.rng, seg.device_rng, None, False,
-    )  # fmt: skip

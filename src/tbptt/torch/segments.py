@@ -1,16 +1,17 @@
 """The kept steps: segments of the stream, each with the parameter values it ran with (SEMANTICS.md 5).
 
 A segment is a run of steps t0..t1 between two boundaries of the schedule: update times u (4.1)
-and window starts s - 1 = u - k2 (4.2). Every window is then a union of whole segments (the flush
-window at the end of a stream excepted), and both boundaries are multiples of gcd(k1, k2), so a
-segment is a union of the gcd-long pieces of the contract. A segment is one call of the module,
-and one more call at each step where some stream resets (6.1).
+and window starts s - 1 = u - k2 (4.2). Every window, the flush window included (it starts where
+the next regular window would), is then a union of whole segments, and both boundaries are
+multiples of gcd(k1, k2), so a segment is a union of the gcd-long pieces of the contract. A
+segment is one call of the module, and one more call at each step where some stream resets (6.1).
 
 Each segment keeps two things:
 
     record   what it needs to be run again with the same numbers: its inputs, targets, mask,
              reset flags, the state entering it, the parameter values (None: the live ones, still
-             unchanged since it ran) and the RNG state. Small; saved by `TBPTT.save`.
+             unchanged since it ran) and the RNG state. Small; saved by `TBPTT.save`, and run
+             again (once) when a saved run is loaded.
     graph    the autograd graph of its losses l_t (L, batch) and its final state, from the state
              entering it. Kept only while some future window backpropagates through it.
 
@@ -37,19 +38,18 @@ Tensor = torch.Tensor
 Params = dict[str, Tensor]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Graph:
     """One segment's autograd graph, from the state that entered it (or from a later step)."""
 
-    state_in: (
-        st.State | None
-    )  # a leaf requiring grad, a state attached to the previous graph, or cut
+    # a leaf requiring grad, a state attached to the previous graph, or cut
+    state_in: st.State | None
     losses: Tensor  # (L, batch) or (batch, L): the masked l_t, attached
     state_out: st.State  # the state after the segment's last step, attached
     leaf: bool  # state_in is a leaf of this graph: its gradient can be taken
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Segment:
     """Steps t0..t1 computed with one set of parameter values (those in force when they ran)."""
 
@@ -61,10 +61,11 @@ class Segment:
     reset: Tensor | None  # bool, like the losses, or None: where a stream restarts from h_0 (6.1)
     state_in: st.State | None  # the state entering step t0 (detached), None: the module's zeros
     params: Params | None  # parameter values the steps ran with; None: the live parameters
-    rng: Tensor | None  # the generator state before the segment ran (dropout and the like)
-    device_rng: Tensor | None  # the same for a CUDA device
-    graph: Graph | None  # kept while a future window backpropagates through these steps
-    link: bool  # the graph's state_in is the previous segment's state_out (no cut between them)
+    rng: Tensor | None = None  # the generator state before the segment ran (dropout, ...)
+    device_rng: Tensor | None = None  # the same for a CUDA device
+    graph: Graph | None = None  # kept while a future window backpropagates through these steps
+    link: bool = False  # the graph's state_in is the previous segment's state_out (no cut)
+    owned: bool = False  # x, y, mask, reset are the driver's own copies, not the caller's
 
     @property
     def t1(self) -> int:
