@@ -1,8 +1,8 @@
 """Throughput of the default demo in characters per second (issue 6, target 5).
 
-The default `tbptt train` run (tbptt.config.Config's defaults: Shakespeare, the numpy engine's
+The default `tbptt train` run (tbptt.app.config.Config's defaults: Shakespeare, the numpy engine's
 Elman cell) is measured through the library directly, on the same data the demo reads
-(tbptt.data.load_problem), beside a plain PyTorch loop in the style of pytorch/examples'
+(tbptt.app.data.load_problem), beside a plain PyTorch loop in the style of pytorch/examples'
 word_language_model on the same chunks:
 
     numpy         tbptt.TBPTT(ElmanRNN(V -> hidden -> V, softmax), Truncation(k1, k2), Adam, clip)
@@ -22,7 +22,7 @@ from common import Group, Row, interleave, load, set_blas_threads
 
 import tbptt
 
-# the demo's defaults, used when tbptt.config is not importable
+# the demo's defaults, used when tbptt.app.config is not importable
 DEFAULTS = {
     "hidden": 256,
     "batch": 32,
@@ -39,15 +39,15 @@ DEFAULTS = {
 
 
 def demo_config() -> tuple[dict, str]:
-    """The default run's settings, resolved as `tbptt train` resolves them (tbptt.config.check)."""
+    """The default run's settings, resolved as `tbptt train` resolves them (tbptt.app.config.check)."""
     try:
-        from tbptt.config import Config, check
+        from tbptt.app.config import Config, check
 
         cfg = check(Config())  # fills the defaults that depend on other fields (lr, task)
         out = {k: getattr(cfg, k, v) for k, v in DEFAULTS.items()}
-        return out, "tbptt.config defaults as `tbptt train` resolves them"
+        return out, "tbptt.app.config defaults as `tbptt train` resolves them"
     except (ImportError, AttributeError, TypeError, ValueError):
-        return dict(DEFAULTS), "tbptt.config not available: the defaults copied in this file"
+        return dict(DEFAULTS), "tbptt.app.config not available: the defaults copied in this file"
 
 
 def demo_chunks(cfg: dict, steps: int) -> tuple[list[tuple], int, str]:
@@ -55,15 +55,20 @@ def demo_chunks(cfg: dict, steps: int) -> tuple[list[tuple], int, str]:
     try:
         from types import SimpleNamespace
 
-        from tbptt.data import load_problem
+        from tbptt.app.data import load_problem
 
         ns = SimpleNamespace(
-            task="shakespeare", data=None, valid_fraction=0.05, batch=cfg["batch"],
-            dtype=cfg["dtype"], seed=0, length=100,
-        )  # fmt: skip
+            task="shakespeare",
+            data=None,
+            valid_fraction=0.05,
+            batch=cfg["batch"],
+            dtype=cfg["dtype"],
+            seed=0,
+            length=100,
+        )
         problem = load_problem(ns)
         chunks = [problem.train(t, cfg["k1"]) for t in range(0, steps, cfg["k1"])]
-        return [(x, y, r) for x, y, _, r in chunks], problem.m, "Shakespeare (tbptt.data)"
+        return [(x, y, r) for x, y, _, r in chunks], problem.m, "Shakespeare (tbptt.app.data)"
     except (ImportError, ValueError, AttributeError) as exc:
         # the same layout from random text when the demo's data is unavailable
         rng = np.random.default_rng(0)
@@ -144,9 +149,12 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         def torch_engine():
             net = ElmanRNN.from_numpy(model0)
             d = TBPTT(
-                net, trunc, torch.optim.Adam(net.parameters(), lr=cfg["lr"]),
-                loss_fn=cross_entropy_loss, clip=cfg["clip"],
-            )  # fmt: skip
+                net,
+                trunc,
+                torch.optim.Adam(net.parameters(), lr=cfg["lr"]),
+                loss_fn=cross_entropy_loss,
+                clip=cfg["clip"],
+            )
             for x, y, reset in tchunks:
                 d.feed(x, y, reset=reset)
 

@@ -85,14 +85,35 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def run_case(a: argparse.Namespace, nproc: int, streams: int) -> dict:
-    args = [HERE, "--worker", "--streams", str(streams), "--hidden", str(a.hidden), "--features",
-            str(a.features), "--k1", str(a.k1), "--k2", str(a.k2), "--updates", str(a.updates),
-            "--warmup", str(a.warmup)]  # fmt: skip
+    args = [
+        HERE,
+        "--worker",
+        "--streams",
+        str(streams),
+        "--hidden",
+        str(a.hidden),
+        "--features",
+        str(a.features),
+        "--k1",
+        str(a.k1),
+        "--k2",
+        str(a.k2),
+        "--updates",
+        str(a.updates),
+        "--warmup",
+        str(a.warmup),
+    ]
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if os.path.exists("/sys/class/net/lo"):  # gloo on the loopback interface
         env["GLOO_SOCKET_IFNAME"] = "lo"
@@ -137,12 +158,15 @@ def measure(a: argparse.Namespace) -> dict:
         loads.append(os.getloadavg()[0])
     med = {c: statistics.median(v) for c, v in times.items()}
     return {
-        "cases": cases, "med": med, "comm": {c: statistics.median(v) for c, v in comms.items()},
-        "params": params, "loads": loads,
+        "cases": cases,
+        "med": med,
+        "comm": {c: statistics.median(v) for c, v in comms.items()},
+        "params": params,
+        "loads": loads,
         "strong": med["1 x B"] / med["2 x B/2"],  # (2.0: perfect)
         "weak": med["1 x B"] / med["2 x B"],  # (1.0: perfect)
         "ideal": med["1 x B"] / med["1 x B/2"],  # the strong speed-up's ceiling here
-    }  # fmt: skip
+    }
 
 
 def describe(a: argparse.Namespace, m: dict) -> str:
@@ -165,15 +189,27 @@ def run(quick: bool, reps: int | None, threads: int):
     group = Group("Data-parallel torch driver: 2 processes against 1", load_before=load())
     m = measure(a)
     ms = {c: f"{1e3 * m['med'][c]:.1f} ms" for c in CASES}
-    group.rows.append(Row(
-        "strong scaling: time per update, 1 process x B streams / 2 processes x B/2", m["strong"],
-        "x", "-", None, f"{ms['1 x B']} against {ms['2 x B/2']} (comm {1e3 * m['comm']['2 x B/2']:.1f} ms); "
-        f"ceiling 1 x B / 1 x B/2 = {m['ideal']:.2f}x",
-    ))  # fmt: skip
-    group.rows.append(Row(
-        "weak scaling: time per update, 1 process x B / 2 processes x B each", m["weak"], "x",
-        "-", None, f"{ms['1 x B']} against {ms['2 x B']} (comm {1e3 * m['comm']['2 x B']:.1f} ms)",
-    ))  # fmt: skip
+    group.rows.append(
+        Row(
+            "strong scaling: time per update, 1 process x B streams / 2 processes x B/2",
+            m["strong"],
+            "x",
+            "-",
+            None,
+            f"{ms['1 x B']} against {ms['2 x B/2']} (comm {1e3 * m['comm']['2 x B/2']:.1f} ms); "
+            f"ceiling 1 x B / 1 x B/2 = {m['ideal']:.2f}x",
+        )
+    )
+    group.rows.append(
+        Row(
+            "weak scaling: time per update, 1 process x B / 2 processes x B each",
+            m["weak"],
+            "x",
+            "-",
+            None,
+            f"{ms['1 x B']} against {ms['2 x B']} (comm {1e3 * m['comm']['2 x B']:.1f} ms)",
+        )
+    )
     group.notes.append(describe(a, m) + "; python benchmarks/distributed.py --help for the cases.")
     group.load_after = load()
     return group

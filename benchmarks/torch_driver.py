@@ -190,8 +190,12 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
             f"per-repetition range {lo:.2f}-{hi:.2f}",
         )
     )
-    for ratio, target, which in ((1, COST_TARGET, 2), (2, COST_TARGET, 2), (4, COST_TARGET, 2),
-                                 (4, COST4_TARGET, 3)):  # fmt: skip
+    for ratio, target, which in (
+        (1, COST_TARGET, 2),
+        (2, COST_TARGET, 2),
+        (4, COST_TARGET, 2),
+        (4, COST4_TARGET, 3),
+    ):
         back = Truncation(K1, ratio * K1).backward_steps(stream)
         cost = f * stream + b * back
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tbptt.data import batchify, corpus_split
+from tbptt.app.data import batchify, corpus_split
 
 cell, budget = sys.argv[1], float(sys.argv[2])
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 1)

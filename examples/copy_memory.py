@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 import tbptt
+from tbptt.app.tasks import COPY_LENGTH, COPY_SYMBOLS, copy_memory
 from tbptt.elman import forward
-from tbptt.tasks import COPY_LENGTH, COPY_SYMBOLS, copy_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIGURE = os.path.join(HERE, "..", "docs", "figures", "copy_memory.png")
@@ -74,17 +74,21 @@ def main() -> None:
 
     gap = args.lag + COPY_LENGTH
     T = args.lag + 2 * COPY_LENGTH
-    print(f"copy memory: sequences of {T} steps, each symbol recalled {gap} steps after it; "
-          f"chance accuracy 1/{COPY_SYMBOLS} = {1 / COPY_SYMBOLS:.3f}")  # fmt: skip
+    print(
+        f"copy memory: sequences of {T} steps, each symbol recalled {gap} steps after it; "
+        f"chance accuracy 1/{COPY_SYMBOLS} = {1 / COPY_SYMBOLS:.3f}"
+    )
     results = {}
     for k2 in args.k2:
         tr = tbptt.Truncation(args.k1, k2, flush=True)
         depths = [d for n, lo, hi in tr.loss_uses(T)[-COPY_LENGTH:] for d in (lo, hi)]
         steps, accs, per_pos, secs = train(args.k1, k2, args)
         results[k2] = (steps, accs)
-        print(f"{tr.describe():34s} recall depths {min(depths)}-{max(depths)}: accuracy "
-              f"{' '.join(f'{a:.2f}' for a in accs[:: max(1, len(accs) // 6)])} -> {accs[-1]:.3f}"
-              f"  ({secs:.0f} s)")  # fmt: skip
+        print(
+            f"{tr.describe():34s} recall depths {min(depths)}-{max(depths)}: accuracy "
+            f"{' '.join(f'{a:.2f}' for a in accs[:: max(1, len(accs) // 6)])} -> {accs[-1]:.3f}"
+            f"  ({secs:.0f} s)"
+        )
         print(f"{'':34s} per recalled symbol: {' '.join(f'{a:.2f}' for a in per_pos)}")
     plot(results, args, gap)
     print(f"Wrote {os.path.relpath(args.out)}")
@@ -96,7 +100,7 @@ def plot(results, args, gap) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tbptt.explain import save_figure
+    from tbptt.files import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for k2, (steps, accs) in results.items():
@@ -107,12 +111,13 @@ def plot(results, args, gap) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("updates (batches of 32 sequences)")
     ax.set_ylabel("recall accuracy (held-out)")
-    ax.set_title(f"Copy memory, recall {gap} steps after the symbol; TBPTT(k1={args.k1}, k2)",
-                 fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"Copy memory, recall {gap} steps after the symbol; TBPTT(k1={args.k1}, k2)", fontsize=10
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_figure(fig, args.out)
+    atomic_write(args.out, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
 

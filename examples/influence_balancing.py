@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from tbptt import Truncation
-from tbptt import influence as ib
+from tbptt.analysis import influence as ib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIGURE = os.path.join(HERE, "..", "docs", "figures", "influence_balancing.png")
@@ -41,8 +41,10 @@ def main() -> None:
 
     chunk = np.cumsum(sigma[1:]) / np.arange(1, len(sigma))  # mean depth-sensitivity of a chunk
     chunk_flip = int(np.flatnonzero(chunk < 0)[0]) + 1
-    print(f"disjoint chunks of k steps (k1 = k2 = k) average sigma over depths 1..k: wrong sign "
-          f"for every k <= {chunk_flip - 1}")  # fmt: skip
+    print(
+        f"disjoint chunks of k steps (k1 = k2 = k) average sigma over depths 1..k: wrong sign "
+        f"for every k <= {chunk_flip - 1}"
+    )
 
     checkpoints = [0, 1000, 2000, 3000, 4000, args.steps]
     runs = {}
@@ -65,7 +67,7 @@ def plot(sigma, runs, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tbptt.explain import save_figure
+    from tbptt.files import atomic_write
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
     k = np.arange(1, len(sigma))
@@ -90,7 +92,7 @@ def plot(sigma, runs, path) -> None:
     a2.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_figure(fig, path)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
 

@@ -75,8 +75,15 @@ def make(name: str, process_group: object = None) -> TBPTT:
         opt = torch.optim.Adam(model.parameters(), lr=0.02)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     trunc = tbptt.Truncation(k1, k2, inject, flush=flush)
-    return TBPTT(model, trunc, opt, clip=clip, scheduler=sched, batch_first=kind == "elman",
-                 process_group=process_group)  # fmt: skip
+    return TBPTT(
+        model,
+        trunc,
+        opt,
+        clip=clip,
+        scheduler=sched,
+        batch_first=kind == "elman",
+        process_group=process_group,
+    )
 
 
 def data(batch_first: bool = False) -> tuple[torch.Tensor, ...]:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import tbptt
-from tbptt import bias, bias_commands
-from tbptt.cli import main
+from tbptt.analysis import bias
+from tbptt.app import bias_commands
+from tbptt.app.cli import main
 
 ACT = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda a: a}
 
@@ -223,8 +224,26 @@ def test_cli_bias_writes_table_csv_and_plots(tmp_path, capsys):
     model = tbptt.ElmanRNN.init(n=6, m=3, p=2, seed=1, spectral_radius=0.9)
     np.savez(tmp_path / "model.npz", **model.params, f="tanh", g="identity")
     out = tmp_path / "out"
-    args = ["bias", "--model", str(tmp_path / "model.npz"), "--data", str(data), "--k2", "2", "4",
-            "40", "--inject", "new", "last", "--k1", "2", "--max-lag", "10", "--out-dir", str(out)]  # fmt: skip
+    args = [
+        "bias",
+        "--model",
+        str(tmp_path / "model.npz"),
+        "--data",
+        str(data),
+        "--k2",
+        "2",
+        "4",
+        "40",
+        "--inject",
+        "new",
+        "last",
+        "--k1",
+        "2",
+        "--max-lag",
+        "10",
+        "--out-dir",
+        str(out),
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "Fitted geometric decay" in text and "Suggested k2" in text
@@ -251,8 +270,19 @@ def test_cli_bias_writes_table_csv_and_plots(tmp_path, capsys):
 
 def test_cli_bias_invalid_schedule_is_one_line(tmp_path, capsys):
     """k2 < k1 with inject=new is the library's one-line error, exit 2."""
-    args = ["bias", "--hidden", "4", "--steps", "20", "--k1", "4", "--k2", "2", "--out-dir",
-            str(tmp_path / "o")]  # fmt: skip
+    args = [
+        "bias",
+        "--hidden",
+        "4",
+        "--steps",
+        "20",
+        "--k1",
+        "4",
+        "--k2",
+        "2",
+        "--out-dir",
+        str(tmp_path / "o"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tbptt bias: error: inject='new' needs k2 >= k1") and "\n" not in err
@@ -260,8 +290,21 @@ def test_cli_bias_invalid_schedule_is_one_line(tmp_path, capsys):
 
 def test_cli_suggest_k_prints_suggest_k(tmp_path, capsys):
     """`tbptt suggest-k` on a fresh model prints the K that suggest_k returns."""
-    args = ["suggest-k", "--hidden", "8", "--spectral-radius", "0.8", "--steps", "120",
-            "--batch", "2", "--max-lag", "30", "--delta", "0.2"]  # fmt: skip
+    args = [
+        "suggest-k",
+        "--hidden",
+        "8",
+        "--spectral-radius",
+        "0.8",
+        "--steps",
+        "120",
+        "--batch",
+        "2",
+        "--max-lag",
+        "30",
+        "--delta",
+        "0.2",
+    ]
     assert main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     model = tbptt.ElmanRNN.init(n=8, m=4, p=2, seed=0, spectral_radius=0.8)

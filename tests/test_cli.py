@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tbptt.cli import main
+from tbptt.app.cli import main
 
 TEXT = "".join(
     f"{w}: to be, or not to be, that is the question {i}.\n"
@@ -56,10 +56,29 @@ def test_help_reads_like_documentation(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert info.value.code == 0 and "examples:" in out
-    for opt in ("--engine", "--cell", "--hidden", "--layers", "--k1", "--k2", "--inject", "--flush",
-                "--optimizer", "--lr", "--clip", "--batch", "--seed", "--device", "--dtype",
-                "--time-budget", "--max-updates", "--run-dir", "--task", "--data", "--config",
-                "--resume"):  # fmt: skip
+    for opt in (
+        "--engine",
+        "--cell",
+        "--hidden",
+        "--layers",
+        "--k1",
+        "--k2",
+        "--inject",
+        "--optimizer",
+        "--lr",
+        "--clip",
+        "--batch",
+        "--seed",
+        "--device",
+        "--dtype",
+        "--time-budget",
+        "--max-updates",
+        "--run-dir",
+        "--task",
+        "--data",
+        "--config",
+        "--resume",
+    ):
         assert opt in out
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
@@ -69,13 +88,21 @@ def test_help_reads_like_documentation(capsys):
 def test_train_writes_a_complete_run_directory(tmp_path, text, capsys):
     """Config, vocabulary, metrics, plot, one checkpoint; nats/char and a sample on stdout."""
     run = tmp_path / "run"
-    code, out, err = tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 20,
-                           "--run-dir", run)  # fmt: skip
+    code, out, err = tbptt(
+        capsys, "train", "--data", text, *TINY, "--max-updates", 20, "--run-dir", run
+    )
     assert code == 0, err
     assert "nats/char" in out and "bits/char" in out and "sample:" in out
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["checkpoint.json", "config.toml", "loss.png", "metrics.csv",
-                     "state-00000020.npz", "vocab.json"]  # fmt: skip
+    assert names == [
+        "checkpoint.json",
+        "config.toml",
+        "lock",
+        "loss.png",
+        "metrics.csv",
+        "state-00000020.npz",
+        "vocab.json",
+    ]
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     lines = (run / "metrics.csv").read_text().splitlines()
     assert lines[0] == "updates,steps,chars,seconds,lr,train_loss,valid_loss,k2"
@@ -145,7 +172,7 @@ def test_resume_rejects_a_changed_setting(tmp_path, text, capsys):
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, text):
     """SIGINT stops after the current update with a checkpoint; resuming ends where an
     uninterrupted run ends."""
-    common = [sys.executable, "-m", "tbptt.cli", "train", "--data", str(text), *TINY]
+    common = [sys.executable, "-m", "tbptt.app.cli", "train", "--data", str(text), *TINY]
     common += ["--max-updates", "3000", "--checkpoint-every", "100000"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     subprocess.run([*common, "--run-dir", str(whole)], check=True, capture_output=True)
@@ -162,7 +189,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, text):
     assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
     stopped = json.loads((cut / "checkpoint.json").read_text())["updates"]
     assert 0 < stopped < 3000
-    resume = [sys.executable, "-m", "tbptt.cli", "train", "--resume", str(cut), "--no-progress"]
+    resume = [sys.executable, "-m", "tbptt.app.cli", "train", "--resume", str(cut), "--no-progress"]
     subprocess.run(resume, check=True, capture_output=True)
     a, b = params(whole), params(cut)
     for k in a:
@@ -174,13 +201,21 @@ def test_config_file_is_read_and_flags_override_it(tmp_path, text, capsys, monke
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'data = "{text}"\nhidden = 7\nbatch = 3\nk1 = 4\nk2 = 6\nmax-updates = 5\n')
     run = tmp_path / "run"
-    code, _, err = tbptt(capsys, "train", "--config", cfg, "--k2", 8, "--run-dir", run,
-                         "--no-progress")  # fmt: skip
+    code, _, err = tbptt(
+        capsys, "train", "--config", cfg, "--k2", 8, "--run-dir", run, "--no-progress"
+    )
     assert code == 0, err
     saved = (run / "config.toml").read_text()
     assert "hidden = 7" in saved and "k2 = 8" in saved and "k1 = 4" in saved
-    code, _, err = tbptt(capsys, "train", "--config", run / "config.toml", "--run-dir",
-                         tmp_path / "again", "--no-progress")  # fmt: skip
+    code, _, err = tbptt(
+        capsys,
+        "train",
+        "--config",
+        run / "config.toml",
+        "--run-dir",
+        tmp_path / "again",
+        "--no-progress",
+    )
     assert code == 0, err
     for k, v in params(run).items():
         np.testing.assert_array_equal(v, params(tmp_path / "again")[k])
@@ -234,11 +269,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, make, extra,
     if make is not None:
         path.write_bytes(make)
     run = tmp_path / "run"
-    with pytest.raises(SystemExit) if extra[:1] in (["--bogus"], ["--hidden"], ["--engine"]) else (
-        _nothing()
-    ) as info:  # fmt: skip
-        code, _, err = tbptt(capsys, "train", "--data", path, "--run-dir", run, "--max-updates",
-                             2, *extra)  # fmt: skip
+    with (
+        pytest.raises(SystemExit)
+        if extra[:1] in (["--bogus"], ["--hidden"], ["--engine"])
+        else (_nothing()) as info
+    ):
+        code, _, err = tbptt(
+            capsys, "train", "--data", path, "--run-dir", run, "--max-updates", 2, *extra
+        )
     if info is not None:
         code, err = info.value.code, capsys.readouterr().err
     assert_one_line_error(code, err, *words)
@@ -257,8 +295,9 @@ def test_run_dir_in_use_is_refused(tmp_path, text, capsys):
     """A second run never overwrites a first one."""
     run = tmp_path / "run"
     tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)
-    code, _, err = tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10,
-                         "--run-dir", run)  # fmt: skip
+    code, _, err = tbptt(
+        capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run
+    )
     assert_one_line_error(code, err, "already holds files", "--resume")
 
 
@@ -267,8 +306,9 @@ def test_resume_before_the_first_checkpoint_starts_the_run(tmp_path, text, capsy
     update 0: the same parameters as a run that was never interrupted. With state files but no
     checkpoint.json, which state is current is unknown: a one-line error."""
     run, whole = tmp_path / "run", tmp_path / "whole"
-    code, _, err = tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10,
-                         "--run-dir", whole)  # fmt: skip
+    code, _, err = tbptt(
+        capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", whole
+    )
     assert code == 0, err
     tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)
     for p in run.iterdir():  # as if killed before the first checkpoint
@@ -297,14 +337,29 @@ def test_corrupted_or_foreign_checkpoint_is_one_line(tmp_path, text, capsys, dam
         (run / "checkpoint.json").write_text('{"format": "something-else", "state": "x"}')
     else:
         other = tmp_path / "other"
-        tbptt(capsys, "train", "--data", text, *TINY, "--hidden", 9, "--max-updates", 10,
-              "--run-dir", other)  # fmt: skip
+        tbptt(
+            capsys,
+            "train",
+            "--data",
+            text,
+            *TINY,
+            "--hidden",
+            9,
+            "--max-updates",
+            10,
+            "--run-dir",
+            other,
+        )
         state.write_bytes((other / "state-00000010.npz").read_bytes())
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
     assert_one_line_error(code, err)
-    assert {"truncate": "corrupted", "garbage-json": "corrupted", "foreign-json": "not a tbptt",
-            "other-shapes": "shapes"}[damage] in err  # fmt: skip
+    assert {
+        "truncate": "corrupted",
+        "garbage-json": "corrupted",
+        "foreign-json": "not a tbptt",
+        "other-shapes": "shapes",
+    }[damage] in err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     code, _, err = tbptt(capsys, "sample", run)
     assert_one_line_error(code, err)
@@ -317,8 +372,17 @@ def test_numbers_from_npy_and_csv_train_with_the_l2_loss(tmp_path, capsys):
     np.save(tmp_path / "s.npy", values)
     np.savetxt(tmp_path / "s.csv", values, delimiter=",", header="sin,cos", comments="")
     for name in ("s.npy", "s.csv"):
-        code, out, err = tbptt(capsys, "train", "--data", tmp_path / name, *TINY,
-                               "--max-updates", 10, "--run-dir", tmp_path / name[2:])  # fmt: skip
+        code, out, err = tbptt(
+            capsys,
+            "train",
+            "--data",
+            tmp_path / name,
+            *TINY,
+            "--max-updates",
+            10,
+            "--run-dir",
+            tmp_path / name[2:],
+        )
         assert code == 0, err
         assert "L2 loss/step" in out and "sample" not in out
 
@@ -327,8 +391,19 @@ def test_numbers_from_npy_and_csv_train_with_the_l2_loss(tmp_path, capsys):
 def test_synthetic_tasks_train(tmp_path, capsys, task):
     """The adding problem and copy memory run as streams of sequences with resets."""
     length = 22 if task == "adding" else 5
-    code, out, err = tbptt(capsys, "train", "--task", task, "--length", length, *TINY,
-                           "--max-updates", 10, "--run-dir", tmp_path / task)  # fmt: skip
+    code, out, err = tbptt(
+        capsys,
+        "train",
+        "--task",
+        task,
+        "--length",
+        length,
+        *TINY,
+        "--max-updates",
+        10,
+        "--run-dir",
+        tmp_path / task,
+    )
     assert code == 0, err
     assert "validation" in out
 
@@ -373,7 +448,7 @@ def test_torch_engine_trains_an_lstm_and_resumes(tmp_path, text, capsys):
 
 def test_demo_defaults_are_the_seeds_model_on_shakespeare():
     """No arguments: numpy engine, elman cell (tanh, softmax), Shakespeare, two minutes."""
-    from tbptt.config import Config, check
+    from tbptt.app.config import Config, check, default_run_dir
 
     cfg = check(Config())
     assert (cfg.task, cfg.engine, cfg.cell, cfg.activation) == (
@@ -386,14 +461,14 @@ def test_demo_defaults_are_the_seeds_model_on_shakespeare():
     assert (cfg.hidden, cfg.batch, cfg.k1, cfg.k2) == (256, 32, 32, 32)
     assert (cfg.optimizer, cfg.lr, cfg.lr_decay) == ("adam", 6e-3, "cosine")
     assert check(Config(engine="torch", cell="lstm")).lr == 4e-3
-    assert Path(cfg.run_dir).parts[0] == "runs"
-    assert os.sep not in Path(cfg.run_dir).name
+    assert Path(default_run_dir(cfg)).parts[0] == "runs"
+    assert os.sep not in default_run_dir(cfg).name
 
 
 def test_threads_default_to_omp_else_one_for_numpy_and_the_cpus_for_torch(monkeypatch):
     """--threads unset: $OMP_NUM_THREADS; else numpy 1, torch this process's CPUs (at most 4),
     divided among a torchrun job's local processes. An explicit --threads wins."""
-    from tbptt.config import Config, check
+    from tbptt.app.config import Config, check
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
@@ -404,19 +479,3 @@ def test_threads_default_to_omp_else_one_for_numpy_and_the_cpus_for_torch(monkey
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert check(Config(engine="torch")).threads == 3
     assert check(Config(engine="torch", threads=1)).threads == 1
-
-
-def test_influence_balancing_shows_truncation_pushing_the_wrong_way(tmp_path, capsys):
-    """Tallec and Ollivier's 23 units: k2 = 50 finds theta* = -1/6, k2 = 10 walks away from it."""
-    code, out, err = tbptt(capsys, "train", "--task", "influence", "--k1", 1, "--k2", 50,
-                           "--max-updates", 20000, "--run-dir", tmp_path / "long")  # fmt: skip
-    assert code == 0, err
-    theta = float((tmp_path / "long" / "metrics.csv").read_text().splitlines()[-1].split(",")[2])
-    assert theta == pytest.approx(-1 / 6, abs=1e-6) and "right sign" in out
-    code, out, err = tbptt(capsys, "train", "--task", "influence", "--k1", 1, "--k2", 10,
-                           "--max-updates", 2000, "--run-dir", tmp_path / "short")  # fmt: skip
-    assert code == 0, err
-    rows = (tmp_path / "short" / "metrics.csv").read_text().splitlines()[1:]
-    assert float(rows[-1].split(",")[2]) > 0.5 and "wrong sign" in out  # theta0 = 0.5, growing
-    code, _, err = tbptt(capsys, "train", "--task", "influence", "--engine", "torch")
-    assert_one_line_error(code, err, "--task influence")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tbptt.data import (
+from tbptt.app.data import (
     Streams,
     batchify,
     corpus_split,

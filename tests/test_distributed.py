@@ -33,9 +33,17 @@ ENV = {
 
 def torchrun(mode: str, out, timeout: float = 120, nproc: int = 2, **env: str):
     """Run tests/ddp_worker.py under torchrun on this machine only (loopback)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "--monitor-interval=0.2",
-           os.path.join(HERE, "ddp_worker.py"), mode, str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "--monitor-interval=0.2",
+        os.path.join(HERE, "ddp_worker.py"),
+        mode,
+        str(out),
+    ]
     env = {**os.environ, **ENV, **env}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -163,17 +171,48 @@ def test_a_failing_rank_ends_the_job_and_the_checkpoint_resumes(how: str, tmp_pa
         torch.testing.assert_close(d.model.state_dict()[k], v, **TOL)
 
 
-CLI = ["--engine", "torch", "--cell", "lstm", "--task", "adding", "--length", "30", "--batch", "4",
-       "--hidden", "8", "--k1", "5", "--k2", "10", "--dtype", "float64", "--checkpoint-every", "5",
-       "--eval-every", "6", "--no-progress"]  # fmt: skip
+CLI = [
+    "--engine",
+    "torch",
+    "--cell",
+    "lstm",
+    "--task",
+    "adding",
+    "--length",
+    "30",
+    "--batch",
+    "4",
+    "--hidden",
+    "8",
+    "--k1",
+    "5",
+    "--k2",
+    "10",
+    "--dtype",
+    "float64",
+    "--checkpoint-every",
+    "5",
+    "--eval-every",
+    "6",
+    "--no-progress",
+]
 
 
 def cli_torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
     """`tbptt train ARGS` under torchrun with 2 processes, as the README shows it."""
     tbptt_exe = os.path.join(os.path.dirname(sys.executable), "tbptt")
     tbptt_exe = tbptt_exe if os.path.exists(tbptt_exe) else shutil.which("tbptt")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--no-python", tbptt_exe, "train", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--no-python",
+        tbptt_exe,
+        "train",
+        *args,
+    ]
     env = {**os.environ, **ENV}
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -191,15 +230,18 @@ def assert_same_cli_runs(a, b) -> None:
     assert (sa["t"], sa["updates"], sa["batch"]) == (sb["t"], sb["updates"], sb["batch"])
     for k, v in sa["model"].items():
         torch.testing.assert_close(sb["model"][k], v, **TOL)
-    rows = [[r.split(",")[i] for r in (run / "metrics.csv").read_text().splitlines()]
-            for run in (a, b) for i in (0, 5, 6)]  # fmt: skip
+    rows = [
+        [r.split(",")[i] for r in (run / "metrics.csv").read_text().splitlines()]
+        for run in (a, b)
+        for i in (0, 5, 6)
+    ]
     assert rows[:3] == rows[3:]  # updates, training and validation loss
 
 
 @pytest.mark.slow
 def test_cli_under_torchrun_equals_one_process_and_resumes_across_sizes(tmp_path, capsys) -> None:
     """`tbptt train --engine torch` on 2 processes = on 1; each run resumes on the other size."""
-    from tbptt.cli import main
+    from tbptt.app.cli import main
 
     assert main(["train", *CLI, "--max-updates", "12", "--run-dir", str(tmp_path / "one")]) == 0
     res = cli_torchrun([*CLI, "--max-updates", "12", "--run-dir", "two"], tmp_path)
@@ -246,7 +288,7 @@ def test_bad_process_group_and_environment_are_clear_errors(monkeypatch) -> None
 
 def test_numpy_engine_under_torchrun_is_refused(monkeypatch, tmp_path, capsys) -> None:
     """`tbptt train --engine numpy` with torchrun's WORLD_SIZE=2: one line, exit 2, no run dir."""
-    from tbptt.cli import main
+    from tbptt.app.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     run = tmp_path / "run"

@@ -4,7 +4,7 @@ The rules, for whoever writes documentation:
 
 - ```python blocks run in order, one namespace per file, in a fresh temporary working directory
   (so blocks may write files).
-- ```sh blocks: every line is a `tbptt ...` command, run in-process (tbptt.cli.main); it must
+- ```sh blocks: every line is a `tbptt ...` command, run in-process (tbptt.app.cli.main); it must
   exit 0. A ```sh block with any other command (python examples/..., make, pip) must be marked.
 - A ```text block that follows a python or sh block (with only blank lines, or the word "prints",
   between them) is that block's expected standard output, compared exactly (trailing spaces
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tbptt.cli import main as tbptt_main
+from tbptt.app.cli import main as tbptt_main
 
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)

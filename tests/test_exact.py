@@ -205,8 +205,19 @@ def test_exact_random_shapes_match_autograd(T, n, m, p, batch, f, g, bias, extra
     """Random shapes, activations, losses, masks and resets: exact BPTT equals autograd."""
     loss = "cross_entropy" if g == "cross_entropy" else "l2"
     P = Problem(
-        T, n, m, p, batch, f=f, g=g, loss=loss, bias=bias, h0=extras, mask=extras,
-        reset=extras, seed=seed,
-    )  # fmt: skip
+        T,
+        n,
+        m,
+        p,
+        batch,
+        f=f,
+        g=g,
+        loss=loss,
+        bias=bias,
+        h0=extras,
+        mask=extras,
+        reset=extras,
+        seed=seed,
+    )
     _, want = exact_gradient(P.model, P.x, P.y, **P.kw)
     assert_close(tbptt.gradients(P.model, P.x, P.y, **P.kw), want, rtol=1e-10, atol=1e-12)

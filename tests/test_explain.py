@@ -8,8 +8,8 @@ import pytest
 
 import tbptt
 from tbptt import Truncation
-from tbptt.cli import main
-from tbptt.explain import render, summarize
+from tbptt.analysis.explain import render, summarize
+from tbptt.app.cli import main
 
 SCHEDULES = [
     (3, 6, "new", False, 12),

@@ -13,7 +13,7 @@ import torch
 
 import tbptt
 from tbptt import Truncation
-from tbptt import influence as ib
+from tbptt.analysis import influence as ib
 
 
 def torch_theta_gradient(theta, T, windows=None, s0=None):
@@ -73,7 +73,7 @@ def test_sensitivities_are_binomial_sums():
         Truncation(4, 4, flush=True),
         Truncation(3, 7, "window"),
         Truncation(5, 9, "last"),
-    ],  # fmt: skip
+    ],
 )
 def test_gradient_matches_engine_and_autograd(truncation):
     """The closed form (I.5) equals tbptt.gradients on the Elman form and torch autograd."""

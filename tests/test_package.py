@@ -1,7 +1,9 @@
 """The package's promises about itself: a numpy-only core, extras imported only where used."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import tbptt
 
@@ -9,7 +11,7 @@ import tbptt
 def test_import_tbptt_needs_numpy_only():
     """`import tbptt` (and its CLI parser) loads neither torch, matplotlib nor tqdm."""
     code = (
-        "import sys, tbptt, tbptt.cli; tbptt.cli.build_parser(); "
+        "import sys, tbptt, tbptt.app.cli; tbptt.app.cli.build_parser(); "
         "heavy = [m for m in ('torch', 'matplotlib', 'tqdm', 'jax') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
@@ -20,3 +22,76 @@ def test_import_tbptt_needs_numpy_only():
 def test_public_names_exist():
     """Everything in tbptt.__all__ is importable from the package."""
     assert all(hasattr(tbptt, name) for name in tbptt.__all__)
+
+
+# -- the layout: library, analysis, torch engine, application -------------------------------------
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every tbptt module `path` imports, wherever the import stands (inside functions and under
+    TYPE_CHECKING too): `from . import x` names the submodule x when there is one."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "tbptt"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "tbptt":
+                continue
+            subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES]
+            found |= set(subs) if len(subs) == len(node.names) else {target, *subs}
+    return found - {name}
+
+
+MODULES = {module_name(p): p for p in (SRC / "tbptt").rglob("*.py")}
+
+
+def test_no_import_cycles():
+    """The graph of every import between tbptt's modules (inside functions and under
+    TYPE_CHECKING too) has no cycle."""
+    graph = {name: imports_of(path) & set(MODULES) for name, path in MODULES.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert graph["tbptt.app.train"] >= {"tbptt.app.sample"}  # the graph sees real imports
+
+
+def test_the_library_never_imports_the_application():
+    """No module outside tbptt.app imports it; importing tbptt, tbptt.analysis and tbptt.torch
+    loads no application module."""
+    for name, path in MODULES.items():
+        if not name.startswith("tbptt.app"):
+            app = sorted(m for m in imports_of(path) if m.startswith("tbptt.app"))
+            assert not app, f"{name} imports {app}"
+    code = (
+        "import sys, tbptt, tbptt.analysis, tbptt.analysis.bias, tbptt.analysis.explain, "
+        "tbptt.analysis.influence, tbptt.torch; "
+        "app = [m for m in sys.modules if m.startswith('tbptt.app')]; "
+        "print(app); sys.exit(1 if app else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

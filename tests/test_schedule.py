@@ -163,7 +163,9 @@ def test_detach_every_k_flush_window_is_the_short_last_chunk():
     assert [(w.s, w.i, w.u) for w in no_flush] == [(1, 1, 3), (4, 4, 6), (7, 7, 9)]
 
 
-@pytest.mark.parametrize(("k1", "k2", "T", "want"), [(4, 2, 7, (7, 7)), (4, 2, 6, None), (4, 6, 7, (3, 7))])
+@pytest.mark.parametrize(
+    ("k1", "k2", "T", "want"), [(4, 2, 7, (7, 7)), (4, 2, 6, None), (4, 6, 7, (3, 7))]
+)
 def test_flush_window_is_empty_when_k2_is_at_most_k1_minus_T_mod_k1(k1, k2, T, want):
     """No flush update when k2 <= k1 - (T mod k1): the next window would start after T."""
     w = Truncation(k1, k2, "window", flush=True).flush_window(T)

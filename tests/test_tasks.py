@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from tbptt.tasks import (
+from tbptt.app.tasks import (
     COPY_BLANK,
     COPY_DELIMITER,
     TaskStreams,

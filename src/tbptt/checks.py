@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
 from .functions import LOSSES
 
 Array = np.ndarray
@@ -21,7 +22,7 @@ def as_float_array(name: str, value: object, dtype: np.dtype | None = None) -> A
     try:
         arr = np.asarray(value)
     except Exception as exc:  # ragged lists and the like
-        raise TypeError(
+        raise InputError(
             f"{name} must be an array of real numbers, got {type(value).__name__}"
         ) from exc
     if arr.dtype == object or not (
@@ -29,12 +30,12 @@ def as_float_array(name: str, value: object, dtype: np.dtype | None = None) -> A
         or np.issubdtype(arr.dtype, np.integer)
         or arr.dtype == bool
     ):
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        raise InputError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
-        raise ValueError(
+        raise InputError(
             f"{name} must be finite, got {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
         )
     return arr
@@ -44,12 +45,12 @@ def as_param(name: str, value: object, shape: tuple[int, ...] | None, ndim: int)
     arr = np.asarray(value) if value is not None else None
     if arr is None or arr.dtype.type not in FLOATS:
         got = "None" if arr is None else f"dtype {arr.dtype}"
-        raise TypeError(f"{name} must be a float32 or float64 array, got {got}")
+        raise InputError(f"{name} must be a float32 or float64 array, got {got}")
     if arr.ndim != ndim or (shape is not None and arr.shape != shape):
         want = shape if shape is not None else f"{ndim} dimensions"
-        raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
+        raise InputError(f"{name} must have shape {want}, got {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} must be finite, got a non-finite entry")
+        raise InputError(f"{name} must be finite, got a non-finite entry")
     return arr
 
 
@@ -78,12 +79,12 @@ def check_batch(
 ) -> Batch:
     """Check x, y, mask and reset against the model (m inputs, p outputs) and the loss."""
     if loss not in LOSSES:
-        raise ValueError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
+        raise InputError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
     if loss == "cross_entropy" and g != "softmax":
-        raise ValueError(f"loss='cross_entropy' needs the model's g='softmax', got g={g!r}")
+        raise InputError(f"loss='cross_entropy' needs the model's g='softmax', got g={g!r}")
     xa = as_float_array("x", x, dtype)
     if xa.ndim not in (2, 3) or xa.shape[-1] != m:
-        raise ValueError(f"x must have shape (T, {m}) or (T, batch, {m}), got {xa.shape}")
+        raise InputError(f"x must have shape (T, {m}) or (T, batch, {m}), got {xa.shape}")
     single = xa.ndim == 2
     if single:
         xa = xa[:, None, :]
@@ -92,21 +93,21 @@ def check_batch(
     if loss == "cross_entropy":
         ya = np.asarray(y)
         if not np.issubdtype(ya.dtype, np.integer):
-            raise TypeError(
+            raise InputError(
                 f"y must hold integer class indices for loss='cross_entropy', got dtype {ya.dtype}"
             )
         if ya.shape != lead:
-            raise ValueError(f"y must have shape {lead} (one class index per step), got {ya.shape}")
+            raise InputError(f"y must have shape {lead} (one class index per step), got {ya.shape}")
         if ya.size and (ya.min() < 0 or ya.max() >= p):
             bad = ya.min() if ya.min() < 0 else ya.max()
-            raise ValueError(
+            raise InputError(
                 f"y holds class index {int(bad)}, expected 0 <= y < {p} (the model's p)"
             )
         ya = ya.reshape(T, batch).astype(np.intp, copy=False)
     else:
         ya = as_float_array("y", y, dtype)
         if ya.shape != (*lead, p):
-            raise ValueError(
+            raise InputError(
                 f"y must have shape {(*lead, p)} like x with p={p} outputs, got {ya.shape}"
             )
         ya = ya.reshape(T, batch, p)
@@ -114,7 +115,7 @@ def check_batch(
     if mask is not None:
         maska = as_float_array("mask", mask, dtype)
         if maska.shape != lead:
-            raise ValueError(
+            raise InputError(
                 f"mask must have shape {lead} (one weight per step), got {maska.shape}"
             )
         maska = maska.reshape(T, batch)
@@ -122,9 +123,9 @@ def check_batch(
     if reset is not None:
         reseta = np.asarray(reset)
         if reseta.dtype != bool:
-            raise TypeError(f"reset must be a bool array, got dtype {reseta.dtype}")
+            raise InputError(f"reset must be a bool array, got dtype {reseta.dtype}")
         if reseta.shape != lead:
-            raise ValueError(
+            raise InputError(
                 f"reset must have shape {lead} (one flag per step), got {reseta.shape}"
             )
         reseta = reseta.reshape(T, batch)
@@ -139,5 +140,5 @@ def check_h0(h0: object, n: int, batch: int, dtype: np.dtype) -> Array:
     if arr.shape == (n,):
         return np.broadcast_to(arr, (batch, n))
     if arr.shape != (batch, n):
-        raise ValueError(f"h0 must have shape ({n},) or ({batch}, {n}), got {arr.shape}")
+        raise InputError(f"h0 must have shape ({n},) or ({batch}, {n}), got {arr.shape}")
     return arr

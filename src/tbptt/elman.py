@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checks import FLOATS, as_param
+from .errors import InputError
 from .functions import OUTPUTS, activation
 
 Array = np.ndarray
@@ -59,21 +60,21 @@ class ElmanRNN:
         A = as_param("A", A, None, 2)
         n = A.shape[0]
         if A.shape != (n, n):
-            raise ValueError(f"A must be square (n, n), got {A.shape}")
+            raise InputError(f"A must be square (n, n), got {A.shape}")
         B = as_param("B", B, None, 2)
         if B.shape[0] != n:
-            raise ValueError(f"B must have shape ({n}, m) to match A, got {B.shape}")
+            raise InputError(f"B must have shape ({n}, m) to match A, got {B.shape}")
         C = as_param("C", C, None, 2)
         if C.shape[1] != n:
-            raise ValueError(f"C must have shape (p, {n}) to match A, got {C.shape}")
+            raise InputError(f"C must have shape (p, {n}) to match A, got {C.shape}")
         b = None if b is None else as_param("b", b, (n,), 1)
         c = None if c is None else as_param("c", c, (C.shape[0],), 1)
         dtypes = {arr.dtype for arr in (A, B, C, b, c) if arr is not None}
         if len(dtypes) != 1:
-            raise TypeError(f"A, B, C, b, c must share one dtype, got {sorted(map(str, dtypes))}")
+            raise InputError(f"A, B, C, b, c must share one dtype, got {sorted(map(str, dtypes))}")
         activation(f, "f")
         if g not in OUTPUTS:
-            raise ValueError(f"g must be one of {OUTPUTS}, got {g!r}")
+            raise InputError(f"g must be one of {OUTPUTS}, got {g!r}")
         self.A, self.B, self.C, self.b, self.c = A, B, C, b, c
         self.f, self.g = f, g
 
@@ -108,7 +109,7 @@ class ElmanRNN:
         """A model with some parameters replaced (the same f and g)."""
         unknown = set(params) - set(self.params)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown parameters {sorted(unknown)}; the model has {list(self.params)}"
             )
         return ElmanRNN(**{**self.params, **params}, f=self.f, g=self.g)
@@ -146,9 +147,9 @@ class ElmanRNN:
         """
         for name, v in (("n", n), ("m", m), ("p", p)):
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+                raise InputError(f"{name} must be an integer >= 1, got {v!r}")
         if np.dtype(dtype).type not in FLOATS:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}")
+            raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
         rng = np.random.default_rng(seed)
         k = 1 / np.sqrt(n)
         A = rng.uniform(-k, k, (n, n))

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 Array = np.ndarray
 
 
@@ -72,7 +74,7 @@ LOSSES = ("l2", "cross_entropy")
 def activation(name: object, argument: str = "f") -> Activation:
     """Look up an elementwise activation by name, with an error that says what exists."""
     if not isinstance(name, str) or name not in ACTIVATIONS:
-        raise ValueError(f"{argument} must be one of {tuple(ACTIVATIONS)}, got {name!r}")
+        raise InputError(f"{argument} must be one of {tuple(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, Trajectory, backprop, forward, parameter_gradients, project
+from .errors import InputError
 from .functions import loss_and_error
 from .schedule import Truncation, Window
 
@@ -52,9 +53,9 @@ def gradients(
         windows that start at step 1 contribute to it.
     """
     if not isinstance(model, ElmanRNN):
-        raise TypeError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
+        raise InputError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
     if truncation is not None and not isinstance(truncation, Truncation):
-        raise TypeError(
+        raise InputError(
             f"truncation must be a tbptt.Truncation or None, got {type(truncation).__name__}"
         )
     data = check_batch(

@@ -197,16 +197,23 @@ class TBPTT:
         if self.finished:
             raise RuntimeError("the stream was finished; create a new TBPTT to train on another")
         data = check_batch(
-            x, y, m=self.model.m, p=self.model.p, dtype=self.model.dtype, loss=self.loss,
-            g=self.model.g, mask=mask, reset=reset,
-        )  # fmt: skip
+            x,
+            y,
+            m=self.model.m,
+            p=self.model.p,
+            dtype=self.model.dtype,
+            loss=self.loss,
+            g=self.model.g,
+            mask=mask,
+            reset=reset,
+        )
         T, batch, _ = data.x.shape
         if self.h is None:
             self.h0 = np.array(check_h0(self._h0_arg, self.model.n, batch, self.model.dtype))
             self.h = self.h0.copy()
             self.history = History(self.h, self.model.m, self.model.p)
         elif batch != self.batch:
-            raise ValueError(
+            raise InputError(
                 f"x has {batch} streams, but this stream was started with {self.batch}"
             )
         total, count = 0.0, 0.0
@@ -215,10 +222,11 @@ class TBPTT:
             stop = min(T, start + self.truncation.next_update(self.t) - self.t)
             sl = slice(start, stop)
             total += self._forward(
-                data.x[sl], data.y[sl],
+                data.x[sl],
+                data.y[sl],
                 None if data.mask is None else data.mask[sl],
                 None if data.reset is None else data.reset[sl],
-            )  # fmt: skip
+            )
             count += (stop - start) * batch if data.mask is None else float(data.mask[sl].sum())
             if self.truncation.is_update(self.t):
                 self._update(self.truncation.window(self.t, self.u_prev))
@@ -287,8 +295,9 @@ class TBPTT:
             dh = project(hist.e[max(i, lo) - first : hi - first + 1], seg.params["C"])  # C_t^T e_t
             part = slice(lo - seg.t0, hi - seg.t0 + 1)
             cut = None if seg.reset is None else seg.reset[part]
-            _, back = backprop(seg.fprime[part], seg.params["A"], dh, back, cut,
-                               out=R[lo - s : hi - s + 1])  # fmt: skip
+            _, back = backprop(
+                seg.fprime[part], seg.params["A"], dh, back, cut, out=R[lo - s : hi - s + 1]
+            )
             if resets:
                 cuts.append(np.zeros((hi - lo + 1, hist.batch), bool) if cut is None else cut)
         h_prev = hist.h[a:c]  # (L, batch, n) h_{t-1}
@@ -305,7 +314,9 @@ class TBPTT:
             lo, hi = max(seg.t0, w.i), min(seg.t1, w.u)
             if lo <= hi:
                 rows = slice(lo - seg.t0, hi - seg.t0 + 1)
-                total += (hi - lo + 1) * self.batch if seg.weight is None else seg.weight[rows].sum()
+                total += (
+                    (hi - lo + 1) * self.batch if seg.weight is None else seg.weight[rows].sum()
+                )
         return float(total)
 
     def _update(self, w) -> None:
@@ -402,7 +413,9 @@ class TBPTT:
         if n_segs:
             hist.first = int(state["seg0.t0"])
             hist.reserve(sum(len(state[f"seg{j}.x"]) for j in range(n_segs)), hist.first)
-            hist.h[0] = state["seg0.h_prev"][0]  # h_{t0-1} (h0 where that step restarted: the same use)
+            hist.h[0] = state["seg0.h_prev"][
+                0
+            ]  # h_{t0-1} (h0 where that step restarted: the same use)
         else:
             hist.first = self.t + 1
         for j in range(n_segs):
@@ -462,7 +475,9 @@ def _check_saved(state: dict[str, Array], trainer: TBPTT) -> None:
         )
     for name, value in (("loss", loss), ("reduction", reduction)):
         if value != getattr(trainer, name):
-            raise InputError(f"the saved run had {name}={value!r}, this trainer {getattr(trainer, name)!r}")
+            raise InputError(
+                f"the saved run had {name}={value!r}, this trainer {getattr(trainer, name)!r}"
+            )
     if not (0 <= u_prev <= t and updates >= 0 and (u_prev % tr.k1 == 0 or u_prev == t)):
         raise InputError(f"the saved position is inconsistent (t={t}, u_prev={u_prev})")
     mine = {k: v.shape for k, v in trainer.model.params.items()}
@@ -476,4 +491,6 @@ def _check_saved(state: dict[str, Array], trainer: TBPTT) -> None:
     if "h" in state:
         n = trainer.model.n
         if np.ndim(state["h"]) != 2 or np.shape(state["h"])[1] != n:
-            raise InputError(f"the saved state h has shape {np.shape(state['h'])}; expected (batch, {n})")
+            raise InputError(
+                f"the saved state h has shape {np.shape(state['h'])}; expected (batch, {n})"
+            )

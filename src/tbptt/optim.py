@@ -22,15 +22,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 Array = np.ndarray
 Params = dict[str, Array]
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+        raise InputError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(
+        raise InputError(
             f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}"
         )
     return float(value)
@@ -48,7 +50,7 @@ class SGD:
         _check_positive("lr", self.lr)
         _check_positive("momentum", self.momentum, allow_zero=True)
         if self.nesterov and self.momentum == 0:
-            raise ValueError(
+            raise InputError(
                 "nesterov=True needs momentum > 0, got momentum=0 (as torch.optim.SGD)"
             )
 
@@ -87,7 +89,7 @@ class Adam:
         for name in ("beta1", "beta2"):
             b = getattr(self, name)
             if not 0 <= b < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {b!r}")
+                raise InputError(f"{name} must be in [0, 1), got {b!r}")
         _check_positive("eps", self.eps)
 
     def init(self, params: Params) -> dict[str, Array]:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 INJECT_MODES = ("new", "window", "last")
 
 
@@ -64,11 +66,11 @@ class Window:
 
 def _check_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(
+        raise InputError(
             f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}"
         )
     if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 
 
@@ -100,11 +102,11 @@ class Truncation:
         object.__setattr__(self, "k1", _check_int("k1", self.k1))
         object.__setattr__(self, "k2", _check_int("k2", self.k2))
         if self.inject not in INJECT_MODES:
-            raise ValueError(f"inject must be one of {INJECT_MODES}, got {self.inject!r}")
+            raise InputError(f"inject must be one of {INJECT_MODES}, got {self.inject!r}")
         if not isinstance(self.flush, bool):
-            raise TypeError(f"flush must be a bool, got {self.flush!r}")
+            raise InputError(f"flush must be a bool, got {self.flush!r}")
         if self.inject == "new" and self.k2 < self.k1:
-            raise ValueError(
+            raise InputError(
                 f"inject='new' needs k2 >= k1 (each new loss must lie inside its window), "
                 f"got k1={self.k1}, k2={self.k2}"
             )
@@ -212,4 +214,4 @@ class Truncation:
 
 def _check_T(T: object) -> None:
     if isinstance(T, bool) or not isinstance(T, int | np.integer) or T < 0:
-        raise ValueError(f"T must be an integer >= 0 (the number of steps), got {T!r}")
+        raise InputError(f"T must be an integer >= 0 (the number of steps), got {T!r}")

@@ -135,7 +135,8 @@ def check_chunk(
     beyond the call (TBPTT.feed).
     """
     lead_name = "(batch, L)" if batch_first else "(L, batch)"
-    x, y = _tensor(x, "x", device), _tensor(y, "y", device)
+    x = _tensor(x, "x", device)
+    y = None if y is None else _tensor(y, "y", device)
     mask = None if mask is None else _tensor(mask, "mask", device)
     reset = None if reset is None else _tensor(reset, "reset", device)
     if x.dim() < 2:
@@ -143,11 +144,12 @@ def check_chunk(
     if x.dim() == 2 and x.is_floating_point():  # one stream (L, m)
         ax = 0 if batch_first else 1
         x = x.unsqueeze(ax)
-        y = y.unsqueeze(ax) if y.dim() >= 1 and y.shape[0] == x.shape[1 - ax] else y
+        if y is not None and y.dim() >= 1 and y.shape[0] == x.shape[1 - ax]:
+            y = y.unsqueeze(ax)
         mask = None if mask is None or mask.dim() != 1 else mask.unsqueeze(ax)
         reset = None if reset is None or reset.dim() != 1 else reset.unsqueeze(ax)
     lead = tuple(x.shape[:2])
-    if tuple(y.shape[:2]) != lead:
+    if y is not None and tuple(y.shape[:2]) != lead:
         raise InputError(
             f"y must start with the shape {lead} of x {lead_name}, got {tuple(y.shape)}"
         )
@@ -167,7 +169,9 @@ def _tensor(a: object, name: str, device: torch.device) -> Tensor:
     try:
         return torch.as_tensor(a).detach().to(device)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{name} must be a tensor or an array, got {type(a).__name__}: {exc}") from None
+        raise InputError(
+            f"{name} must be a tensor or an array, got {type(a).__name__}: {exc}"
+        ) from None
 
 
 def check_result(res: object, x: Tensor) -> tuple[Tensor, st.State]:

@@ -161,13 +161,19 @@ class Comm:
                     t.copy_(part.view_as(t))
 
     def reduce(
-        self, params: list[Tensor], *, t: int, finite: bool, values: list[float], what: str,
+        self,
+        params: list[Tensor],
+        *,
+        t: int,
+        finite: bool,
+        values: list[float],
+        what: str,
         grads: bool = True,
     ) -> Reduced:
         """The update's one collective (module docstring): p.grad <- the sum over the ranks
         (grads=False: a check between updates, the gradient slots zero), the values summed, and
         every rank's step t and finiteness. Raises InputError on all ranks when their t differ.
-        """  # fmt: skip
+        """
         W, r = self.world, self.rank
         kinds = list(_by_kind(params).values()) or [[]]
         control = None
@@ -178,7 +184,8 @@ class Comm:
             like = ps[0] if ps else torch.zeros((), dtype=torch.float64)
             have = [grads and p.grad is not None for p in ps]
             parts = [
-                p.grad.reshape(-1) if h else p.new_zeros(p.numel()) for p, h in zip(ps, have, strict=True)
+                p.grad.reshape(-1) if h else p.new_zeros(p.numel())
+                for p, h in zip(ps, have, strict=True)
             ]
             extra = [float(h) for h in have]
             if k == 0:  # values, then per rank: t in two exact halves, and a non-finite flag
@@ -214,7 +221,7 @@ class Comm:
             raise
         except Exception as exc:  # tell the others, then raise it here
             error = exc
-        (lo, _), = self._spread([int(error is None)], f"the barrier after {what}")  # fmt: skip
+        ((lo, _),) = self._spread([int(error is None)], f"the barrier after {what}")
         if lo != 1:
             if error is not None:
                 raise error
@@ -259,9 +266,12 @@ class Comm:
         """Rank 0's object on every rank."""
         box = [obj if self.rank == 0 else None]
         self._call(
-            f"broadcasting {what}", _dist().broadcast_object_list, box, src=self.src,
+            f"broadcasting {what}",
+            _dist().broadcast_object_list,
+            box,
+            src=self.src,
             group=self.group,
-        )  # fmt: skip
+        )
         return box[0]
 
 

@@ -122,9 +122,16 @@ class TBPTT:
     ) -> None:
         model, group = dd.resolve(model, process_group)  # DDP: its .module and its group
         clip = check_arguments(
-            model, truncation, optimizer, loss_fn, clip, scheduler, batch_first, checkpoint,
+            model,
+            truncation,
+            optimizer,
+            loss_fn,
+            clip,
+            scheduler,
+            batch_first,
+            checkpoint,
             reduction,
-        )  # fmt: skip
+        )
         self._named: Params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self._named:
             raise InputError("model has no parameters that require grad: nothing to train")
@@ -263,9 +270,18 @@ class TBPTT:
             state_in = state if link else st.detach(state)
         rng, device_rng = capture_rng(self.device) if grad else (None, None)  # rerun on load
         seg = Segment(
-            t0=t0, L=L, x=x, y=y, mask=mask, reset=reset, state_in=st.detach(state),
-            params=params, rng=rng, device_rng=device_rng, link=link,
-        )  # fmt: skip
+            t0=t0,
+            L=L,
+            x=x,
+            y=y,
+            mask=mask,
+            reset=reset,
+            state_in=st.detach(state),
+            params=params,
+            rng=rng,
+            device_rng=device_rng,
+            link=link,
+        )
         with nullcontext() if grad else torch.no_grad():
             losses, state_out = self._run(seg, state_in, params, self.checkpoint and grad)
         if grad:
@@ -285,6 +301,16 @@ class TBPTT:
         return self._steps(*args)
 
     def _steps(self, x, y, mask, reset, state, params) -> tuple[Tensor, st.State]:
+        """The segment's outputs (_outputs), then its masked losses l_t."""
+        out, state = self._outputs(x, reset, state, params)
+        with self._autocast():
+            losses = self.loss_fn(out, y)
+        losses = check_losses(losses, x)
+        if mask is not None:
+            losses = losses * mask.to(losses.dtype)
+        return losses, state
+
+    def _outputs(self, x, reset, state, params, stream=True) -> tuple[Tensor, st.State]:
         """One module call, and one more at each step where some stream resets (6.1)."""
         td = self._tdim
         L = x.shape[td]
@@ -295,23 +321,33 @@ class TBPTT:
             if a in rows and state is not None:
                 state = st.restart(state, self.state0, reset.select(td, a), self._batch_dims(state))
             xa = x if b - a == L else x.narrow(td, a, b - a)
-            out, state = self._call(xa, state, params)
+            out, state = self._call(xa, state, params, stream)
             outs.append(out)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=td)
-        with self._autocast():
-            losses = self.loss_fn(out, y)
-        losses = check_losses(losses, x)
-        if mask is not None:
-            losses = losses * mask.to(losses.dtype)
-        return losses, state
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=td)), state
+
+    def predict(
+        self, x: Tensor, state: st.State | None = None, reset: Tensor | None = None
+    ) -> tuple[Tensor, st.State]:
+        """The module's output on x (L, batch, ...) from `state` (None: state0, or the module's
+        zeros), restarting stream j from state0 where reset[t, j], as training does (6.1). No
+        gradient, nothing kept; the stream being trained is not touched. Returns (output, state).
+        """
+        x, _, _, reset, _ = check_chunk(x, None, None, reset, self.device, self.batch_first)
+        state = self.state0 if state is None else state
+        with torch.no_grad():
+            out, state = self._outputs(x, reset, state, None, stream=False)
+        return out, st.detach(state)
 
     def _autocast(self):
         if self._amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self._amp_dtype)
 
-    def _call(self, x: Tensor, state, params: Params | None) -> tuple[Tensor, st.State]:
-        """One call of the module (with the given parameter values), its result checked."""
+    def _call(
+        self, x: Tensor, state, params: Params | None, stream: bool = True
+    ) -> tuple[Tensor, st.State]:
+        """One call of the module (with the given parameter values), its result checked; on the
+        stream being trained (not predict's), the state's shapes must stay the same."""
         first = self._sig is None
         try:
             with self._autocast():
@@ -327,6 +363,8 @@ class TBPTT:
                 ) from exc
             raise
         out, new = check_result(res, x)
+        if not stream:
+            return out, new
         sig = st.signature(new)
         if first:
             if self.state0 is not None and st.signature(self.state0) != sig:
@@ -396,7 +434,11 @@ class TBPTT:
             a = max(w.i, seg.t0) - seg.t0
             if a < seg.L:
                 steps = seg.L - a
-                total += steps * self.batch if seg.mask is None else float(self._cut(seg.mask, a, seg.L).sum())
+                total += (
+                    steps * self.batch
+                    if seg.mask is None
+                    else float(self._cut(seg.mask, a, seg.L).sum())
+                )
         return total
 
     def _window_grads(self, w: Window, segs: list[Segment]) -> dict[str, Tensor]:
@@ -642,10 +684,16 @@ class TBPTT:
         prev: Segment | None = None
         for r in sd["segments"]:
             seg = Segment(
-                t0=int(r["t0"]), L=int(r["L"]), **{k: dev(r[k]) for k in dd.PER_STREAM},
-                state_in=dev(r["state_in"]), params=sets[r["params"]] if r["params"] >= 0 else None,
-                rng=r["rng"], device_rng=r["device_rng"], link=bool(r["link"]), owned=True,
-            )  # fmt: skip
+                t0=int(r["t0"]),
+                L=int(r["L"]),
+                **{k: dev(r[k]) for k in dd.PER_STREAM},
+                state_in=dev(r["state_in"]),
+                params=sets[r["params"]] if r["params"] >= 0 else None,
+                rng=r["rng"],
+                device_rng=r["device_rng"],
+                link=bool(r["link"]),
+                owned=True,
+            )
             if r["graph"]:  # run it again: the same module calls on the same values
                 if r["leaf"]:
                     entering = st.as_leaf(seg.state_in)
@@ -673,7 +721,9 @@ class TBPTT:
         """A state from this kind of driver with the same schedule and settings, or InputError."""
         if not isinstance(sd, dict) or sd.get("format") != FORMAT:
             got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
-            raise InputError(f"state must be a {FORMAT!r} dict from TBPTT.state_dict(), got {got!r}")
+            raise InputError(
+                f"state must be a {FORMAT!r} dict from TBPTT.state_dict(), got {got!r}"
+            )
         tr = self.truncation
         mine = [tr.k1, tr.k2, tr.inject, tr.flush]
         if list(sd["truncation"]) != mine:
@@ -747,7 +797,9 @@ def read(path: str | os.PathLike) -> dict:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
             first = "it holds objects other than tensors and plain values"
-        raise InputError(f"checkpoint {path} is damaged or not a tbptt checkpoint ({first})") from None
+        raise InputError(
+            f"checkpoint {path} is damaged or not a tbptt checkpoint ({first})"
+        ) from None
 
 
 def _diff_leaves(state: st.State) -> list[Tensor]:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 Tensor = torch.Tensor
 
 ACTIVATIONS = {
@@ -43,7 +45,7 @@ OUTPUTS = (*ACTIVATIONS, "softmax")
 def l2_loss(output: Tensor, y: Tensor) -> Tensor:
     """l_t = 1/2 ||yhat_t - y_t||^2 over the last axis: (L, batch, p) -> (L, batch)."""
     if y.shape != output.shape:  # broadcasting would silently compute another loss
-        raise ValueError(
+        raise InputError(
             f"y must have the model output's shape {tuple(output.shape)} for l2_loss, "
             f"got {tuple(y.shape)}"
         )
@@ -55,7 +57,7 @@ def cross_entropy_loss(logits: Tensor, y: Tensor) -> Tensor:
     """l_t = -log softmax(z_t)[y_t]: logits (L, batch, p), integer y (L, batch) -> (L, batch)."""
     lead = y.shape
     if lead != logits.shape[:-1] or y.is_floating_point():
-        raise ValueError(
+        raise InputError(
             f"y must hold integer class indices of shape {tuple(logits.shape[:-1])} (the logits' "
             f"shape without the class axis) for cross_entropy_loss, got {y.dtype} {tuple(lead)}"
         )
@@ -100,11 +102,11 @@ class ElmanRNN(nn.Module):
         super().__init__()
         for name, v in (("n", n), ("m", m), ("p", p)):
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+                raise InputError(f"{name} must be an integer >= 1, got {v!r}")
         if f not in ACTIVATIONS:
-            raise ValueError(f"f must be one of {tuple(ACTIVATIONS)}, got {f!r}")
+            raise InputError(f"f must be one of {tuple(ACTIVATIONS)}, got {f!r}")
         if g not in OUTPUTS:
-            raise ValueError(f"g must be one of {OUTPUTS}, got {g!r}")
+            raise InputError(f"g must be one of {OUTPUTS}, got {g!r}")
         self.f, self.g, self.batch_first = f, g, bool(batch_first)
         kw = {"dtype": dtype, "device": device}
         self.A = nn.Parameter(torch.empty(n, n, **kw))
@@ -135,13 +137,13 @@ class ElmanRNN(nn.Module):
         if self.batch_first:
             x = x.transpose(0, 1)  # (L, batch, m)
         if x.dim() != 3 or x.shape[-1] != self.m:
-            raise ValueError(f"x must have shape (L, batch, {self.m}), got {tuple(x.shape)}")
+            raise InputError(f"x must have shape (L, batch, {self.m}), got {tuple(x.shape)}")
         L, batch, _ = x.shape
         if h is None:
             h = x.new_zeros(batch, self.n)
         elif not isinstance(h, Tensor) or h.shape != (batch, self.n):
             got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
-            raise ValueError(f"state must have shape ({batch}, {self.n}) (batch, n), got {got}")
+            raise InputError(f"state must have shape ({batch}, {self.n}) (batch, n), got {got}")
         f = ACTIVATIONS[self.f]
         Bx = (x.reshape(L * batch, -1) @ self.B.T).view(L, batch, -1)  # (L, batch, n): B x_t
         if self.b is not None:
@@ -164,9 +166,9 @@ class ElmanRNN(nn.Module):
         from ..elman import ElmanRNN as NumpyElman
 
         if not isinstance(model, NumpyElman):
-            raise TypeError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
+            raise InputError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
         if (model.b is None) != (model.c is None):
-            raise ValueError("the torch ElmanRNN has both biases b and c or neither")
+            raise InputError("the torch ElmanRNN has both biases b and c or neither")
         dtype = torch.float64 if model.dtype == np.float64 else torch.float32
         out = cls(
             n=model.n,
@@ -211,9 +213,9 @@ class Recurrent(nn.Module):
     def __init__(self, rnn: nn.Module, head: nn.Module | None = None) -> None:
         super().__init__()
         if not isinstance(rnn, nn.Module):
-            raise TypeError(f"rnn must be an nn.Module, got {type(rnn).__name__}")
+            raise InputError(f"rnn must be an nn.Module, got {type(rnn).__name__}")
         if head is not None and not isinstance(head, nn.Module):
-            raise TypeError(f"head must be an nn.Module or None, got {type(head).__name__}")
+            raise InputError(f"head must be an nn.Module or None, got {type(head).__name__}")
         self.rnn, self.head = rnn, head
         if isinstance(rnn, nn.RNNBase):
             self.state_batch_dim = 1
@@ -242,13 +244,13 @@ class Recurrent(nn.Module):
             got = tuple(tuple(s.shape) for s in state) if ok else type(state).__name__
             ok = ok and all(isinstance(s, Tensor) for s in state) and got == want
             if not ok:
-                raise ValueError(
+                raise InputError(
                     f"state must be (h, c) of shapes {want} for this nn.LSTM, got {got}"
                 )
         else:
             want = (layers, batch, h_size)
             got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
             if got != want:
-                raise ValueError(
+                raise InputError(
                     f"state must be a tensor of shape {want} for this {type(rnn).__name__}, got {got}"
                 )

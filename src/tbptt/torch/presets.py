@@ -36,6 +36,7 @@ What the presets leave out, where the systems differ from their own schedule:
 
 from __future__ import annotations
 
+from ..errors import InputError
 from ..schedule import Truncation
 
 
@@ -62,7 +63,7 @@ def lightning_1x(truncated_bptt_steps: int) -> Truncation:
 def theano_scan(truncate_gradient: int, T: int) -> Truncation:
     """Theano scan(truncate_gradient=k) over T steps: one backward pass over the last k steps."""
     if isinstance(T, bool) or not isinstance(T, int) or T < truncate_gradient:
-        raise ValueError(
+        raise InputError(
             f"T must be an integer >= truncate_gradient={truncate_gradient}, got {T!r}"
         )
     return Truncation(T, truncate_gradient, inject="window", flush=False)
@@ -76,7 +77,7 @@ def forum_snippet(k1: int, k2: int) -> Truncation:
 def mikolov_rnnlm(bptt: int, bptt_block: int) -> Truncation:
     """Mikolov's RNNLM `-bptt B -bptt-block b`: every b words, the block's errors B+b-2 steps back."""
     if isinstance(bptt, bool) or not isinstance(bptt, int) or bptt < 2:
-        raise ValueError(
+        raise InputError(
             f"bptt must be an integer >= 2 (RNNLM's BPTT branch; bptt 0 or 1 is plain BP), got {bptt!r}"
         )
     return Truncation(bptt_block, bptt + bptt_block - 2, inject="new", flush=False)

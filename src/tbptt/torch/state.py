@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
+
 Tensor = torch.Tensor
 State = Any  # Tensor | tuple[State, ...] | list[State] | dict[str, State]
 
@@ -28,17 +30,17 @@ def check(state: object, name: str = "state") -> None:
         return
     if isinstance(state, tuple | list):
         if not state:
-            raise TypeError(f"{name} must not hold an empty {type(state).__name__}")
+            raise InputError(f"{name} must not hold an empty {type(state).__name__}")
         for k, s in enumerate(state):
             check(s, f"{name}[{k}]")
         return
     if isinstance(state, dict):
         if not state:
-            raise TypeError(f"{name} must not hold an empty dict")
+            raise InputError(f"{name} must not hold an empty dict")
         for k, s in state.items():
             check(s, f"{name}[{k!r}]")
         return
-    raise TypeError(
+    raise InputError(
         f"{name} must be a tensor or a tuple, list or dict of tensors, got {type(state).__name__}"
     )
 
@@ -119,7 +121,7 @@ def batch_dim(t: Tensor, batch: int) -> int:
     """The one axis of size `batch` in a state tensor; ambiguous shapes need the module's help."""
     dims = [d for d, size in enumerate(t.shape) if size == batch]
     if len(dims) != 1:
-        raise ValueError(
+        raise InputError(
             f"cannot tell the batch axis of a state tensor of shape {tuple(t.shape)} for batch "
             f"{batch}; give the module an attribute state_batch_dim (an int) to say which it is"
         )

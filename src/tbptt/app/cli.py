@@ -1,14 +1,16 @@
 """The `tbptt` command line: one subcommand per job, each defined in the module that does the work.
 
-    tbptt train        train a recurrent network with TBPTT(k1, k2) (tbptt/train.py)
-    tbptt sample       generate text from a trained character model (tbptt/sample.py)
-    tbptt explain      draw a TBPTT(k1, k2) schedule (tbptt/explain.py)
-    tbptt bias         measure truncation's gradient bias vs exact BPTT (tbptt/bias_commands.py)
-    tbptt suggest-k    choose k2 from the decay of the gradient over lags (tbptt/bias_commands.py)
+    tbptt train        train a recurrent network with TBPTT(k1, k2) (app/train.py)
+    tbptt sample       generate text from a trained character model (app/sample.py)
+    tbptt explain      draw a TBPTT(k1, k2) schedule (app/explain_command.py)
+    tbptt bias         measure truncation's gradient bias vs exact BPTT (app/bias_commands.py)
+    tbptt suggest-k    choose k2 from the decay of the gradient over lags (app/bias_commands.py)
 
 A subcommand module defines `add_<name>_arguments(parser)` and `run_<name>(args) -> int`, and
-imports torch, matplotlib or tqdm only inside the functions that need them. Any ValueError,
-TypeError or OSError that reaches here is the user's input being wrong: one line, exit code 2.
+imports torch, matplotlib or tqdm only inside the functions that need them. Bad input is a
+tbptt.InputError, raised where the input is read (the library's checks, the configuration, the
+files): it becomes one line on stderr and exit status 2. Any other exception is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -19,22 +21,28 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ..errors import InputError
+
 # (command, module, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
     (
         "train",
-        "tbptt.train",
+        "tbptt.app.train",
         "train a recurrent network with TBPTT(k1, k2) on text, numbers or a task",
     ),
-    ("sample", "tbptt.sample", "generate text from a trained character model"),
-    ("explain", "tbptt.explain", "draw which steps each TBPTT(k1, k2) update backpropagates"),
-    ("bias", "tbptt.bias_commands", "measure the gradient bias of truncation against exact BPTT"),
-    ("suggest-k", "tbptt.bias_commands", "choose k2 from the decay of the gradient over lags"),
+    ("sample", "tbptt.app.sample", "generate text from a trained character model"),
+    (
+        "explain",
+        "tbptt.app.explain_command",
+        "draw which steps each TBPTT(k1, k2) update backpropagates",
+    ),
+    (
+        "bias",
+        "tbptt.app.bias_commands",
+        "measure the gradient bias of truncation against exact BPTT",
+    ),
+    ("suggest-k", "tbptt.app.bias_commands", "choose k2 from the decay of the gradient over lags"),
 ]
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for; printed as one line, exit code 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"tbptt {__version__}")
     sub = parser.add_subparsers(
@@ -90,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `tbptt ... | head`: the reader left; not the user's error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
-    except (UsageError, ValueError, TypeError, OSError) as exc:
+    except InputError as exc:
         print(f"tbptt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -47,11 +47,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checks import check_batch, check_h0
-from .elman import ElmanRNN, Trajectory, forward
-from .functions import loss_and_error
-from .gradients import window_sum
-from .schedule import Truncation, Window
+from ..checks import check_batch, check_h0
+from ..elman import ElmanRNN, Trajectory, forward
+from ..errors import InputError
+from ..functions import loss_and_error
+from ..gradients import window_sum
+from ..schedule import Truncation, Window
 
 Array = np.ndarray
 TINY = 1e-300  # norms at or below this count as exactly zero (no gradient flows that far)
@@ -68,7 +69,7 @@ class _Run:
 
 def _run(model, x, y, h0, loss, mask, reset) -> _Run:
     if not isinstance(model, ElmanRNN):
-        raise TypeError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
+        raise InputError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
     data = check_batch(
         x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
     )
@@ -126,7 +127,7 @@ def truncation_bias(
     truncations = list(truncations)
     for tr in truncations:
         if not isinstance(tr, Truncation):
-            raise TypeError(f"truncations must hold tbptt.Truncation, got {type(tr).__name__}")
+            raise InputError(f"truncations must hold tbptt.Truncation, got {type(tr).__name__}")
     run = _run(model, x, y, h0, loss, mask, reset)
     T = run.traj.h.shape[0]
     names = list(model.params)
@@ -185,9 +186,9 @@ def _check_lag(max_lag: object, T: int) -> int:
     if max_lag is None:
         return max(1, min(64, T // 2))
     if isinstance(max_lag, bool) or not isinstance(max_lag, int | np.integer) or max_lag < 1:
-        raise ValueError(f"max_lag must be an integer >= 1, got {max_lag!r}")
+        raise InputError(f"max_lag must be an integer >= 1, got {max_lag!r}")
     if max_lag > T:
-        raise ValueError(f"max_lag must be at most the number of steps T = {T}, got {max_lag}")
+        raise InputError(f"max_lag must be at most the number of steps T = {T}, got {max_lag}")
     return int(max_lag)
 
 
@@ -310,13 +311,13 @@ def lag_profile(
     T, batch, n = run.traj.h.shape
     max_lag = _check_lag(max_lag, T)
     if isinstance(fit_from, bool) or not isinstance(fit_from, int) or not 0 <= fit_from < max_lag:
-        raise ValueError(
+        raise InputError(
             f"fit_from must be an integer in [0, max_lag = {max_lag}), got {fit_from!r}"
         )
     w = run.weight[max_lag - 1 :]  # (T - max_lag + 1, batch): the loss steps t >= max_lag
     count = int(w.sum())
     if count == 0:
-        raise ValueError(
+        raise InputError(
             f"no loss step t >= max_lag = {max_lag} has a target (mask); lower max_lag"
         )
     norms = np.empty(max_lag + 1)
@@ -357,9 +358,9 @@ def tail_bound(profile: LagProfile, K: int) -> float:
 def choose_k(profile: LagProfile, delta: float = 0.1, k_max: int = 256) -> KChoice:
     """(B.6): the smallest K in 1..k_max whose estimated relative bias is at most delta."""
     if not (isinstance(delta, int | float) and 0 < delta < 1):
-        raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
+        raise InputError(f"delta must be a number in (0, 1), got {delta!r}")
     if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
-        raise ValueError(f"k_max must be an integer >= 1, got {k_max!r}")
+        raise InputError(f"k_max must be an integer >= 1, got {k_max!r}")
     tails = np.array([tail_bound(profile, K) for K in range(1, k_max + 1)])
     # ||g|| >= ||gbar_K|| - E(K) for every measured K (lags 0..K-1 are cum_norms[K - 1])
     measured = min(profile.max_lag + 1, k_max)

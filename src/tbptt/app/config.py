@@ -18,8 +18,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
+
 TEXT_TASKS = ("shakespeare", "stdlib", "text")
-TASKS = (*TEXT_TASKS, "numbers", "adding", "copy", "influence")
+TASKS = (*TEXT_TASKS, "numbers", "adding", "copy")
 # fields a resumed run may change: how long it goes on and how it reports, not what it computes
 RESUMABLE = ("time_budget", "max_updates", "eval_every", "checkpoint_every", "threads")
 DEMO_SECONDS = 120.0
@@ -34,12 +36,20 @@ class Config:
     """Everything a training run depends on; the defaults are the two-minute Shakespeare demo."""
 
     # what to learn
-    task: str | None = _f(None, "what to learn: a built-in corpus (shakespeare, the Python "
-        "standard library's source: stdlib), a text file (text), a numeric sequence for L2 "
-        "regression (numbers), or a synthetic task: adding problem, copy memory, influence "
-        "balancing. Default: shakespeare, or text/numbers from the extension of --data", TASKS)  # fmt: skip
-    data: str | None = _f(None, "a UTF-8 text file (character-level), or a .npy/.csv file of "
-        "numbers (T rows, one column per feature) to predict each row from the ones before", metavar="PATH")  # fmt: skip
+    task: str | None = _f(
+        None,
+        "what to learn: a built-in corpus (shakespeare, the Python standard library's source: "
+        "stdlib), a text file (text), a numeric sequence for L2 regression (numbers), or a "
+        "synthetic task: adding problem, copy memory. Default: shakespeare, or text/numbers from "
+        "the extension of --data",
+        TASKS,
+    )
+    data: str | None = _f(
+        None,
+        "a UTF-8 text file (character-level), or a .npy/.csv file of "
+        "numbers (T rows, one column per feature) to predict each row from the ones before",
+        metavar="PATH",
+    )
     valid_fraction: float = _f(
         0.05,
         "the fraction held out for validation: the end of a --data file, or the end of "
@@ -51,44 +61,68 @@ class Config:
         100, "adding problem: the minimal sequence length T; copy memory: the lag T", metavar="T"
     )
     # the model
-    engine: str = _f("numpy", "numpy: the reference engine (elman only); torch: PyTorch",
-                     ("numpy", "torch"))  # fmt: skip
-    cell: str = _f("elman", "elman: the seed's h = f(A h + B x + b), y = g(C h + c), on both "
-        "engines; rnn, gru, lstm: torch.nn's cells, on --engine torch", ("elman", "rnn", "gru", "lstm"))  # fmt: skip
+    engine: str = _f(
+        "numpy", "numpy: the reference engine (elman only); torch: PyTorch", ("numpy", "torch")
+    )
+    cell: str = _f(
+        "elman",
+        "elman: the seed's h = f(A h + B x + b), y = g(C h + c), on both "
+        "engines; rnn, gru, lstm: torch.nn's cells, on --engine torch",
+        ("elman", "rnn", "gru", "lstm"),
+    )
     hidden: int = _f(256, "units per layer (n)", metavar="N")
     layers: int = _f(1, "stacked recurrent layers (torch cells only)", metavar="N")
     activation: str = _f("tanh", "f of the elman cell", ("tanh", "sigmoid", "relu", "identity"))
     bias: bool = _f(True, "the optional biases b and c of the elman cell")
-    spectral_radius: float | None = _f(None, "rescale the elman cell's random initial A to this "
-        "largest |eigenvalue| (default: none, A uniform in +-1/sqrt(n) as torch.nn.RNN)", metavar="R")  # fmt: skip
+    spectral_radius: float | None = _f(
+        None,
+        "rescale the elman cell's random initial A to this "
+        "largest |eigenvalue| (default: none, A uniform in +-1/sqrt(n) as torch.nn.RNN)",
+        metavar="R",
+    )
     dtype: str = _f("float32", "floating-point type of parameters and data", ("float32", "float64"))
     device: str = _f("cpu", "where the torch engine runs", ("cpu", "cuda"))
     # the truncation: every k1 steps, backpropagate over the last k2 steps (SEMANTICS.md 4)
     k1: int = _f(32, "steps between updates")
     k2: int = _f(32, "steps each update backpropagates through")
-    inject: str = _f("new", "losses an update injects: new (each once; needs k2 >= k1), window "
-                     "(all in the window), last (the update step's only)", ("new", "window", "last"))  # fmt: skip
-    flush: bool = _f(False, "update at the end of a finite stream when k1 does not divide it")
-    adapt_k2: float | None = _f(None, "re-estimate k2 every --adapt-every updates: the smallest K "
+    inject: str = _f(
+        "new",
+        "losses an update injects: new (each once; needs k2 >= k1), window "
+        "(all in the window), last (the update step's only)",
+        ("new", "window", "last"),
+    )
+    adapt_k2: float | None = _f(
+        None,
+        "re-estimate k2 every --adapt-every updates: the smallest K "
         "whose estimated relative gradient bias is at most DELTA, from the geometric decay of "
         "||dl_t/dh_{t-k}|| on the last 2 x --adapt-max steps (Aicher, Foti and Fox 2019; numpy "
-        "engine). Default: off, k2 fixed", metavar="DELTA")  # fmt: skip
+        "engine). Default: off, k2 fixed",
+        metavar="DELTA",
+    )
     adapt_every: int = _f(500, "updates between re-estimates of k2 with --adapt-k2", metavar="N")
     adapt_max: int = _f(128, "the largest k2 --adapt-k2 may choose", metavar="K")
     # the optimizer
-    optimizer: str | None = _f(None, "the optimizer. Default: adam; sgd for --task influence, "
-                               "as in the paper", ("adam", "sgd"))  # fmt: skip
-    lr: float | None = _f(None, "learning rate. Default: 6e-3 for the elman cell, 4e-3 for rnn, "
-                          "gru and lstm, 1e-4 for --task influence",
-                          metavar="LR")  # fmt: skip
-    lr_decay: str = _f("cosine", "cosine: lr falls to 0 over --max-updates, else over "
-                       "--time-budget; none: constant", ("cosine", "none"))  # fmt: skip
+    optimizer: str = _f("adam", "the optimizer", ("adam", "sgd"))
+    lr: float | None = _f(
+        None,
+        "learning rate. Default: 6e-3 for the elman cell, 4e-3 for rnn, gru and lstm",
+        metavar="LR",
+    )
+    lr_decay: str = _f(
+        "cosine",
+        "cosine: lr falls to 0 over --max-updates, else over --time-budget; none: constant",
+        ("cosine", "none"),
+    )
     clip: float | None = _f(5.0, "largest global gradient norm per update (0: no clipping)")
     batch: int = _f(32, "independent streams trained side by side", metavar="B")
     seed: int = _f(0, "seed of the initial parameters and of the synthetic tasks", metavar="S")
     # how long, and where the results go
-    time_budget: float | None = _f(None, "seconds of training (evaluation and checkpoints not "
-        f"counted); {DEMO_SECONDS:g} when neither this nor --max-updates is given", metavar="SECONDS")  # fmt: skip
+    time_budget: float | None = _f(
+        None,
+        "seconds of training (evaluation and checkpoints not "
+        f"counted); {DEMO_SECONDS:g} when neither this nor --max-updates is given",
+        metavar="SECONDS",
+    )
     max_updates: int | None = _f(None, "stop after this many parameter updates", metavar="N")
     eval_every: int = _f(
         1000,
@@ -99,13 +133,21 @@ class Config:
     checkpoint_every: int = _f(
         1000, "updates between checkpoints (one at the end too)", metavar="N"
     )
-    threads: int | None = _f(None, "CPU threads for the matrix products (numpy's OpenBLAS, or "
+    threads: int | None = _f(
+        None,
+        "CPU threads for the matrix products (numpy's OpenBLAS, or "
         "torch). Default: $OMP_NUM_THREADS when set; else 1 for the numpy engine, whose per-step "
         "products are small (a second thread gains a few percent on an idle machine and loses many "
         "times over on a busy one), and for torch the CPUs this process may use, at most 4, "
-        "shared among the processes of a torchrun job (an LSTM step is four gates wide)", metavar="N")  # fmt: skip
-    run_dir: str | None = _f(None, "where config, vocabulary, metrics, plot and checkpoints go; "
-                             "default: runs/<time>-<task>-<engine>-<cell>", metavar="DIR")  # fmt: skip
+        "shared among the processes of a torchrun job (an LSTM step is four gates wide)",
+        metavar="N",
+    )
+    run_dir: str | None = _f(
+        None,
+        "where config, vocabulary, metrics, plot and checkpoints go; default: "
+        "runs/<time>-<task>-<engine>-<cell> (with -2, -3, ... if that is taken)",
+        metavar="DIR",
+    )
 
     @property
     def text(self) -> bool:
@@ -131,8 +173,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help += "" if "default:" in help.lower() else f" (default: {default})"
         kw = dict(default=argparse.SUPPRESS, help=help, metavar=f.metadata["metavar"])
         if kind is bool:
-            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help,
-                                default=argparse.SUPPRESS)  # fmt: skip
+            parser.add_argument(
+                flag(name),
+                action=argparse.BooleanOptionalAction,
+                help=help,
+                default=argparse.SUPPRESS,
+            )
             continue
         base = typing.get_args(kind)[0] if typing.get_args(kind) else kind
         if f.metadata["choices"]:
@@ -152,45 +198,53 @@ def _typed(name: str, value: object, where: str) -> object:
         value, ok = float(value), True
     if not ok:
         want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[base]
-        raise ValueError(f"{where}: {name} must be {want}, got {value!r} ({type(value).__name__})")
+        raise InputError(f"{where}: {name} must be {want}, got {value!r} ({type(value).__name__})")
     return value
 
 
-def read_toml(path: str | Path) -> dict:
-    """The fields a TOML file sets, type-checked; unknown keys are errors."""
+def read_toml(path: str | Path, where: str = "") -> dict:
+    """The fields a TOML file sets, type-checked; unknown keys are errors. `where` names the file
+    in messages (default: --config)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
+        raise InputError(f"{where or '--config'} {path}: no such file")
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"--config {path} is not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{where or '--config'} {path} is not valid TOML: {exc}") from None
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if name == "flush" and value is False:  # written by earlier versions; it never did anything
+            continue
         if name not in FIELDS:
-            raise ValueError(
-                f"--config {path}: unknown setting {key!r} (known: {', '.join(FIELDS)})"
+            raise InputError(
+                f"{where or '--config'} {path}: unknown setting {key!r} (known: {', '.join(FIELDS)})"
             )
-        out[name] = _typed(name, value, f"--config {path}")
+        out[name] = _typed(name, value, f"{where or '--config'} {path}")
     return out
 
 
 # written as comments: where this run lives and what this machine gave it, not what it computes
-MACHINE = {"run_dir": "this run's directory; a new run picks its own",
-           "threads": "resolved on this machine; unset, each machine picks its own"}  # fmt: skip
+MACHINE = {
+    "run_dir": "this run's directory; a new run picks its own",
+    "threads": "resolved on this machine; unset, each machine picks its own",
+}
 
 
-def write_toml(cfg: Config) -> str:
+def write_toml(cfg: Config, run_dir: str | Path | None = None) -> str:
     """The configuration as TOML (unset options as comments). `tbptt train --config` of it starts
     a new run with the same settings: the run directory and the thread count stay comments."""
     lines = ["# tbptt train configuration; reuse it with: tbptt train --config config.toml"]
-    for name, value in dataclasses.asdict(cfg).items():
+    values = dataclasses.asdict(cfg)
+    if run_dir is not None:
+        values["run_dir"] = str(run_dir)
+    for name, value in values.items():
         if name == "clip" and value is None:
             value = 0.0  # no clipping
         if name in MACHINE:
@@ -224,86 +278,108 @@ def check(cfg: Config) -> Config:
     """Resolve the defaults that depend on other fields and reject what cannot run."""
     if cfg.task is None:
         suffix = Path(cfg.data).suffix.lower() if cfg.data else None
-        cfg.task = "shakespeare" if cfg.data is None else (
-            "numbers" if suffix in (".npy", ".csv") else "text")  # fmt: skip
+        cfg.task = (
+            "shakespeare"
+            if cfg.data is None
+            else ("numbers" if suffix in (".npy", ".csv") else "text")
+        )
     if cfg.data:
         cfg.data = str(
             Path(cfg.data).expanduser().absolute()
         )  # a resumed run finds it from anywhere
     if cfg.task in ("text", "numbers") and not cfg.data:
-        raise ValueError(f"--task {cfg.task} needs --data PATH")
+        raise InputError(f"--task {cfg.task} needs --data PATH")
     if cfg.task not in ("text", "numbers") and cfg.data:
-        raise ValueError(f"--data is for --task text or numbers, not --task {cfg.task}")
-    influence = cfg.task == "influence"
-    if influence:
-        if (cfg.engine, cfg.cell, cfg.optimizer or "sgd") != ("numpy", "elman", "sgd"):
-            raise ValueError("--task influence trains its one parameter theta with plain SGD on "
-                             "the numpy engine; drop --engine, --cell and --optimizer")  # fmt: skip
-        cfg.max_updates = cfg.max_updates or 10000  # it takes a fraction of a second
-        cfg.time_budget = None
-    cfg.optimizer = cfg.optimizer or ("sgd" if influence else "adam")
+        raise InputError(f"--data is for --task text or numbers, not --task {cfg.task}")
+    for name, f in FIELDS.items():  # a TOML file's strings are checked as the flags are
+        choices = f.metadata["choices"]
+        value = getattr(cfg, name)
+        if choices and value is not None and value not in choices:
+            raise InputError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
     if cfg.lr is None:
-        cfg.lr = 1e-4 if influence else 6e-3 if cfg.cell == "elman" else 4e-3
+        cfg.lr = 6e-3 if cfg.cell == "elman" else 4e-3
     if cfg.engine == "numpy" and cfg.cell != "elman":
-        raise ValueError(f"--cell {cfg.cell} needs --engine torch (numpy has the elman cell only)")
+        raise InputError(f"--cell {cfg.cell} needs --engine torch (numpy has the elman cell only)")
     if cfg.engine == "numpy" and cfg.layers != 1:
-        raise ValueError(f"--layers {cfg.layers} needs --engine torch (numpy has one layer)")
+        raise InputError(f"--layers {cfg.layers} needs --engine torch (numpy has one layer)")
     if cfg.engine == "numpy" and cfg.device != "cpu":
-        raise ValueError(f"--device {cfg.device} needs --engine torch")
+        raise InputError(f"--device {cfg.device} needs --engine torch")
     if cfg.threads is None:
         cfg.threads = default_threads(cfg.engine)
-    names = ("hidden", "layers", "k1", "k2", "batch", "length", "eval_every", "checkpoint_every",
-             "adapt_every", "adapt_max")  # fmt: skip
+    names = (
+        "hidden",
+        "layers",
+        "k1",
+        "k2",
+        "batch",
+        "length",
+        "eval_every",
+        "checkpoint_every",
+        "adapt_every",
+        "adapt_max",
+    )
     for name in (*names, "threads"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{flag(name)} must be an integer >= 1, got {getattr(cfg, name)}")
+            raise InputError(f"{flag(name)} must be an integer >= 1, got {getattr(cfg, name)}")
+    least = {"adding": 22, "copy": 1}.get(cfg.task, 1)  # adding: X2 in the first T/2 - 1 pairs
+    if cfg.length < least:
+        raise InputError(
+            f"--length must be an integer >= {least} for --task {cfg.task}, got {cfg.length}"
+        )
+    if cfg.seed < 0:
+        raise InputError(f"--seed must be an integer >= 0, got {cfg.seed}")
     if cfg.inject == "new" and cfg.k2 < cfg.k1:
-        raise ValueError(
+        raise InputError(
             f"--k2 {cfg.k2} < --k1 {cfg.k1} with --inject new: each new loss must lie inside its "
             f"window; use k2 >= k1, or --inject window or last"
         )
     if cfg.adapt_k2 is not None:
         if not (0 < cfg.adapt_k2 < 1):
-            raise ValueError(
+            raise InputError(
                 f"--adapt-k2 must be a relative bias between 0 and 1, got {cfg.adapt_k2}"
             )
         if cfg.engine != "numpy":
-            raise ValueError("--adapt-k2 needs --engine numpy (the lag analysis is numpy's)")
+            raise InputError("--adapt-k2 needs --engine numpy (the lag analysis is numpy's)")
         if cfg.adapt_max < cfg.k1:
-            raise ValueError(f"--adapt-max {cfg.adapt_max} must be >= --k1 {cfg.k1}")
+            raise InputError(f"--adapt-max {cfg.adapt_max} must be >= --k1 {cfg.k1}")
     if not (0 < cfg.valid_fraction < 1):
-        raise ValueError(
+        raise InputError(
             f"--valid-fraction must be strictly between 0 and 1, got {cfg.valid_fraction}"
         )
     if cfg.spectral_radius is not None and not (0 < cfg.spectral_radius < math.inf):
-        raise ValueError(f"--spectral-radius must be a positive number, got {cfg.spectral_radius}")
+        raise InputError(f"--spectral-radius must be a positive number, got {cfg.spectral_radius}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+        raise InputError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.clip is not None and not (cfg.clip >= 0 and math.isfinite(cfg.clip)):
-        raise ValueError(f"--clip must be >= 0 (0: no clipping), got {cfg.clip}")
+        raise InputError(f"--clip must be >= 0 (0: no clipping), got {cfg.clip}")
     if cfg.clip == 0:
         cfg.clip = None
     if cfg.max_updates is not None and cfg.max_updates < 1:
-        raise ValueError(f"--max-updates must be an integer >= 1, got {cfg.max_updates}")
+        raise InputError(f"--max-updates must be an integer >= 1, got {cfg.max_updates}")
     if cfg.time_budget is not None and not (cfg.time_budget > 0 and math.isfinite(cfg.time_budget)):
-        raise ValueError(
+        raise InputError(
             f"--time-budget must be a positive number of seconds, got {cfg.time_budget}"
         )
     if cfg.time_budget is None and cfg.max_updates is None:
         cfg.time_budget = DEMO_SECONDS
-    if cfg.run_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        cfg.run_dir = str(Path("runs") / f"{stamp}-{cfg.task}-{cfg.engine}-{cfg.cell}")
     return cfg
+
+
+def default_run_dir(cfg: Config) -> Path:
+    """runs/<time>-<task>-<engine>-<cell> (the run directory picks -2, -3, ... if taken)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.task}-{cfg.engine}-{cfg.cell}"
 
 
 def from_args(args: argparse.Namespace, saved: dict | None = None) -> Config:
     """Defaults <- --config file <- flags; with `saved` (a resumed run) only RESUMABLE may change."""
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    if given.get("data"):  # the same file, however it is written
+        given["data"] = str(Path(given["data"]).expanduser().absolute())
     if saved is not None:
         for name, value in given.items():
             if name not in RESUMABLE and name != "run_dir" and value != saved.get(name):
-                raise ValueError(
+                raise InputError(
                     f"{flag(name)} cannot change when resuming (the run has "
                     f"{saved.get(name)!r}); only {', '.join(map(flag, RESUMABLE))} can"
                 )

@@ -1,9 +1,9 @@
 """The `tbptt bias` and `tbptt suggest-k` commands and their input and output.
 
 Reading a model (an .npz file or a `tbptt train` run directory) and data (a file, a run's
-validation data, or random data), the CSV files, plots and terminal tables, and the argument
-parsers and runners the `tbptt` command line calls. The mathematics, equations (B.1)-(B.6), is in
-tbptt.bias. Plots import matplotlib inside the functions that draw them.
+validation data, or random data), the CSV files and terminal tables, and the argument parsers and
+runners the `tbptt` command line calls. The mathematics, equations (B.1)-(B.6), is in
+tbptt.analysis.bias; the figures are plots.py's.
 """
 
 from __future__ import annotations
@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .bias import (
-    TINY,
+from ..analysis.bias import (
     BiasRow,
     KChoice,
     LagProfile,
@@ -29,9 +26,12 @@ from .bias import (
     schedules,
     truncation_bias,
 )
-from .elman import ElmanRNN
-from .functions import ACTIVATIONS, LOSSES, OUTPUTS
-from .schedule import INJECT_MODES
+from ..elman import ElmanRNN
+from ..errors import InputError
+from ..files import atomic_write
+from ..functions import ACTIVATIONS, LOSSES, OUTPUTS
+from ..schedule import INJECT_MODES
+from . import plots, rundir
 
 Array = np.ndarray
 
@@ -51,25 +51,27 @@ def load_model(path: str | os.PathLike) -> ElmanRNN:
         meta = _run_config(path)
         pointer = path / "checkpoint.json"
         if pointer.exists():
-            path = path / json.loads(pointer.read_text())["state"]
+            state = rundir.read_json(pointer)
+            if not isinstance(state, dict) or not isinstance(state.get("state"), str):
+                raise InputError(f"model: {pointer} is damaged")
+            path = path / Path(state["state"]).name
         else:
             files = sorted(path.glob("*.npz"), key=lambda p: p.stat().st_mtime)
             if not files:
-                raise ValueError(f"model: no checkpoint.json or .npz file in {str(path)!r}")
+                raise InputError(f"model: no checkpoint.json or .npz file in {str(path)!r}")
             path = files[-1]
     if path.suffix != ".npz":
-        raise ValueError(f"model: {str(path)!r} is not an .npz file (bias needs the numpy engine)")
+        raise InputError(f"model: {str(path)!r} is not an .npz file (bias needs the numpy engine)")
     if not path.exists():
-        raise OSError(f"model: no such file {str(path)!r}")
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
+        raise InputError(f"model: no such file {str(path)!r}")
+    arrays = _npz(path, "model")
     params = {}
     for key in ("A", "B", "C", "b", "c"):
         for name in (key, f"model.{key}"):
             if name in arrays:
                 params[key] = np.asarray(arrays[name], dtype=np.float64)
     if not {"A", "B", "C"} <= set(params):
-        raise ValueError(
+        raise InputError(
             f"model: {str(path)!r} holds no A, B, C (or model.A, ...) arrays; keys: "
             f"{sorted(arrays)[:8]}"
         )
@@ -79,13 +81,29 @@ def load_model(path: str | os.PathLike) -> ElmanRNN:
 
 
 def _run_config(run: Path) -> dict:
-    cfg = run / "config.toml"
-    if not cfg.exists():
-        return {}
-    import tomllib
+    from . import config as cf
 
-    with open(cfg, "rb") as fh:
-        return tomllib.load(fh)
+    path = run / "config.toml"
+    return cf.read_toml(path, where="model:") if path.exists() else {}
+
+
+def _npz(path: Path, flag: str) -> dict[str, Array]:
+    """The arrays of an .npz file, or a one-line error naming the flag and the file."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise InputError(f"{flag}: {str(path)!r} is not an .npz file (np.savez writes one)")
+    if not path.is_file():
+        raise InputError(f"{flag}: no such file {str(path)!r}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # a truncated zip, an object array, not an npz at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "pickle" in first:
+            first = "it holds Python objects, not only arrays"
+        raise InputError(
+            f"{flag}: {str(path)!r} is damaged or not an .npz file ({first})"
+        ) from None
 
 
 def _cross_entropy(meta: dict) -> bool:
@@ -100,12 +118,9 @@ def run_data(run: str | os.PathLike, steps: int) -> dict[str, Array]:
     run = Path(run)
     meta = _run_config(run)
     if not meta:
-        raise ValueError(f"data: {str(run)!r} has no config.toml; give --data FILE.npz")
+        raise InputError(f"data: {str(run)!r} has no config.toml; give --data FILE.npz")
     cfg = cf.check(cf.Config(**meta))
-    vocab = None
-    if (run / "vocab.json").exists():
-        v = json.loads((run / "vocab.json").read_text())
-        vocab = "".join(v) if isinstance(v, list) else v
+    vocab = rundir.read_vocab(run) if (run / "vocab.json").exists() else None
     problem = load_problem(cfg, vocab)
     parts, total = [], 0
     for chunk in problem.valid(None):
@@ -123,10 +138,9 @@ def run_data(run: str | os.PathLike, steps: int) -> dict[str, Array]:
 
 def load_data(path: str | os.PathLike) -> dict[str, Array]:
     """x, y and optionally mask, reset, h0 from an .npz file (time-major arrays)."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
+    arrays = _npz(Path(path), "--data")
     if "x" not in arrays or "y" not in arrays:
-        raise ValueError(f"data: {str(path)!r} must hold arrays x and y, got {sorted(arrays)}")
+        raise InputError(f"data: {str(path)!r} must hold arrays x and y, got {sorted(arrays)}")
     return {k: arrays[k] for k in ("x", "y", "mask", "reset", "h0") if k in arrays}
 
 
@@ -144,30 +158,23 @@ def synthetic_data(model: ElmanRNN, T: int, batch: int, loss: str, seed: int) ->
 
 
 # -- output files ----------------------------------------------------------------------------------
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temporary file in the same folder, then rename it over path."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def bias_csv(rows: list[BiasRow], estimate: dict[int, float] | None = None) -> str:
     """One line per schedule and parameter ("all" is every parameter as one vector)."""
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(
-        ["k1", "k2", "inject", "flush", "param", "cosine", "rel_error", "backward_steps",
-         "estimated_rel_bias"]
-    )  # fmt: skip
+        [
+            "k1",
+            "k2",
+            "inject",
+            "flush",
+            "param",
+            "cosine",
+            "rel_error",
+            "backward_steps",
+            "estimated_rel_bias",
+        ]
+    )
     for r in rows:
         tr = r.truncation
         est = ""
@@ -175,9 +182,18 @@ def bias_csv(rows: list[BiasRow], estimate: dict[int, float] | None = None) -> s
             est = f"{estimate[tr.k2]:.6g}"
         for name, (cos, rel) in [("all", (r.cosine, r.rel_error)), *r.per_param.items()]:
             w.writerow(
-                [tr.k1, tr.k2, tr.inject, tr.flush, name, f"{cos:.10g}", f"{rel:.10g}",
-                 r.backward_steps, est if name == "all" else ""]
-            )  # fmt: skip
+                [
+                    tr.k1,
+                    tr.k2,
+                    tr.inject,
+                    tr.flush,
+                    name,
+                    f"{cos:.10g}",
+                    f"{rel:.10g}",
+                    r.backward_steps,
+                    est if name == "all" else "",
+                ]
+            )
     return out.getvalue()
 
 
@@ -190,87 +206,6 @@ def lags_csv(profile: LagProfile) -> str:
     ):
         w.writerow([tau, f"{phi:.10g}", f"{fit:.10g}", f"{cum:.10g}"])
     return out.getvalue()
-
-
-def plot_bias(rows: list[BiasRow], path: str | os.PathLike, estimate: dict[int, float] | None = None,
-              title: str = "") -> None:  # fmt: skip
-    """Relative error and cosine against k2, one line per inject mode (and k1), and the relative
-    error per parameter for the first mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .explain import save_figure
-
-    groups: dict[tuple[str, int | None], list[BiasRow]] = {}
-    for r in rows:
-        groups.setdefault((r.truncation.inject, r.truncation.k1), []).append(r)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for (inject, k1), rs in groups.items():
-        k2 = [r.truncation.k2 for r in rs]
-        label = f"inject={inject}, k1={k1}"
-        axes[0].plot(k2, [max(r.rel_error, 1e-17) for r in rs], marker="o", label=label)
-        axes[1].plot(k2, [r.cosine for r in rs], marker="o", label=label)
-    if estimate:
-        ks = sorted(estimate)
-        axes[0].plot(ks, [estimate[k] for k in ks], ls="--", color="black",
-                     label="Aicher et al. bound (estimated)")  # fmt: skip
-    first = next(iter(groups.values()))
-    exact_names = []
-    for name in first[0].per_param:
-        errs = [r.per_param[name][1] for r in first]
-        if max(errs) < 1e-12:  # e.g. C and c with inject=new: each loss used once, exactly
-            exact_names.append(name)
-            continue
-        axes[2].plot([r.truncation.k2 for r in first], errs, marker=".", label=name)
-    if exact_names:
-        axes[2].plot([], [], ls="", label=f"exact: {', '.join(exact_names)}")
-    for ax, ylabel in zip(axes, ("relative error", "cosine similarity", "relative error"),
-                          strict=True):  # fmt: skip
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k2 (steps backpropagated)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_yscale("log")
-    axes[2].set_yscale("log")
-    axes[0].set_title("||g_trunc - g_exact|| / ||g_exact||", fontsize=9)
-    axes[1].set_title("cos(g_trunc, g_exact)", fontsize=9)
-    inj = first[0].truncation
-    axes[2].set_title(f"per parameter (inject={inj.inject}, k1={inj.k1})", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, os.fspath(path))
-    plt.close(fig)
-
-
-def plot_lags(profile: LagProfile, path: str | os.PathLike, title: str = "") -> None:
-    """phi_tau on a log scale with the fitted geometric decay."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .explain import save_figure
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    keep = profile.norms > TINY
-    ax.semilogy(
-        profile.lags[keep], profile.norms[keep], marker=".", label="mean ||dl_t/dh_(t-tau)||"
-    )
-    if np.isfinite(profile.rate) and profile.rate > 0:
-        ax.semilogy(profile.lags, profile.fitted(), ls="--", color="black",
-                    label=f"fit: beta = {profile.rate:.3f} (from lag {profile.fit_from})")  # fmt: skip
-    ax.set_xlabel("lag tau (steps)")
-    ax.set_ylabel("norm")
-    ax.set_title(title or "Per-lag gradient (Pascanu et al. 2013, eq. 4)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, os.fspath(path))
-    plt.close(fig)
 
 
 # -- terminal tables -------------------------------------------------------------------------------
@@ -321,8 +256,13 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--outputs", type=int, default=2, help="fresh model: outputs p")
     g.add_argument("--f", default="tanh", choices=tuple(ACTIVATIONS), help="fresh model: f")
     g.add_argument("--g", default="identity", choices=OUTPUTS, help="fresh model: g")
-    g.add_argument("--spectral-radius", type=float, default=1.0, metavar="RHO",
-                   help="fresh model: rescale A to this largest |eigenvalue|")  # fmt: skip
+    g.add_argument(
+        "--spectral-radius",
+        type=float,
+        default=1.0,
+        metavar="RHO",
+        help="fresh model: rescale A to this largest |eigenvalue|",
+    )
     g.add_argument("--seed", type=int, default=0, help="fresh model: seed of the parameters")
     d = parser.add_argument_group(
         "data (a file; a run directory's validation data; or random data shaped for the model)"
@@ -331,11 +271,16 @@ def _add_model_and_data(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--steps", type=int, default=256, help="random or run data: steps T")
     d.add_argument("--batch", type=int, default=8, help="random data: streams")
     d.add_argument("--data-seed", type=int, default=1, help="random data: seed")
-    d.add_argument("--loss", default=None, choices=LOSSES,
-                   help="the per-step loss; none means cross_entropy when g is softmax, else l2")  # fmt: skip
+    d.add_argument(
+        "--loss",
+        default=None,
+        choices=LOSSES,
+        help="the per-step loss; none means cross_entropy when g is softmax, else l2",
+    )
     a = parser.add_argument_group("per-lag profile")
-    a.add_argument("--max-lag", type=int, default=None,
-                   help="longest lag measured; none means min(64, T/2)")  # fmt: skip
+    a.add_argument(
+        "--max-lag", type=int, default=None, help="longest lag measured; none means min(64, T/2)"
+    )
     a.add_argument("--fit-from", type=int, default=1, help="first lag of the geometric fit")
 
 
@@ -351,13 +296,21 @@ def _get(args: argparse.Namespace, name: str):
 
 
 def _model_and_data(args: argparse.Namespace) -> tuple[ElmanRNN, dict[str, Array], str]:
+    rho = args.spectral_radius
+    if not (rho > 0 and math.isfinite(rho)):
+        raise InputError(f"--spectral-radius must be a positive number, got {rho}")
     if _get(args, "model"):
         model = load_model(args.model)
     else:
         model = ElmanRNN.init(
-            n=args.hidden, m=args.inputs, p=args.outputs, f=args.f, g=args.g, seed=args.seed,
+            n=args.hidden,
+            m=args.inputs,
+            p=args.outputs,
+            f=args.f,
+            g=args.g,
+            seed=args.seed,
             spectral_radius=args.spectral_radius,
-        )  # fmt: skip
+        )
     loss = _get(args, "loss") or ("cross_entropy" if model.g == "softmax" else "l2")
     if _get(args, "data"):
         data = load_data(args.data)
@@ -366,7 +319,7 @@ def _model_and_data(args: argparse.Namespace) -> tuple[ElmanRNN, dict[str, Array
     else:
         for name in ("steps", "batch"):
             if getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be an integer >= 1, got {getattr(args, name)}")
+                raise InputError(f"--{name} must be an integer >= 1, got {getattr(args, name)}")
         data = synthetic_data(model, args.steps, args.batch, loss, args.data_seed)
     return model, data, loss
 
@@ -396,16 +349,33 @@ def add_bias_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_and_data(parser)
     _hide_none_defaults(parser)
     s = parser.add_argument_group("schedules compared with exact BPTT")
-    s.add_argument("--k2", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], metavar="K2",
-                   help="truncation lengths")  # fmt: skip
-    s.add_argument("--k1", type=int, nargs="+", default=[1],
-                   help="steps between updates (one or more); 0 means k1 = k2 (disjoint chunks)")  # fmt: skip
-    s.add_argument("--inject", nargs="+", default=["new"], choices=INJECT_MODES,
-                   help="inject modes to compare")  # fmt: skip
-    s.add_argument("--delta", type=float, default=0.1,
-                   help="relative bias for the suggested K (Aicher et al.)")  # fmt: skip
-    parser.add_argument("--out-dir", default="tbptt-bias", metavar="DIR",
-                        help="where bias.csv, lags.csv, bias.png and lags.png go")  # fmt: skip
+    s.add_argument(
+        "--k2",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16, 32, 64],
+        metavar="K2",
+        help="truncation lengths",
+    )
+    s.add_argument(
+        "--k1",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="steps between updates (one or more); 0 means k1 = k2 (disjoint chunks)",
+    )
+    s.add_argument(
+        "--inject", nargs="+", default=["new"], choices=INJECT_MODES, help="inject modes to compare"
+    )
+    s.add_argument(
+        "--delta", type=float, default=0.1, help="relative bias for the suggested K (Aicher et al.)"
+    )
+    parser.add_argument(
+        "--out-dir",
+        default="tbptt-bias",
+        metavar="DIR",
+        help="where bias.csv, lags.csv, bias.png and lags.png go",
+    )
 
 
 def run_bias(args: argparse.Namespace) -> int:
@@ -418,13 +388,22 @@ def run_bias(args: argparse.Namespace) -> int:
     profile = _profile_from(args, model, data, loss)
     choice = choose_k(profile, args.delta, k_max=max(256, max(args.k2)))
     estimate = {k: float(choice.rel_bias[k - 1]) for k in args.k2 if k <= len(choice.rel_bias)}
-    os.makedirs(args.out_dir, exist_ok=True)
-    out = Path(args.out_dir)
-    write_atomic(out / "bias.csv", bias_csv(rows, estimate))
-    write_atomic(out / "lags.csv", lags_csv(profile))
     title = _describe(model, data, loss)
-    plot_bias(rows, out / "bias.png", estimate, title)
-    plot_lags(profile, out / "lags.png")
+    files = {  # everything ready before the first file is written: no partial output
+        "bias.csv": bias_csv(rows, estimate),
+        "lags.csv": lags_csv(profile),
+        "bias.png": plots.bias_figure(rows, estimate, title),
+        "lags.png": plots.lags_figure(profile),
+    }
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out-dir {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            atomic_write(out / name, content)
+    except OSError as exc:
+        raise InputError(f"--out-dir {out}: cannot write there ({exc.strerror})") from None
     print(title)
     print(f"Frozen TBPTT estimate against exact BPTT on the same trajectory (T = {T}):")
     print(bias_table(rows, estimate))
@@ -432,8 +411,10 @@ def run_bias(args: argparse.Namespace) -> int:
     print()
     print(f"Per-lag gradient, mean over {profile.count} loss terms (Pascanu et al. eq. 4):")
     print(lag_table(profile))
-    print(f"Fitted geometric decay: beta = {profile.rate:.4f} per step (half-life "
-          f"{profile.half_life:.3g} steps), fitted from lag {profile.fit_from}.")  # fmt: skip
+    print(
+        f"Fitted geometric decay: beta = {profile.rate:.4f} per step (half-life "
+        f"{profile.half_life:.3g} steps), fitted from lag {profile.fit_from}."
+    )
     print(_k_sentence(choice))
     print(f"Wrote {out / 'bias.csv'}, {out / 'lags.csv'}, {out / 'bias.png'}, {out / 'lags.png'}")
     return 0
@@ -454,8 +435,12 @@ def _k_sentence(choice: KChoice) -> str:
 def add_suggest_k_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_and_data(parser)
     _hide_none_defaults(parser)
-    parser.add_argument("--delta", type=float, default=0.1,
-                        help="largest acceptable relative bias of the truncated gradient")  # fmt: skip
+    parser.add_argument(
+        "--delta",
+        type=float,
+        default=0.1,
+        help="largest acceptable relative bias of the truncated gradient",
+    )
     parser.add_argument("--k-max", type=int, default=256, help="the largest K considered")
 
 
@@ -464,8 +449,10 @@ def run_suggest_k(args: argparse.Namespace) -> int:
     profile = _profile_from(args, model, data, loss)
     choice = choose_k(profile, args.delta, args.k_max)
     print(_describe(model, data, loss))
-    print(f"Fitted geometric decay of mean ||dl_t/dh_(t-tau)||: beta = {profile.rate:.4f} per "
-          f"step (from lag {profile.fit_from} to {profile.max_lag}).")  # fmt: skip
+    print(
+        f"Fitted geometric decay of mean ||dl_t/dh_(t-tau)||: beta = {profile.rate:.4f} per "
+        f"step (from lag {profile.fit_from} to {profile.max_lag})."
+    )
     shown = sorted({1, 2, 4, 8, 16, 32, 64, 128, choice.k} & set(range(1, args.k_max + 1)))
     print("   K  estimated relative bias")
     for k in shown:

@@ -26,6 +26,8 @@ import math
 
 import numpy as np
 
+from ..errors import InputError
+
 Array = np.ndarray
 
 ADDING_TOLERANCE = 0.04  # the paper's criterion for a correctly processed sequence
@@ -34,7 +36,7 @@ COPY_SYMBOLS, COPY_BLANK, COPY_DELIMITER, COPY_LENGTH = 8, 8, 9, 10
 
 def _check_length(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 

@@ -1,41 +1,43 @@
 """`tbptt sample`: generate text from a character model trained by `tbptt train`.
 
-The run directory's config.toml and vocab.json rebuild the engine (tbptt/engines.py), its latest
-checkpoint restores the parameters, and `generate` reads the priming text, then draws each next
-character from softmax(z / temperature) and feeds it back.
+The run directory's config.toml and vocab.json rebuild the engine (engines.py), its latest
+checkpoint restores the parameters (rundir.py), and `generate` reads the priming text, then draws
+each next character from softmax(z / temperature) and feeds it back.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from . import config as cf
+from . import rundir
 from .data import Problem, one_hot
-from .engines import logits, make_engine
-from .train import load_checkpoint
+from .engines import Engine, make_engine
 
 
-def generate(engine, vocab: str, prime: str, length: int, temperature: float, seed: int) -> str:
+def generate(
+    engine: Engine, vocab: str, prime: str, length: int, temperature: float, seed: int
+) -> str:
     """Text from the model: run the priming text, then draw each next character from
     softmax(z / temperature) and feed it back."""
     index = {c: i for i, c in enumerate(vocab)}
     start = prime or ("\n" if "\n" in index else vocab[0])
     for c in start:
         if c not in index:
-            raise ValueError(f"--prime holds {c!r}, which is not in the model's vocabulary")
+            raise InputError(f"--prime holds {c!r}, which is not in the model's vocabulary")
     rng = np.random.default_rng(seed)
     V = len(vocab)
     z, h = engine.run(one_hot(np.array([[index[c]] for c in start]), V, engine.np_dtype))
     out = []
     for _ in range(length):
-        zl = logits(engine, z)[-1, 0] / temperature
+        zl = engine.logits(z)[-1, 0] / temperature  # (V,) the last step's logits
         p = np.exp(zl - zl.max())
-        i = int(rng.choice(len(vocab), p=p / p.sum()))
+        i = int(rng.choice(V, p=p / p.sum()))
         out.append(vocab[i])
         z, h = engine.run(one_hot(np.array([[i]]), V, engine.np_dtype), h)  # (1, 1, V)
     return prime + "".join(out)
@@ -48,31 +50,37 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("run_dir", metavar="RUNDIR", help="a run directory of `tbptt train`")
-    parser.add_argument("--length", type=int, default=500,
-                        help="characters to generate (default: 500)")  # fmt: skip
-    parser.add_argument("--temperature", type=float, default=0.8, help="divides the logits: "
-                        "below 1 more conservative, above 1 more varied (default: 0.8)")  # fmt: skip
-    parser.add_argument("--prime", default="", help="text the model reads first; the sample "
-                        "continues it (default: a new line)")  # fmt: skip
+    parser.add_argument(
+        "--length", type=int, default=500, help="characters to generate (default: 500)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="divides the logits: below 1 more conservative, above 1 more varied (default: 0.8)",
+    )
+    parser.add_argument(
+        "--prime",
+        default="",
+        help="text the model reads first; the sample continues it (default: a new line)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
 
 
 def run_sample(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
     if not (run / "config.toml").is_file():
-        raise ValueError(f"{run} is not a tbptt run directory (no config.toml)")
+        raise InputError(f"{run} is not a tbptt run directory (no config.toml)")
     if args.length < 0 or not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise ValueError("--length must be >= 0 and --temperature a positive number")
-    saved = cf.read_toml(run / "config.toml")
-    cfg = cf.check(cf.Config(**saved))
+        raise InputError("--length must be >= 0 and --temperature a positive number")
+    if args.seed < 0:
+        raise InputError(f"--seed must be an integer >= 0, got {args.seed}")
+    cfg = cf.check(cf.Config(**cf.read_toml(run / "config.toml")))
     if not cfg.text:
-        raise ValueError(f"{run} was trained on --task {cfg.task}; sample needs a character model")
-    try:
-        vocab = "".join(json.loads((run / "vocab.json").read_text()))
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{run / 'vocab.json'} is corrupted: {exc}") from None
+        raise InputError(f"{run} was trained on --task {cfg.task}; sample needs a character model")
+    vocab = rundir.read_vocab(run)
     problem = Problem(len(vocab), len(vocab), "cross_entropy", None, None, vocab, "nats/char")
     engine = make_engine(cfg, problem)
-    load_checkpoint(run, engine)
+    rundir.load_checkpoint(run, engine, adapt=cfg.adapt_k2 is not None)
     print(generate(engine, vocab, args.prime, args.length, args.temperature, args.seed))
     return 0

@@ -1,0 +1,324 @@
+"""The two engines of `tbptt train` and `tbptt sample`, behind one written interface.
+
+`Engine` is everything the training loop (train.py), validation, sampling (sample.py) and the run
+directory (rundir.py) ask of an engine; both engines implement all of it, so none of them needs to
+know which engine it holds:
+
+    NumpyEngine   tbptt.TBPTT on the seed's ElmanRNN (float32 or float64)
+    TorchEngine   tbptt.torch.TBPTT on its ElmanRNN, or on torch.nn's RNN, GRU or LSTM with a
+                  linear head; under torchrun each process takes its share of the streams
+
+torch is imported only inside TorchEngine, so this module needs numpy only. `make_engine(cfg,
+problem)` builds the one --engine asks for.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InputError
+from ..schedule import Truncation
+from . import config as cf
+from .data import Problem
+
+Array = np.ndarray
+
+
+class Engine(Protocol):
+    """What the application calls on an engine (both engines implement every method)."""
+
+    suffix: str  # the state file's extension: "npz" or "pt"
+    rank: int  # this process's rank under torchrun; 0 for a single process
+    np_dtype: np.dtype  # the floating type of inputs and parameters
+
+    @property
+    def updates(self) -> int:
+        """Updates made so far (restored by load)."""
+
+    @property
+    def k2(self) -> int:
+        """The k2 in force (--adapt-k2 may change it)."""
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next updates."""
+
+    def feed(self, x: Array, y: Array, mask: Array | None, reset: Array | None) -> float:
+        """Train on the next chunk of every stream; its mean loss over all streams (and
+        processes)."""
+
+    def suggest_k2(self, x, y, mask, reset, delta: float, k_max: int) -> int:
+        """--adapt-k2: the smallest k2 whose estimated relative bias on this stretch is <= delta."""
+
+    def set_k2(self, k2: int) -> None:
+        """Go on with another k2."""
+
+    def run(self, x: Array, h: object = None, reset: Array | None = None) -> tuple[object, object]:
+        """Forward only from h (None: zeros), restarting where reset says: outputs z and the
+        last state, in the engine's own types."""
+
+    def losses(self, z: object, y: Array, mask: Array | None) -> Array:
+        """Per-step, per-stream losses (T, batch) of outputs z, as float64 numpy."""
+
+    def logits(self, z: object) -> Array:
+        """Outputs z as a float64 numpy array (T, batch, p)."""
+
+    def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
+        """The slowest process's seconds and whether any process was asked to stop (torchrun);
+        as given for a single process."""
+
+    def save(self, path: Path | None) -> None:
+        """Write the engine's full state (under torchrun a collective call; rank 0 writes)."""
+
+    def load(self, path: Path) -> None:
+        """Restore what save wrote; InputError if the file is damaged or from another run."""
+
+
+def blas_threads(n: int) -> bool:
+    """Limit numpy's OpenBLAS to n threads (what threadpoolctl does); False if none is loaded.
+
+    The per-step products of a recurrent network are small: a second OpenBLAS thread gains a few
+    percent on an idle machine and, waiting for a descheduled thread at every product, loses many
+    times over on a busy one (docs/cli.md, --threads).
+    """
+    import ctypes
+    import re
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    names = (
+        "scipy_openblas_set_num_threads64_",
+        "openblas_set_num_threads64_",
+        "scipy_openblas_set_num_threads",
+        "openblas_set_num_threads",
+    )
+    done = False
+    for lib in sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", maps))):
+        handle = ctypes.CDLL(lib)
+        setter = next((getattr(handle, k) for k in names if hasattr(handle, k)), None)
+        if setter is not None:
+            setter(int(n))
+            done = True
+    return done
+
+
+class NumpyEngine:
+    """tbptt.TBPTT on the seed's ElmanRNN (float32 or float64)."""
+
+    suffix = "npz"
+    rank = 0  # one process (TorchEngine splits the streams under torchrun)
+
+    def __init__(self, cfg: cf.Config, problem: Problem) -> None:
+        import tbptt
+
+        self.np_dtype = np.dtype(cfg.dtype)
+        g = "softmax" if problem.loss == "cross_entropy" else "identity"
+        model = tbptt.ElmanRNN.init(
+            n=cfg.hidden,
+            m=problem.m,
+            p=problem.p,
+            bias=cfg.bias,
+            f=cfg.activation,
+            g=g,
+            dtype=self.np_dtype.type,
+            seed=cfg.seed,
+            spectral_radius=cfg.spectral_radius,
+        )
+        opt = tbptt.Adam(lr=cfg.lr) if cfg.optimizer == "adam" else tbptt.SGD(lr=cfg.lr)
+        trunc = tbptt.Truncation(cfg.k1, cfg.k2, inject=cfg.inject)
+        self.driver = tbptt.TBPTT(model, trunc, opt, loss=problem.loss, clip=cfg.clip)
+        blas_threads(cfg.threads)
+
+    @property
+    def updates(self) -> int:
+        return self.driver.updates
+
+    @property
+    def k2(self) -> int:
+        return self.driver.truncation.k2
+
+    def set_lr(self, lr: float) -> None:
+        self.driver.optimizer = replace(self.driver.optimizer, lr=lr)
+
+    def feed(self, x, y, mask, reset) -> float:
+        return self.driver.feed(x, y, mask, reset)
+
+    def suggest_k2(self, x, y, mask, reset, delta: float, k_max: int) -> int:
+        """Aicher, Foti and Fox's K for the current parameters on a recent stretch (x of 2 k_max
+        steps): the smallest k2 >= k1 whose estimated relative bias is at most delta."""
+        from ..analysis.bias import suggest_k
+
+        K = suggest_k(
+            self.driver.model,
+            x,
+            y,
+            delta,
+            loss=self.driver.loss,
+            max_lag=k_max,
+            k_max=k_max,
+            mask=mask,
+            reset=reset,
+        )
+        return max(K, self.driver.truncation.k1)
+
+    def set_k2(self, k2: int) -> None:
+        """The next window reaches back as far as the steps still kept."""
+        self.driver.truncation = replace(self.driver.truncation, k2=k2)
+
+    def run(self, x, h=None, reset=None):
+        from ..elman import forward
+
+        h = np.zeros((x.shape[1], self.driver.model.n), x.dtype) if h is None else h
+        traj = forward(self.driver.model, x, h, reset, np.zeros_like(h))
+        return traj.z, traj.h[-1]
+
+    def losses(self, z, y, mask) -> Array:
+        from ..functions import loss_and_error
+
+        return loss_and_error(self.driver.model.g, self.driver.loss, z, y, mask)[0]
+
+    def logits(self, z) -> Array:
+        return np.asarray(z, np.float64)
+
+    def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
+        return seconds, stop
+
+    def save(self, path: Path | None) -> None:
+        self.driver.save(path)
+
+    def load(self, path: Path) -> None:
+        self.driver.load(path)
+
+
+class TorchEngine:
+    """tbptt.torch.TBPTT on its ElmanRNN or on torch.nn's RNN, GRU, LSTM with a linear head."""
+
+    suffix = "pt"
+
+    def __init__(self, cfg: cf.Config, problem: Problem) -> None:
+        import torch
+        from torch import nn
+
+        from ..torch import TBPTT, ElmanRNN, Recurrent, cross_entropy_loss, l2_loss
+        from ..torch.distributed import init_from_env
+
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise InputError("--device cuda: no CUDA device is available here")
+        self.launch = init_from_env(cfg.device)  # torchrun: join the job (distributed.py)
+        self.rank, self.streams = self.launch.rank, self.launch.streams(cfg.batch)
+        self.torch, self.device = torch, self.launch.device
+        torch.set_num_threads(cfg.threads)
+        self.dtype, self.np_dtype = getattr(torch, cfg.dtype), np.dtype(cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        m, p, n = problem.m, problem.p, cfg.hidden
+        if cfg.cell == "elman":
+            g = "softmax" if problem.loss == "cross_entropy" else "identity"
+            model = ElmanRNN(n=n, m=m, p=p, bias=cfg.bias, f=cfg.activation, g=g, seed=cfg.seed)
+            if cfg.spectral_radius is not None:  # as tbptt.ElmanRNN.init(spectral_radius=) does
+                with torch.no_grad():
+                    radius = torch.linalg.eigvals(model.A.double()).abs().max()
+                    model.A *= cfg.spectral_radius / max(float(radius), 1e-12)
+        else:
+            rnn = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cfg.cell]
+            model = Recurrent(rnn(m, n, num_layers=cfg.layers), nn.Linear(n, p))
+        self.model = model.to(device=self.device, dtype=self.dtype)
+        params = self.model.parameters()
+        if cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr)
+        self.loss_fn = cross_entropy_loss if problem.loss == "cross_entropy" else l2_loss
+        trunc = Truncation(cfg.k1, cfg.k2, inject=cfg.inject)
+        self.driver = TBPTT(self.model, trunc, self.optimizer, loss_fn=self.loss_fn, clip=cfg.clip)
+
+    def _tensor(self, a, dtype=None):
+        if a is None:
+            return None
+        t = self.torch.from_numpy(np.ascontiguousarray(a))
+        kind = dtype or (self.dtype if t.is_floating_point() else None)
+        return t.to(device=self.device, dtype=kind)
+
+    def _targets(self, y):
+        return self._tensor(y, self.torch.long if y.dtype.kind in "iu" else None)
+
+    @property
+    def updates(self) -> int:
+        return self.driver.updates
+
+    @property
+    def k2(self) -> int:
+        return self.driver.truncation.k2
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def feed(self, x, y, mask, reset) -> float:
+        mine = (None if a is None else a[:, self.streams] for a in (x, y, mask, reset))
+        x, y, mask, reset = mine
+        t = self._tensor
+        return float(self.driver.feed(t(x), self._targets(y), t(mask), t(reset)))
+
+    def suggest_k2(self, x, y, mask, reset, delta: float, k_max: int) -> int:
+        raise InputError("--adapt-k2 needs --engine numpy (the lag analysis is numpy's)")
+
+    def set_k2(self, k2: int) -> None:
+        raise InputError("--adapt-k2 needs --engine numpy (the lag analysis is numpy's)")
+
+    def run(self, x, h=None, reset=None):
+        return self.driver.predict(self._tensor(x), h, self._tensor(reset))
+
+    def losses(self, z, y, mask) -> Array:
+        with self.torch.no_grad():
+            l = self.loss_fn(z, self._targets(y)).double().cpu().numpy()  # (T, batch)
+        return l if mask is None else l * mask
+
+    def logits(self, z) -> Array:
+        return z.detach().cpu().double().numpy()
+
+    def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
+        return self.launch.agree(seconds, stop)
+
+    def save(self, path: Path | None) -> None:
+        self.driver.save(path)
+
+    def load(self, path: Path) -> None:
+        self.driver.load(path)
+
+
+def make_engine(cfg: cf.Config, problem: Problem) -> Engine:
+    if cfg.engine == "numpy" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("under torchrun, use --engine torch (the numpy engine runs one process)")
+    return NumpyEngine(cfg, problem) if cfg.engine == "numpy" else TorchEngine(cfg, problem)
+
+
+def memory_needed(cfg: cf.Config, problem: Problem) -> tuple[int, str]:
+    """A lower bound of the bytes a run allocates, and what dominates it: only arrays the engine
+    cannot do without (parameters and the optimizer's moments, the kept steps, one chunk of data,
+    a task's validation set), so a run refused by it could not have fit."""
+    s = np.dtype(cfg.dtype).itemsize
+    n, m, p, B = cfg.hidden, problem.m, problem.p, cfg.batch
+    kept = cfg.k1 + cfg.k2  # steps held at once: the next window and the steps since the update
+    if cfg.cell == "elman":
+        params = n * n + n * m + p * n + n + p
+        per_step = B * (m + 3 * n + 2 * p)  # x_t, h_t, f'(a_t), r_t, e_t, z_t
+    else:
+        gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell]
+        params = gates * n * (m + n + 2) * cfg.layers + p * (n + 1)
+        per_step = B * (m + 2 * p + (gates + 2) * n * cfg.layers)  # activations autograd keeps
+    parts = {
+        "parameters and optimizer state": 4 * params * s,
+        f"{kept} kept steps x {B} streams": kept * per_step * s,
+        f"a chunk of {cfg.k1} steps": cfg.k1 * B * (m + p) * s,
+    }
+    if cfg.task in ("adding", "copy"):  # 256 validation sequences of about --length steps
+        T = int(cfg.length * 1.1) + 20
+        parts[f"the validation set of --length {cfg.length}"] = 256 * T * (m + p + 2) * 8
+    what = max(parts, key=parts.get)
+    return int(sum(parts.values())), what

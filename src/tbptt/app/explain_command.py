@@ -1,0 +1,88 @@
+"""`tbptt explain`: draw a TBPTT(k1, k2) schedule, its per-loss use and its cost (SEMANTICS.md 3-4).
+
+The text comes from tbptt.analysis.explain.render, the figure (--out) from plots.schedule_figure;
+both read the windows of tbptt.Truncation, the object the engines use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..analysis.explain import render
+from ..errors import InputError
+from ..files import atomic_write
+from ..schedule import INJECT_MODES, Truncation
+from . import plots
+
+
+def _number(text: str) -> int | float | str:
+    """Command-line text to an int when it is one, else a float or the text, so the library's
+    own check reports the value (one line) instead of argparse."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--k1",
+        required=True,
+        metavar="K1",
+        default=argparse.SUPPRESS,
+        help="steps between updates (Williams and Peng's h')",
+    )
+    parser.add_argument(
+        "--k2",
+        required=True,
+        metavar="K2",
+        default=argparse.SUPPRESS,
+        help="steps each update backpropagates (their h)",
+    )
+    parser.add_argument(
+        "--steps",
+        required=True,
+        metavar="T",
+        default=argparse.SUPPRESS,
+        help="length T of the sequence to draw",
+    )
+    parser.add_argument(
+        "--inject",
+        default="new",
+        choices=INJECT_MODES,
+        help="which losses an update injects: the new ones since the last update, every loss "
+        "in the window, or only the last",
+    )
+    parser.add_argument(
+        "--flush",
+        action="store_true",
+        help="also update at step T when k1 does not divide T, over the next window cut at T",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="also write the schedule as a figure (.png, .svg or .pdf)",
+    )
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    truncation = Truncation(_number(args.k1), _number(args.k2), args.inject, args.flush)
+    T = _number(args.steps)
+    text = render(truncation, T)
+    out = getattr(args, "out", None)
+    figure = None
+    if out:
+        fmt = plots.fmt_of(out)
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise InputError(f"--out: the folder {folder!r} of {out!r} does not exist")
+        figure = plots.schedule_figure(truncation, T, fmt)
+    print(text, end="")
+    if figure is not None:
+        atomic_write(out, figure)
+        print(f"Wrote {out}")
+    return 0

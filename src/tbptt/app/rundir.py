@@ -1,0 +1,255 @@
+"""The run directory of `tbptt train`: created whole, locked while a process trains in it, and
+checkpointed so that a kill at any moment loses neither a checkpoint nor a metrics row.
+
+    config.toml        the resolved configuration (tbptt train --config reads it back)
+    vocab.json         the characters of a text task, in id order
+    metrics.csv        updates, steps, characters, seconds, lr, training and validation loss, k2
+    loss.png           training and validation loss against the characters (steps) seen
+    checkpoint.json    which state file is the latest, its SHA-256, and the loop's counters
+    state-N.npz|.pt    the engine's full state after N updates
+    lock               held (flock) by the one process training in the directory
+
+A checkpoint writes metrics.csv (the rows up to update N), then state-N, then checkpoint.json
+naming it, then deletes the older state files; each file is written whole or not at all
+(tbptt.files). A kill between two of these leaves the previous checkpoint.json, which names a
+state file still there, and metrics.csv with rows the resumed run drops and writes again: nothing
+is lost. `--resume` checks checkpoint.json's counters and the state file's checksum against what
+it loads, and deletes the temporary files a killed process left.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..files import TMP_PREFIX, atomic_directory, atomic_write, remove_stale
+from .engines import Engine
+
+FORMAT = "tbptt-train-checkpoint"
+COLUMNS = ("updates", "steps", "chars", "seconds", "lr", "train_loss", "valid_loss", "k2")
+
+
+@dataclass
+class Loop:
+    """The training loop's counters, saved with every checkpoint."""
+
+    updates: int = 0
+    seconds: float = 0.0  # training time so far (evaluation and checkpoints not counted)
+    k2: int | None = None  # the k2 in force (--adapt-k2 changes it)
+
+
+# -- creating and locking ---------------------------------------------------------------------------
+def check_new(path: Path) -> None:
+    """A new run may go to `path`: absent, or an empty folder, in a folder we can write."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--run-dir {path} is a file; give a folder for the run")
+    if path.is_dir() and any(path.iterdir()):
+        raise InputError(
+            f"--run-dir {path} already holds files; continue that run with --resume {path}, or "
+            "choose another --run-dir"
+        )
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--run-dir {path}: cannot create it here ({parent} is not writable)")
+
+
+def create(path: Path, files: Callable[[Path], dict[str, str]], unique: bool) -> Path:
+    """Create the run directory holding files(its path), in one rename; with `unique` (a default
+    name), the first of path, path-2, path-3, ... that is free."""
+    for k in range(1, 1000 if unique else 2):
+        target = path if k == 1 else path.with_name(f"{path.name}-{k}")
+        if target.exists() and unique:
+            continue
+        check_new(target)
+        try:
+            atomic_directory(target, files(target))
+            return target
+        except OSError:  # another process took the name between the check and the rename
+            if not unique:
+                raise InputError(f"--run-dir {target} was created by another process") from None
+    raise InputError(f"--run-dir {path}: no free name found beside it")
+
+
+class Lock:
+    """An exclusive flock on RUN/lock for as long as this process trains there (the kernel
+    drops it when the process ends, however it ends)."""
+
+    def __init__(self, run: Path) -> None:
+        self.path = run / "lock"
+        self.fh = open(self.path, "a+")  # noqa: SIM115  (held until release)
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            who = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise InputError(
+                f"{run} is in use: {who} is training in it; wait for it to end (or stop it) "
+                "before --resume"
+            ) from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"process {os.getpid()}\n")
+        self.fh.flush()
+
+    def release(self) -> None:
+        if not self.fh.closed:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+
+
+def discard(run: Path) -> None:
+    """Remove a run directory this process created and never checkpointed (a failed start)."""
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def clean(run: Path) -> None:
+    """Under the lock: delete the temporary files a killed writer left in the run directory."""
+    remove_stale(run)
+    for entry in run.parent.glob(f"{TMP_PREFIX}{run.name}-*"):  # a half-created run directory
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+# -- reading a run ----------------------------------------------------------------------------------
+def read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is corrupted (not JSON: {exc})") from None
+
+
+def read_vocab(run: Path) -> str:
+    """The characters of a text run, in id order."""
+    path = run / "vocab.json"
+    vocab = read_json(path)
+    ok = isinstance(vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in vocab)
+    if not ok or not vocab or len(set(vocab)) != len(vocab):
+        raise InputError(f"{path} is corrupted (not a list of distinct characters)")
+    return "".join(vocab)
+
+
+def read_metrics(run: Path, upto: int) -> list[dict]:
+    """metrics.csv's rows of updates 1..upto (later rows came after the last checkpoint)."""
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or not set(COLUMNS) <= set(reader.fieldnames):
+                raise ValueError(f"its columns are {reader.fieldnames}, not {list(COLUMNS)}")
+            rows = [{**r, "updates": int(r["updates"])} for r in reader]
+    except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path} is corrupted ({exc})") from None
+    return [r for r in rows if r["updates"] <= upto]
+
+
+def _counter(value: object, name: str, path: Path, real: bool = False) -> float:
+    kind = (int, float) if real else (int,)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        what = "a number >= 0" if real else "an integer >= 0"
+        raise InputError(f"{path} is corrupted ({name} = {value!r}, expected {what})")
+    return value
+
+
+def load_checkpoint(run: Path, engine: Engine, adapt: bool) -> Loop:
+    """Restore the engine from the run's latest checkpoint, every counter checked."""
+    path = run / "checkpoint.json"
+    if not path.is_file():
+        raise InputError(
+            f"{run} has no checkpoint.json yet: its training has not saved a checkpoint"
+        )
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{path} is not a tbptt train checkpoint")
+    if meta.get("engine") != engine.suffix:
+        raise InputError(f"{path} is from the {meta.get('engine')} engine, not {engine.suffix}")
+    name = meta.get("state")
+    if not isinstance(name, str) or Path(name).name != name or not name.startswith("state-"):
+        raise InputError(f"{path} is corrupted (state = {name!r})")
+    loop = Loop(
+        updates=int(_counter(meta.get("updates"), "updates", path)),
+        seconds=float(_counter(meta.get("seconds"), "seconds", path, real=True)),
+        k2=meta.get("k2"),
+    )
+    state = run / name
+    if not state.is_file():
+        raise InputError(f"{path} names {name}, which is missing")
+    if adapt and loop.k2 is not None:  # --adapt-k2: the k2 in force at the save
+        engine.set_k2(int(_counter(loop.k2, "k2", path)))
+    digest = meta.get("sha256")
+    intact = digest is None or _sha256(state) == digest
+    try:
+        engine.load(state)  # InputError when damaged or from another schedule, shape or loss
+    except InputError as exc:
+        raise InputError(f"checkpoint {state} is corrupted or not from this run: {exc}") from None
+    if not intact:
+        raise InputError(f"checkpoint {state} is corrupted (its SHA-256 is not {path}'s)")
+    if engine.updates != loop.updates:
+        raise InputError(
+            f"{path} says {loop.updates} updates, but {name} holds {engine.updates}: the two do "
+            "not belong together"
+        )
+    return loop
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- writing a checkpoint ---------------------------------------------------------------------------
+def metrics_csv(rows: list[dict]) -> str:
+    from io import StringIO
+
+    buf = StringIO()
+    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def save_checkpoint(run: Path, engine: Engine, loop: Loop, rows: list[dict]) -> None:
+    """metrics.csv, state-N, checkpoint.json, then the older state files go (module docstring).
+
+    Under torchrun every process calls it (the engine's save is collective); rank 0 writes.
+    """
+    if engine.rank != 0:
+        engine.save(None)
+        return
+    atomic_write(run / "metrics.csv", metrics_csv(rows))
+    name = f"state-{loop.updates:08d}.{engine.suffix}"
+    engine.save(run / name)
+    meta = {
+        "format": FORMAT,
+        "version": 2,
+        "engine": engine.suffix,
+        "state": name,
+        "sha256": _sha256(run / name),
+        "updates": loop.updates,
+        "seconds": loop.seconds,
+        "k2": loop.k2,
+    }
+    atomic_write(run / "checkpoint.json", json.dumps(meta, indent=1) + "\n")
+    for old in run.glob("state-*"):
+        if old.name != name:
+            old.unlink()
