@@ -26,9 +26,16 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/tbptt train
 
+# The suite, then once more every test whose result depends on floating-point rounding or CPU
+# features (marked cpu_sensitive; the docs tests among them) as an AVX2-only CPU runs them:
+# numpy's OpenBLAS kernels, torch's ATen kernels and oneDNN all limited to AVX2.
+AVX2 := OPENBLAS_CORETYPE=Haswell ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+
 test: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check src tests benchmarks examples
+	$(BIN)/python -m ruff format --check src tests benchmarks examples
 	$(BIN)/python -m pytest -q
+	$(AVX2) $(BIN)/python -m pytest -q -m cpu_sensitive
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check src tests benchmarks examples

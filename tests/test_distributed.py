@@ -256,6 +256,7 @@ def test_cli_under_torchrun_equals_one_process_and_resumes_across_sizes(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_sensitive
 def test_docs_script_under_torchrun_prints_what_the_page_says(equal_run) -> None:
     """docs/distributed.md's script on 2 ranks: rank 0 prints the page's lines, rank 1 nothing."""
     text = (Path(HERE).parent / "docs" / "distributed.md").read_text(encoding="utf-8")

@@ -129,6 +129,7 @@ def test_tolerance_marker_compares_numbers_within_it_and_words_exactly():
     assert not same_text("loss 0.48 -> 0.47", "loss 0.47 -> 0.47")  # no marker: exact
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.parametrize("path", documents())
 def test_snippets_run(path: Path, tmp_path, monkeypatch):
     """Each block of the file runs without error and prints the output the file shows."""

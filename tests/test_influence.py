@@ -149,6 +149,7 @@ def test_invalid_arguments():
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_sensitive
 def test_example_prints_what_results_md_shows(tmp_path):
     """examples/influence_balancing.py prints the output docs/results.md quotes (bar its path)."""
     root = Path(__file__).resolve().parent.parent

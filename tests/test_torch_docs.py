@@ -21,6 +21,7 @@ def example() -> tuple[str, str]:
     return code, "".join(line[4:] + "\n" for line in printed.splitlines())
 
 
+@pytest.mark.cpu_sensitive
 def test_docs_example_prints_what_the_page_says(tmp_path, monkeypatch, capsys) -> None:
     """The LSTM example on a stream of chunks, run as written: the same lines, and a saved file."""
     code, expected = example()
