@@ -303,8 +303,17 @@ class OnlineTBPTT:
     """
 
     def __init__(
-        self, model, truncation, optimizer, loss="l2", clip=None, h0=None, recompute=False
+        self,
+        model,
+        truncation,
+        optimizer,
+        loss="l2",
+        clip=None,
+        h0=None,
+        recompute=False,
+        reduction="sum",
     ) -> None:
+        self.reduction = reduction  # "mean": L divided by its injected (step, stream) weights
         self.f, self.g, self.n = model.f, model.g, model.n
         self.names = list(model.params)
         self.W = leaves(model.params)  # the current parameters, updated in place by torch.optim
@@ -376,6 +385,10 @@ class OnlineTBPTT:
         else:
             L = sum(self.steps[t][1].sum() for t in w.losses)
             inputs = [(k, self.steps[t][0][k]) for t in w.steps for k in self.names]
+        if self.reduction == "mean":  # section 5, Reduction: the mean over injected losses
+            masks = [self.records[t][3] for t in w.losses]
+            N = sum(float(m.sum()) if m is not None else self.h.shape[0] for m in masks)
+            L = L / N if N > 0 else L
         grads = torch.autograd.grad(L, [v for _, v in inputs], retain_graph=True, allow_unused=True)
         total = {k: torch.zeros_like(v) for k, v in self.W.items()}
         for (k, _), g in zip(inputs, grads, strict=True):

@@ -35,9 +35,10 @@ def _cut(a: np.ndarray | None, sl: slice) -> np.ndarray | None:
     return None if a is None else a[sl]
 
 
-def run_both(P, tr, opt, chunks, clip=None, rtol=1e-10, **kw):
+def run_both(P, tr, opt, chunks, clip=None, rtol=1e-10, reduction="sum", **kw):
     """Feed the same chunks to the engine and the oracle; compare after every chunk and finish."""
-    eng = TBPTT(P.model, tr, opt, loss=P.loss, clip=clip, h0=P.h0)
+    eng = TBPTT(P.model, tr, opt, loss=P.loss, clip=clip, h0=P.h0, reduction=reduction)
+    kw["reduction"] = reduction
     ref = OnlineTBPTT(P.model, tr, opt, loss=P.loss, clip=clip, h0=P.h0, **kw)
     for x, y, mask, reset in pieces(P, chunks):
         got = eng.feed(x, y, mask=mask, reset=reset)
@@ -59,6 +60,21 @@ def test_online_matches_canonical_rule_update_by_update(opt, inject):
     """Step-by-step chunks, k2 not a multiple of k1: every update equals the autograd twin's."""
     P = Problem(T=17, batch=2, h0=True, seed=50)
     run_both(P, Truncation(2, 5, inject, flush=True), OPTIMIZERS[opt], [1] * 17)
+
+
+@pytest.mark.parametrize("inject", tbptt.INJECT_MODES)
+@pytest.mark.parametrize(("k1", "k2"), [(3, 3), (2, 5), (4, 6)])
+def test_online_mean_reduction_matches_the_oracle(inject, k1, k2):
+    """reduction="mean": each update is the derivative of its injected losses' weighted mean
+    (masks with fractional weights, resets, the flush window's shorter chunk), as autograd's."""
+    if inject == "new" and k2 < k1:
+        return
+    P = Problem(T=17, batch=3, h0=True, mask=True, reset=True, seed=57)
+    P.mask = P.mask * np.random.default_rng(0).uniform(0.2, 1.0, P.mask.shape)
+    tr = Truncation(k1, k2, inject, flush=True)
+    mean, _ = run_both(P, tr, OPTIMIZERS["sgd"], [4, 6, 7], reduction="mean")
+    total, _ = run_both(P, tr, OPTIMIZERS["sgd"], [4, 6, 7])
+    assert rel_err(mean.model.params["A"], total.model.params["A"]) > 1e-3  # it divides
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adam"])

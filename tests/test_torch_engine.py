@@ -33,6 +33,7 @@ def train_both(
     bias: bool = True,
     seed: int = 0,
     batch_first: bool = False,
+    reduction: str = "sum",
 ) -> tuple[tbptt.TBPTT, TBPTT, list[tuple[float, float]]]:
     """Feed the same chunks to both engines; return them and the (numpy, torch) chunk losses."""
     rng = np.random.default_rng(seed)
@@ -46,19 +47,27 @@ def train_both(
         else rng.normal(size=(T, batch, p))
     )
     reset = rng.random((T, batch)) < 0.15 if resets else None
-    mask = (rng.random((T, batch)) < 0.7).astype(float) if masks else None
+    mask = (rng.random((T, batch)) < 0.7) * rng.uniform(0.3, 1, (T, batch)) if masks else None
     if opt == "sgd":
         np_opt = tbptt.SGD(lr=0.1, momentum=0.5)
     else:
         np_opt = tbptt.Adam(lr=0.02)
-    engine = tbptt.TBPTT(model, trunc, np_opt, loss=loss, clip=clip)
+    engine = tbptt.TBPTT(model.copy(), trunc, np_opt, loss=loss, clip=clip, reduction=reduction)
     module = ElmanRNN.from_numpy(model, batch_first=batch_first)
     if opt == "sgd":
         t_opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.5)
     else:
         t_opt = torch.optim.Adam(module.parameters(), lr=0.02)
     loss_fn = cross_entropy_loss if loss == "cross_entropy" else l2_loss
-    driver = TBPTT(module, trunc, t_opt, loss_fn=loss_fn, clip=clip, batch_first=batch_first)
+    driver = TBPTT(
+        module,
+        trunc,
+        t_opt,
+        loss_fn=loss_fn,
+        clip=clip,
+        batch_first=batch_first,
+        reduction=reduction,
+    )
     losses, a = [], 0
     for L in chunks:
         sl = slice(a, a + L)
@@ -176,3 +185,52 @@ def test_elman_forward_matches_numpy() -> None:
     l2_loss(yhat, torch.tensor(y)).sum().backward()
     for k in ("A", "B", "C", "b", "c"):
         assert np.abs(getattr(module, k).grad.numpy() - grads[k]).max() < TOL
+
+
+@pytest.mark.parametrize("inject", tbptt.INJECT_MODES)
+@pytest.mark.parametrize(("k1", "k2"), [(3, 3), (2, 5), (4, 3)])
+def test_mean_reduction_matches_the_numpy_engine(inject: str, k1: int, k2: int) -> None:
+    """reduction="mean" in both engines: the same parameters (7.6), masks with fractional weights,
+    resets and the flush window's short chunk included."""
+    if inject == "new" and k2 < k1:
+        return
+    trunc = tbptt.Truncation(k1, k2, inject, flush=True)
+    engine, driver, losses = train_both(
+        trunc, opt="sgd", clip=1.0, resets=True, masks=True, reduction="mean"
+    )
+    assert max_diff(engine, driver) < TOL
+    assert all(abs(a - b) < TOL for a, b in losses)
+
+
+def test_predict_is_the_numpy_forward_with_resets() -> None:
+    """predict() runs the module forward only, restarting where reset says, as tbptt.elman's
+    forward pass computes it; it leaves the stream being trained untouched."""
+    from tbptt.elman import forward
+
+    rng = np.random.default_rng(3)
+    model = tbptt.ElmanRNN.init(n=4, m=2, p=3, g="tanh", seed=3)
+    x = rng.normal(size=(9, 3, 2))
+    reset = rng.random((9, 3)) < 0.3
+    h0 = rng.normal(size=(3, 4))
+    want = forward(model, x, h0, reset, np.zeros((3, 4)))
+    module = ElmanRNN.from_numpy(model)
+    driver = TBPTT(module, tbptt.Truncation(2, 2), torch.optim.SGD(module.parameters(), lr=0.1))
+    out, h = driver.predict(torch.tensor(x), torch.tensor(h0), torch.tensor(reset))
+    np.testing.assert_allclose(out.numpy(), np.tanh(want.z), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(h.numpy(), want.h[-1], rtol=1e-12, atol=1e-14)
+    assert driver.t == 0 and driver.updates == 0 and driver.state is None
+
+
+def test_grad_scaler_skipped_steps_are_counted_and_change_nothing() -> None:
+    """float16 loss scaling: an update whose scaled gradient overflows is skipped by the
+    GradScaler (its documented behaviour), counted in driver.skipped, and leaves the parameters."""
+    module = ElmanRNN(n=4, m=2, p=2, seed=0)
+    before = [p.detach().clone() for p in module.parameters()]
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    driver = TBPTT(module, tbptt.Truncation(3, 3), opt, amp=torch.float16)
+    driver.scaler = torch.amp.GradScaler("cpu", init_scale=3e38)  # every scaled gradient overflows
+    x, y = torch.randn(6, 2, 2), torch.randn(6, 2, 2)
+    driver.feed(x, y)
+    assert driver.updates == 2 and driver.skipped == 2
+    for a, b in zip(before, module.parameters(), strict=True):
+        assert torch.equal(a, b.detach())

@@ -227,3 +227,15 @@ def test_targets_of_the_wrong_shape_are_an_error_not_a_broadcast():
     with pytest.raises(ValueError, match="integer class indices"):
         cross_entropy_loss(logits, torch.zeros(3, 5, dtype=torch.long))
     assert torch.equal(l2_loss(out + 1, out), torch.full((3, 3), 0.5, dtype=torch.float64))
+
+
+def test_a_step_that_makes_the_parameters_non_finite_is_reported_at_once() -> None:
+    """Section 6: a finite gradient with too large a step: NonFiniteError at that update, naming
+    it, before any later step runs (so no checkpoint can hold the values)."""
+    torch.manual_seed(0)
+    net = ElmanRNN(n=4, m=3, p=2, dtype=DT)
+    driver = TBPTT(net, tbptt.Truncation(2, 2), torch.optim.SGD(net.parameters(), lr=1e308))
+    x, y = torch.randn(6, 2, 3, dtype=DT), 1e3 * torch.randn(6, 2, 2, dtype=DT)  # large gradient
+    with pytest.raises(tbptt.NonFiniteError, match="parameters became non-finite at update 1"):
+        driver.feed(x, y)
+    assert driver.updates == 1 and driver.t == 2  # the steps after it never ran

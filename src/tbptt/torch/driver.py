@@ -522,6 +522,14 @@ class TBPTT:
             self.scheduler.step()
         self.u_prev, self.updates = w.u, n
         self._copies = None  # the next interval runs with copies of the new values
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
+        if not bool(finite):  # section 6: a step too large for the parameters, seen at once
+            raise NonFiniteError(
+                f"the parameters became non-finite at update {n} (after step {w.u}): the "
+                "gradient was finite, the step too large; no checkpoint holds these values",
+                w.u,
+                n,
+            )
 
     def _prune(self) -> None:
         """Drop the segments no future window can reach: memory is bounded by k2 steps."""
