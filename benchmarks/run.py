@@ -18,7 +18,6 @@ import importlib.metadata
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 
@@ -191,18 +190,11 @@ def render(groups: list, env: dict[str, str]) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename over the target."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".md")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """The report, written whole or not at all (tbptt.files.atomic_write)."""
+    from tbptt.files import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
