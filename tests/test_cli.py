@@ -479,3 +479,18 @@ def test_threads_default_to_omp_else_one_for_numpy_and_the_cpus_for_torch(monkey
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert check(Config(engine="torch")).threads == 3
     assert check(Config(engine="torch", threads=1)).threads == 1
+
+
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """An InputError is one line and exit 2; any other exception (a bug, here injected into
+    explain's renderer) propagates with its traceback instead of becoming a one-line exit."""
+    code, _, err = tbptt(capsys, "explain", "--k1", 0, "--k2", 2, "--steps", 5)
+    assert_one_line_error(code, err, "k1 must be an integer >= 1")
+    from tbptt.app import explain_command
+
+    def bug(*args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(explain_command, "render", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["explain", "--k1", "2", "--k2", "2", "--steps", "5"])
