@@ -108,7 +108,27 @@ def blas_threads(n: int) -> bool:
     return done
 
 
-class NumpyEngine:
+class _Driven:
+    """What both engines do the same way: through their driver (tbptt.TBPTT or its torch twin)."""
+
+    driver: object
+
+    @property
+    def updates(self) -> int:
+        return self.driver.updates
+
+    @property
+    def k2(self) -> int:
+        return self.driver.truncation.k2
+
+    def save(self, path: Path | None) -> None:
+        self.driver.save(path)
+
+    def load(self, path: Path) -> None:
+        self.driver.load(path)
+
+
+class NumpyEngine(_Driven):
     """tbptt.TBPTT on the seed's ElmanRNN (float32 or float64)."""
 
     suffix = "npz"
@@ -134,14 +154,6 @@ class NumpyEngine:
         trunc = tbptt.Truncation(cfg.k1, cfg.k2, inject=cfg.inject)
         self.driver = tbptt.TBPTT(model, trunc, opt, loss=problem.loss, clip=cfg.clip)
         blas_threads(cfg.threads)
-
-    @property
-    def updates(self) -> int:
-        return self.driver.updates
-
-    @property
-    def k2(self) -> int:
-        return self.driver.truncation.k2
 
     def set_lr(self, lr: float) -> None:
         self.driver.optimizer = replace(self.driver.optimizer, lr=lr)
@@ -189,14 +201,9 @@ class NumpyEngine:
     def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
         return seconds, stop
 
-    def save(self, path: Path | None) -> None:
-        self.driver.save(path)
-
-    def load(self, path: Path) -> None:
-        self.driver.load(path)
 
 
-class TorchEngine:
+class TorchEngine(_Driven):
     """tbptt.torch.TBPTT on its ElmanRNN or on torch.nn's RNN, GRU, LSTM with a linear head."""
 
     suffix = "pt"
@@ -247,14 +254,6 @@ class TorchEngine:
     def _targets(self, y):
         return self._tensor(y, self.torch.long if y.dtype.kind in "iu" else None)
 
-    @property
-    def updates(self) -> int:
-        return self.driver.updates
-
-    @property
-    def k2(self) -> int:
-        return self.driver.truncation.k2
-
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -285,11 +284,6 @@ class TorchEngine:
     def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
         return self.launch.agree(seconds, stop)
 
-    def save(self, path: Path | None) -> None:
-        self.driver.save(path)
-
-    def load(self, path: Path) -> None:
-        self.driver.load(path)
 
 
 def make_engine(cfg: cf.Config, problem: Problem) -> Engine:
