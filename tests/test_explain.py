@@ -110,9 +110,10 @@ def test_grouped_table_for_long_sequences():
 
 
 def test_notes_name_the_special_cases():
-    """Exact BPTT, disjoint chunks, unused and repeated losses are named."""
+    """Exact BPTT, disjoint chunks (with every loss or the last), unused and repeated losses."""
     assert "exact BPTT" in render(Truncation(10, 10), 10)
     assert "disjoint chunks" in render(Truncation(4, 4), 12)
+    assert "at the chunk's last step" in render(Truncation(4, 4, "last"), 12)
     assert "steps 11-12" in " ".join(render(Truncation(5, 5), 12).split())
     assert "more than once" in render(Truncation(2, 4, "window"), 8)
     s = summarize(Truncation(4, 8, "window"), 30)

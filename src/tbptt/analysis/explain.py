@@ -209,7 +209,14 @@ def notes(summary: Summary) -> list[str]:
     elif tr.k1 == tr.k2 and tr.inject in ("new", "window"):
         out.append(
             f"k1 = k2: disjoint chunks of {tr.k1} steps with the state detached between them "
-            "(PyTorch's .detach() every k steps, Keras stateful RNNs, Chainer's bproplen)."
+            "(PyTorch's .detach() every k steps, Keras stateful RNNs with return_sequences=True, "
+            "Chainer's bproplen)."
+        )
+    elif tr.k1 == tr.k2 and tr.inject == "last":
+        out.append(
+            f"k1 = k2 with inject=last: chunks of {tr.k1} steps, the state detached between them, "
+            "one loss each, at the chunk's last step (Keras stateful RNNs with "
+            "return_sequences=False)."
         )
     elif tr.k1 == 1 and tr.inject == "new":
         out.append(

@@ -11,7 +11,8 @@
 The module protocol is module(x_chunk, state) -> (output_chunk, new_state), state a tensor or any
 nesting of tuples, lists and dicts of tensors, None meaning the module's zeros. The schedule is
 tbptt.Truncation, the same object as the numpy engine's, and the online update follows the
-canonical rule of SEMANTICS.md 5 (driver.py). Presets for other systems' schedules: presets.py.
+canonical rule of SEMANTICS.md 5 (driver.py). Other systems' training loops as the driver's
+arguments (schedule, reduction, restarts): presets.py.
 """
 
 from . import presets
