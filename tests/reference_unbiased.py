@@ -53,7 +53,11 @@ def _stream(x, y, mask, reset, batch_axis):
     T = x.shape[0]
     x3 = x[:, None] if single else x
     batch = x3.shape[1]
-    y3 = np.asarray(y).reshape(T, batch, -1) if np.ndim(y) > (1 if single else 2) else np.asarray(y).reshape(T, batch)
+    y3 = (
+        np.asarray(y).reshape(T, batch, -1)
+        if np.ndim(y) > (1 if single else 2)
+        else np.asarray(y).reshape(T, batch)
+    )
     m3 = None if mask is None else np.reshape(mask, (T, batch))
     r3 = None if reset is None else np.reshape(reset, (T, batch))
     return x3, y3, m3, r3
@@ -71,7 +75,7 @@ def _immediate(n, m, bias, fp, h_prev, x_t):
 
 
 def _unflatten(g, model):
-    n, m, p = model.n, model.m, model.p
+    n, m = model.n, model.m
     out = {"A": g[: n * n].reshape(n, n), "B": g[n * n : n * n + n * m].reshape(n, m)}
     if model.b is not None:
         out["b"] = g[n * n + n * m :]
@@ -105,7 +109,11 @@ def rtrl_direct(model, x, y, h0=None, loss="l2", *, mask=None, reset=None):
     gC = np.zeros_like(model.C)
     gc = np.zeros(model.p)
     for s in range(x3.shape[1]):
-        start = np.zeros(n) if h0 is None else np.broadcast_to(np.asarray(h0, float), (x3.shape[1], n))[s]
+        start = (
+            np.zeros(n)
+            if h0 is None
+            else np.broadcast_to(np.asarray(h0, float), (x3.shape[1], n))[s]
+        )
         hp, hs, fps = _trajectory(model, x3, start, r3, s)
         J = np.zeros((n, P))
         for t in range(len(x3)):
@@ -182,7 +190,133 @@ def artbp_torch(model, x, y, cuts, weights, h0=None, loss="l2", *, mask=None, re
             w = weights[tau]
             h = h.detach() + w * (h - h.detach())  # forward value h, gradient times w
     grads = torch.autograd.grad(L, list(P.values()), allow_unused=True)
-    return {k: (np.zeros(np.shape(v)) if g is None else g.numpy()) for (k, v), g in zip(P.items(), grads, strict=True)}
+    return {
+        k: (np.zeros(np.shape(v)) if g is None else g.numpy())
+        for (k, v), g in zip(P.items(), grads, strict=True)
+    }
 
 
 __all__ = ["artbp_torch", "rtrl_direct", "torch_optimizer", "uoro_direct"]
+
+
+def artbp_cuts(T, c, b, rng, max_length=None):
+    """ARTBP's cuts among the boundaries after steps b, 2b, ... < T+1 (one uniform number each, in
+    order) and the weights 1 / (1 - c_L) of the others: (cuts, {step: weight})."""
+    cuts, weights, last = [], {}, 0
+    taus = list(range(b, T + 1, b))
+    draws = rng.random(len(taus))
+    for tau, u in zip(taus, draws, strict=True):
+        L = tau - last
+        p = c(L) if callable(c) else c
+        if (max_length is not None and L + b > max_length) or u < p:
+            cuts.append(tau)
+            last = tau
+        else:
+            weights[tau] = 1 / (1 - p)
+    return cuts, weights
+
+
+class OnlineDirect:
+    """Online RTRL / UORO (an update every k1 steps, the influence carried across updates) or
+    ARTBP (an update at every cut), step by step with the contract's formulas; torch.optim
+    applies the updates. One stream fed whole (x (T, [batch,] m)); finish() applies what is left.
+    """
+
+    def __init__(self, method, model, optimizer, k1=1, c=None, b=1, rng=None, clip=None, h0=None):
+        self.method, self.k1, self.c, self.b, self.rng, self.clip = method, k1, c, b, rng, clip
+        self.f, self.g, self.n, self.m = model.f, model.g, model.n, model.m
+        self.W = leaves(model.params)
+        self.opt = torch_optimizer(optimizer, list(self.W.values()))
+        self.h0 = h0
+
+    @property
+    def params(self):
+        return {k: v.detach().numpy().copy() for k, v in self.W.items()}
+
+    def _step(self, grads):
+        for k, v in self.W.items():
+            v.grad = torch.tensor(grads[k], dtype=DTYPE)
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(list(self.W.values()), self.clip)
+        self.opt.step()
+
+    def run(self, x, y, loss="l2", mask=None, reset=None):
+        if self.method == "artbp":
+            return self._artbp(x, y, loss, mask, reset)
+        from tbptt import ElmanRNN
+
+        x3, y3, m3, r3 = _stream(x, y, mask, reset, True)
+        T, batch = x3.shape[:2]
+        n, m = self.n, self.m
+        bias = "b" in self.W
+        P = n * n + n * m + (n if bias else 0)
+        h0 = np.zeros((batch, n)) if self.h0 is None else np.broadcast_to(self.h0, (batch, n))
+        h = np.array(h0, float)
+        J = np.zeros((batch, n, P))
+        st, tt = np.zeros((batch, n)), np.zeros((batch, P))
+        nus = (
+            None
+            if self.method != "uoro"
+            else np.where(self.rng.random((T, batch, n)) < 0.5, -1.0, 1.0)
+        )
+        acc = None
+        f, fgrad = ACT[self.f]
+        for t in range(T):
+            model = ElmanRNN(**self.params, f=self.f, g=self.g)
+            b_ = 0 if model.b is None else model.b
+            gt, gC, gc = np.zeros(P), np.zeros_like(model.C), np.zeros(model.p)
+            for s in range(batch):
+                if r3 is not None and r3[t, s]:
+                    h[s], J[s], st[s], tt[s] = h0[s], 0, 0, 0
+                hp = h[s].copy()
+                h[s] = f(model.A @ hp + model.B @ x3[t, s] + b_)
+                fp = fgrad(h[s])
+                F = _immediate(n, m, bias, fp, hp, x3[t, s])
+                z = model.C @ h[s] + (0 if model.c is None else model.c)
+                e = _errors(model, z, y3[t, s], loss, None if m3 is None else m3[t, s])
+                dh = model.C.T @ e
+                if self.method == "rtrl":
+                    J[s] = fp[:, None] * (model.A @ J[s]) + F
+                    gt += dh @ J[s]
+                else:
+                    gt += (model.A.T @ (fp * dh) @ st[s]) * tt[s] + dh @ F
+                    nu = nus[t, s]
+                    DAs = fp * (model.A @ st[s])
+                    nuF = nu @ F
+                    rho0 = np.sqrt((np.linalg.norm(tt[s]) + 1e-7) / (np.linalg.norm(DAs) + 1e-7))
+                    rho1 = np.sqrt((np.linalg.norm(nuF) + 1e-7) / (np.linalg.norm(nu) + 1e-7))
+                    st[s], tt[s] = rho0 * DAs + rho1 * nu, tt[s] / rho0 + nuF / rho1
+                gC += np.outer(e, h[s])
+                gc += e
+            g = {**_unflatten(gt, model), "C": gC}
+            if model.c is not None:
+                g["c"] = gc
+            acc = g if acc is None else {k: acc[k] + g[k] for k in g}
+            if (t + 1) % self.k1 == 0 or t == T - 1:
+                self._step(acc)
+                acc = None
+
+    def _artbp(self, x, y, loss, mask, reset):
+        data = Data(x, y, loss, mask, reset)
+        cuts, weights = artbp_cuts(data.T, self.c, self.b, self.rng)
+        ends = sorted(set(cuts) | {data.T})
+        h0t = tensor(np.zeros(self.n) if self.h0 is None else self.h0).expand(data.batch, self.n)
+        h, t = h0t, 0
+        for u in ends:
+            if u <= t:
+                continue
+            h = h.detach()
+            L = torch.zeros((), dtype=DTYPE)
+            for r in range(t, u):
+                h = state_step(self.W, self.f, restart(data, r, h, h0t), data.x[r])
+                L = L + step_loss(self.W, self.g, data, h, r).sum()
+                if r + 1 in weights and r + 1 < u:
+                    w = weights[r + 1]
+                    h = h.detach() + w * (h - h.detach())
+            for v in self.W.values():
+                v.grad = None
+            L.backward()
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(self.W.values()), self.clip)
+            self.opt.step()
+            t = u
