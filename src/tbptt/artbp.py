@@ -87,13 +87,19 @@ class Cuts:
         """Cuts among the boundaries after steps t0+1..t1, and the weight 1 / (1 - c_L) of
         every possible boundary there that was not cut: (cut steps, {step: weight})."""
         b = self.b
-        taus = range((t0 // b + 1) * b, t1 + 1, b)  # boundaries after these steps
+        taus = np.arange((t0 // b + 1) * b, t1 + 1, b)  # boundaries after these steps
         u = self.rng.random(len(taus))
+        if not callable(self.c) and self.max_length is None:  # L does not matter: vectorized
+            cut = u < self.c
+            cuts = taus[cut].tolist()
+            if cuts:
+                self.last = cuts[-1]
+            w = 1.0 / (1.0 - self.c) if self.c < 1 else 1.0
+            return cuts, dict.fromkeys(taus[~cut].tolist(), w)
         cuts, weights = [], {}
-        constant = not callable(self.c)
-        for tau, draw in zip(taus, u, strict=True):
+        for tau, draw in zip(taus.tolist(), u.tolist(), strict=True):
             L = tau - self.last
-            c = self.c if constant else probability(self.c, L)
+            c = probability(self.c, L)
             forced = self.max_length is not None and L + b > self.max_length
             if forced or draw < c:
                 cuts.append(tau)
@@ -116,9 +122,11 @@ def window_gradients(
     L, batch, n = traj.h.shape
     dtype = traj.h.dtype
     logw = np.zeros(L)  # log w_t, t = t0+1..t0+L
-    for tau, w in weights.items():
-        if t0 < tau < t0 + L:
-            logw[tau - t0 - 1] = np.log(w)
+    if weights:
+        taus = np.fromiter(weights.keys(), np.int64, len(weights))
+        w = np.fromiter(weights.values(), float, len(weights))
+        inside = (taus > t0) & (taus < t0 + L)
+        logw[taus[inside] - t0 - 1] = np.log(w[inside])
     ends = sorted({tau - t0 for tau in cuts if t0 < tau <= t0 + L} | {L})  # window ends, 1..L
     stop = np.zeros(L, bool)  # the recursion stops below step t (a cut after step t-1)
     stop[[u for u in ends if u < L]] = True

@@ -17,14 +17,16 @@ summed contributions are an unbiased estimate of exact BPTT; C and c get (8.4).
 How it is computed. theta~ is kept as kappa Theta with a scalar kappa per stream, so that (8.7)'s
 division by rho0 is a scalar update (kappa <- kappa / rho0) and Theta changes by one rank-one term
 per step, Theta += beta (D_t nu_t) u_t^T with beta = 1 / (rho1 kappa_t); ||Theta||^2 is updated
-from <Theta, (D_t nu_t) u_t^T> = (D_t nu_t)^T Theta u_t. The sum of the first terms of (8.5),
+from <Theta, (D_t nu_t) u_t^T> = (D_t nu_t)^T Theta u_t. The rank-one terms are added to Theta
+FLUSH = 32 at a time, as one product per stream; until then Theta u_t adds their share,
+sum_j beta_j (D_j nu_j) (u_j . u_t). The sum of the first terms of (8.5),
 
     (8.10) sum_t c_t theta~_{t-1} = S_0 Theta_0 + sum_j beta_j S_j (D_j nu_j) u_j^T,
            c_t = dl_t/dh_{t-1} . s~_{t-1},   S_j = sum_{t > j} c_t kappa_{t-1}   (to the next reset)
 
 is then one product over the stacked steps, added to the second terms' (the same u_j). Per step
-and stream the loop reads Theta twice (Theta u_t and the rank-one update) and does O(n) work on
-s~; Theta is rescaled (Theta <- kappa Theta, kappa <- 1) when kappa leaves a safe range.
+and stream the loop reads Theta once (Theta u_t) and does O(n + q) work on s~ and the pending
+terms; Theta is rescaled (Theta <- kappa Theta, kappa <- 1) when kappa leaves a safe range.
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ EPS = 1e-7
 KAPPA_RANGE = {np.dtype(np.float64): 1e100, np.dtype(np.float32): 1e15}  # fold kappa beyond
 
 
+FLUSH = 32  # rank-one terms added to Theta together, as one product
+
+
 def dot_rows(a: Array, b: Array) -> Array:
-    """Row-wise dot products over the last axis."""
-    return np.einsum("...i,...i->...", a, b)
+    """Row-wise dot products over the last axis (broadcasting)."""
+    return np.vecdot(a, b) if hasattr(np, "vecdot") else np.einsum("...i,...i->...", a, b)
 
 
 class UOROState:
@@ -87,9 +92,11 @@ class UOROState:
         resets = reset is not None and reset.any()
         s, Theta, kappa, N2 = self.s, self.Theta, self.kappa, self.N2
         start, Theta0 = 0, Theta.copy()
+        f = 0  # steps f..t-1 have their rank-one terms pending: Theta_true = Theta + sum_j ...
         for t in range(L):
             if resets and reset[t].any():  # the stream restarted: no influence before step t
-                r = reset[t]
+                self._flush(a, beta, U, f, t)
+                f, r = t, reset[t]
                 s[r], Theta[r], kappa[r], N2[r] = 0, 0, 1, 0
             np.multiply(dot_rows(back[t], s), kappa, out=omega[t])  # c_t kappa_{t-1}  (8.5)
             np.dot(s, AT, out=DAs)
@@ -97,21 +104,34 @@ class UOROState:
             rho0 = np.sqrt((kappa * np.sqrt(N2) + eps) / (np.sqrt(dot_rows(DAs, DAs)) + eps))
             np.multiply(DAs, rho0[:, None], out=s)  # (8.7)
             s += rho1[t][:, None] * nu[t]
-            np.matmul(Theta, U[t][:, :, None], out=Tu)  # Theta u_t
+            np.matmul(Theta, U[t][:, :, None], out=Tu)  # Theta u_t, then the pending terms':
             ip = dot_rows(a[t], Tu[:, :, 0])  # <Theta, (D_t nu_t) u_t^T>
+            if t > f:  # sum_j beta_j (a_t . a_j) (u_j . u_t)
+                ip += (beta[f:t] * dot_rows(U[f:t], U[t]) * dot_rows(a[f:t], a[t])).sum(axis=0)
             kappa /= rho0  # theta~_{t-1} / rho0
-            b = np.divide(1, rho1[t] * kappa, out=beta[t])
-            Theta += (b[:, None] * a[t])[:, :, None] * U[t][:, None, :]  # + (D_t nu_t) u_t^T / rho1
+            b = np.divide(1, rho1[t] * kappa, out=beta[t])  # Theta += b (D_t nu_t) u_t^T, pending
             N2 += b * (2 * ip + b * nv2[t])
             np.maximum(N2, 0, out=N2)  # rounding
+            if t + 1 - f == FLUSH:
+                self._flush(a, beta, U, f, t + 1)
+                f = t + 1
             if kappa.max() > bound or kappa.min() < 1 / bound:  # fold kappa into Theta
+                self._flush(a, beta, U, f, t + 1)
+                f = t + 1
                 G0 += self._close(R, a, omega, beta, reset, start, t + 1, Theta0)
                 Theta *= kappa[:, None, None]
                 N2[...] = dot_rows(Theta.reshape(batch, -1), Theta.reshape(batch, -1))
                 kappa[...] = 1
                 start, Theta0 = t + 1, Theta.copy()
+        self._flush(a, beta, U, f, L)
         G0 += self._close(R, a, omega, beta, reset, start, L, Theta0)
         return R, G0
+
+    def _flush(self, a: Array, beta: Array, U: Array, lo: int, hi: int) -> None:
+        """Theta += sum_{j=lo..hi-1} beta_j (D_j nu_j) u_j^T: one product per stream (8.7)."""
+        if hi > lo:
+            ba = (beta[lo:hi, :, None] * a[lo:hi]).transpose(1, 2, 0)  # (batch, n, K)
+            self.Theta += np.matmul(ba, U[lo:hi].transpose(1, 0, 2))  # (batch, n, q)
 
     @staticmethod
     def _close(R, a, omega, beta, reset, lo, hi, Theta0) -> Array:
