@@ -14,7 +14,8 @@ online trainer in floats (TBPTT: the k2 kept steps of x, h, e; RTRL: J and its b
 theta~; ARTBP: the mean window's steps, random and unbounded).
 
 compare(model, x, y, methods) returns one Row per method; FIELDS names the columns for a CSV;
-table(rows) is the text the command line prints. No printing, no files here.
+table(rows) is the text the command line prints; flops_per_step and memory are the cost models.
+No printing, no files here.
 """
 
 from __future__ import annotations
@@ -107,6 +108,29 @@ def memory(method: Method, model: ElmanRNN, T: int) -> float:
     if method.name == "uoro":
         return float(n + theta_size(model))
     return mean_window(method.options, T) * step
+
+
+def flops_per_step(method: Method, n: int, m: int, p: int) -> float:
+    """Multiply-adds x 2 per step and stream of the method's online trainer (a cost model):
+
+    forward  F = 2 (n^2 + n m + p n)              A h, B x, C h
+    BPTT     Bk = 2 (2 n^2 + n m + 2 p n)         A^T r, C^T e and the products for A, B, C
+    TBPTT(k1, k2)   F + (k2 / k1) Bk              each step in k2 / k1 windows
+    RTRL     F + 2 n^2 |theta| + 4 n |theta| + 4 p n     A J, M_t, D_t, (C^T e)^T J; C's sums
+    UORO     F + Bk + 2 n^2 + 6 |theta|            A s~, Theta u, the rank-one terms, (8.10)
+    ARTBP    F + Bk                                one backward step per step, as exact BPTT
+    """
+    theta = n * (n + m + 1)
+    F = 2 * (n * n + n * m + p * n)
+    Bk = 2 * (2 * n * n + n * m + 2 * p * n)
+    if method.name == "tbptt":
+        tr = truncation(method.options)
+        return F + tr.k2 / tr.k1 * Bk
+    if method.name == "rtrl":
+        return F + 2 * n * n * theta + 4 * n * theta + 4 * p * n
+    if method.name == "uoro":
+        return F + Bk + 2 * n * n + 6 * theta
+    return F + Bk
 
 
 def compare(
