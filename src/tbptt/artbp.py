@@ -15,8 +15,8 @@ BPTT; c = 1 with b = 1 is TBPTT(1, 1).
 
 How it is computed. With Pi_t = prod_{t <= tau < u} w_tau (the weights between t and the window's
 end), delta'_t = delta_t / Pi_t obeys the plain recursion (3.1) with injections C^T e_t / Pi_t, so
-every window is one call of elman.backprop (a cut stops the recursion as a reset does) and
-r_t = Pi_t r'_t; the sums (8.12) are one product each over the stacked steps, as for TBPTT.
+each window is one call of elman.backprop, as a window of TBPTT is, and r_t = Pi_t r'_t; the
+sums (8.12) are one product each over the stacked steps of all windows, as for TBPTT.
 Pi_t is the inverse of the probability that the window reached back past t, so it stays moderate
 except in windows too improbable to occur; when it would overflow the dtype the window is split.
 """
@@ -128,37 +128,40 @@ def window_gradients(
         inside = (taus > t0) & (taus < t0 + L)
         logw[taus[inside] - t0 - 1] = np.log(w[inside])
     ends = sorted({tau - t0 for tau in cuts if t0 < tau <= t0 + L} | {L})  # window ends, 1..L
-    stop = np.zeros(L, bool)  # the recursion stops below step t (a cut after step t-1)
-    stop[[u for u in ends if u < L]] = True
     ccs = np.concatenate([[0.0], np.cumsum(logw)])  # ccs[k] = sum_{t <= k} log w_t
     end_of = np.searchsorted(ends, np.arange(1, L + 1))  # the window of each step
     logpi = ccs[np.asarray(ends)[end_of] - 1] - ccs[np.arange(L)]  # log Pi_t
-    cut = np.repeat(stop[:, None], batch, axis=1)  # (L, batch): a cut stops every stream
-    if traj.reset is not None:
-        cut |= traj.reset
-    dh = project(e, model.C)  # (L, batch, n) C^T e_t
-    if logpi.max() <= LOG_RANGE[np.dtype(dtype)]:
-        pi = np.exp(logpi).astype(dtype)[:, None, None]  # (L, 1, 1) Pi_t
-        dh /= pi  # C^T e_t / Pi_t
-        R, _ = backprop(traj.fprime, model.A, dh, cut=cut, out=dh)  # r'_t
-        R *= pi  # r_t = Pi_t r'_t
-    else:  # a window too improbable to scale at once (see the module docstring)
-        R = _blocks(model.A, traj.fprime, dh, logw, stop, cut, LOG_RANGE[np.dtype(dtype)] / 2)
+    limit = LOG_RANGE[np.dtype(dtype)]
+    R = project(e, model.C)  # (L, batch, n): C^T e_t, overwritten window by window by r_t
+    lo = 0
+    for u in ends:  # one call of the recursion per window: a cut stops it
+        sl = slice(lo, u)
+        cut = None if traj.reset is None else traj.reset[sl]
+        if logpi[sl].max() <= limit:
+            pi = np.exp(logpi[sl]).astype(dtype)[:, None, None]  # (L_w, 1, 1) Pi_t
+            d = R[sl]
+            d /= pi  # C^T e_t / Pi_t
+            backprop(traj.fprime[sl], model.A, d, cut=cut, out=d)  # r'_t
+            d *= pi  # r_t = Pi_t r'_t
+        else:  # a window too improbable to scale at once (see the module docstring)
+            cut = np.zeros((u - lo, batch), bool) if cut is None else cut
+            R[sl] = _blocks(model.A, traj.fprime[sl], R[sl], logw[sl], cut, limit / 2)
+        lo = u
     return parameter_gradients(
         R, traj.h_prev, traj.x, e, traj.h, model.b is not None, model.c is not None
     )
 
 
-def _blocks(A, fprime, dh, logw, stop, cut, limit) -> Array:
+def _blocks(A, fprime, dh, logw, cut, limit) -> Array:
     """(8.11) block by block from the end, each block short enough that its own Pi stays below
     e^limit; the gradient leaving a block is carried into the one before, times that boundary's
-    weight. Returns R (L, batch, n)."""
+    weight. One window (no cut inside). Returns R (L, batch, n)."""
     L = len(fprime)
     R = np.empty_like(fprime)
     carry, hi = None, L
     while hi > 0:
         lo, acc = hi - 1, 0.0
-        while lo > 0 and not stop[lo] and acc + logw[lo - 1] <= limit:
+        while lo > 0 and acc + logw[lo - 1] <= limit:
             acc += logw[lo - 1]
             lo -= 1
         logpi = np.concatenate([np.cumsum(logw[lo : hi - 1][::-1])[::-1], [0.0]])  # in block
@@ -166,7 +169,7 @@ def _blocks(A, fprime, dh, logw, stop, cut, limit) -> Array:
         block = dh[lo:hi] / pi
         _, back = backprop(fprime[lo:hi], A, block, carry, cut[lo:hi], out=block)
         R[lo:hi] = block * pi
-        carry = None if stop[lo] or lo == 0 else back * (pi[0, 0, 0] * np.exp(logw[lo - 1]))
+        carry = None if lo == 0 else back * (pi[0, 0, 0] * np.exp(logw[lo - 1]))
         hi = lo
     return R
 
