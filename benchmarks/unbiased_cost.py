@@ -12,8 +12,9 @@ interleaved with the models' calibration runs (common.interleave). Per repetitio
     rtrl-step  the four array operations of one RTRL step (8.3)-(8.4) on arrays of J's shape:
                A J (one product), the diagonal add of M_t, the scaling by D_t, (C^T e_t)^T J_t
     uoro-step  32 steps' array work of UORO: 32 products Theta u_t (a pass over theta~ each), one
-               batched product adding 32 rank-one terms to Theta, and 32 x CALLS small calls (a
-               multiply of two (batch, n) vectors into a third)
+               batched product adding 32 rank-one terms to Theta, and 32 times the small-array
+               operations of one step of uoro.py's loop (the recursion of s~, rho0, kappa, the
+               norm, the share of 16 pending rank-one terms), each on arrays of the loop's shapes
 
 The cost models, each repetition with its own calibration:
 
@@ -21,9 +22,9 @@ The cost models, each repetition with its own calibration:
     RTRL       = forward(T) + T rtrl-step                                  target: within 1.5x
     UORO       = exact(T) + T uoro-step / 32                               target: within 1.5x
 
-CALLS = 33 is the number of numpy calls on small (batch, n) arrays in one step of uoro.py's loop
-(counted in the code): at batch 1 the loop is bound by calls, not arithmetic. Each ratio is what
-the Python loop costs beyond the array operations its steps need.
+At batch 1 UORO's loop is bound by its 33 small numpy calls per step, not by arithmetic; the model
+prices them at their measured times. Each ratio is what the Python loop costs beyond the array
+operations its steps need (indexing, bookkeeping).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from common import Group, Row, interleave, load
 
 import tbptt
 from tbptt.rtrl import diagonal
+from tbptt.uoro import dot_rows
 
 K = 10  # mean truncation length of TBPTT(k, k) and ARTBP(c = 1/k)
-CALLS = 33  # small numpy calls per UORO step (uoro.py, UOROState.advance's loop)
 TARGETS = {"artbp": 1.2, "rtrl": 1.5, "uoro": 1.5}
 
 
@@ -76,7 +77,12 @@ def one_config(group: Group, cfg: Config, reps: int) -> None:
     nxt, U, fp = np.empty_like(J), rng.random((b, q)), rng.random((b, n))
     dh, term = rng.random((b, n)), np.empty(n * q)
     Theta, Tu = rng.random((b, n, q)), np.empty((b, n, 1))
-    v1, v2, v3 = rng.random((b, n)), rng.random((b, n)), np.empty((b, n))
+    pending_a, pending_u = rng.random((b, n, 32)), rng.random((b, 32, q))
+    s_, AT, fp_, nu_, back_, a_ = (rng.random((b, n)) for _ in range(6))
+    AT = np.ascontiguousarray(model.A.T)
+    kappa, N2, rho1, om, beta, k2 = (rng.random(b) + 0.5 for _ in range(6))
+    DAs, Ut = np.empty((b, n)), rng.random((b, q))
+    As, Us, bs = rng.random((16, b, n)), rng.random((16, b, q)), rng.random((16, b))
 
     def rtrl_step():
         np.matmul(model.A, J.reshape(n, -1), out=nxt.reshape(n, -1))
@@ -84,17 +90,25 @@ def one_config(group: Group, cfg: Config, reps: int) -> None:
         np.multiply(nxt, fp.T[:, :, None, None], out=nxt)
         np.dot(dh.T.reshape(-1), nxt.reshape(n * b, n * q), out=term)
 
-    pending_a, pending_u = rng.random((b, n, 32)), rng.random((b, 32, q))
+    def small_step():  # the operations of one step of UORO's loop on small arrays (uoro.py)
+        np.multiply(dot_rows(back_, s_), kappa, out=om)
+        np.dot(s_, AT, out=DAs)
+        np.multiply(DAs, fp_, out=DAs)
+        rho0 = np.sqrt((kappa * np.sqrt(N2) + 1e-7) / (np.sqrt(dot_rows(DAs, DAs)) + 1e-7))
+        np.multiply(DAs, rho0[:, None], out=s_)
+        s_[...] += rho1[:, None] * nu_
+        ip = dot_rows(a_, Tu[:, :, 0])
+        ip += (bs * dot_rows(Us, Ut) * dot_rows(As, a_)).sum(axis=0)
+        np.divide(kappa, rho0, out=k2)
+        b_ = np.divide(1, rho1 * k2, out=beta)
+        N2[...] = np.maximum(N2 + b_ * (2 * ip + b_ * om), 0)
+        return k2.max() > 1e100 or k2.min() < 1e-100
 
-    def uoro_steps():  # 32 steps: Theta u_t each, one flush of 32 rank-one terms, small calls
+    def uoro_steps():  # 32 steps: Theta u_t and the small operations each, one flush
         for _ in range(32):
             np.matmul(Theta, U[:, :, None], out=Tu)
-            small_calls()
+            small_step()
         Theta.__iadd__(np.matmul(pending_a, pending_u))
-
-    def small_calls():
-        for _ in range(CALLS):
-            np.multiply(v1, v2, out=v3)
 
     c = 1 / K
     cases = {

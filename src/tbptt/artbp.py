@@ -133,20 +133,22 @@ def window_gradients(
     logpi = ccs[np.asarray(ends)[end_of] - 1] - ccs[np.arange(L)]  # log Pi_t
     limit = LOG_RANGE[np.dtype(dtype)]
     R = project(e, model.C)  # (L, batch, n): C^T e_t, overwritten window by window by r_t
+    safe = logpi.max() <= limit
+    if safe:
+        pi = np.exp(logpi).astype(dtype)[:, None, None]  # (L, 1, 1) Pi_t
+        R /= pi  # C^T e_t / Pi_t
     lo = 0
     for u in ends:  # one call of the recursion per window: a cut stops it
         sl = slice(lo, u)
         cut = None if traj.reset is None else traj.reset[sl]
-        if logpi[sl].max() <= limit:
-            pi = np.exp(logpi[sl]).astype(dtype)[:, None, None]  # (L_w, 1, 1) Pi_t
-            d = R[sl]
-            d /= pi  # C^T e_t / Pi_t
-            backprop(traj.fprime[sl], model.A, d, cut=cut, out=d)  # r'_t
-            d *= pi  # r_t = Pi_t r'_t
+        if safe:
+            backprop(traj.fprime[sl], model.A, R[sl], cut=cut, out=R[sl])  # r'_t
         else:  # a window too improbable to scale at once (see the module docstring)
             cut = np.zeros((u - lo, batch), bool) if cut is None else cut
             R[sl] = _blocks(model.A, traj.fprime[sl], R[sl], logw[sl], cut, limit / 2)
         lo = u
+    if safe:
+        R *= pi  # r_t = Pi_t r'_t
     return parameter_gradients(
         R, traj.h_prev, traj.x, e, traj.h, model.b is not None, model.c is not None
     )

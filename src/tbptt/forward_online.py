@@ -281,7 +281,8 @@ class UORO(ForwardMode):
             saved with the trainer, so a resumed run draws the same signs.
         eps: the eps of rho0 and rho1 (8.8)-(8.9).
 
-    Each step costs O(n |theta|/n + n^2) per stream, a few passes over theta~; see uoro.py.
+    Each step costs O(n^2 + |theta|) per stream: one pass over theta~ and O(n^2) on s~; see
+    uoro.py.
     """
 
     NAME = "UORO"
