@@ -28,6 +28,7 @@ sys.path.insert(0, HERE)
 GROUPS = {  # name: (module, what it measures)
     "bptt": ("bptt", "exact BPTT: numpy engine against nn.RNN, an eager torch loop and JAX"),
     "tbptt_cost": ("tbptt_cost", "TBPTT(k1, k2) against its cost model, numpy engine"),
+    "unbiased": ("unbiased_cost", "RTRL, UORO and ARTBP against their cost models, numpy engine"),
     "torch": ("torch_driver", "the PyTorch engine's driver against hand-written loops"),
     "memory": ("memory", "peak memory of streaming training against stream length"),
     "demo": ("demo_throughput", "the default demo's characters per second"),

@@ -6,31 +6,46 @@ The core needs numpy only. The PyTorch engine lives in `tbptt.torch` (the `torch
     trunc = tbptt.Truncation(k1, k2, inject="new", flush=False)
     grads = tbptt.gradients(model, x, y, truncation=None, h0=None, loss="l2")
 
+Beyond truncation (SEMANTICS.md 8): tbptt.rtrl_gradients (exact, carried forward),
+tbptt.uoro_gradients and tbptt.artbp_gradients (unbiased, random), and the online trainers
+tbptt.RTRL, tbptt.UORO and tbptt.ARTBP beside tbptt.TBPTT.
+
 The contract every engine implements is SEMANTICS.md (the model, exact BPTT, windows, the
 TBPTT(k1, k2) schedule, frozen and online use, streams and resets).
 """
 
+from .artbp import artbp_gradients
+from .artbp_online import ARTBP
 from .elman import ElmanRNN
 from .errors import InputError, NonFiniteError
+from .forward_online import RTRL, UORO
 from .gradients import gradients, total_loss
 from .online import TBPTT
 from .optim import SGD, Adam, clip_grad_norm, grad_norm
+from .rtrl import rtrl_gradients
 from .schedule import INJECT_MODES, Truncation, Window
+from .uoro import uoro_gradients
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARTBP",
     "INJECT_MODES",
+    "RTRL",
     "SGD",
     "TBPTT",
+    "UORO",
     "Adam",
     "ElmanRNN",
     "InputError",
     "NonFiniteError",
     "Truncation",
     "Window",
+    "artbp_gradients",
     "clip_grad_norm",
     "grad_norm",
     "gradients",
+    "rtrl_gradients",
     "total_loss",
+    "uoro_gradients",
 ]

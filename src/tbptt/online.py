@@ -30,7 +30,6 @@ overlapping window keep the values they ran with at no cost.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -38,15 +37,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from .checks import check_batch, check_h0
-from .elman import ElmanRNN, backprop, forward, parameter_gradients, project
-from .errors import InputError, NonFiniteError
-from .files import atomic_write
-from .functions import LOSSES, loss_and_error
-from .optim import SGD, Adam, all_finite, clip_coefficient, grad_norm
+from .elman import ElmanRNN, backprop, parameter_gradients, project
+from .errors import InputError
+from .optim import SGD, Adam
 from .schedule import Truncation
+from .updates import (
+    REDUCTIONS,  # noqa: F401  (online.REDUCTIONS, as before)
+    check_model,
+    check_saved_params,
+    check_saved_setting,
+    check_settings,
+    forward_checked,
+    load_npz,
+    optimizer_update,
+    save_npz,
+)
 
 FORMAT = "tbptt.TBPTT/2"
-REDUCTIONS = ("sum", "mean")
 
 Array = np.ndarray
 
@@ -143,26 +150,12 @@ class TBPTT:
         h0: Array | None = None,
         reduction: str = "sum",
     ) -> None:
-        if not isinstance(model, ElmanRNN):
-            raise InputError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
+        check_model(model)
         if not isinstance(truncation, Truncation):
             raise InputError(
                 f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}"
             )
-        if not isinstance(optimizer, SGD | Adam):
-            raise InputError(
-                f"optimizer must be tbptt.SGD or tbptt.Adam, got {type(optimizer).__name__}"
-            )
-        if loss not in LOSSES:
-            raise InputError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
-        if clip is not None and (
-            isinstance(clip, bool)
-            or not isinstance(clip, int | float | np.integer | np.floating)
-            or not 0 < clip < np.inf
-        ):
-            raise InputError(f"clip must be a positive finite number or None, got {clip!r}")
-        if reduction not in REDUCTIONS:
-            raise InputError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        check_settings(optimizer, loss, clip, reduction)  # shared with RTRL, UORO, ARTBP
         self.model = model
         self.reduction = reduction
         self.truncation = truncation
@@ -246,16 +239,9 @@ class TBPTT:
         row = hist.reserve(L, self.segments[0].t0 if self.segments else self.t + 1)
         xs = hist.x[row : row + L]  # (L, batch, m)
         xs[...] = x  # our own copy: the caller may refill its buffer while we keep the graph
-        traj = forward(model, xs, self.h, reset, self.h0, hs=hist.h[row : row + L + 1])
-        l, e = loss_and_error(model.g, self.loss, traj.z, y, mask)
-        if not (np.isfinite(traj.h[-1]).all() and np.isfinite(l).all()):
-            bad = ~(np.isfinite(traj.h).all(axis=(1, 2)) & np.isfinite(l).all(axis=1))
-            step = self.t + 1 + int(np.argmax(bad))
-            raise NonFiniteError(
-                f"the state or loss became non-finite at step {step} (update {self.updates + 1}); "
-                f"parameters kept at their last finite values",
-                step,
-            )
+        hs = hist.h[row : row + L + 1]  # the forward pass writes its states here
+        args = (xs, y, self.h, self.h0, self.loss, mask, reset, self.t, self.updates)
+        traj, l, e = forward_checked(model, *args, hs=hs)
         hist.e[row : row + L] = e
         hist.rows = row + L
         weight = None if mask is None else mask.sum(axis=1)  # (L,)
@@ -326,32 +312,11 @@ class TBPTT:
             N = self._count(w)
             for g in grads.values():
                 g /= N if N > 0 else 1.0
-        norm = grad_norm(grads)  # one pass; look for the culprit only if needed
-        if not math.isfinite(norm):
-            for k, g in grads.items():
-                if not np.isfinite(g).all():
-                    raise NonFiniteError(
-                        f"the gradient of {k} became non-finite at the update after step {w.u} "
-                        f"(update {self.updates + 1}); parameters kept at their last finite values",
-                        w.u,
-                    )
-        coef = 1.0 if self.clip is None else clip_coefficient(norm, self.clip)
-        if coef < 1:  # clip_grad_norm, in place: the arrays are ours
-            for g in grads.values():
-                g *= coef
-        params, opt_state = self.optimizer.step(
-            self.model.params, grads, self.opt_state, reuse_grads=True
+        self.opt_state = optimizer_update(  # clipping, the step, the non-finite checks
+            self.model, self.optimizer, self.opt_state, grads, self.clip, w.u, self.updates
         )
-        if not all_finite(params.values()):
-            raise NonFiniteError(
-                f"the parameters became non-finite at the update after step {w.u} "
-                f"(update {self.updates + 1}); kept at their last finite values",
-                w.u,
-            )
         self.u_prev = w.u
         self.updates += 1
-        self.model._rebind(params)  # checked finite just above; the old arrays stay untouched
-        self.opt_state = opt_state
         self._prune()
 
     # -- inspection and saving ------------------------------------------------------------------
@@ -431,27 +396,12 @@ class TBPTT:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write state_dict() to an .npz file atomically (tbptt.files.atomic_write)."""
-        state = self.state_dict()
-        atomic_write(path, lambda fh: np.savez(fh, **state))
+        save_npz(path, self.state_dict())
 
     def load(self, path: str | os.PathLike) -> None:
         """Load what save() wrote (no pickled objects are read); InputError if the file is
         damaged or from another kind of trainer."""
-        path = os.fspath(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                state = {k: data[k] for k in data.files}
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such file") from None
-        except Exception as exc:  # a truncated zip, a foreign format, an object array
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "pickle" in first:
-                first = "it holds Python objects, not only arrays"
-            raise InputError(f"{path} is damaged or not a tbptt.TBPTT state ({first})") from None
-        try:
-            self.load_state_dict(state)
-        except InputError as exc:
-            raise InputError(f"{path}: {exc}") from None
+        load_npz(path, "tbptt.TBPTT", self.load_state_dict)
 
 
 def _check_saved(state: dict[str, Array], trainer: TBPTT) -> None:
@@ -474,20 +424,10 @@ def _check_saved(state: dict[str, Array], trainer: TBPTT) -> None:
             "with the same schedule"
         )
     for name, value in (("loss", loss), ("reduction", reduction)):
-        if value != getattr(trainer, name):
-            raise InputError(
-                f"the saved run had {name}={value!r}, this trainer {getattr(trainer, name)!r}"
-            )
+        check_saved_setting(name, value, getattr(trainer, name))
     if not (0 <= u_prev <= t and updates >= 0 and (u_prev % tr.k1 == 0 or u_prev == t)):
         raise InputError(f"the saved position is inconsistent (t={t}, u_prev={u_prev})")
-    mine = {k: v.shape for k, v in trainer.model.params.items()}
-    got = {k[6:]: np.shape(v) for k, v in state.items() if k.startswith("model.")}
-    if got != mine:
-        raise InputError(f"the saved parameters have shapes {got}; this model's are {mine}")
-    dtype = trainer.model.dtype
-    for k, v in state.items():
-        if k.startswith(("model.", "seg")) and np.asarray(v).dtype.kind == "f" and v.dtype != dtype:
-            raise InputError(f"the saved {k} is {v.dtype}; this model is {dtype}")
+    check_saved_params(state, trainer.model, ("model.", "seg"))
     if "h" in state:
         n = trainer.model.n
         if np.ndim(state["h"]) != 2 or np.shape(state["h"])[1] != n:

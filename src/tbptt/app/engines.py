@@ -202,7 +202,6 @@ class NumpyEngine(_Driven):
         return seconds, stop
 
 
-
 class TorchEngine(_Driven):
     """tbptt.torch.TBPTT on its ElmanRNN or on torch.nn's RNN, GRU, LSTM with a linear head."""
 
@@ -283,7 +282,6 @@ class TorchEngine(_Driven):
 
     def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
         return self.launch.agree(seconds, stop)
-
 
 
 def make_engine(cfg: cf.Config, problem: Problem) -> Engine:

@@ -1,0 +1,175 @@
+"""The four methods by name (tbptt.methods), saving and resuming RTRL, UORO and ARTBP exactly, and
+the bias/variance/cost comparison (tbptt.analysis.estimators)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from reference import Problem, assert_close
+
+import tbptt
+from tbptt import SGD, Adam, InputError
+from tbptt.analysis.estimators import FIELDS, Method, compare, mean_window, table
+from tbptt.methods import frozen_gradients, make_trainer
+
+TRAINERS = {
+    "rtrl": {"k1": 3},
+    "uoro": {"k1": 2, "rng": 4},
+    "artbp": {"c": 0.3, "b": 2, "rng": 4},
+    "artbp-callable": {"c": lambda L: min(1.0, 0.1 * L), "rng": 5},
+}
+
+
+def trainer(name, model, opt, **kw):
+    method = name.split("-")[0]
+    return make_trainer(method, model, opt, **kw, **TRAINERS[name])
+
+
+def chunks(P, bounds):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        yield P.x[lo:hi], P.y[lo:hi], P.mask[lo:hi], P.reset[lo:hi]
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("opt", [SGD(lr=0.05, momentum=0.9), Adam(lr=0.01)])
+def test_save_load_resume_is_identical(tmp_path, name, opt):
+    """Saving mid-stream and resuming in a new trainer (its own model and seed) gives the same
+    parameters, bit for bit: influence, window and random state are all saved."""
+    P = Problem(T=23, batch=2, h0=True, mask=True, reset=True, seed=30)
+    bounds = [0, 5, 11, 15, 23]
+    whole = trainer(name, P.model, opt, h0=P.h0, clip=1.0, reduction="mean")
+    for x, y, mask, reset in chunks(P, bounds):
+        whole.feed(x, y, mask=mask, reset=reset)
+    whole.finish()
+    first = trainer(name, P.model, opt, h0=P.h0, clip=1.0, reduction="mean")
+    parts = list(chunks(P, bounds))
+    for x, y, mask, reset in parts[:2]:
+        first.feed(x, y, mask=mask, reset=reset)
+    path = tmp_path / "run.npz"
+    first.save(path)
+    assert os.listdir(tmp_path) == ["run.npz"]
+    other = Problem(T=1, batch=2, seed=99).model
+    kw = {"rng": 123} if "rng" in TRAINERS[name] else {}
+    options = {**TRAINERS[name], **kw}
+    second = make_trainer(
+        name.split("-")[0], other, opt, h0=P.h0, clip=1.0, reduction="mean", **options
+    )
+    second.load(path)
+    assert second.t == 11
+    for x, y, mask, reset in parts[2:]:
+        second.feed(x, y, mask=mask, reset=reset)
+    second.finish()
+    for k, v in whole.model.params.items():
+        assert np.array_equal(second.model.params[k], v), k
+    assert second.updates == whole.updates
+
+
+@pytest.mark.parametrize("name", ["rtrl", "uoro", "artbp"])
+def test_load_refuses_other_settings_and_damaged_files(tmp_path, name):
+    """A state from another method, other settings or another model, or a damaged file: a
+    one-line InputError naming the file, and the trainer unchanged."""
+    P = Problem(T=8, batch=2, seed=31)
+    a = trainer(name, P.model, SGD(lr=0.1))
+    a.feed(P.x[:5], P.y[:5])
+    a.save(tmp_path / "a.npz")
+    changed = {
+        "rtrl": {"k1": 4},
+        "uoro": {"k1": 3, "rng": 4},
+        "artbp": {"c": 0.5, "b": 2, "rng": 4},
+    }[name]
+    b = make_trainer(name, P.model, SGD(lr=0.1), **changed)
+    with pytest.raises(InputError, match="the saved run had") as err:
+        b.load(tmp_path / "a.npz")
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+    assert b.t == 0
+    other = make_trainer("tbptt", P.model, SGD(lr=0.1), k1=2)
+    with pytest.raises(InputError, match="state must be"):
+        other.load(tmp_path / "a.npz")
+    bigger = trainer(name, tbptt.ElmanRNN.init(n=4, m=2, p=2), SGD(lr=0.1))
+    with pytest.raises(InputError, match="shapes"):
+        bigger.load(tmp_path / "a.npz")
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(InputError, match="damaged"):
+        b.load(tmp_path / "bad.npz")
+
+
+def test_make_trainer_builds_every_method_and_refuses_foreign_options():
+    """One call builds each trainer; an option the method does not take, or a missing k1/c, is a
+    one-line InputError naming the method's options."""
+    P = Problem(T=6, batch=2, seed=32)
+    built = {
+        "tbptt": make_trainer("tbptt", P.model, SGD(), k1=2, k2=4, loss="l2", clip=1.0),
+        "rtrl": make_trainer("rtrl", P.model, SGD(), k1=2),
+        "uoro": make_trainer("uoro", P.model, SGD(), k1=2, rng=0),
+        "artbp": make_trainer("artbp", P.model, SGD(), c=0.2, rng=0),
+    }
+    for method, tr in built.items():
+        tr.feed(P.x, P.y)
+        tr.finish()
+        assert tr.updates >= 1, method
+    cases = [
+        (
+            ("uoro",),
+            {"k1": 2, "c": 0.1},
+            "method uoro does not take c; its options are k1, rng, eps",
+        ),
+        (("rtrl",), {"inject": "new"}, "method rtrl does not take inject"),
+        (("artbp",), {"k1": 3, "c": 0.1}, "method artbp does not take k1"),
+        (("artbp",), {}, "method artbp needs c"),
+        (("tbptt",), {}, "method tbptt needs k1"),
+        (("tbptt",), {"k1": 4, "k2": 2}, "k2 >= k1"),
+        (("bptt",), {}, "method must be one of tbptt, rtrl, uoro, artbp"),
+    ]
+    for (method,), options, match in cases:
+        with pytest.raises(InputError, match=match) as err:
+            make_trainer(method, P.model, SGD(), **options)
+        assert "\n" not in str(err.value)
+        with pytest.raises(InputError, match=match):
+            frozen_gradients(method, P.model, P.x, P.y, **options)
+
+
+def test_frozen_gradients_by_name():
+    """frozen_gradients dispatches to the four estimators with their options."""
+    P = Problem(T=9, batch=2, reset=True, seed=33)
+    want = tbptt.gradients(P.model, P.x, P.y, tbptt.Truncation(2, 4, flush=True), reset=P.reset)
+    want.pop("h0")
+    assert_close(frozen_gradients("tbptt", P.model, P.x, P.y, reset=P.reset, k1=2, k2=4), want)
+    got = frozen_gradients("artbp", P.model, P.x, P.y, reset=P.reset, c=0.4, rng=3)
+    assert_close(got, tbptt.artbp_gradients(P.model, P.x, P.y, c=0.4, rng=3, reset=P.reset))
+    got = frozen_gradients("uoro", P.model, P.x, P.y, reset=P.reset, rng=3)
+    assert_close(got, tbptt.uoro_gradients(P.model, P.x, P.y, rng=3, reset=P.reset))
+
+
+def test_compare_measures_bias_and_variance():
+    """RTRL is exact with no variance; TBPTT(1, 1) has a bias and no variance; UORO's and ARTBP's
+    measured bias lies within three times its noise sqrt(V / N) (a chance below 1e-2 each, normal
+    approximation), and their variance is the sample variance of the draws."""
+    P = Problem(T=10, batch=2, seed=34)
+    methods = [
+        Method("tbptt", {"k1": 1}),
+        Method("rtrl"),
+        Method("uoro"),
+        Method("artbp", {"c": 0.3}),
+    ]
+    rows = compare(P.model, P.x, P.y, methods, draws=400, seed=1)
+    byname = {r.method: r for r in rows}
+    assert set(byname) == {"tbptt(k1=1, k2=1)", "rtrl", "uoro", "artbp(c=0.3)"}
+    assert byname["rtrl"].bias < 1e-12 and byname["rtrl"].variance == 0
+    tb = byname["tbptt(k1=1, k2=1)"]
+    exact = tbptt.gradients(P.model, P.x, P.y)
+    trunc = tbptt.gradients(P.model, P.x, P.y, tbptt.Truncation(1, 1, flush=True))
+    from tbptt.analysis.estimators import flatten
+
+    want = np.linalg.norm(flatten(trunc) - flatten(exact)) / np.linalg.norm(flatten(exact))
+    assert abs(tb.bias - want) < 1e-12 and tb.variance == 0
+    for name in ("uoro", "artbp(c=0.3)"):
+        r = byname[name]
+        assert r.variance > 0 and r.bias < 3 * r.noise and r.error > r.bias
+    assert all(r.seconds_per_step > 0 for r in rows)
+    assert byname["rtrl"].memory_per_stream == 2 * 3 * (3 * (3 + 2 + 1))
+    assert set(rows[0].as_dict()) == set(FIELDS)
+    assert table(rows).splitlines()[0].split()[:3] == ["method", "draws", "bias"]
+    assert mean_window({"c": 0.25}, 1000) == pytest.approx(4.0)
+    assert mean_window({"c": 0.0}, 50) == 50
