@@ -1,5 +1,6 @@
 """`tbptt train` and `tbptt sample` end to end on tiny data: outputs, resume, errors."""
 
+import csv
 import json
 import os
 import signal
@@ -494,3 +495,56 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys
     monkeypatch.setattr(explain_command, "render", bug)
     with pytest.raises(TypeError, match="unsupported operand"):
         main(["explain", "--k1", "2", "--k2", "2", "--steps", "5"])
+
+
+METHOD_RUN = ["--task", "adding", "--length", 22, "--hidden", 6, "--batch", 2, "--k1", 5]
+METHOD_RUN += ["--eval-every", 10, "--checkpoint-every", 10, "--no-progress", "--lr-decay", "none"]
+
+
+@pytest.mark.parametrize(
+    "method", [["rtrl"], ["uoro"], ["artbp", "--cut", 0.2, "--cut-every", 2, "--max-segment", 12]]
+)
+def test_train_with_each_method_resumes_exactly(tmp_path, capsys, method):
+    """--method rtrl, uoro, artbp train, record the method in config.toml, and a resumed run
+    (the random state included) ends with the parameters of an uninterrupted one."""
+    whole, _ = split_and_whole(tmp_path, capsys, [*METHOD_RUN, "--method", *method])
+    assert f'method = "{method[0]}"' in (whole / "config.toml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--method", "rtrl", "--k2", 8], "--k2 applies to --method tbptt, not --method rtrl"),
+        (["--method", "tbptt", "--cut", 0.1], "--cut applies to --method artbp"),
+        (["--method", "artbp"], "--method artbp needs --cut"),
+        (["--method", "artbp", "--cut", 1.5], "a probability in [0, 1]"),
+        (["--method", "uoro", "--engine", "torch"], "needs --engine numpy"),
+        (["--method", "rtrl", "--hidden", 400, "--task", "copy"], "entries"),
+    ],
+)
+def test_methods_mixed_with_options_they_do_not_take_are_one_line(tmp_path, capsys, args, words):
+    """A method's flag given to another method, a missing or out-of-range --cut, RTRL on a model
+    whose influence matrix cannot fit: one line, nothing written."""
+    run = tmp_path / "run"
+    code, _, err = tbptt(capsys, "train", "--max-updates", 2, "--run-dir", run, *args)
+    assert_one_line_error(code, err, words)
+    assert not run.exists()
+
+
+def test_bias_method_reports_bias_variance_and_cost(tmp_path, capsys):
+    """tbptt bias --method: a row per method in the table and methods.csv; RTRL is exact, the
+    truncation's bias stands far above its (zero) noise, ARTBP's bias lies within its noise."""
+    out = tmp_path / "out"
+    args = ["bias", "--method", "tbptt", "rtrl", "artbp", "--k2", 3, "--cut", 0.3, "--draws", 400]
+    code, printed, err = tbptt(
+        capsys, *args, "--hidden", 6, "--steps", 40, "--batch", 2, "--out-dir", out
+    )
+    assert code == 0, err
+    with open(out / "methods.csv", newline="") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert list(rows) == ["tbptt(k1=1, k2=3)", "rtrl", "artbp(c=0.3, b=1)"]  # --k1 default: 1
+    assert float(rows["rtrl"]["bias"]) < 1e-10
+    assert float(rows["tbptt(k1=1, k2=3)"]["bias"]) > 1e-2
+    artbp = rows["artbp(c=0.3, b=1)"]
+    assert float(artbp["bias"]) < 4 * float(artbp["noise"])  # about 4 sigma: a rare false alarm
+    assert (out / "methods.png").read_bytes()[:4] == b"\x89PNG" and "artbp(c=0.3" in printed

@@ -173,3 +173,27 @@ def test_compare_measures_bias_and_variance():
     assert table(rows).splitlines()[0].split()[:3] == ["method", "draws", "bias"]
     assert mean_window({"c": 0.25}, 1000) == pytest.approx(4.0)
     assert mean_window({"c": 0.0}, 50) == 50
+
+
+@pytest.mark.parametrize("name", ["rtrl", "uoro", "artbp"])
+def test_float32_trainers_resume_exactly(tmp_path, name):
+    """The same in float32, the command line's default dtype: a saved float32 run loads (its
+    float64 counters are not parameters) and ends where the uninterrupted one ends."""
+    P = Problem(T=12, batch=2, mask=True, seed=31)
+    f32 = {k: v.astype(np.float32) for k, v in P.model.params.items()}
+    x, y, mask = P.x.astype(np.float32), P.y.astype(np.float32), P.mask.astype(np.float32)
+
+    def fresh():
+        return trainer(name, tbptt.ElmanRNN(**f32), SGD(lr=0.05), reduction="mean")
+
+    whole = fresh()  # the same chunks: UORO sums its rank-one terms a chunk at a time
+    whole.feed(x[:5], y[:5], mask=mask[:5])
+    whole.feed(x[5:], y[5:], mask=mask[5:])
+    first = fresh()
+    first.feed(x[:5], y[:5], mask=mask[:5])
+    first.save(tmp_path / "run.npz")
+    second = fresh()
+    second.load(tmp_path / "run.npz")
+    second.feed(x[5:], y[5:], mask=mask[5:])
+    for k, v in whole.model.params.items():
+        assert v.dtype == np.float32 and np.array_equal(second.model.params[k], v), k

@@ -110,6 +110,7 @@ def frozen_gradients(
         out = gradients(model, x, y, truncation(options), **kw)
         out.pop("h0")
         return out
+    options = {k: v for k, v in options.items() if k != "k1"}  # rtrl, uoro: when to update
     if method in ("uoro", "artbp"):
         options = {"rng": None, **options}
     fn = {"rtrl": rtrl_gradients, "uoro": uoro_gradients, "artbp": artbp_gradients}[method]

@@ -201,14 +201,15 @@ def check_saved_params(
     state: dict[str, Array], model: ElmanRNN, prefixes: tuple[str, ...] = ("model.",)
 ) -> None:
     """InputError unless the saved model.* arrays have this model's names, shapes and dtype (and
-    every float array under `prefixes` has its dtype)."""
+    every float array under `prefixes` has its dtype; scalars are counters, any float)."""
     mine = {k: v.shape for k, v in model.params.items()}
     got = {k[6:]: np.shape(v) for k, v in state.items() if k.startswith("model.")}
     if got != mine:
         raise InputError(f"the saved parameters have shapes {got}; this model's are {mine}")
     dtype = model.dtype
     for k, v in state.items():
-        if k.startswith(prefixes) and np.asarray(v).dtype.kind == "f" and v.dtype != dtype:
+        a = np.asarray(v)
+        if k.startswith(prefixes) and a.ndim and a.dtype.kind == "f" and a.dtype != dtype:
             raise InputError(f"the saved {k} is {v.dtype}; this model is {dtype}")
 
 

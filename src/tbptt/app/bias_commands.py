@@ -26,10 +26,12 @@ from ..analysis.bias import (
     schedules,
     truncation_bias,
 )
+from ..analysis.estimators import FIELDS, Method, compare, table
 from ..elman import ElmanRNN
 from ..errors import InputError
 from ..files import atomic_write
 from ..functions import ACTIVATIONS, LOSSES, OUTPUTS
+from ..methods import METHODS
 from ..schedule import INJECT_MODES
 from . import plots, rundir
 
@@ -370,16 +372,93 @@ def add_bias_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--delta", type=float, default=0.1, help="relative bias for the suggested K (Aicher et al.)"
     )
+    u = parser.add_argument_group(
+        "methods compared with exact BPTT (SEMANTICS.md 8): with --method, the bias, variance and "
+        "cost of each method's gradient instead of the truncation sweep"
+    )
+    u.add_argument(
+        "--method",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="methods to compare: tbptt (one row per --k2, k1 the first --k1), rtrl, uoro, artbp "
+        "(one row per --cut)",
+    )
+    u.add_argument(
+        "--cut", type=float, nargs="+", default=[0.1], metavar="C", help="artbp: cut probabilities"
+    )
+    u.add_argument(
+        "--cut-every", type=int, default=1, metavar="B", help="artbp: cuts every B steps"
+    )
+    u.add_argument(
+        "--draws", type=int, default=100, help="uoro, artbp: independent estimates per method"
+    )
     parser.add_argument(
         "--out-dir",
         default="tbptt-bias",
         metavar="DIR",
-        help="where bias.csv, lags.csv, bias.png and lags.png go",
+        help="where bias.csv, lags.csv, bias.png and lags.png go (with --method: methods.csv and "
+        "methods.png)",
     )
+
+
+def _methods(args: argparse.Namespace) -> list[Method]:
+    """The rows of `tbptt bias --method`, from the flags (the library checks every value)."""
+    out = []
+    for name in dict.fromkeys(args.method):  # in the order given, once each
+        if name == "tbptt":
+            k1 = args.k1[0]
+            out += [Method("tbptt", {"k1": k1 or k2, "k2": k2}) for k2 in args.k2]
+        elif name == "artbp":
+            out += [Method("artbp", {"c": c, "b": args.cut_every}) for c in args.cut]
+        else:
+            out.append(Method(name))
+    return out
+
+
+def run_methods(
+    args: argparse.Namespace, model: ElmanRNN, data: dict[str, Array], loss: str
+) -> int:
+    """`tbptt bias --method ...`: (E.1)-(E.4) and the cost of each method, a table, a CSV, a plot."""
+    methods = _methods(args)
+    kw = {k: data[k] for k in ("mask", "reset", "h0") if k in data}
+    rows = compare(model, data["x"], data["y"], methods, draws=args.draws, loss=loss, **kw)
+    title = _describe(model, data, loss)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(r.as_dict() for r in rows)
+    out = _write(
+        args.out_dir,
+        {"methods.csv": buf.getvalue(), "methods.png": plots.methods_figure(rows, title)},
+    )
+    print(title)
+    T = np.asarray(data["x"]).shape[0]
+    print(f"Frozen gradient estimates against exact BPTT on the same trajectory (T = {T}); bias")
+    print("and variance relative to ||exact|| (SEMANTICS.md 8), time for the whole batch:")
+    print(table(rows))
+    print(f"Wrote {out / 'methods.csv'}, {out / 'methods.png'}")
+    return 0
+
+
+def _write(out_dir: str, files: dict[str, str | bytes]) -> Path:
+    """Every file into --out-dir, each whole (once everything is computed)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out-dir {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            atomic_write(out / name, content)
+    except OSError as exc:
+        raise InputError(f"--out-dir {out}: cannot write there ({exc.strerror})") from None
+    return out
 
 
 def run_bias(args: argparse.Namespace) -> int:
     model, data, loss = _model_and_data(args)
+    if _get(args, "method"):
+        return run_methods(args, model, data, loss)
     T = np.asarray(data["x"]).shape[0]
     k1s = [None if k == 0 else k for k in args.k1]
     trs = schedules(args.k2, k1s, args.inject, flush=True)
@@ -395,15 +474,7 @@ def run_bias(args: argparse.Namespace) -> int:
         "bias.png": plots.bias_figure(rows, estimate, title),
         "lags.png": plots.lags_figure(profile),
     }
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out-dir {out} is a file; give a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, content in files.items():
-            atomic_write(out / name, content)
-    except OSError as exc:
-        raise InputError(f"--out-dir {out}: cannot write there ({exc.strerror})") from None
+    out = _write(args.out_dir, files)
     print(title)
     print(f"Frozen TBPTT estimate against exact BPTT on the same trajectory (T = {T}):")
     print(bias_table(rows, estimate))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..methods import METHODS
 
 TEXT_TASKS = ("shakespeare", "stdlib", "text")
 TASKS = (*TEXT_TASKS, "numbers", "adding", "copy")
@@ -82,9 +83,34 @@ class Config:
     )
     dtype: str = _f("float32", "floating-point type of parameters and data", ("float32", "float64"))
     device: str = _f("cpu", "where the torch engine runs", ("cpu", "cuda"))
-    # the truncation: every k1 steps, backpropagate over the last k2 steps (SEMANTICS.md 4)
-    k1: int = _f(32, "steps between updates")
-    k2: int = _f(32, "steps each update backpropagates through")
+    # the gradient: truncation (SEMANTICS.md 4), or an unbiased alternative (SEMANTICS.md 8)
+    method: str = _f(
+        "tbptt",
+        "how each update's gradient is computed: tbptt, TBPTT(k1, k2) (every k1 steps, "
+        "backpropagate over the last k2); rtrl, real-time recurrent learning (the exact "
+        "influence dh/dtheta carried forward, an update every k1 steps; small models only); "
+        "uoro, its unbiased rank-one approximation (an update every k1 steps); artbp, "
+        "truncation at random cuts with compensation, unbiased (an update at every cut). "
+        "rtrl, uoro and artbp need --engine numpy",
+        METHODS,
+    )
+    k1: int = _f(
+        32, "steps between updates (tbptt, rtrl, uoro); with artbp the steps per chunk fed"
+    )
+    k2: int = _f(32, "steps each update backpropagates through (tbptt)")
+    cut: float | None = _f(
+        None,
+        "artbp: the probability c that a possible cut falls (every --cut-every steps); 0 is "
+        "exact BPTT over the whole stream, 1 with --cut-every 1 is TBPTT(1, 1)",
+        metavar="C",
+    )
+    cut_every: int = _f(1, "artbp: cuts may fall after every B steps", metavar="B")
+    max_segment: int | None = _f(
+        None,
+        "artbp: force a cut once a segment would exceed L steps; bounds memory but makes the "
+        "gradient BIASED (default: no limit)",
+        metavar="L",
+    )
     inject: str = _f(
         "new",
         "losses an update injects: new (each once; needs k2 >= k1), window "
@@ -326,9 +352,22 @@ def check(cfg: Config) -> Config:
         raise InputError(
             f"--length must be an integer >= {least} for --task {cfg.task}, got {cfg.length}"
         )
+    if cfg.method == "artbp":
+        if cfg.cut is None or not (0 <= cfg.cut <= 1):
+            raise InputError(
+                f"--method artbp needs --cut C, a probability in [0, 1], got {cfg.cut}"
+            )
+        if cfg.max_segment is not None and cfg.max_segment < cfg.cut_every:
+            raise InputError(
+                f"--max-segment must be >= --cut-every {cfg.cut_every}, got {cfg.max_segment}"
+            )
+    if cfg.method != "tbptt" and cfg.engine != "numpy":
+        raise InputError(
+            f"--method {cfg.method} needs --engine numpy (the torch engine trains with tbptt)"
+        )
     if cfg.seed < 0:
         raise InputError(f"--seed must be an integer >= 0, got {cfg.seed}")
-    if cfg.inject == "new" and cfg.k2 < cfg.k1:
+    if cfg.method == "tbptt" and cfg.inject == "new" and cfg.k2 < cfg.k1:
         raise InputError(
             f"--k2 {cfg.k2} < --k1 {cfg.k1} with --inject new: each new loss must lie inside its "
             f"window; use k2 >= k1, or --inject window or last"
@@ -376,6 +415,10 @@ def from_args(args: argparse.Namespace, saved: dict | None = None) -> Config:
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     if given.get("data"):  # the same file, however it is written
         given["data"] = str(Path(given["data"]).expanduser().absolute())
+    if saved is None and getattr(args, "config", None):
+        given = {**read_toml(args.config), **given}
+    if saved is None:
+        check_method_options(given)
     if saved is not None:
         for name, value in given.items():
             if name not in RESUMABLE and name != "run_dir" and value != saved.get(name):
@@ -384,6 +427,29 @@ def from_args(args: argparse.Namespace, saved: dict | None = None) -> Config:
                     f"{saved.get(name)!r}); only {', '.join(map(flag, RESUMABLE))} can"
                 )
         given = {**saved, **{k: v for k, v in given.items() if k in RESUMABLE}}
-    elif getattr(args, "config", None):
-        given = {**read_toml(args.config), **given}
     return check(Config(**given))
+
+
+# the settings each --method takes beyond the common ones
+METHOD_SETTINGS = {
+    "tbptt": ("k2", "inject", "adapt_k2", "adapt_every", "adapt_max"),
+    "rtrl": (),
+    "uoro": (),
+    "artbp": ("cut", "cut_every", "max_segment"),
+}
+
+
+def check_method_options(given: dict) -> None:
+    """A setting of one method given with another (--k2 with --method artbp, --cut with tbptt)
+    is an error naming both, not silently ignored."""
+    method = given.get("method", "tbptt")
+    if method not in METHOD_SETTINGS:
+        return  # check() names the choices
+    for other, names in METHOD_SETTINGS.items():
+        for name in names:
+            if (
+                other != method
+                and name in given
+                and not (name == "adapt_k2" and given[name] is None)
+            ):
+                raise InputError(f"{flag(name)} applies to --method {other}, not --method {method}")

@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InputError
+from ..methods import make_trainer
 from ..schedule import Truncation
 from . import config as cf
 from .data import Problem
@@ -37,12 +38,12 @@ class Engine(Protocol):
     np_dtype: np.dtype  # the floating type of inputs and parameters
 
     @property
-    def updates(self) -> int:
-        """Updates made so far (restored by load)."""
+    def steps(self) -> int:
+        """Steps of every stream trained on so far (restored by load)."""
 
     @property
-    def k2(self) -> int:
-        """The k2 in force (--adapt-k2 may change it)."""
+    def k2(self) -> int | None:
+        """The k2 in force (--adapt-k2 may change it); None for the methods without one."""
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next updates."""
@@ -108,18 +109,36 @@ def blas_threads(n: int) -> bool:
     return done
 
 
+def method_options(cfg: cf.Config) -> dict:
+    """The options of --method for tbptt.methods.make_trainer; the random methods draw from a
+    generator seeded with --seed (its state is saved with every checkpoint)."""
+    return {
+        "tbptt": {"k1": cfg.k1, "k2": cfg.k2, "inject": cfg.inject, "flush": False},
+        "rtrl": {"k1": cfg.k1},
+        "uoro": {"k1": cfg.k1, "rng": cfg.seed},
+        "artbp": {
+            "c": cfg.cut,
+            "b": cfg.cut_every,
+            "rng": cfg.seed,
+            "biased_max_length": cfg.max_segment,
+        },
+    }[cfg.method]
+
+
 class _Driven:
-    """What both engines do the same way: through their driver (tbptt.TBPTT or its torch twin)."""
+    """What both engines do the same way: through their driver (tbptt.TBPTT, its torch twin, or
+    one of tbptt.RTRL, UORO, ARTBP)."""
 
     driver: object
+    method: str = "tbptt"
 
     @property
-    def updates(self) -> int:
-        return self.driver.updates
+    def steps(self) -> int:
+        return self.driver.t
 
     @property
-    def k2(self) -> int:
-        return self.driver.truncation.k2
+    def k2(self) -> int | None:
+        return self.driver.truncation.k2 if self.method == "tbptt" else None
 
     def save(self, path: Path | None) -> None:
         self.driver.save(path)
@@ -151,8 +170,10 @@ class NumpyEngine(_Driven):
             spectral_radius=cfg.spectral_radius,
         )
         opt = tbptt.Adam(lr=cfg.lr) if cfg.optimizer == "adam" else tbptt.SGD(lr=cfg.lr)
-        trunc = tbptt.Truncation(cfg.k1, cfg.k2, inject=cfg.inject)
-        self.driver = tbptt.TBPTT(model, trunc, opt, loss=problem.loss, clip=cfg.clip)
+        self.method = cfg.method
+        self.driver = make_trainer(
+            cfg.method, model, opt, loss=problem.loss, clip=cfg.clip, **method_options(cfg)
+        )
         blas_threads(cfg.threads)
 
     def set_lr(self, lr: float) -> None:

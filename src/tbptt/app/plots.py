@@ -4,6 +4,7 @@
     schedule_figure(truncation, T, path)      tbptt explain --out: the windows and per-loss depths
     bias_figure(rows, path, estimate, title)  tbptt bias: relative error and cosine against k2
     lags_figure(profile, path, title)         tbptt bias: the per-lag gradient and its fitted decay
+    methods_figure(rows, title)               tbptt bias --method: bias, noise and cost per method
 
 Each function renders its figure in memory and returns the file's bytes in the format `fmt`
 ("png", "svg" or "pdf"); the command writes them with tbptt.files.atomic_write once everything it
@@ -235,5 +236,32 @@ def lags_figure(profile: LagProfile, title: str = "", fmt: str = "png") -> bytes
     ax.set_title(title or "Per-lag gradient (Pascanu et al. 2013, eq. 4)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _render(fig, fmt)
+
+
+def methods_figure(rows: list, title: str = "", fmt: str = "png") -> bytes:
+    """tbptt bias --method: each method's bias beside the noise of its draws, its error per
+    estimate, and its time per step (rows of tbptt.analysis.estimators.compare)."""
+    plt = _pyplot()
+    names = [r.method for r in rows]
+    y = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.5 * len(rows) + 2), sharey=True)
+    floor = 1e-17  # log axes: an exact method's zero is drawn at the floor
+    axes[0].barh(y - 0.2, [max(r.bias, floor) for r in rows], 0.4, label="bias ||E g - g*||")
+    axes[0].barh(y + 0.2, [max(r.noise, floor) for r in rows], 0.4, label="noise sqrt(V / N)")
+    axes[1].barh(y, [max(r.error, floor) for r in rows], 0.6, color="tab:purple")
+    axes[2].barh(y, [1e6 * r.seconds_per_step for r in rows], 0.6, color="tab:gray")
+    labels = ("relative to ||g*||", "one estimate's error, relative", "microseconds per step")
+    for ax, xlabel in zip(axes, labels, strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(names)
+    axes[0].invert_yaxis()
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _render(fig, fmt)

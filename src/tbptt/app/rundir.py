@@ -168,8 +168,9 @@ def _counter(value: object, name: str, path: Path, real: bool = False) -> float:
     return value
 
 
-def load_checkpoint(run: Path, engine: Engine, adapt: bool) -> Loop:
-    """Restore the engine from the run's latest checkpoint, every counter checked."""
+def load_checkpoint(run: Path, engine: Engine, k1: int, adapt: bool) -> Loop:
+    """Restore the engine from the run's latest checkpoint, every counter checked (the loop
+    feeds k1 steps per update)."""
     path = run / "checkpoint.json"
     if not path.is_file():
         raise InputError(
@@ -201,10 +202,10 @@ def load_checkpoint(run: Path, engine: Engine, adapt: bool) -> Loop:
         raise InputError(f"checkpoint {state} is corrupted or not from this run: {exc}") from None
     if not intact:
         raise InputError(f"checkpoint {state} is corrupted (its SHA-256 is not {path}'s)")
-    if engine.updates != loop.updates:
+    if engine.steps != loop.updates * k1:
         raise InputError(
-            f"{path} says {loop.updates} updates, but {name} holds {engine.updates}: the two do "
-            "not belong together"
+            f"{path} says {loop.updates} updates of {k1} steps, but {name} holds "
+            f"{engine.steps} steps: the two do not belong together"
         )
     return loop
 

@@ -81,6 +81,6 @@ def run_sample(args: argparse.Namespace) -> int:
     vocab = rundir.read_vocab(run)
     problem = Problem(len(vocab), len(vocab), "cross_entropy", None, None, vocab, "nats/char")
     engine = make_engine(cfg, problem)
-    rundir.load_checkpoint(run, engine, adapt=cfg.adapt_k2 is not None)
+    rundir.load_checkpoint(run, engine, cfg.k1, adapt=cfg.adapt_k2 is not None)
     print(generate(engine, vocab, args.prime, args.length, args.temperature, args.seed))
     return 0

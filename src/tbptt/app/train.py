@@ -169,7 +169,7 @@ def record(run: Run, train_loss: float | None, valid_loss: float | None, lr: flo
             "lr": f"{lr:.6g}",
             "train_loss": "" if train_loss is None else f"{train_loss:.5f}",
             "valid_loss": "" if valid_loss is None else f"{valid_loss:.5f}",
-            "k2": run.engine.k2,
+            "k2": "" if run.engine.k2 is None else run.engine.k2,
         }
     )
 
@@ -357,7 +357,7 @@ def _resume(args: argparse.Namespace) -> Run:
         if engine.rank == 0:
             rundir.clean(path)
         if (path / "checkpoint.json").is_file() or any(path.glob("state-*")):
-            loop = rundir.load_checkpoint(path, engine, adapt=cfg.adapt_k2 is not None)
+            loop = rundir.load_checkpoint(path, engine, cfg.k1, adapt=cfg.adapt_k2 is not None)
         else:  # stopped before its first checkpoint (killed, out of memory): nothing to continue
             loop = Loop(k2=cfg.k2)
             if engine.rank == 0:
