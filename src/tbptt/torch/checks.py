@@ -55,6 +55,29 @@ def check_arguments(
         )
 
 
+def check_hooks(
+    backward: object, step: object, grad_hook: object, truncation: Truncation, scaler: bool
+) -> None:
+    """The trainer hooks: callables, and backward only where the update is one backward()."""
+    from ..errors import InputError
+
+    for name, fn in (("backward", backward), ("step", step), ("grad_hook", grad_hook)):
+        if fn is not None and not callable(fn):
+            raise InputError(f"{name} must be callable or None, got {fn!r}")
+    if backward is not None and truncation.k2 > truncation.k1:
+        raise InputError(
+            f"backward= applies when k2 <= k1 (here k1={truncation.k1}, k2={truncation.k2}): "
+            "with k2 > k1 the driver differentiates its kept segments itself "
+            "(torch.autograd.grad on parameter copies); use grad_hook= on the finished gradient"
+        )
+    if (backward is not None or step is not None) and scaler:
+        raise InputError(
+            "backward= and step= cannot be combined with the driver's float16 amp (its "
+            "GradScaler scales the loss and steps the optimizer): let the trainer do both "
+            "(its own mixed precision, amp=False), or use the driver's alone"
+        )
+
+
 def amp_setup(amp: object, device: torch.device) -> tuple[torch.dtype | None, object]:
     """The autocast dtype (None: off) and a GradScaler for float16 (True means float16 on CUDA)."""
     if amp is False or amp is None:

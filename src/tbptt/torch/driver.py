@@ -52,7 +52,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from ..errors import NonFiniteError
 from ..schedule import Truncation, Window
 from . import state as st
-from .checks import amp_setup, check_arguments, check_chunk, check_losses, check_result
+from .checks import amp_setup, check_arguments, check_chunk, check_hooks, check_losses, check_result
 from .distributed import resolve
 from .modules import l2_loss
 from .resume import driver_state, load, load_driver_state, save
@@ -89,6 +89,14 @@ class TBPTT:
             DistributedDataParallel) this process trains its own streams and each update sums
             the gradient over the group's processes (distributed.py); False: never; or a
             torch.distributed.ProcessGroup.
+        backward: hooks for other trainers (docs/torch.md). backward(loss) is called instead of
+            loss.backward() where the update is one backward() of the summed injected losses
+            (k2 <= k1), e.g. accelerator.backward or LightningModule.manual_backward; refused
+            with k2 > k1, where the driver differentiates its kept segments itself.
+        step: called instead of optimizer.step() (after clipping; the scheduler is still the
+            driver's to step).
+        grad_hook: grad_hook(params) on the finished gradient of every update (summed over the
+            processes, unscaled), before clipping and the step; it may change the .grad in place.
 
     feed(x, y, mask=None, reset=None) runs one chunk and updates where the schedule says;
     finish() does the flush update. state, t, updates: the carried state, the steps computed and
@@ -109,6 +117,9 @@ class TBPTT:
         checkpoint: bool = False,
         state0: st.State | None = None,
         process_group: object | None = None,
+        backward: Callable[[Tensor], object] | None = None,
+        step: Callable[[], object] | None = None,
+        grad_hook: Callable[[list[Tensor]], object] | None = None,
     ) -> None:
         model, self._comm = resolve(model, process_group)  # DDP: its .module and its group
         check_arguments(
@@ -123,6 +134,8 @@ class TBPTT:
         self._tdim = 1 if batch_first else 0  # the time axis of x, y, losses, masks, resets
         self.device = next(iter(self._named.values())).device
         self._amp_dtype, self.scaler = amp_setup(amp, self.device)
+        check_hooks(backward, step, grad_hook, truncation, self.scaler is not None)
+        self.backward_fn, self.step_fn, self.grad_hook = backward, step, grad_hook
         if state0 is not None:
             st.check(state0, "state0")
             state0 = st.tree_map(lambda s: s.detach().to(self.device), state0)
@@ -328,7 +341,9 @@ class TBPTT:
                 part = self._injected(seg.graph.losses, max(w.i, seg.t0) - seg.t0)
                 if part is not None:
                     total = part if total is None else total + part
-            if total is not None:
+            if total is not None and self.backward_fn is not None:  # the caller's backward
+                self.backward_fn(total)
+            elif total is not None:
                 (total if self.scaler is None else self.scaler.scale(total)).backward()
             for seg in segs:
                 seg.graph = None
@@ -403,6 +418,8 @@ class TBPTT:
         params = list(self._named.values())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        if self.grad_hook is not None:
+            self.grad_hook(params)
         if self.clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
         else:
@@ -422,6 +439,8 @@ class TBPTT:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif self.step_fn is not None:
+            self.step_fn()
         else:
             self.optimizer.step()
         if self.scheduler is not None:
