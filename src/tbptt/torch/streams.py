@@ -17,9 +17,13 @@ start + w + 2W, ... of the epoch: whole batches, in turn. DataLoader hands out i
 items round robin (in_order=True, its default), skipping a worker once it has run out, so batch
 i is chunk start + i: nothing duplicated, dropped or reordered, whatever W.
 
-Several processes. With torch.distributed initialized when the dataset is made (or rank and world
-given), rank r reads the streams r B/W .. (r+1) B/W - 1 (Streams.shard), the contiguous share
-tbptt.torch's data-parallel driver expects; every rank reads chunks of the same lengths.
+Several processes. Rank r of W reads the streams r B/W .. (r+1) B/W - 1 (Streams.shard), the
+contiguous share tbptt.torch's data-parallel driver expects; every rank reads chunks of the same
+lengths. Unless rank and world are given, they are torch.distributed's when an iteration starts in
+the main process (so a dataset made before the process group, as for Trainer.fit(model, loader),
+is sharded all the same); DataLoader workers use what the main process saw when the dataset was
+made or StreamLoader started them (with a plain DataLoader and workers, make the dataset after
+init_process_group, or give rank and world).
 
 Resume. dataset.start is the chunk the next iteration begins at (it falls back to 0 after one
 iteration). StreamLoader counts the batches it hands out in the current epoch; state_dict()
@@ -81,12 +85,15 @@ class StreamDataset(IterableDataset):
             raise InputError(f"batch_first must be a bool, got {batch_first!r}")
         if (rank is None) != (world is None):
             raise InputError(f"give both rank and world, or neither; got {rank=}, {world=}")
-        if rank is None:
-            rank, world = _process()
-        self.rank, self.world = rank, world
-        self.streams = streams.shard(rank, world) if world > 1 else streams
+        self.layout, self.rank, self.world = streams, rank, world
         self.length, self.dtype, self.batch_first = length, dtype, batch_first
         self.start = 0  # the chunk the next iteration begins at
+        self.select()
+
+    def select(self) -> None:
+        """Take this process's streams: rank and world as given, else torch.distributed's now."""
+        rank, world = (self.rank, self.world) if self.rank is not None else _process()
+        self.streams = self.layout.shard(rank, world) if world > 1 else self.layout
 
     def __len__(self) -> int:
         return self.chunks
@@ -94,6 +101,8 @@ class StreamDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         start, self.start = self.start % self.chunks, 0  # read now: a generator would read late
         info = get_worker_info()
+        if info is None:
+            self.select()
         w, W = (info.id, info.num_workers) if info is not None else (0, 1)
         return (self.batch(i) for i in range(start + w, self.chunks, W))
 
@@ -157,6 +166,7 @@ class StreamLoader(DataLoader):
         ds: StreamDataset = self.dataset
         start, self._resume = self._resume, 0
         ds.start = start
+        ds.select()  # the process group may have been made since the dataset
         it = super().__iter__()  # workers (if any) take their copy of the dataset here
         ds.start = 0  # the main process's copy, read now only when num_workers=0
         self.position = start
