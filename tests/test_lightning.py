@@ -228,6 +228,16 @@ def test_max_steps_counts_updates():
     assert module.driver.t == 20
 
 
+def test_a_second_fit_starts_a_new_stream_with_its_optimizer():
+    """fit() twice: the second fit's driver steps the second fit's optimizer, from step 0."""
+    module = Net(tbptt.Truncation(2, 6))
+    trainer(max_epochs=1).fit(module, loader())
+    second = trainer(max_epochs=1)
+    second.fit(module, loader())
+    assert module.driver.optimizer is second.optimizers[0]
+    assert module.driver.t == STREAMS.steps and second.global_step == module.driver.updates
+
+
 def test_gradient_clip_val_is_refused_with_where_to_clip():
     """Trainer(gradient_clip_val) raises an error that names the module's clip= instead."""
     with pytest.raises(tbptt.InputError, match=r"Pass clip=0\.5 to the module instead"):

@@ -220,8 +220,10 @@ class TBPTTModule(L.LightningModule):
 
     # -- training -------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        """A fit starts a new stream (with this fit's optimizer), or the restored checkpoint's."""
         self._amp()  # refuse a precision before the first batch
         self._scheduler_config()
+        self._driver = None
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         x, y, mask, reset = unpack(batch)
