@@ -110,7 +110,8 @@ def assert_same(module, reference, tol=0.0):
     "k1, k2, inject, opt", [(4, 4, "new", "adam"), (2, 7, "new", "sgd"), (3, 8, "window", "adam")]
 )
 def test_same_parameters_as_the_driver_alone(k1, k2, inject, opt):
-    """Two epochs of streams with the Trainer = the driver alone on the same batches (float64)."""
+    """Two epochs of streams with the Trainer = the driver alone on the same batches, bit for bit
+    (float64; the issue asks 1e-10)."""
     trunc = tbptt.Truncation(k1, k2, inject=inject)
     module = Net(trunc, opt, clip=0.5)
     t = trainer(max_epochs=2)
@@ -118,7 +119,7 @@ def test_same_parameters_as_the_driver_alone(k1, k2, inject, opt):
     ref, losses = alone(trunc, 2, opt, clip=0.5)
     assert t.global_step == module.driver.updates == ref.updates
     assert module.driver.t == ref.t == 2 * STREAMS.steps
-    assert_same(module, ref.model, tol=1e-10)
+    assert_same(module, ref.model)  # bit for bit: the same operations in the same order
     assert float(t.callback_metrics["train_loss"]) == pytest.approx(losses[-1], rel=1e-6)
     assert "train_loss" in t.progress_bar_metrics
 
@@ -255,7 +256,7 @@ def test_bf16_mixed_is_the_drivers_bfloat16_autocast():
     d = TBPTT(net, trunc, make_optimizer("adam", net.parameters()), amp=torch.bfloat16)
     for batch in loader(dtype=torch.float32):
         d.feed(*batch)
-    assert_same(module, net, tol=1e-6)
+    assert_same(module, net)  # the same bfloat16 operations (float32 alone differs by ~1e-2)
 
 
 def test_validation_loss_is_the_streams_mean_loss():

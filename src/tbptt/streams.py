@@ -276,12 +276,9 @@ class Streams:
             self._pack()
         else:
             self._split()
-        x0 = self._source(0, 0, 1)[0]  # one item: the shapes and dtypes of x and y
+        x0, y0 = self._source(0, 0, 1)  # one item: the shapes and dtypes of x and y
         self._x_item = (x0.shape[1:], x0.dtype)
-        self._y_item = self._x_item if not sequences.paired else None
-        if sequences.paired:
-            y0 = self._source(0, 0, 1)[1]
-            self._y_item = (y0.shape[1:], y0.dtype)
+        self._y_item = self._x_item if y0 is None else (y0.shape[1:], y0.dtype)
 
     # -- the layout -----------------------------------------------------------------------------
     def _pack(self) -> None:
