@@ -33,6 +33,7 @@ GROUPS = {  # name: (module, what it measures)
     "memory": ("memory", "peak memory of streaming training against stream length"),
     "demo": ("demo_throughput", "the default demo's characters per second"),
     "distributed": ("distributed", "the torch driver under torchrun: 2 processes against 1"),
+    "lightning": ("lightning_overhead", "tbptt.lightning's time per update against the driver"),
 }
 
 INTRO = """\
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "code": common.git_state(ROOT),
         "python": platform.python_version(),
         "packages": ", ".join(
-            f"{d} {version(d)}" for d in ("numpy", "torch", "jax", "jaxlib", "tbptt")
+            f"{d} {version(d)}" for d in ("numpy", "torch", "jax", "jaxlib", "lightning", "tbptt")
         ),
         "numpy BLAS": f"{blas.get('blas', '?')}; kernel {blas.get('kernel', '?')}; "
         f"{blas.get('threads', '?')} threads",

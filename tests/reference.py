@@ -509,3 +509,16 @@ def assert_close(got: dict, want: dict, rtol: float = 1e-10, atol: float = 1e-13
         assert diff <= rtol * float(np.linalg.norm(b)) + atol, (
             f"{k}: relative error {rel_err(a, b):.3g} (abs {diff:.3g}) over {rtol:g}"
         )
+
+
+def cpu_runs_bfloat16_lstm(m: int = 3) -> bool:
+    """Whether torch itself (no tbptt) runs nn.LSTM forward and backward under bfloat16 autocast
+    on this CPU: oneDNN needs AVX-512 (BF16) for it (ONEDNN_MAX_CPU_ISA=AVX2 turns it off)."""
+    layer = torch.nn.LSTM(m, 4)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = layer(torch.randn(3, 2, m))
+        out.float().sum().backward()
+    except RuntimeError:
+        return False
+    return True

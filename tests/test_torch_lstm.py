@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import cpu_runs_bfloat16_lstm
 from torch import nn
 from torch.func import functional_call
 
@@ -265,25 +266,12 @@ def test_memory_is_bounded_by_k2() -> None:
     assert driver.t == 4 * T
 
 
-def cpu_runs_bfloat16_lstm() -> bool:
-    """Whether torch itself (no tbptt) runs nn.LSTM forward and backward under bfloat16 autocast
-    on this CPU: oneDNN needs AVX-512 (BF16) for it."""
-    layer = nn.LSTM(M, 4)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, _ = layer(torch.randn(3, 2, M))
-        out.float().sum().backward()
-    except RuntimeError:
-        return False
-    return True
-
-
 @pytest.mark.cpu_sensitive
 def test_amp_bfloat16_on_cpu_trains_close_to_float32_or_is_refused_at_once() -> None:
     """amp=True on the CPU (bfloat16 autocast) runs and stays near the float32 result where the
     CPU can run nn.LSTM in bfloat16; where it cannot, building the driver is a one-line error."""
     x, y, _ = data()
-    if not cpu_runs_bfloat16_lstm():
+    if not cpu_runs_bfloat16_lstm(M):
         model = lstm().float()
         with pytest.raises(InputError, match="cannot run LSTM in bfloat16") as info:
             TBPTT(model, tbptt.Truncation(2, 5), torch.optim.SGD(model.parameters()), amp=True)

@@ -441,15 +441,13 @@ METHOD_SETTINGS = {
 
 def check_method_options(given: dict) -> None:
     """A setting of one method given with another (--k2 with --method artbp, --cut with tbptt)
-    is an error naming both, not silently ignored."""
+    is an error naming both, not silently ignored; a default value (as every config.toml
+    holds) is not a setting given."""
     method = given.get("method", "tbptt")
     if method not in METHOD_SETTINGS:
         return  # check() names the choices
     for other, names in METHOD_SETTINGS.items():
         for name in names:
-            if (
-                other != method
-                and name in given
-                and not (name == "adapt_k2" and given[name] is None)
-            ):
+            default = FIELDS[name].default
+            if other != method and given.get(name, default) != default:
                 raise InputError(f"{flag(name)} applies to --method {other}, not --method {method}")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import streams
 from ..errors import InputError
 
 Array = np.ndarray
@@ -251,32 +252,32 @@ def batchify(data: Array, batch: int) -> Array:
 class Streams:
     """`batch` streams over a part of a corpus; step t's target is step t + 1's input.
 
-    chunk(t, k) returns steps t..t+k-1 (0-based, counted over all epochs) as ids (k, batch) or
-    values (k, batch, features), the targets, and the reset flags (k, batch) where a stream
-    starts over (None when no stream does in this chunk).
+    The layout is tbptt.streams' "split" of one sequence (batchify above, read as one strided
+    slice per chunk). chunk(t, k) returns steps t..t+k-1 (0-based, counted over all epochs) as ids
+    (k, batch) or values (k, batch, features), the targets, and the reset flags (k, batch) where
+    a stream starts over (None when no stream does in this chunk; never at step 0, where there is
+    no state yet to restart).
     """
 
     def __init__(self, data: Array, batch: int, table: Array | None = None, what: str = "data"):
-        self.streams = batchify(data, batch)  # (L, batch, ...) view
-        self.table = table
-        self.batch = batch
-        self.steps = len(self.streams) - 1  # steps per epoch: the last row is only a target
-        if self.steps < 1:
+        if len(data) // batch < 2:
             raise InputError(
                 f"{what} is too short for {batch} streams: {len(data)} items give each stream "
-                f"{len(self.streams)}, at least 2 are needed (use a smaller --batch)"
+                f"{len(data) // batch}, at least 2 are needed (use a smaller --batch)"
             )
-
-    def _rows(self, idx: Array) -> Array:
-        rows = self.streams[idx]  # reads only these rows of a memory-mapped file
-        return rows if self.table is None else self.table[rows]
+        lookup = None if table is None else (lambda x, y: (table[x], table[y]))
+        self.core = streams.Streams(
+            streams.from_arrays(data), batch, layout="split", transform=lookup
+        )
+        self.batch = batch
+        self.steps = self.core.steps  # steps per epoch: the last row is only a target
 
     def chunk(self, t: int, k: int) -> tuple[Array, Array, Array | None]:
-        idx = (t + np.arange(k)) % self.steps  # (k,) position within the epoch
-        reset = None
-        if t > 0 and (idx == 0).any():
-            reset = np.repeat((idx == 0)[:, None], self.batch, axis=1)  # (k, batch)
-        return self._rows(idx), self._rows(idx + 1), reset
+        x, y, _, reset = self.core.read(t, k)  # one sequence: nothing is masked
+        if t == 0 and reset is not None:
+            reset[0] = False
+            reset = reset if reset.any() else None
+        return x, y, reset
 
 
 @dataclass

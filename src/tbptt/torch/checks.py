@@ -63,16 +63,35 @@ def check_arguments(
     return clip
 
 
-def amp_setup(
-    amp: object, device: torch.device, model: nn.Module | None = None
-) -> tuple[torch.dtype | None, object]:
+def check_hooks(
+    backward: object, step: object, grad_hook: object, truncation: Truncation, scaler: bool
+) -> None:
+    """The trainer hooks: callables, and backward only where the update is one backward()."""
+    for name, fn in (("backward", backward), ("step", step), ("grad_hook", grad_hook)):
+        if fn is not None and not callable(fn):
+            raise InputError(f"{name} must be callable or None, got {fn!r}")
+    if backward is not None and truncation.k2 > truncation.k1:
+        raise InputError(
+            f"backward= applies when k2 <= k1 (here k1={truncation.k1}, k2={truncation.k2}): "
+            "with k2 > k1 the driver differentiates its kept segments itself "
+            "(torch.autograd.grad on parameter copies); use grad_hook= on the finished gradient"
+        )
+    if (backward is not None or step is not None) and scaler:
+        raise InputError(
+            "backward= and step= cannot be combined with the driver's float16 amp (its "
+            "GradScaler scales the loss and steps the optimizer): let the trainer do both "
+            "(its own mixed precision, amp=False), or use the driver's alone"
+        )
+
+
+def amp_setup(amp: object, device: torch.device) -> tuple[torch.dtype | None, object]:
     """The autocast dtype (None: off) and a GradScaler for float16 (True means float16 on CUDA,
     bfloat16 on the CPU).
 
     Whether this machine can run the model's recurrent layers (nn.RNN, nn.GRU, nn.LSTM) under
-    autocast is tried here, on one step of one stream: on the CPU, oneDNN runs nn.LSTM in
-    bfloat16 only with AVX-512 (BF16) instructions, and an AVX2-only CPU would otherwise fail
-    in the middle of training.
+    autocast is tried by check_autocast, on one step of one stream: on the CPU, oneDNN runs
+    nn.LSTM in bfloat16 only with AVX-512 (BF16) instructions, and an AVX2-only CPU would
+    otherwise fail in the middle of training.
     """
     if amp is False or amp is None:
         return None, None
@@ -84,11 +103,17 @@ def amp_setup(
         dtype = amp
     else:
         raise InputError(f"amp must be a bool or a torch.dtype, got {amp!r}")
-    for layer in [] if model is None else model.modules():
-        if isinstance(layer, nn.RNNBase):
-            probe_autocast(layer, device, dtype)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return dtype, scaler
+
+
+def check_autocast(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> None:
+    """Try the model's recurrent layers (nn.RNN, nn.GRU, nn.LSTM) under autocast (amp_setup)."""
+    if dtype is None:
+        return
+    for layer in model.modules():
+        if isinstance(layer, nn.RNNBase):
+            probe_autocast(layer, device, dtype)
 
 
 def probe_autocast(layer: nn.RNNBase, device: torch.device, dtype: torch.dtype) -> None:
@@ -102,10 +127,11 @@ def probe_autocast(layer: nn.RNNBase, device: torch.device, dtype: torch.dtype) 
             torch.autograd.grad(out.float().sum(), params, allow_unused=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        why = "bfloat16 nn.LSTM on a CPU needs AVX-512; " if dtype == torch.bfloat16 else ""
         raise InputError(
             f"amp={dtype}: this {device.type.upper()} cannot run {type(layer).__name__} in "
-            f"{str(dtype).removeprefix('torch.')} (bfloat16 nn.LSTM on a CPU needs AVX-512; "
-            f"{first}); train without amp, or on a device that supports it"
+            f"{str(dtype).removeprefix('torch.')} ({why}{first}); train without amp, or on a "
+            "device that supports it"
         ) from None
 
 

@@ -57,7 +57,9 @@ from . import state as st
 from .checks import (
     amp_setup,
     check_arguments,
+    check_autocast,
     check_chunk,
+    check_hooks,
     check_losses,
     check_result,
     check_state0,
@@ -98,6 +100,14 @@ class TBPTT:
             losses) or "mean" (that sum divided by the number of injected, unmasked (step,
             stream) losses, mask weights summed: what word_language_model, Lightning and Keras
             compute, a short last chunk included).
+        backward: hooks for other trainers (docs/torch.md). backward(loss) is called instead of
+            loss.backward() where the update is one backward() of the summed injected losses
+            (k2 <= k1), e.g. accelerator.backward or LightningModule.manual_backward; refused
+            with k2 > k1, where the driver differentiates its kept segments itself.
+        step: called instead of optimizer.step() (after clipping; the scheduler is still the
+            driver's to step).
+        grad_hook: grad_hook(params) on the finished gradient of every update (summed over the
+            processes, unscaled), before clipping and the step; it may change the .grad in place.
 
     feed(x, y, mask=None, reset=None) runs one chunk and updates where the schedule says;
     finish() does the flush update. state, t, updates: the carried state, the steps computed and
@@ -119,6 +129,9 @@ class TBPTT:
         state0: st.State | None = None,
         process_group: object | None = None,
         reduction: str = "sum",
+        backward: Callable[[Tensor], object] | None = None,
+        step: Callable[[], object] | None = None,
+        grad_hook: Callable[[list[Tensor]], object] | None = None,
     ) -> None:
         model, group = dd.resolve(model, process_group)  # DDP: its .module and its group
         clip = check_arguments(
@@ -140,7 +153,10 @@ class TBPTT:
         self.batch_first, self.checkpoint, self.reduction = batch_first, checkpoint, reduction
         self._tdim = 1 if batch_first else 0  # the time axis of x, y, losses, masks, resets
         self.device = next(iter(self._named.values())).device
-        self._amp_dtype, self.scaler = amp_setup(amp, self.device, model)
+        self._amp_dtype, self.scaler = amp_setup(amp, self.device)
+        check_hooks(backward, step, grad_hook, truncation, self.scaler is not None)
+        check_autocast(model, self.device, self._amp_dtype)
+        self.backward_fn, self.step_fn, self.grad_hook = backward, step, grad_hook
         self.state0 = check_state0(state0, self._named, self.device)
         self._overlap = truncation.k2 > truncation.k1  # kept graphs outlive optimizer steps
         self.t = 0  # steps computed so far: the position in the stream
@@ -402,7 +418,9 @@ class TBPTT:
                 part = self._injected(seg.graph.losses, max(w.i, seg.t0) - seg.t0)
                 if part is not None:
                     total = part if total is None else total + part
-            if total is not None:
+            if total is not None and self.backward_fn is not None:  # the caller's backward
+                self.backward_fn(total)
+            elif total is not None:
                 (total if self.scaler is None else self.scaler.scale(total)).backward()
             for seg in segs:
                 seg.graph = None
@@ -496,6 +514,8 @@ class TBPTT:
         params = list(self._named.values())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        if self.grad_hook is not None:
+            self.grad_hook(params)
         if self.clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
         else:
@@ -516,6 +536,8 @@ class TBPTT:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.skipped += int(self.scaler.get_scale() < scale)  # an inf/NaN step was skipped
+        elif self.step_fn is not None:
+            self.step_fn()
         else:
             self.optimizer.step()
         if self.scheduler is not None:
