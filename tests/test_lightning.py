@@ -143,21 +143,11 @@ def test_resume_from_model_checkpoint_equals_the_uninterrupted_fit(tmp_path):
         assert_same(resumed, whole.net)
 
 
-# Contract version 2's flush window (u_prev + k1 - k2 + 1 .. T) trains a short last chunk alone;
-# version 1's (T - k2 + 1 .. T) reached back into the chunk before.
-FLUSH_V2 = tbptt.Truncation(4, 4, flush=True).flush_window(11).s == 9
-
-
 @pytest.mark.parametrize(
     "T",
     [
         12,
-        pytest.param(
-            11,
-            marks=pytest.mark.xfail(
-                not FLUSH_V2, reason="needs contract v2's flush window", strict=True
-            ),
-        ),
+        11,
     ],
 )
 def test_lightning_1x_per_batch_state_is_its_split_loop(T):
