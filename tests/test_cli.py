@@ -479,3 +479,38 @@ def test_threads_default_to_omp_else_one_for_numpy_and_the_cpus_for_torch(monkey
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert check(Config(engine="torch")).threads == 3
     assert check(Config(engine="torch", threads=1)).threads == 1
+
+
+# -- faults of the audit (issue 13) -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "toml",
+    [
+        'optimizer = "Adam"\n',
+        'lr_decay = "linear"\n',
+        'engine = "jax"\n',
+        'engine = "torch"\ncell = "transformer"\n',
+        'dtype = "float16"\n',
+    ],
+)
+def test_a_toml_choice_value_is_checked(tmp_path, text, capsys, toml):
+    """A value a flag's choices would refuse is refused in a TOML file too: one line naming the
+    file, the key, the value and the choices; no run."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(toml)
+    key, value = toml.splitlines()[-1].split(" = ")
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys,
+        "train",
+        "--config",
+        cfg,
+        "--data",
+        text,
+        *TINY,
+        "--max-updates",
+        5,
+        "--run-dir",
+        run,
+    )
+    assert_one_line_error(code, err, str(cfg), key, value.strip('"'), "one of")
+    assert not run.exists()

@@ -346,7 +346,7 @@ def _resume(args: argparse.Namespace) -> Run:
     given = getattr(args, "run_dir", None)
     if given is not None and Path(given).absolute() != path.absolute():
         raise InputError(f"--run-dir {given} and --resume {path}: a resumed run stays in {path}")
-    saved = cf.read_toml(path / "config.toml")
+    saved = cf.read_toml(path / "config.toml", where="")
     cfg = cf.from_args(args, saved={**saved, "run_dir": str(path)})
     vocab = rundir.read_vocab(path) if cfg.text else None
     problem = load_problem(cfg, vocab)
