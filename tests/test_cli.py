@@ -514,3 +514,88 @@ def test_a_toml_choice_value_is_checked(tmp_path, text, capsys, toml):
     )
     assert_one_line_error(code, err, str(cfg), key, value.strip('"'), "one of")
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--hidden", "1000000"],
+        ["--task", "adding", "--length", "100", "--batch", "1000000000"],
+        ["--k1", "10000000", "--k2", "10000000"],
+        ["--k1", "5", "--k2", "1000000000", "--time-budget", "60"],
+        ["--task", "copy", "--length", "1000000000"],
+        ["--task", "adding", "--length", "1000000000"],
+    ],
+    ids=["hidden", "batch", "k1", "k2", "copy-length", "adding-length"],
+)
+def test_sizes_that_cannot_fit_are_refused_with_the_estimate(tmp_path, text, capsys, extra):
+    """Sizes needing terabytes (more than any machine running the suite has) are refused before
+    anything is allocated or written: one line with the estimate in GiB, exit 2, no run."""
+    data = [] if "--task" in extra else ["--data", text]
+    budget = [] if "--time-budget" in extra else ["--max-updates", 10]
+    run = tmp_path / "run"
+    code, _, err = tbptt(capsys, "train", *data, *TINY, *extra, *budget, "--run-dir", run)
+    assert_one_line_error(code, err, "GiB", "memory")
+    assert not run.exists()
+
+
+def test_a_huge_k2_on_a_short_run_is_not_refused(tmp_path, text, capsys):
+    """A run of 10 updates keeps at most its 50 steps, whatever k2 says: the estimate is a lower
+    bound, and the run trains."""
+    extra = ["--k1", 5, "--k2", 1000000000, "--max-updates", 10]
+    code, _, err = tbptt(
+        capsys, "train", "--data", text, *TINY, *extra, "--run-dir", tmp_path / "r"
+    )
+    assert code == 0, err
+
+
+def test_adding_length_below_its_minimum_names_the_flag(tmp_path, capsys):
+    """--task adding --length 20: one line naming --length and its minimum, 22; no directory."""
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys, "train", "--task", "adding", "--length", 20, *TINY, "--run-dir", run
+    )
+    assert_one_line_error(code, err, "--length", ">= 22", "20")
+    assert not run.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_negative_seed_names_the_flag(tmp_path, text, capsys):
+    """--seed -1: one line naming --seed; no run."""
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys, "train", "--data", text, *TINY, "--seed", -1, "--max-updates", 5, "--run-dir", run
+    )
+    assert_one_line_error(code, err, "--seed", "-1")
+    assert not run.exists()
+
+
+def numbers_file(tmp_path, kind):
+    """A numeric --data file the audit found mishandled."""
+    if kind == "csv-nan-first":  # a first row of numbers ('nan' is one), not a header
+        path = tmp_path / "s.csv"
+        path.write_text("nan,1\n" + "".join(f"{t},{t + 1}\n" for t in range(40)))
+    else:
+        path = tmp_path / "s.npy"
+        shape = (100, 0) if kind == "npy-no-columns" else (100, 2)
+        np.save(path, np.full(shape, 1e30))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("csv-nan-first", ["NaN"]),
+        ("npy-no-columns", ["at least one feature", "(100, 0)"]),
+        ("npy-huge", ["1e+30", "standardize"]),
+    ],
+)
+def test_bad_numbers_are_one_line_naming_the_file(tmp_path, capsys, kind, words):
+    """A CSV whose first row holds a NaN (not a header), an .npy without columns, an .npy of
+    1e30 values (not "diverged"): one line naming --data and the file; no run."""
+    path = numbers_file(tmp_path, kind)
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys, "train", "--data", path, *TINY, "--max-updates", 5, "--run-dir", run
+    )
+    assert_one_line_error(code, err, "--data", str(path), *words)
+    assert "diverged" not in err and not run.exists()
