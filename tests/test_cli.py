@@ -599,3 +599,23 @@ def test_bad_numbers_are_one_line_naming_the_file(tmp_path, capsys, kind, words)
     )
     assert_one_line_error(code, err, "--data", str(path), *words)
     assert "diverged" not in err and not run.exists()
+
+
+def test_bias_refuses_what_it_cannot_read_and_writes_all_or_nothing(tmp_path, capsys):
+    """`bias --data x.npy` names --data and the .npz it needs; `--spectral-radius 0` names the
+    flag and writes nothing; a spectral radius so small that every gradient is exact (nothing to
+    draw on a log scale) still writes all four files."""
+    np.save(tmp_path / "x.npy", np.zeros((10, 3)))
+    out = tmp_path / "out"
+    common = ["bias", "--steps", 40, "--batch", 2, "--hidden", 6, "--k2", 1, 4, "--out-dir", out]
+    code, _, err = tbptt(capsys, *common, "--data", tmp_path / "x.npy")
+    assert_one_line_error(code, err, "--data", "x.npy", ".npz")
+    code, _, err = tbptt(capsys, *common, "--spectral-radius", 0)
+    assert_one_line_error(code, err, "--spectral-radius", "positive")
+    assert not out.exists()
+    code, _, err = tbptt(capsys, *common, "--spectral-radius", 1e-30)
+    assert code == 0, err
+    names = ["bias.csv", "bias.png", "lags.csv", "lags.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    errors = [line.split(",")[6] for line in (out / "bias.csv").read_text().splitlines()[1:]]
+    assert all(float(e) < 1e-12 for e in errors)  # A ~ 0: truncation is exact (invariant 4)
