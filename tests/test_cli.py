@@ -619,3 +619,79 @@ def test_bias_refuses_what_it_cannot_read_and_writes_all_or_nothing(tmp_path, ca
     assert sorted(p.name for p in out.iterdir()) == names
     errors = [line.split(",")[6] for line in (out / "bias.csv").read_text().splitlines()[1:]]
     assert all(float(e) < 1e-12 for e in errors)  # A ~ 0: truncation is exact (invariant 4)
+
+
+def test_flush_is_not_an_option_of_train(capsys):
+    """`tbptt train` streams never end, so a flush would never happen: no --flush in --help,
+    and the flag is refused."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--flush" not in capsys.readouterr().out
+    from tbptt.app.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["train", "--flush"])
+    assert info.value.code == 2 and "--flush" in capsys.readouterr().err
+
+
+def test_numeric_tasks_count_steps_not_characters(tmp_path, capsys):
+    """The progress bar and the final report of a numeric task speak of steps, not chars."""
+    t = np.arange(400) / 10
+    np.save(tmp_path / "s.npy", np.stack([np.sin(t), np.cos(t)], axis=1))
+    code, out, err = tbptt(
+        capsys,
+        "train",
+        "--data",
+        tmp_path / "s.npy",
+        *TINY,
+        "--max-updates",
+        20,
+        "--progress",
+        "--run-dir",
+        tmp_path / "run",
+    )
+    assert code == 0, err
+    assert "steps/s" in err and "steps x streams/s" in err  # the bar was drawn
+    assert "steps/s" in out
+    assert "char" not in err and "char" not in out
+
+
+@pytest.mark.parametrize("body", [TEXT, TEXT.replace("question", "qüestion")])
+def test_a_byte_order_mark_is_not_learned(tmp_path, capsys, body):
+    """A UTF-8 byte-order mark at the start of an ASCII or a non-ASCII file is not a character
+    of the vocabulary."""
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys, "train", "--data", path, *TINY, "--max-updates", 5, "--run-dir", run
+    )
+    assert code == 0, err
+    assert json.loads((run / "vocab.json").read_text()) == sorted(set(body))
+
+
+def test_loss_png_is_not_redrawn_at_every_checkpoint(tmp_path, text, capsys, monkeypatch):
+    """A checkpoint after every update redraws loss.png at most every 30 s, and once at the end."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda *a, **k: drawn.append(1) or savefig(*a, **k))
+    run = tmp_path / "run"
+    start = time.perf_counter()
+    code, _, err = tbptt(
+        capsys,
+        "train",
+        "--data",
+        text,
+        *TINY,
+        "--checkpoint-every",
+        1,
+        "--max-updates",
+        30,
+        "--run-dir",
+        run,
+    )
+    assert code == 0, err
+    assert 1 <= len(drawn) <= 1 + (time.perf_counter() - start) // 30
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
