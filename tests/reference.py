@@ -359,7 +359,7 @@ class OnlineTBPTT:
             if self.t % self.truncation.k1 == 0:
                 self._update(self.truncation.window(self.t, self.u_prev))
         count = data.T * data.batch if data.mask is None else float(data.mask.sum())
-        return total / max(count, 1.0)
+        return total / count if count > 0 else 0.0  # sum(w l) / sum(w)
 
     def finish(self) -> None:
         """The flush update at the end of the stream (contract version 2, section 4): the next

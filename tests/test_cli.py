@@ -548,3 +548,223 @@ def test_bias_method_reports_bias_variance_and_cost(tmp_path, capsys):
     artbp = rows["artbp(c=0.3, b=1)"]
     assert float(artbp["bias"]) < 4 * float(artbp["noise"])  # about 4 sigma: a rare false alarm
     assert (out / "methods.png").read_bytes()[:4] == b"\x89PNG" and "artbp(c=0.3" in printed
+
+
+# -- faults of the audit (issue 13) -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "toml",
+    [
+        'optimizer = "Adam"\n',
+        'lr_decay = "linear"\n',
+        'engine = "jax"\n',
+        'engine = "torch"\ncell = "transformer"\n',
+        'dtype = "float16"\n',
+    ],
+)
+def test_a_toml_choice_value_is_checked(tmp_path, text, capsys, toml):
+    """A value a flag's choices would refuse is refused in a TOML file too: one line naming the
+    file, the key, the value and the choices; no run."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(toml)
+    key, value = toml.splitlines()[-1].split(" = ")
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys,
+        "train",
+        "--config",
+        cfg,
+        "--data",
+        text,
+        *TINY,
+        "--max-updates",
+        5,
+        "--run-dir",
+        run,
+    )
+    assert_one_line_error(code, err, str(cfg), key, value.strip('"'), "one of")
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--hidden", "1000000"],
+        ["--task", "adding", "--length", "100", "--batch", "1000000000"],
+        ["--k1", "10000000", "--k2", "10000000"],
+        ["--k1", "5", "--k2", "1000000000", "--time-budget", "60"],
+        ["--task", "copy", "--length", "1000000000"],
+        ["--task", "adding", "--length", "1000000000"],
+    ],
+    ids=["hidden", "batch", "k1", "k2", "copy-length", "adding-length"],
+)
+def test_sizes_that_cannot_fit_are_refused_with_the_estimate(tmp_path, text, capsys, extra):
+    """Sizes needing terabytes (more than any machine running the suite has) are refused before
+    anything is allocated or written: one line with the estimate in GiB, exit 2, no run."""
+    from tbptt.app.train import available_memory
+
+    if available_memory() is None:
+        pytest.skip("no /proc/meminfo here: the memory check cannot know what is available")
+    data = [] if "--task" in extra else ["--data", text]
+    budget = [] if "--time-budget" in extra else ["--max-updates", 10]
+    run = tmp_path / "run"
+    code, _, err = tbptt(capsys, "train", *data, *TINY, *extra, *budget, "--run-dir", run)
+    assert_one_line_error(code, err, "GiB", "memory")
+    assert not run.exists()
+
+
+def test_a_huge_k2_on_a_short_run_is_not_refused(tmp_path, text, capsys):
+    """A run of 10 updates keeps at most its 50 steps, whatever k2 says: the estimate is a lower
+    bound, and the run trains."""
+    extra = ["--k1", 5, "--k2", 1000000000, "--max-updates", 10]
+    code, _, err = tbptt(
+        capsys, "train", "--data", text, *TINY, *extra, "--run-dir", tmp_path / "r"
+    )
+    assert code == 0, err
+
+
+def test_adding_length_below_its_minimum_names_the_flag(tmp_path, capsys):
+    """--task adding --length 20: one line naming --length and its minimum, 22; no directory."""
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys, "train", "--task", "adding", "--length", 20, *TINY, "--run-dir", run
+    )
+    assert_one_line_error(code, err, "--length", ">= 22", "20")
+    assert not run.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_negative_seed_names_the_flag(tmp_path, text, capsys):
+    """--seed -1: one line naming --seed; no run."""
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys, "train", "--data", text, *TINY, "--seed", -1, "--max-updates", 5, "--run-dir", run
+    )
+    assert_one_line_error(code, err, "--seed", "-1")
+    assert not run.exists()
+
+
+def numbers_file(tmp_path, kind):
+    """A numeric --data file the audit found mishandled."""
+    if kind == "csv-nan-first":  # a first row of numbers ('nan' is one), not a header
+        path = tmp_path / "s.csv"
+        path.write_text("nan,1\n" + "".join(f"{t},{t + 1}\n" for t in range(40)))
+    else:
+        path = tmp_path / "s.npy"
+        shape = (100, 0) if kind == "npy-no-columns" else (100, 2)
+        np.save(path, np.full(shape, 1e30))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("csv-nan-first", ["NaN"]),
+        ("npy-no-columns", ["at least one feature", "(100, 0)"]),
+        ("npy-huge", ["1e+30", "standardize"]),
+    ],
+)
+def test_bad_numbers_are_one_line_naming_the_file(tmp_path, capsys, kind, words):
+    """A CSV whose first row holds a NaN (not a header), an .npy without columns, an .npy of
+    1e30 values (not "diverged"): one line naming --data and the file; no run."""
+    path = numbers_file(tmp_path, kind)
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys, "train", "--data", path, *TINY, "--max-updates", 5, "--run-dir", run
+    )
+    assert_one_line_error(code, err, "--data", str(path), *words)
+    assert "diverged" not in err and not run.exists()
+
+
+def test_bias_refuses_what_it_cannot_read_and_writes_all_or_nothing(tmp_path, capsys):
+    """`bias --data x.npy` names --data and the .npz it needs; `--spectral-radius 0` names the
+    flag and writes nothing; a spectral radius so small that every gradient is exact (nothing to
+    draw on a log scale) still writes all four files."""
+    np.save(tmp_path / "x.npy", np.zeros((10, 3)))
+    out = tmp_path / "out"
+    common = ["bias", "--steps", 40, "--batch", 2, "--hidden", 6, "--k2", 1, 4, "--out-dir", out]
+    code, _, err = tbptt(capsys, *common, "--data", tmp_path / "x.npy")
+    assert_one_line_error(code, err, "--data", "x.npy", ".npz")
+    code, _, err = tbptt(capsys, *common, "--spectral-radius", 0)
+    assert_one_line_error(code, err, "--spectral-radius", "positive")
+    assert not out.exists()
+    code, _, err = tbptt(capsys, *common, "--spectral-radius", 1e-30)
+    assert code == 0, err
+    names = ["bias.csv", "bias.png", "lags.csv", "lags.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    errors = [line.split(",")[6] for line in (out / "bias.csv").read_text().splitlines()[1:]]
+    assert all(float(e) < 1e-12 for e in errors)  # A ~ 0: truncation is exact (invariant 4)
+
+
+def test_flush_is_not_an_option_of_train(capsys):
+    """`tbptt train` streams never end, so a flush would never happen: no --flush in --help,
+    and the flag is refused."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--flush" not in capsys.readouterr().out
+    from tbptt.app.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["train", "--flush"])
+    assert info.value.code == 2 and "--flush" in capsys.readouterr().err
+
+
+def test_numeric_tasks_count_steps_not_characters(tmp_path, capsys):
+    """The progress bar and the final report of a numeric task speak of steps, not chars."""
+    t = np.arange(400) / 10
+    np.save(tmp_path / "s.npy", np.stack([np.sin(t), np.cos(t)], axis=1))
+    code, out, err = tbptt(
+        capsys,
+        "train",
+        "--data",
+        tmp_path / "s.npy",
+        *TINY,
+        "--max-updates",
+        20,
+        "--progress",
+        "--run-dir",
+        tmp_path / "run",
+    )
+    assert code == 0, err
+    assert "steps/s" in err and "steps x streams/s" in err  # the bar was drawn
+    assert "steps/s" in out
+    assert "char" not in err and "char" not in out
+
+
+@pytest.mark.parametrize("body", [TEXT, TEXT.replace("question", "qüestion")])
+def test_a_byte_order_mark_is_not_learned(tmp_path, capsys, body):
+    """A UTF-8 byte-order mark at the start of an ASCII or a non-ASCII file is not a character
+    of the vocabulary."""
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys, "train", "--data", path, *TINY, "--max-updates", 5, "--run-dir", run
+    )
+    assert code == 0, err
+    assert json.loads((run / "vocab.json").read_text()) == sorted(set(body))
+
+
+def test_loss_png_is_not_redrawn_at_every_checkpoint(tmp_path, text, capsys, monkeypatch):
+    """A checkpoint after every update redraws loss.png at most every 30 s, and once at the end."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda *a, **k: drawn.append(1) or savefig(*a, **k))
+    run = tmp_path / "run"
+    start = time.perf_counter()
+    code, _, err = tbptt(
+        capsys,
+        "train",
+        "--data",
+        text,
+        *TINY,
+        "--checkpoint-every",
+        1,
+        "--max-updates",
+        30,
+        "--run-dir",
+        run,
+    )
+    assert code == 0, err
+    assert 1 <= len(drawn) <= 1 + (time.perf_counter() - start) // 30
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"

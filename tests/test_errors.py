@@ -346,3 +346,43 @@ def test_huge_learning_rate_blows_up_after_an_update():
     for k, v in last_finite.items():
         assert np.all(np.isfinite(trainer.model.params[k]))
         np.testing.assert_allclose(trainer.model.params[k], v, rtol=1e-10)
+
+
+# -- loading a state that does not belong (issue 13) --------------------------------------------
+@pytest.mark.parametrize(
+    ("other", "words"),
+    [
+        (dict(truncation=Truncation(2, 4)), "schedule"),
+        (dict(truncation=Truncation(2, 3, "window")), "schedule"),
+        (dict(model=ElmanRNN.init(n=n + 1, m=m, p=p, g="softmax", seed=0)), "shapes"),
+        (dict(loss="cross_entropy"), "loss"),
+    ],
+    ids=["k2", "inject", "hidden-size", "loss"],
+)
+def test_load_refuses_a_state_of_another_trainer(tmp_path, other, words):
+    """A state saved with another schedule, hidden size or loss is refused, naming what differs,
+    and the trainer is left as it was."""
+    saved = TBPTT(SOFTMAX.copy(), Truncation(2, 3), SGD())
+    saved.feed(XB, YB)
+    saved.save(tmp_path / "a.npz")
+    kw = {"model": SOFTMAX.copy(), "truncation": Truncation(2, 3), "loss": "l2", **other}
+    trainer = TBPTT(kw.pop("model"), kw.pop("truncation"), SGD(), **kw)
+    before = {k: v.copy() for k, v in trainer.model.params.items()}
+    with pytest.raises(tbptt.InputError, match=words) as info:
+        trainer.load(tmp_path / "a.npz")
+    assert "a.npz" in str(info.value)
+    assert trainer.t == 0 and all(
+        np.array_equal(before[k], v) for k, v in trainer.model.params.items()
+    )
+
+
+def test_load_of_python_objects_never_suggests_allow_pickle(tmp_path):
+    """An .npz holding an object array is refused naming the file, without advising
+    allow_pickle=True (which would run the pickled code)."""
+    from fractions import Fraction
+
+    path = tmp_path / "objects.npz"
+    np.savez(path, **{"model.A": np.array([Fraction(1, 3)], dtype=object)})
+    with pytest.raises(tbptt.InputError, match="objects") as info:
+        TBPTT(MODEL.copy(), Truncation(2, 3), SGD()).load(path)
+    assert str(path) in str(info.value) and "allow_pickle" not in str(info.value)

@@ -290,3 +290,44 @@ def test_online_random_schedules(k1, k2, inject, flush, opt, batch, chunks, extr
         k2 = max(k1, k2)
     P = Problem(sum(chunks), batch=batch, h0=extras, mask=extras, reset=extras, seed=seed)
     run_both(P, Truncation(k1, k2, inject, flush), OPTIMIZERS[opt], chunks, clip=1.0)
+
+
+# -- what the caller holds and what feed returns (issue 13) -------------------------------------
+def test_the_trainer_trains_the_model_it_was_given(tmp_path):
+    """TBPTT trains its model in place, as torch.optim trains a module: a caller holding the model
+    object reads the trained values (the autograd twin's), and load() restores into it too."""
+    P = Problem(T=11, batch=2, seed=65)
+    tr = Truncation(2, 5, "new", flush=True)
+    model = P.model
+    before = {k: v.copy() for k, v in model.params.items()}
+    trainer = TBPTT(model, tr, OPTIMIZERS["adam"])
+    ref = OnlineTBPTT(P.model, tr, OPTIMIZERS["adam"])
+    for x, y, _, _ in pieces(P, [4, 7]):
+        trainer.feed(x, y)
+        ref.feed(x, y)
+    trainer.save(tmp_path / "run.npz")
+    trainer.finish()
+    ref.finish()
+    assert trainer.model is model
+    assert_close(model.params, ref.params)
+    assert not any(np.array_equal(before[k], v) for k, v in model.params.items())
+    fresh = P.model
+    TBPTT(fresh, tr, OPTIMIZERS["adam"]).load(tmp_path / "run.npz")
+    assert_close(fresh.params, ref.history[-2])  # the values after the last update before save
+
+
+def test_feed_returns_the_weighted_mean_loss():
+    """feed() returns sum(w l) / sum(w) over the chunk's steps and streams for fractional mask
+    weights, also when they sum to less than 1, each loss with the parameters in force at its
+    step (the autograd twin computes it step by step)."""
+    P = Problem(T=9, batch=2, seed=66)
+    w = np.random.default_rng(67).uniform(0, 0.05, (9, 2))  # every chunk's weights sum below 1
+    tr = Truncation(3, 4, "new")
+    eng, ref = TBPTT(P.model, tr, SGD(lr=0.1)), OnlineTBPTT(P.model, tr, SGD(lr=0.1))
+    for a, b in [(0, 2), (2, 7), (7, 9)]:
+        got = eng.feed(P.x[a:b], P.y[a:b], mask=w[a:b])
+        want = ref.feed(P.x[a:b], P.y[a:b], mask=w[a:b])
+        assert w[a:b].sum() < 1 and want > 0
+        assert abs(got - want) <= 1e-12 * want
+    assert eng.updates == 3
+    assert eng.feed(P.x[:2], P.y[:2], mask=np.zeros((2, 2))) == 0.0  # no weight: 0, not NaN

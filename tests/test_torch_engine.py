@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as hs
+from reference import OnlineTBPTT
 
 import tbptt
 from tbptt.torch import TBPTT, ElmanRNN, cross_entropy_loss, l2_loss
@@ -234,3 +235,50 @@ def test_grad_scaler_skipped_steps_are_counted_and_change_nothing() -> None:
     assert driver.updates == 2 and driver.skipped == 2
     for a, b in zip(before, module.parameters(), strict=True):
         assert torch.equal(a, b.detach())
+
+
+# -- friction for library users (issue 13) ------------------------------------------------------
+@pytest.mark.parametrize("loss", ["l2", "cross_entropy"])
+def test_one_stream_may_leave_out_the_batch_axis(loss: str) -> None:
+    """x (L, m) with y (L, p) or (L,), mask (L,) and reset (L,) is one stream, as in the numpy
+    engine: the same chunk losses and parameters as the (L, 1, ...) chunks, bit for bit."""
+    rng = np.random.default_rng(8)
+    T, m, p = 12, 3, 2
+    x = torch.tensor(rng.normal(size=(T, m)))
+    y = torch.tensor(rng.integers(0, p, T) if loss == "cross_entropy" else rng.normal(size=(T, p)))
+    mask = torch.tensor(rng.uniform(0.5, 1.0, T))
+    reset = torch.tensor(rng.random(T) < 0.2)
+    g, loss_fn = ("softmax", cross_entropy_loss) if loss == "cross_entropy" else ("tanh", l2_loss)
+    runs = []
+    for batched in (False, True):
+        module = ElmanRNN(n=4, m=m, p=p, g=g, dtype=torch.float64, seed=3)
+        opt = torch.optim.Adam(module.parameters(), lr=0.05)
+        driver = TBPTT(module, tbptt.Truncation(2, 5), opt, loss_fn=loss_fn)
+        one = (lambda a: a[:, None]) if batched else (lambda a: a)  # noqa: E731
+        losses = [
+            driver.feed(one(x[a:b]), one(y[a:b]), one(mask[a:b]), one(reset[a:b]))
+            for a, b in ((0, 3), (3, 7), (7, 12))
+        ]
+        runs.append((losses, [q.detach().clone() for q in module.parameters()]))
+    (losses, params), (want_losses, want_params) = runs
+    assert losses == want_losses and driver.updates == 6
+    assert all(torch.equal(a, b) for a, b in zip(params, want_params, strict=True))
+
+
+def test_feed_returns_the_weighted_mean_loss() -> None:
+    """feed() returns sum(w l) / sum(w) over the chunk for fractional mask weights, also when they
+    sum to less than 1, each loss with the parameters in force at its step (the autograd twin of
+    tests/reference.py computes it step by step)."""
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(9, 2, 2)), rng.normal(size=(9, 2, 3))
+    w = rng.uniform(0, 0.05, (9, 2))  # every chunk's weights sum below 1
+    model = tbptt.ElmanRNN.init(n=4, m=2, p=3, seed=4)
+    module = ElmanRNN.from_numpy(model)
+    trunc = tbptt.Truncation(3, 4)
+    twin = OnlineTBPTT(model, trunc, tbptt.SGD(lr=0.1))
+    driver = TBPTT(module, trunc, torch.optim.SGD(module.parameters(), lr=0.1))
+    t = torch.tensor
+    for a, b in [(0, 2), (2, 7), (7, 9)]:
+        want = twin.feed(x[a:b], y[a:b], mask=w[a:b])
+        got = driver.feed(t(x[a:b]), t(y[a:b]), t(w[a:b]))
+        assert w[a:b].sum() < 1 and abs(got - want) <= 1e-12 * want

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tbptt
-from tbptt.torch import TBPTT, ElmanRNN, Recurrent
+from tbptt.torch import TBPTT, ElmanRNN, Recurrent, l2_loss
 
 DT = torch.float64
 
@@ -239,3 +239,82 @@ def test_a_step_that_makes_the_parameters_non_finite_is_reported_at_once() -> No
     with pytest.raises(tbptt.NonFiniteError, match="parameters became non-finite at update 1"):
         driver.feed(x, y)
     assert driver.updates == 1 and driver.t == 2  # the steps after it never ran
+
+
+# -- misuse that used to reach the user as torch's RuntimeError (issue 13) ----------------------
+class DetachedOutput(nn.Module):
+    """An ElmanRNN whose output is cut from the graph (a `.detach()` in the wrong place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = ElmanRNN(n=4, m=3, p=2, dtype=DT, seed=0)
+
+    def forward(self, x, state):
+        out, state = self.inner(x, state)
+        return out.detach(), state
+
+
+def detached_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return l2_loss(out, y).detach()
+
+
+def integer_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (l2_loss(out, y) > 0.5).long()
+
+
+@pytest.mark.parametrize(
+    ("model", "loss_fn", "words"),
+    [
+        (DetachedOutput, l2_loss, "detached"),
+        (lambda: ElmanRNN(n=4, m=3, p=2, dtype=DT, seed=0), detached_loss, "detached"),
+        (lambda: ElmanRNN(n=4, m=3, p=2, dtype=DT, seed=0), integer_loss, "floating-point"),
+    ],
+    ids=["detached-output", "detached-loss", "integer-losses"],
+)
+def test_losses_that_cannot_be_differentiated_are_input_errors(model, loss_fn, words) -> None:
+    """A detached output or loss, or integer losses: tbptt.InputError (a ValueError and a
+    TypeError, as the docs promise) saying what is wrong, not torch's RuntimeError."""
+    from tbptt.errors import InputError
+
+    d = driver(model(), loss_fn=loss_fn)
+    with pytest.raises(InputError, match=words):
+        d.feed(*chunk())
+    assert d.updates == 0
+
+
+def test_state0_of_another_dtype_is_an_input_error() -> None:
+    """A float32 state0 for a float64 model is refused when the driver is built, naming both."""
+    from tbptt.errors import InputError
+
+    with pytest.raises(InputError, match="state0.*float32.*float64"):
+        driver(ElmanRNN(n=4, m=3, p=2, dtype=DT, seed=0), state0=torch.zeros(2, 4))
+
+
+def test_clip_may_be_a_numpy_scalar() -> None:
+    """clip=np.float32(1.0) is accepted and clips exactly as clip=1.0 does."""
+    import numpy as np
+
+    trained = []
+    for clip in (np.float32(1.0), 1.0):
+        model = ElmanRNN(n=4, m=3, p=2, dtype=DT, seed=0)
+        d = driver(model, clip=clip)
+        x, y = chunk(8)
+        d.feed(x, 10 * y)
+        assert d.last_grad_norm > 1  # the clipping acted
+        trained.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*trained, strict=True))
+
+
+def test_a_file_torch_cannot_load_safely_never_suggests_unsafe_loading(tmp_path) -> None:
+    """A checkpoint holding an object torch's weights_only loader refuses (code could run if it
+    were unpickled) is an InputError naming the file, without torch's weights_only=False advice."""
+    from fractions import Fraction
+
+    from tbptt.errors import InputError
+
+    path = tmp_path / "state.pt"
+    torch.save({"format": "tbptt.torch.TBPTT/2", "lr": Fraction(1, 3)}, path)
+    with pytest.raises(InputError, match="objects") as info:
+        driver().load(path)
+    message = str(info.value)
+    assert str(path) in message and "weights_only" not in message and "unsafe" not in message

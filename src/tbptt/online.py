@@ -125,7 +125,9 @@ class TBPTT:
 
     Args:
         model: the ElmanRNN to train. It is trained in place, as torch.optim trains a module:
-            after each update `model.A` (and B, C, b, c) is the new value; `self.model` is it.
+            after each update (and after load) `model.A` (and B, C, b, c) is the new value, and
+            `self.model` is `model`. The new values are new arrays: an array read from the model
+            earlier (`A = model.A`) keeps the value it had.
         truncation: the schedule (k1, k2, inject, flush).
         optimizer: tbptt.SGD or tbptt.Adam.
         loss: "l2" or "cross_entropy".

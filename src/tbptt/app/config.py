@@ -213,7 +213,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _typed(name: str, value: object, where: str) -> object:
-    """Check one value from a TOML file against the field's type."""
+    """Check one value from a TOML file against the field's type and choices."""
     kind = TYPES[name]
     optional = type(None) in typing.get_args(kind)
     base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
@@ -225,34 +225,36 @@ def _typed(name: str, value: object, where: str) -> object:
     if not ok:
         want = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[base]
         raise InputError(f"{where}: {name} must be {want}, got {value!r} ({type(value).__name__})")
+    choices = FIELDS[name].metadata["choices"]
+    if choices and value not in choices:
+        raise InputError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
-def read_toml(path: str | Path, where: str = "") -> dict:
-    """The fields a TOML file sets, type-checked; unknown keys are errors. `where` names the file
-    in messages (default: --config)."""
+def read_toml(path: str | Path, where: str = "--config") -> dict:
+    """The fields a TOML file sets, type-checked; unknown keys are errors. Messages name the file
+    after `where` (the flag that gave it; "" for a run directory's own config.toml)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
     path = Path(path)
+    where = f"{where} {path}".strip()
     if not path.is_file():
-        raise InputError(f"{where or '--config'} {path}: no such file")
+        raise InputError(f"{where}: no such file")
     try:
         with open(path, "rb") as fh:
             raw = tomllib.load(fh)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{where or '--config'} {path} is not valid TOML: {exc}") from None
+        raise InputError(f"{where} is not valid TOML: {exc}") from None
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name == "flush" and value is False:  # written by earlier versions; it never did anything
             continue
         if name not in FIELDS:
-            raise InputError(
-                f"{where or '--config'} {path}: unknown setting {key!r} (known: {', '.join(FIELDS)})"
-            )
-        out[name] = _typed(name, value, f"{where or '--config'} {path}")
+            raise InputError(f"{where}: unknown setting {key!r} (known: {', '.join(FIELDS)})")
+        out[name] = _typed(name, value, where)
     return out
 
 
@@ -310,9 +312,7 @@ def check(cfg: Config) -> Config:
             else ("numbers" if suffix in (".npy", ".csv") else "text")
         )
     if cfg.data:
-        cfg.data = str(
-            Path(cfg.data).expanduser().absolute()
-        )  # a resumed run finds it from anywhere
+        cfg.data = absolute(cfg.data)  # a resumed run finds it from anywhere
     if cfg.task in ("text", "numbers") and not cfg.data:
         raise InputError(f"--task {cfg.task} needs --data PATH")
     if cfg.task not in ("text", "numbers") and cfg.data:
@@ -410,11 +410,20 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{stamp}-{cfg.task}-{cfg.engine}-{cfg.cell}"
 
 
+def absolute(path: str) -> str:
+    """A path as an absolute one, `..` and `~` resolved (symbolic links kept)."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def from_args(args: argparse.Namespace, saved: dict | None = None) -> Config:
     """Defaults <- --config file <- flags; with `saved` (a resumed run) only RESUMABLE may change."""
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     if given.get("data"):  # the same file, however it is written
-        given["data"] = str(Path(given["data"]).expanduser().absolute())
+        given["data"] = absolute(given["data"])
+        same = saved is not None and isinstance(saved.get("data"), str)
+        if same and os.path.exists(saved["data"]) and os.path.exists(given["data"]):
+            if os.path.samefile(saved["data"], given["data"]):
+                given["data"] = saved["data"]
     if saved is None and getattr(args, "config", None):
         given = {**read_toml(args.config), **given}
     if saved is None:

@@ -311,13 +311,15 @@ def make_engine(cfg: cf.Config, problem: Problem) -> Engine:
     return NumpyEngine(cfg, problem) if cfg.engine == "numpy" else TorchEngine(cfg, problem)
 
 
-def memory_needed(cfg: cf.Config, problem: Problem) -> tuple[int, str]:
+def memory_needed(cfg: cf.Config, m: int = 1, p: int = 1) -> tuple[int, str]:
     """A lower bound of the bytes a run allocates, and what dominates it: only arrays the engine
     cannot do without (parameters and the optimizer's moments, the kept steps, one chunk of data,
-    a task's validation set), so a run refused by it could not have fit."""
+    a task's validation set), so a run refused by it could not have fit. m and p are the data's
+    inputs and outputs (before the data is read: 1, a lower bound)."""
     s = np.dtype(cfg.dtype).itemsize
-    n, m, p, B = cfg.hidden, problem.m, problem.p, cfg.batch
-    kept = cfg.k1 + cfg.k2  # steps held at once: the next window and the steps since the update
+    n, B = cfg.hidden, cfg.batch
+    # steps held at once: the next window and the steps since the update (no more than the run's)
+    kept = cfg.k1 + min(cfg.k2, cfg.max_updates * cfg.k1 if cfg.max_updates else cfg.k2)
     if cfg.cell == "elman":
         params = n * n + n * m + p * n + n + p
         per_step = B * (m + 3 * n + 2 * p)  # x_t, h_t, f'(a_t), r_t, e_t, z_t

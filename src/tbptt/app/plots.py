@@ -204,7 +204,8 @@ def bias_figure(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_yscale("log")
-    axes[2].set_yscale("log")
+    if len(exact_names) < len(first[0].per_param):  # a log scale needs something to draw
+        axes[2].set_yscale("log")
     axes[0].set_title("||g_trunc - g_exact|| / ||g_exact||", fontsize=9)
     axes[1].set_title("cos(g_trunc, g_exact)", fontsize=9)
     inj = first[0].truncation

@@ -58,8 +58,10 @@ def check_new(path: Path) -> None:
             "choose another --run-dir"
         )
     parent = next((p for p in path.absolute().parents if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"--run-dir {path}: cannot create it here ({parent} is not writable)")
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"--run-dir {path}: cannot create it ({parent} is a file)")
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--run-dir {path}: cannot create it ({parent} is not writable)")
 
 
 def create(path: Path, files: Callable[[Path], dict[str, str]], unique: bool) -> Path:
@@ -73,8 +75,10 @@ def create(path: Path, files: Callable[[Path], dict[str, str]], unique: bool) ->
         try:
             atomic_directory(target, files(target))
             return target
-        except OSError:  # another process took the name between the check and the rename
-            if not unique:
+        except OSError as exc:
+            if not target.exists():  # a place where even root may not write (/proc, read-only)
+                raise InputError(f"--run-dir {target}: cannot create it ({exc.strerror})") from None
+            if not unique:  # another process took the name between the check and the rename
                 raise InputError(f"--run-dir {target} was created by another process") from None
     raise InputError(f"--run-dir {path}: no free name found beside it")
 
@@ -115,7 +119,9 @@ def discard(run: Path) -> None:
 def clean(run: Path) -> None:
     """Under the lock: delete the temporary files a killed writer left in the run directory."""
     remove_stale(run)
-    for entry in run.parent.glob(f"{TMP_PREFIX}{run.name}-*"):  # a half-created run directory
+    # a half-created copy of this run directory: tempfile's 8 random characters after the name
+    # (not ".tmp-RUN-2-xxxxxxxx", which another process may be creating right now)
+    for entry in run.parent.glob(f"{TMP_PREFIX}{run.name}-{'?' * 8}"):
         shutil.rmtree(entry, ignore_errors=True)
 
 

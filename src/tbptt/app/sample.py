@@ -75,7 +75,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise InputError("--length must be >= 0 and --temperature a positive number")
     if args.seed < 0:
         raise InputError(f"--seed must be an integer >= 0, got {args.seed}")
-    cfg = cf.check(cf.Config(**cf.read_toml(run / "config.toml")))
+    cfg = cf.check(cf.Config(**cf.read_toml(run / "config.toml", where="")))
     if not cfg.text:
         raise InputError(f"{run} was trained on --task {cfg.task}; sample needs a character model")
     vocab = rundir.read_vocab(run)

@@ -319,7 +319,9 @@ def open_run(args: argparse.Namespace) -> Run:
         return _resume(args)
     cfg = cf.from_args(args)
     path = Path(cfg.run_dir) if cfg.run_dir else cf.default_run_dir(cfg)
-    rundir.check_new(path)
+    if cfg.run_dir:  # a default name taken already gets -2, -3, ... (rundir.create)
+        rundir.check_new(path)
+    check_memory(cfg)
     problem = load_problem(cfg)
     check_memory(cfg, problem)
     engine = make_engine(cfg, problem)
@@ -346,9 +348,10 @@ def _resume(args: argparse.Namespace) -> Run:
     given = getattr(args, "run_dir", None)
     if given is not None and Path(given).absolute() != path.absolute():
         raise InputError(f"--run-dir {given} and --resume {path}: a resumed run stays in {path}")
-    saved = cf.read_toml(path / "config.toml")
+    saved = cf.read_toml(path / "config.toml", where="")
     cfg = cf.from_args(args, saved={**saved, "run_dir": str(path)})
     vocab = rundir.read_vocab(path) if cfg.text else None
+    check_memory(cfg)
     problem = load_problem(cfg, vocab)
     check_memory(cfg, problem)
     engine = make_engine(cfg, problem)
@@ -372,10 +375,11 @@ def _resume(args: argparse.Namespace) -> Run:
     return Run(cfg, problem, engine, path, loop, rows, lock, new=False)
 
 
-def check_memory(cfg: cf.Config, problem: Problem) -> None:
+def check_memory(cfg: cf.Config, problem: Problem | None = None) -> None:
     """Refuse sizes that cannot fit before anything is allocated: a one-line error with the
-    estimate instead of a MemoryError traceback or a kill by the kernel."""
-    need, what = memory_needed(cfg, problem)
+    estimate instead of a MemoryError traceback or a kill by the kernel. Called before the data
+    is read (with one input and output, a lower bound) and again with the data's sizes."""
+    need, what = memory_needed(cfg, *((problem.m, problem.p) if problem else ()))
     have = available_memory()
     if have is not None and need > have:
         raise InputError(
