@@ -157,7 +157,9 @@ def read_metrics(run: Path, upto: int) -> list[dict]:
                 raise ValueError(f"its columns are {reader.fieldnames}, not {list(COLUMNS)}")
             rows = [{**r, "updates": int(r["updates"])} for r in reader]
     except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path} is corrupted ({exc})") from None
+        raise InputError(
+            f"{path} is corrupted ({exc}); repair it, or delete it to resume without the earlier metrics rows"
+        ) from None
     return [r for r in rows if r["updates"] <= upto]
 
 
@@ -205,7 +207,8 @@ def load_checkpoint(run: Path, engine: Engine, k1: int, adapt: bool) -> Loop:
     try:
         engine.load(state)  # InputError when damaged or from another schedule, shape or loss
     except InputError as exc:
-        raise InputError(f"checkpoint {state} is corrupted or not from this run: {exc}") from None
+        said = str(exc).removeprefix(f"{state}: ")  # the library's message names the file too
+        raise InputError(f"checkpoint {state} is corrupted or not from this run: {said}") from None
     if not intact:
         raise InputError(f"checkpoint {state} is corrupted (its SHA-256 is not {path}'s)")
     if engine.steps != loop.updates * k1:
