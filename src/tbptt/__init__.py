@@ -5,6 +5,7 @@ The core needs numpy only. The PyTorch engine lives in `tbptt.torch` (the `torch
     model = tbptt.ElmanRNN(A, B, C, b=None, c=None, f="tanh", g="identity")
     trunc = tbptt.Truncation(k1, k2, inject="new", flush=False)
     grads = tbptt.gradients(model, x, y, truncation=None, h0=None, loss="l2")
+    x = tbptt.OneHot(ids, m)   # integer inputs: B x_t a lookup, dL/dB a scatter-add
 
 The contract every engine implements is SEMANTICS.md (the model, exact BPTT, windows, the
 TBPTT(k1, k2) schedule, frozen and online use, streams and resets).
@@ -13,6 +14,7 @@ TBPTT(k1, k2) schedule, frozen and online use, streams and resets).
 from .elman import ElmanRNN
 from .errors import InputError, NonFiniteError
 from .gradients import gradients, total_loss
+from .inputs import OneHot
 from .online import TBPTT
 from .optim import SGD, Adam, clip_grad_norm, grad_norm
 from .schedule import INJECT_MODES, Truncation, Window
@@ -27,6 +29,7 @@ __all__ = [
     "ElmanRNN",
     "InputError",
     "NonFiniteError",
+    "OneHot",
     "Truncation",
     "Window",
     "clip_grad_norm",
