@@ -32,8 +32,9 @@ import numpy as np
 
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, backprop, forward, parameter_gradients, project
-from .errors import NonFiniteError
+from .errors import InputError, NonFiniteError
 from .functions import LOSSES, loss_and_error
+from .inputs import OneHot
 from .optim import SGD, Adam, all_finite, clip_coefficient, grad_norm
 from .schedule import Truncation
 
@@ -70,9 +71,10 @@ class History:
     hold at least twice what is kept).
     """
 
-    def __init__(self, h: Array, m: int, p: int) -> None:
+    def __init__(self, h: Array, m: int, p: int, onehot: bool = False) -> None:
         self.batch, self.n = h.shape
         self.m, self.p, self.dtype = m, p, h.dtype
+        self.onehot = onehot  # x holds the ids (cap, batch) of one-hot inputs
         self.first, self.rows = 1, 0  # step held by row 0, number of steps held
         self._alloc(0)
         self.h[0] = h
@@ -80,7 +82,7 @@ class History:
     def _alloc(self, cap: int) -> None:
         b, dt = self.batch, self.dtype
         self.cap = cap
-        self.x = np.empty((cap, b, self.m), dt)  # (cap, batch, m)
+        self.x = np.empty((cap, b), np.intp) if self.onehot else np.empty((cap, b, self.m), dt)
         self.h = np.empty((cap + 1, b, self.n), dt)  # (cap + 1, batch, n)
         self.e = np.empty((cap, b, self.p), dt)  # (cap, batch, p)
 
@@ -99,6 +101,10 @@ class History:
         self.first += drop
         self.rows = kept
         return kept
+
+    def inputs(self, a: int, c: int) -> Array | OneHot:
+        """x_t of rows a..c-1: (c - a, batch, m), or a OneHot of their ids."""
+        return OneHot._of(self.x[a:c], self.m) if self.onehot else self.x[a:c]
 
 
 class TBPTT:
@@ -168,7 +174,7 @@ class TBPTT:
     def feed(
         self, x: Array, y: Array, mask: Array | None = None, reset: Array | None = None
     ) -> float:
-        """Run the next chunk (T_c, [batch,] m), updating wherever the schedule says.
+        """Run the next chunk x (T_c, [batch,] m) or tbptt.OneHot, updating where the schedule says.
 
         Returns the chunk's mean loss per (unmasked) step and stream, computed during the forward
         pass with the parameters in force at each step.
@@ -214,9 +220,12 @@ class TBPTT:
     def _forward(self, x: Array, y: Array, mask: Array | None, reset: Array | None) -> float:
         """Run steps t+1..t+len(x) with the current parameters; keep them as one segment."""
         model, hist, L = self.model, self.history, len(x)
+        if isinstance(x, OneHot) != hist.onehot:
+            hist = self._switch_inputs(isinstance(x, OneHot))
         row = hist.reserve(L, self.segments[0].t0 if self.segments else self.t + 1)
-        xs = hist.x[row : row + L]  # (L, batch, m)
-        xs[...] = x  # our own copy: the caller may refill its buffer while we keep the graph
+        # our own copy of x (L, batch, m) or its ids (L, batch): the caller may refill its buffer
+        hist.x[row : row + L] = x.ids if hist.onehot else x
+        xs = hist.inputs(row, row + L)
         traj = forward(model, xs, self.h, reset, self.h0, hs=hist.h[row : row + L + 1])
         l, e = loss_and_error(model.g, self.loss, traj.z, y, mask)
         if not (np.isfinite(traj.h[-1]).all() and np.isfinite(l).all()):
@@ -238,6 +247,17 @@ class TBPTT:
         while self.segments and self.segments[0].t1 < oldest:
             self.segments.popleft()
         return float(l.sum())
+
+    def _switch_inputs(self, onehot: bool) -> History:
+        """A History for the other kind of x (arrays or OneHot ids), when no kept step needs x."""
+        if self.segments:
+            raise InputError(
+                f"x must be {'a tbptt.OneHot' if self.history.onehot else 'an array'} like the "
+                "earlier chunks while their steps are kept for an update"
+            )
+        self.history = History(self.h, self.model.m, self.model.p, onehot)
+        self.history.first = self.t + 1
+        return self.history
 
     @property
     def phase(self) -> int:
@@ -272,7 +292,9 @@ class TBPTT:
             h_prev = np.where(np.concatenate(cuts[::-1])[:, :, None], self.h0, h_prev)
         e_inj = hist.e[i - first : c]  # (K, batch, p) e_t, t in I
         h_inj = hist.h[i - first + 1 : c + 1]  # (K, batch, n) h_t, t in I
-        return parameter_gradients(R, h_prev, hist.x[a:c], e_inj, h_inj, "b" in names, "c" in names)
+        return parameter_gradients(
+            R, h_prev, hist.inputs(a, c), e_inj, h_inj, "b" in names, "c" in names
+        )
 
     def _update(self, w) -> None:
         """Backpropagate window w through the kept segments (5.2), (5.3), then step the optimizer."""
@@ -353,7 +375,8 @@ class TBPTT:
             get = lambda k: np.array(state[f"seg{j}.{k}"]) if f"seg{j}.{k}" in state else None  # noqa: E731, B023
             saved.append((int(state[f"seg{j}.t0"]), {k: get(f"param.{k}") for k in params},
                           get("x"), get("h_prev"), get("h"), get("fprime"), get("e"), get("reset")))  # fmt: skip
-        hist = self.history = History(self.h, self.model.m, self.model.p)
+        onehot = bool(saved) and np.issubdtype(saved[0][2].dtype, np.integer)  # saved ids
+        hist = self.history = History(self.h, self.model.m, self.model.p, onehot)
         hist.first = saved[0][0] if saved else self.t + 1
         hist.reserve(sum(len(sg[2]) for sg in saved), hist.first)
         if saved:
