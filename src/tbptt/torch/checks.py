@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from ..inputs import OneHot
 from ..schedule import Truncation
 from . import state as st
 
@@ -78,6 +79,8 @@ def check_chunk(
     refill its buffers.
     """
     lead_name = "(batch, L)" if batch_first else "(L, batch)"
+    if isinstance(x, OneHot):  # integer inputs reach the module as their ids (L, batch)
+        x = x.ids
     x = torch.as_tensor(x).detach().to(device, copy=True)
     y = torch.as_tensor(y).detach().to(device, copy=True)
     if x.dim() < 2:
