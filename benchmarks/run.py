@@ -33,6 +33,10 @@ GROUPS = {  # name: (module, what it measures)
     "memory": ("memory", "peak memory of streaming training against stream length"),
     "demo": ("demo_throughput", "the default demo's characters per second"),
     "distributed": ("distributed", "the torch driver under torchrun: 2 processes against 1"),
+    "avx2": (
+        "avx2",
+        "issue 17's batch-1, integer-input and torch-engine rows with AVX2-only settings",
+    ),
 }
 
 INTRO = """\

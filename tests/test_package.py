@@ -7,10 +7,10 @@ import tbptt
 
 
 def test_import_tbptt_needs_numpy_only():
-    """`import tbptt` (and its CLI parser) loads neither torch, matplotlib nor tqdm."""
+    """`import tbptt` (and its CLI parser) loads neither torch, matplotlib, tqdm nor numba."""
     code = (
         "import sys, tbptt, tbptt.cli; tbptt.cli.build_parser(); "
-        "heavy = [m for m in ('torch', 'matplotlib', 'tqdm', 'jax') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'matplotlib', 'tqdm', 'jax', 'numba') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -204,9 +204,7 @@ def forward(
     if hs is None:
         hs = np.empty((T + 1, batch, n), A.dtype)  # h_0, h_1, ..., h_T
     h = hs[1:]  # (T, batch, n), a view: B x_t + b first, overwritten by h_t step by step
-    input_product(x, model.B, out=stacked(h))  # B x_t for every t: one product, or a lookup
-    if model.b is not None:
-        h += model.b
+    input_product(x, model.B, model.b, out=stacked(h))  # B x_t + b: one product, or a lookup
     hs[0] = h_init
     restart = h_init if h0 is None else h0
     resets = reset is not None and reset.any()

@@ -88,12 +88,16 @@ class OneHot:
         return f"OneHot(ids of shape {self.ids.shape}, m={self.m})"
 
 
-def input_product(x: Array | OneHot, B: Array, out: Array) -> Array:
-    """B x_t for every step, into out (N, n): x is (N, m) stacked rows, or a OneHot of N ids."""
+def input_product(x: Array | OneHot, B: Array, b: Array | None, out: Array) -> Array:
+    """B x_t + b for every step, into out (N, n): x is (N, m) stacked rows, or a OneHot of N ids."""
     if isinstance(x, OneHot):
-        BT = np.ascontiguousarray(B.T)  # (m, n): the looked-up columns as contiguous rows
-        return np.take(BT, x.ids.reshape(-1), axis=0, out=out)  # (1.1): column ids_t of B
-    return np.matmul(x.reshape(-1, x.shape[-1]), B.T, out=out)
+        table = B.T if b is None else B.T + b  # (m, n): row i is B e_i + b
+        table = np.ascontiguousarray(table)  # the looked-up columns as contiguous rows
+        return np.take(table, x.ids.reshape(-1), axis=0, out=out)  # (1.1): column ids_t of B
+    np.matmul(x.reshape(-1, x.shape[-1]), B.T, out=out)
+    if b is not None:
+        out += b
+    return out
 
 
 def input_gradient(R: Array, x: Array | OneHot) -> Array:
