@@ -4,7 +4,8 @@ to AVX2, so that one machine covers both kinds of CPU.
     OPENBLAS_CORETYPE=Haswell          numpy's OpenBLAS kernels (read when numpy loads)
     ATEN_CPU_CAPABILITY=avx2           torch's kernels
     XLA_FLAGS=--xla_cpu_max_isa=AVX2   JAX's compiler (XLA CPU backend of jaxlib 0.10)
-    NUMBA_CPU_NAME=haswell             tbptt's compiled loops (numba)
+    NUMBA_CPU_NAME=haswell             tbptt's compiled loops (numba), with
+    NUMBA_CPU_FEATURES=""              the CPU's own features: numba otherwise keeps the host's
 
 The child runs exact BPTT at batch 1 against JAX (bptt.py), the demo's throughput rows
 (demo_throughput.py: integer inputs, the torch engine against nn.RNN) and the online cost rows at
@@ -28,6 +29,7 @@ SETTINGS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
     "NUMBA_CPU_NAME": "haswell",
+    "NUMBA_CPU_FEATURES": "",  # unset, numba would add the host's features (AVX-512) to haswell
 }
 
 
