@@ -162,19 +162,17 @@ class ElmanRNN(nn.Module):
         else:
             if ids:
                 Bx = F.embedding(x.long(), self.B.T)  # (L, batch, n): column ids_t of B, every t
+                if self.b is not None:
+                    Bx = Bx + self.b
             else:
-                Bx = (x.reshape(L * batch, -1) @ self.B.T).view(L, batch, -1)  # (L, batch, n)
-            if self.b is not None:
-                Bx = Bx + self.b
+                Bx = F.linear(x, self.B, self.b)  # (L, batch, n): B x_t + b, one product
             f, AT = ACTIVATIONS[self.f], self.A.T
             hs = []
             for t in range(L):  # (1.1), (1.2): the only loop
                 h = f(torch.addmm(Bx[t], h, AT))  # (batch, n): f(B x_t + b + A h_{t-1})
                 hs.append(h)
             H = torch.stack(hs)  # (L, batch, n)
-        z = (H.reshape(L * batch, -1) @ self.C.T).view(L, batch, -1)  # (L, batch, p) (1.3)
-        if self.c is not None:
-            z = z + self.c
+        z = F.linear(H, self.C, self.c)  # (L, batch, p): C h_t + c (1.3), one product
         out = z if self.g == "softmax" else ACTIVATIONS[self.g](z)  # (1.4)
         return (out.transpose(0, 1) if self.batch_first else out), h
 
