@@ -90,6 +90,34 @@ def blas_info() -> dict[str, str]:
     return info
 
 
+def numba_off(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with tbptt's compiled loops switched off (TBPTT_NUMBA=0): the numpy reference."""
+
+    def run() -> object:
+        old = os.environ.get("TBPTT_NUMBA")
+        os.environ["TBPTT_NUMBA"] = "0"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["TBPTT_NUMBA"]
+            else:
+                os.environ["TBPTT_NUMBA"] = old
+
+    return run
+
+
+def compiled_loops() -> str:
+    """Whether tbptt's per-step loops run compiled here, for the notes."""
+    from tbptt import fast
+
+    if fast.compiled() is None:
+        return "tbptt's compiled loops: off (numba not installed, or TBPTT_NUMBA=0)"
+    import numba
+
+    return f"tbptt's compiled loops: numba {numba.__version__} (NUMBA_CPU_NAME={numba.config.CPU_NAME or 'host'})"
+
+
 def set_torch_threads(n: int) -> None:
     import torch
 
@@ -219,6 +247,14 @@ class Timings:
             return ""
         b = sorted(self.busy)
         return f"others' CPU use before samples: median {100 * statistics.median(b):.0f}%, max {100 * b[-1]:.0f}%"
+
+    def spread_of(self, fn: Callable[[dict[str, float]], float]) -> tuple[float, float]:
+        """Smallest and largest over repetitions of fn({case: seconds in that repetition})."""
+        names = list(self.times)
+        values = [
+            fn({k: self.times[k][i] for k in names}) for i in range(len(self.times[names[0]]))
+        ]
+        return min(values), max(values)
 
     def spread(self, slow: str, fast: str) -> tuple[float, float]:
         """Smallest and largest per-repetition ratio slow/fast (paired within a repetition)."""

@@ -6,6 +6,8 @@ Elman cell) is measured through the library directly, on the same data the demo 
 word_language_model on the same chunks:
 
     numpy         tbptt.TBPTT(ElmanRNN(V -> hidden -> V, softmax), Truncation(k1, k2), Adam, clip)
+    integer       the same, fed tbptt.OneHot(ids, V) instead of the one-hot arrays: B x_t a lookup,
+                  dL/dB a scatter-add (compiled with numba when installed; "numpy scatter" without)
     torch engine  tbptt.torch.TBPTT with tbptt.torch.ElmanRNN, the same model (when present)
     plain torch   nn.RNN(V, hidden, tanh) + nn.Linear(hidden, V): repackage_hidden, zero_grad,
                   forward, summed cross-entropy, backward, clip_grad_norm_, Adam step
@@ -18,9 +20,13 @@ stream: batch * steps / seconds. Data preparation is done before timing.
 from __future__ import annotations
 
 import numpy as np
-from common import Group, Row, interleave, load, set_blas_threads
+from common import Group, Row, compiled_loops, interleave, load, numba_off, set_blas_threads
 
 import tbptt
+from tbptt import fast
+
+ONEHOT_TARGET = 1.15  # issue 17: integer inputs against the one-hot products, numpy engine
+TORCH_TARGET = 1.03  # issue 17: tbptt.torch.ElmanRNN under the driver against the plain loop
 
 # the demo's defaults, used when tbptt.app.config is not importable
 DEFAULTS = {
@@ -89,7 +95,7 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
     demo_threads = int(cfg["threads"] or threads)
     set_blas_threads(demo_threads)
     torch.set_num_threads(demo_threads)
-    reps = reps or (3 if quick else 7)
+    reps = reps or (3 if quick else 15)
     steps = cfg["k1"] * (8 if quick else 24)
     chunks, V, data = demo_chunks(cfg, steps)
     n, batch = cfg["hidden"], cfg["batch"]
@@ -106,12 +112,22 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         n=n, m=V, p=V, bias=cfg["bias"], f=cfg["activation"], g="softmax", dtype=dtype, seed=0
     )
 
-    def numpy_engine():
+    def numpy_engine(inputs=chunks):
         d = tbptt.TBPTT(
             model0, trunc, tbptt.Adam(lr=cfg["lr"]), loss="cross_entropy", clip=cfg["clip"]
         )
-        for x, y, reset in chunks:
+        for x, y, reset in inputs:
             d.feed(x, y, reset=reset)
+        return d.model
+
+    # integer inputs: the same chunks as ids (tbptt.OneHot), prepared before timing
+    id_chunks = [(tbptt.OneHot(x.argmax(-1), V), y, r) for x, y, r in chunks]
+    same = max(
+        float(np.abs(a - b).max() / np.abs(b).max())
+        for a, b in zip(
+            numpy_engine(id_chunks).params.values(), numpy_engine().params.values(), strict=True
+        )
+    )
 
     tchunks = [
         (
@@ -142,7 +158,15 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
             torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
             opt.step()
 
-    cases = {"numpy engine": numpy_engine, "plain torch": plain_torch}
+    cases = {
+        "numpy engine": numpy_engine,
+        "numpy engine, integer inputs": lambda: numpy_engine(id_chunks),
+        "plain torch": plain_torch,
+    }
+    if fast.compiled() is not None:  # the integer inputs' scatter-add without numba
+        cases["numpy engine, integer inputs, numpy scatter"] = numba_off(
+            lambda: numpy_engine(id_chunks)
+        )
     try:
         from tbptt.torch import TBPTT, ElmanRNN, cross_entropy_loss
 
@@ -162,11 +186,39 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
     except ImportError as exc:
         group.notes.append(f"tbptt.torch not measured: {exc}.")
     t = interleave(cases, reps=reps)
-    group.notes.append(t.contention() + ".")
+    group.notes.append(f"{t.contention()}; {reps} repetitions; {compiled_loops()}.")
     chars = batch * steps
     for name in cases:
         group.rows.append(
             Row(f"{name}: characters per second", chars / t.median(name), "chars/s", "", None)
+        )
+    for name in [k for k in cases if k.startswith("numpy engine, integer")]:
+        r = t.ratio("numpy engine", name)
+        lo, hi = t.spread("numpy engine", name)
+        target = name == "numpy engine, integer inputs"
+        group.rows.append(
+            Row(
+                f"numpy engine: one-hot products time / {name[14:]} time",
+                r,
+                "x",
+                f">= {ONEHOT_TARGET}x" if target else "",
+                r >= ONEHOT_TARGET if target else None,
+                f"per-repetition range {lo:.2f}-{hi:.2f}"
+                + (f"; parameters after the run agree to {same:.1e} (relative)" if target else ""),
+            )
+        )
+    if "torch engine" in cases:
+        r = t.ratio("torch engine", "plain torch")
+        lo, hi = t.spread("torch engine", "plain torch")
+        group.rows.append(
+            Row(
+                "torch engine (tbptt.torch.ElmanRNN under the driver) time / plain torch loop time",
+                r,
+                "x",
+                f"<= {TORCH_TARGET}x",
+                r <= TORCH_TARGET,
+                f"per-repetition range {lo:.2f}-{hi:.2f}",
+            )
         )
     for name in ("numpy engine", "torch engine"):
         if name in cases:

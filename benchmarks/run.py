@@ -34,13 +34,17 @@ GROUPS = {  # name: (module, what it measures)
     "demo": ("demo_throughput", "the default demo's characters per second"),
     "distributed": ("distributed", "the torch driver under torchrun: 2 processes against 1"),
     "lightning": ("lightning_overhead", "tbptt.lightning's time per update against the driver"),
+    "avx2": (
+        "avx2",
+        "issue 17's batch-1, integer-input and torch-engine rows with AVX2-only settings",
+    ),
 }
 
 INTRO = """\
 # Performance
 
 What `make bench` (`python benchmarks/run.py --out docs/performance.md`) measured on this
-machine, against the targets of issue 6. The machine has 2 cores shared with other jobs, so no
+machine, against the targets of issues 6 and 17. The machine has 2 cores shared with other jobs, so no
 absolute time means anything from one run to the next: every figure below is a **ratio measured
 side by side in the same run, the median over interleaved repetitions** (each repetition runs
 every case once, in an order rotated from one repetition to the next, and gives one ratio of two
@@ -59,21 +63,26 @@ machine (a per-repetition range reaching far below the median shows it); the bat
 the cost-model rows and the memory rows are stable. `python benchmarks/profile_numpy.py`
 breaks the numpy engine's time into phases and audits the float32 path.
 
-Two targets are out of reach at batch 1, where every figure is a count of numpy calls more than
-of arithmetic (the details column gives this run's times):
+At batch 1 every numpy call handles one row of n numbers, so the numpy loops are a count of calls
+more than of arithmetic. With numba installed (the `fast` extra, also in `bench`), a single
+stream's forward and backward loops run compiled (`src/tbptt/compiled.py`); rows marked "numpy
+loops" repeat a measurement with `TBPTT_NUMBA=0`, the numpy reference:
 
-- Exact BPTT against JAX. Each step of the recursion is three calls forward (the n x n
-  matrix-vector product, about 1.1 us at n = 128, the add of B x_t and tanh, about 0.35 us each)
-  and three backward: a floor near 1.8 ms for 500 steps before the stacked products, where
-  jax.jit compiles the whole loop into one call.
+- Exact BPTT against JAX. The numpy loops cost three calls per step each way (the n x n
+  matrix-vector product, about 1.1 us at n = 128, the add of B x_t and f, about 0.35 us each), a
+  floor near 1.8 ms for 500 steps before the stacked products, where jax.jit compiles the whole
+  loop into one call. The compiled loops do a step in about 1 us each way.
 - Online TBPTT against its cost model. The model prices steps only. Each update also steps the
   optimizer, takes the gradient norm and checks the new parameters (a pass or two over all
-  n^2 + 2 n m of them, about the work of one or two recurrent steps at batch 1), copies A^T once
-  for the forward products, and does its stacked products over k1 = 20 rows, at a fraction of
-  the rate the model measured over 500. The "us per update beyond the model" in the details is
-  that fixed cost. At batch 1 it is a large fraction of the modelled work of an update (about
-  150 us at k1 = k2 = 20, more as k2 grows, so the ratio improves with k2); at batch 32 it is
-  within the noise.
+  n^2 + 2 n m of them, about the work of one or two recurrent steps at batch 1), and does its
+  stacked products over k1 = 20 rows, at a fraction of the rate the model measured over 500. The
+  "us per update beyond the model" in the details is that fixed cost: at batch 1 a large
+  fraction of the modelled work of an update, and larger still with the compiled loops, which
+  make the modelled steps cheaper but not the per-update work; at batch 32 it is within the noise.
+
+The `avx2` group repeats issue 17's rows in a child process with every library held to AVX2
+(`OPENBLAS_CORETYPE=Haswell`, `ATEN_CPU_CAPABILITY=avx2`, `XLA_FLAGS=--xla_cpu_max_isa=AVX2`,
+`NUMBA_CPU_NAME=haswell` with `NUMBA_CPU_FEATURES=""`), so one machine covers both kinds of CPU.
 
 Targets are checked here and reported, never asserted in tests. The benchmarks live in
 `benchmarks/` (one file per group; `python benchmarks/run.py --help`).

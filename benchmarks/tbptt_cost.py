@@ -16,6 +16,8 @@ median over repetitions is reported):
 
 for k2 / k1 in {1, 2, 4} with inject="new". The online figure includes everything the driver does
 per update (optimizer step, new model, finiteness checks): that is the overhead being measured.
+At batch 1 with numba installed the loops run compiled; the rows marked "numpy loops" repeat the
+online cases and their cost model with TBPTT_NUMBA=0.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from common import Group, Row, interleave, load
+from common import Group, Row, compiled_loops, interleave, load, numba_off
 
 import tbptt
+from tbptt import fast
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,9 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         "TBPTT(k1, k2) against its cost model, numpy engine (target 2)", load_before=load()
     )
     reps = reps or (5 if quick else 11)
-    for cfg in CONFIGS:
-        one_config(group, cfg, reps)
+    for cfg in CONFIGS:  # batch 1 carries issue 17's target: at least 15 repetitions
+        one_config(group, cfg, max(reps, 15) if cfg.batch == 1 and not quick else reps)
+    group.notes.append(compiled_loops() + "; they run at batch 1 only.")
     group.load_after = load()
     return group
 
@@ -85,6 +89,10 @@ def one_config(group: Group, cfg: Config, reps: int) -> None:
     for r, tr in truncs.items():
         cases[f"frozen {r}"] = lambda tr=tr: tbptt.gradients(model, x, y, truncation=tr)
         cases[f"online {r}"] = online(tr)
+    loops = cfg.batch <= fast.MAX_BATCH and fast.compiled() is not None
+    if loops:  # the same online rows on the numpy loops (TBPTT_NUMBA=0), with their own model
+        for name in ("forward", "exact", *(f"online {r}" for r in truncs)):
+            cases[f"{name} loops"] = numba_off(cases[name])
     t = interleave(cases, reps=reps)
     f = t.median("forward") / cfg.T  # seconds per forward step
     b = (t.median("exact") - t.median("forward")) / cfg.T  # seconds per backward step
@@ -93,29 +101,38 @@ def one_config(group: Group, cfg: Config, reps: int) -> None:
         f"(backward / forward = {b / f:.2f}); frozen T={cfg.T}, online stream of {cfg.stream} "
         f"steps fed in chunks of {cfg.chunk}; {t.contention()}."
     )
+    kinds = [("frozen", cfg.T, ""), ("online", cfg.stream, "")]
+    if loops:
+        kinds.append(("online", cfg.stream, " loops"))
     for r, tr in truncs.items():
-        for kind, steps in (("frozen", cfg.T), ("online", cfg.stream)):
-            name, back = f"{kind} {r}", tr.backward_steps(steps)
+        for kind, steps, path in kinds:
+            name, back = f"{kind} {r}{path}", tr.backward_steps(steps)
 
-            def model_time(rep: dict[str, float], steps=steps, back=back) -> float:
-                fwd = rep["forward"] / cfg.T  # this repetition's forward and backward per step
-                return fwd * steps + (rep["exact"] - rep["forward"]) / cfg.T * back
+            def model_time(rep: dict[str, float], steps=steps, back=back, p=path) -> float:
+                fwd = rep["forward" + p] / cfg.T  # this repetition's forward and backward per step
+                return fwd * steps + (rep["exact" + p] - rep["forward" + p]) / cfg.T * back
 
             ratio = t.paired(
                 lambda rep, name=name, model_time=model_time: rep[name] / model_time(rep)
             )
-            cost = f * steps + b * back
+            f_p = t.median("forward" + path) / cfg.T
+            b_p = (t.median("exact" + path) - t.median("forward" + path)) / cfg.T
+            cost = f_p * steps + b_p * back
             detail = f"medians: measured {1e3 * t.median(name):.1f} ms, model {1e3 * cost:.1f} ms"
             if kind == "online":  # what the model leaves out: a fixed cost per update
                 extra = (t.median(name) - cost) / (cfg.stream // cfg.k1)
                 detail += f"; {1e6 * extra:.0f} us per update beyond the model"
+            lo, hi = t.spread_of(
+                lambda rep, name=name, model_time=model_time: rep[name] / model_time(rep)
+            )
+            label = f"{kind}, numpy loops (TBPTT_NUMBA=0)" if path else kind
             group.rows.append(
                 Row(
-                    f"{cfg.label()}, k2={r * cfg.k1} ({kind}): time / cost model",
+                    f"{cfg.label()}, k2={r * cfg.k1} ({label}): time / cost model",
                     ratio,
                     "x",
                     f"<= {TARGET}x",
                     ratio <= TARGET,
-                    detail,
+                    f"per-repetition range {lo:.2f}-{hi:.2f}; {detail}",
                 )
             )

@@ -5,6 +5,7 @@ The core needs numpy only. The PyTorch engine lives in `tbptt.torch` (the `torch
     model = tbptt.ElmanRNN(A, B, C, b=None, c=None, f="tanh", g="identity")
     trunc = tbptt.Truncation(k1, k2, inject="new", flush=False)
     grads = tbptt.gradients(model, x, y, truncation=None, h0=None, loss="l2")
+    x = tbptt.OneHot(ids, m)   # integer inputs: B x_t a lookup, dL/dB a scatter-add
 
 Beyond truncation (SEMANTICS.md 8): tbptt.rtrl_gradients (exact, carried forward),
 tbptt.uoro_gradients and tbptt.artbp_gradients (unbiased, random), and the online trainers
@@ -20,6 +21,7 @@ from .elman import ElmanRNN
 from .errors import InputError, NonFiniteError
 from .forward_online import RTRL, UORO
 from .gradients import gradients, total_loss
+from .inputs import OneHot
 from .online import TBPTT
 from .optim import SGD, Adam, clip_grad_norm, grad_norm
 from .rtrl import rtrl_gradients
@@ -39,6 +41,7 @@ __all__ = [
     "ElmanRNN",
     "InputError",
     "NonFiniteError",
+    "OneHot",
     "Truncation",
     "Window",
     "artbp_gradients",

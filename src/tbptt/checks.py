@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import InputError
 from .functions import LOSSES
+from .inputs import OneHot
 
 Array = np.ndarray
 FLOATS = (np.float32, np.float64)
@@ -58,7 +59,7 @@ def as_param(name: str, value: object, shape: tuple[int, ...] | None, ndim: int)
 class Batch:
     """Inputs checked and promoted to the batched, time-major layout."""
 
-    x: Array  # (T, batch, m)
+    x: Array | OneHot  # (T, batch, m), or the ids (T, batch) of one-hot inputs
     y: Array  # (T, batch, p) float for L2, (T, batch) int for cross-entropy
     mask: Array | None  # (T, batch) in the model's dtype
     reset: Array | None  # (T, batch) bool
@@ -77,17 +78,26 @@ def check_batch(
     mask: object = None,
     reset: object = None,
 ) -> Batch:
-    """Check x, y, mask and reset against the model (m inputs, p outputs) and the loss."""
+    """Check x, y, mask and reset against the model (m inputs, p outputs) and the loss.
+
+    x is an array (T, [batch,] m) or a tbptt.OneHot of m inputs (ids (T, [batch])).
+    """
     if loss not in LOSSES:
         raise InputError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
     if loss == "cross_entropy" and g != "softmax":
         raise InputError(f"loss='cross_entropy' needs the model's g='softmax', got g={g!r}")
-    xa = as_float_array("x", x, dtype)
-    if xa.ndim not in (2, 3) or xa.shape[-1] != m:
-        raise InputError(f"x must have shape (T, {m}) or (T, batch, {m}), got {xa.shape}")
-    single = xa.ndim == 2
-    if single:
-        xa = xa[:, None, :]
+    if isinstance(x, OneHot):  # integer inputs: the ids, (T, batch)
+        if x.m != m:
+            raise InputError(f"x is a OneHot of m={x.m} inputs, but the model has m={m}")
+        single = x.ids.ndim == 1
+        xa = OneHot._of(x.ids[:, None] if single else x.ids, m)
+    else:
+        xa = as_float_array("x", x, dtype)
+        if xa.ndim not in (2, 3) or xa.shape[-1] != m:
+            raise InputError(f"x must have shape (T, {m}) or (T, batch, {m}), got {xa.shape}")
+        single = xa.ndim == 2
+        if single:
+            xa = xa[:, None, :]
     T, batch, _ = xa.shape
     lead = (T,) if single else (T, batch)
     if loss == "cross_entropy":

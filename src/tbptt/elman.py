@@ -17,7 +17,9 @@ Time-major arrays, a batch of independent streams on axis 1:
 
 In row form (one row per stream), A h becomes h @ A.T and A^T r becomes r @ A. Python loops only
 over the recurrences (1.1) and (2.2); every sum over t is one matrix product over the stacked
-(T * batch) axis.
+(T * batch) axis. With numba installed (tbptt[fast]), a single stream's loops run compiled
+instead (compiled.py, chosen in fast.py; TBPTT_NUMBA=0 switches them off): the same recurrences,
+equal to these to rounding.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import fast
 from .checks import FLOATS, as_param
 from .errors import InputError
-from .functions import OUTPUTS, activation
+from .functions import OUTPUTS, Activation, activation
+from .inputs import OneHot, input_gradient, input_product
 
 Array = np.ndarray
+ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "identity": 3}  # f in compiled.py
 
 
 class ElmanRNN:
@@ -173,7 +178,7 @@ class ElmanRNN:
 class Trajectory:
     """What the forward pass keeps for the backward pass, all time-major."""
 
-    x: Array  # (T, batch, m) inputs
+    x: Array | OneHot  # (T, batch, m) inputs, or their ids (T, batch) when one-hot
     h_prev: Array  # (T, batch, n) the state each step started from: h_{t-1}, or h_0 after a reset
     h: Array  # (T, batch, n) states h_t
     fprime: Array  # (T, batch, n) f'(a_t)
@@ -189,44 +194,65 @@ def forward(
     h0: Array | None = None,
     hs: Array | None = None,
 ) -> Trajectory:
-    """Run (1.1)-(1.3) over x (T, batch, m) from h_init (batch, n).
+    """Run (1.1)-(1.3) over x (T, batch, m) (or a OneHot of ids (T, batch)) from h_init (batch, n).
 
     Where reset[t, j] is true, stream j starts step t from h0 (a constant; default h_init).
     hs: optional (T + 1, batch, n) C-contiguous buffer for h_init, h_1, ..., h_T (the online
     driver's history); the trajectory's h and h_prev are then views of it.
     Inputs are assumed checked (see checks.py).
     """
-    A, B, C = model.A, model.B, model.C
+    A, C = model.A, model.C
     T, batch, _ = x.shape
     n = A.shape[0]
     f = activation(model.f)
     if hs is None:
         hs = np.empty((T + 1, batch, n), A.dtype)  # h_0, h_1, ..., h_T
     h = hs[1:]  # (T, batch, n), a view: B x_t + b first, overwritten by h_t step by step
-    np.matmul(stacked(x), B.T, out=stacked(h))  # B x_t for every t, one product
-    if model.b is not None:
-        h += model.b
+    input_product(x, model.B, model.b, out=stacked(h))  # B x_t + b: one product, or a lookup
     hs[0] = h_init
-    AT = np.ascontiguousarray(A.T)  # (n, n); a transposed view would be copied every step
-    Ah = np.empty((batch, n), A.dtype)  # A h_{t-1}
     restart = h_init if h0 is None else h0
     resets = reset is not None and reset.any()
-    rows = list(hs)  # views h_0, ..., h_T: indexing once here, not in the loop
-    fn = f.fn
-    for t, (prev, cur) in enumerate(zip(rows[:-1], rows[1:], strict=True)):  # (1.1), (1.2)
-        if resets and reset[t].any():
-            prev = np.where(reset[t][:, None], restart, prev)
-        np.dot(prev, AT, out=Ah)  # A h_{t-1}  (np.dot: less per-call overhead than matmul)
-        np.add(Ah, cur, out=cur)  # a_t = A h_{t-1} + B x_t + b
-        fn(cur, cur)  # h_t = f(a_t), in place
+    kernels = fast.kernels(batch)
+    if kernels is not None:  # the same loop compiled (tbptt[fast]), f and f' fused into it
+        fprime = np.empty_like(h)  # (T, batch, n)
+        cut = np.ascontiguousarray(reset) if resets else None
+        code = ACTIVATION_CODES[model.f]
+        A, restart = np.ascontiguousarray(A), np.ascontiguousarray(restart)
+        kernels.forward_steps(hs, A, code, fprime, cut, restart)
+    else:
+        forward_steps(hs, A, f, reset if resets else None, restart)
+        fprime = f.grad(h)  # (T, batch, n) f'(a_t), from h_t
     h_prev = hs[:-1]  # (T, batch, n), a view: h_{t-1}
     if resets:
         h_prev = np.where(reset[:, :, None], restart, h_prev)  # h_0 where a stream restarted
-    fprime = f.grad(h)  # (T, batch, n) f'(a_t), from h_t
     z = project(h, C.T)  # (T, batch, p) (1.3)
     if model.c is not None:
         z += model.c
     return Trajectory(x=x, h_prev=h_prev, h=h, fprime=fprime, z=z, reset=reset if resets else None)
+
+
+def forward_steps(hs: Array, A: Array, f: Activation, reset: Array | None, restart: Array) -> None:
+    """(1.1), (1.2) in place over hs (T + 1, batch, n), one step at a time: the reference loop.
+
+    On entry hs[0] holds h_0 and hs[t] (t >= 1) holds B x_t + b; on exit hs[t] holds h_t.
+    reset: None or (T, batch) bool, where stream j starts step t from restart[j] (batch, n).
+    compiled.forward_steps is the same loop compiled (it also writes f'(a_t)).
+    """
+    batch, n = hs.shape[1:]
+    one = batch == 1  # one stream: A h_{t-1} as A @ h, a matrix-vector product on A itself
+    AT = None if one else np.ascontiguousarray(A.T)  # (n, n): a transposed view copied per step
+    Ah = np.empty(n if one else (batch, n), A.dtype)  # A h_{t-1}
+    rows = list(hs[:, 0] if one else hs)  # views h_0, ..., h_T: indexed once, not in the loop
+    fn = f.fn
+    for t, (prev, cur) in enumerate(zip(rows[:-1], rows[1:], strict=True)):  # (1.1), (1.2)
+        if reset is not None and reset[t].any():
+            prev = restart[0] if one else np.where(reset[t][:, None], restart, prev)
+        if one:
+            np.dot(A, prev, out=Ah)  # A h_{t-1}  (np.dot: less per-call overhead than matmul)
+        else:
+            np.dot(prev, AT, out=Ah)
+        np.add(Ah, cur, out=cur)  # a_t = A h_{t-1} + B x_t + b
+        fn(cur, cur)  # h_t = f(a_t), in place
 
 
 def backprop(
@@ -252,6 +278,11 @@ def backprop(
     R = np.empty_like(fprime) if out is None else out  # (L, batch, n)
     back = np.zeros((batch, n), fprime.dtype) if carry is None else carry.copy()  # A^T r_{t+1}
     cuts = cut is not None and cut.any()
+    kernels = fast.kernels(batch)
+    if kernels is not None:  # the same loop compiled (tbptt[fast])
+        cut = np.ascontiguousarray(cut) if cuts else None
+        kernels.backward_steps(R, fprime, np.ascontiguousarray(A), dh, back, cut)
+        return R, back
     rows = list(zip(R, fprime, strict=True))  # views, indexed once
     for t in range(L - 1, -1, -1):  # (3.1), from u down to s
         r, fp = rows[t]
@@ -284,12 +315,12 @@ def parameter_gradients(
 ) -> dict[str, Array]:
     """(2.3) and (2.4) as one matrix product each over the stacked time axis.
 
-    R, h_prev: (L, batch, n); x: (L, batch, m); e: (K, batch, p) and h: (K, batch, n) for the
+    R, h_prev: (L, batch, n); x: (L, batch, m) or a OneHot; e: (K, batch, p) and h: (K, batch, n) for the
     injected steps (e already weighted by how many windows inject each step).
     """
     grads = {
         "A": stacked(R).T @ stacked(h_prev),  # sum_t r_t h_{t-1}^T
-        "B": stacked(R).T @ stacked(x),  # sum_t r_t x_t^T
+        "B": input_gradient(stacked(R), x),  # sum_t r_t x_t^T: a product, or a scatter-add
         "C": stacked(e).T @ stacked(h),  # sum_t e_t h_t^T
     }
     if bias_b:

@@ -39,6 +39,7 @@ import numpy as np
 from .checks import check_batch, check_h0
 from .elman import ElmanRNN, backprop, parameter_gradients, project
 from .errors import InputError
+from .inputs import OneHot
 from .optim import SGD, Adam
 from .schedule import Truncation
 from .updates import (
@@ -89,9 +90,10 @@ class History:
     hold at least twice what is kept).
     """
 
-    def __init__(self, h: Array, m: int, p: int) -> None:
+    def __init__(self, h: Array, m: int, p: int, onehot: bool = False) -> None:
         self.batch, self.n = h.shape
         self.m, self.p, self.dtype = m, p, h.dtype
+        self.onehot = onehot  # x holds the ids (cap, batch) of one-hot inputs
         self.first, self.rows = 1, 0  # step held by row 0, number of steps held
         self._alloc(0)
         self.h[0] = h
@@ -99,7 +101,7 @@ class History:
     def _alloc(self, cap: int) -> None:
         b, dt = self.batch, self.dtype
         self.cap = cap
-        self.x = np.empty((cap, b, self.m), dt)  # (cap, batch, m)
+        self.x = np.empty((cap, b), np.intp) if self.onehot else np.empty((cap, b, self.m), dt)
         self.h = np.empty((cap + 1, b, self.n), dt)  # (cap + 1, batch, n)
         self.e = np.empty((cap, b, self.p), dt)  # (cap, batch, p)
 
@@ -118,6 +120,10 @@ class History:
         self.first += drop
         self.rows = kept
         return kept
+
+    def inputs(self, a: int, c: int) -> Array | OneHot:
+        """x_t of rows a..c-1: (c - a, batch, m), or a OneHot of their ids."""
+        return OneHot._of(self.x[a:c], self.m) if self.onehot else self.x[a:c]
 
 
 class TBPTT:
@@ -183,7 +189,7 @@ class TBPTT:
     def feed(
         self, x: Array, y: Array, mask: Array | None = None, reset: Array | None = None
     ) -> float:
-        """Run the next chunk (T_c, [batch,] m), updating wherever the schedule says.
+        """Run the next chunk x (T_c, [batch,] m) or tbptt.OneHot, updating where the schedule says.
 
         Returns the chunk's mean loss sum(w l) / sum(w) over its steps and streams (w the mask
         weights, 1 without a mask; 0 when every weight is 0), computed during the forward pass
@@ -238,9 +244,12 @@ class TBPTT:
     def _forward(self, x: Array, y: Array, mask: Array | None, reset: Array | None) -> float:
         """Run steps t+1..t+len(x) with the current parameters; keep them as one segment."""
         model, hist, L = self.model, self.history, len(x)
+        if isinstance(x, OneHot) != hist.onehot:
+            hist = self._switch_inputs(isinstance(x, OneHot))
         row = hist.reserve(L, self.segments[0].t0 if self.segments else self.t + 1)
-        xs = hist.x[row : row + L]  # (L, batch, m)
-        xs[...] = x  # our own copy: the caller may refill its buffer while we keep the graph
+        # our own copy of x (L, batch, m) or its ids (L, batch): the caller may refill its buffer
+        hist.x[row : row + L] = x.ids if hist.onehot else x
+        xs = hist.inputs(row, row + L)
         hs = hist.h[row : row + L + 1]  # the forward pass writes its states here
         args = (xs, y, self.h, self.h0, self.loss, mask, reset, self.t, self.updates)
         traj, l, e = forward_checked(model, *args, hs=hs)
@@ -258,6 +267,17 @@ class TBPTT:
         oldest = self.truncation.next_update(self.t) - self.truncation.k2 + 1
         while self.segments and self.segments[0].t1 < oldest:
             self.segments.popleft()
+
+    def _switch_inputs(self, onehot: bool) -> History:
+        """A History for the other kind of x (arrays or OneHot ids), when no kept step needs x."""
+        if self.segments:
+            raise InputError(
+                f"x must be {'a tbptt.OneHot' if self.history.onehot else 'an array'} like the "
+                "earlier chunks while their steps are kept for an update"
+            )
+        self.history = History(self.h, self.model.m, self.model.p, onehot)
+        self.history.first = self.t + 1
+        return self.history
 
     @property
     def phase(self) -> int:
@@ -293,7 +313,9 @@ class TBPTT:
             h_prev = np.where(np.concatenate(cuts[::-1])[:, :, None], self.h0, h_prev)
         e_inj = hist.e[i - first : c]  # (K, batch, p) e_t, t in I
         h_inj = hist.h[i - first + 1 : c + 1]  # (K, batch, n) h_t, t in I
-        return parameter_gradients(R, h_prev, hist.x[a:c], e_inj, h_inj, "b" in names, "c" in names)
+        return parameter_gradients(
+            R, h_prev, hist.inputs(a, c), e_inj, h_inj, "b" in names, "c" in names
+        )
 
     def _count(self, w) -> float:
         """(5.4): N, the injected (step, stream) losses of window w, mask weights summed."""
@@ -374,15 +396,14 @@ class TBPTT:
         self.segments, self.history = deque(), None
         if self.h is None:
             return
-        hist = self.history = History(self.h, self.model.m, self.model.p)
         n_segs = sum(1 for k in state if k.endswith(".t0") and k.startswith("seg"))
+        onehot = n_segs > 0 and np.issubdtype(state["seg0.x"].dtype, np.integer)  # saved ids
+        hist = self.history = History(self.h, self.model.m, self.model.p, onehot)
         get = lambda j, k: np.array(state[f"seg{j}.{k}"]) if f"seg{j}.{k}" in state else None  # noqa: E731
         if n_segs:
             hist.first = int(state["seg0.t0"])
             hist.reserve(sum(len(state[f"seg{j}.x"]) for j in range(n_segs)), hist.first)
-            hist.h[0] = state["seg0.h_prev"][
-                0
-            ]  # h_{t0-1} (h0 where that step restarted: the same use)
+            hist.h[0] = state["seg0.h_prev"][0]  # h_{t0-1} (h0 where that step restarted too)
         else:
             hist.first = self.t + 1
         for j in range(n_segs):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..inputs import OneHot
 from ..schedule import Truncation
 from . import state as st
 
@@ -161,6 +162,8 @@ def check_chunk(
     beyond the call (TBPTT.feed).
     """
     lead_name = "(batch, L)" if batch_first else "(L, batch)"
+    if isinstance(x, OneHot):  # integer inputs reach the module as their ids (L, batch)
+        x = x.ids
     x = _tensor(x, "x", device)
     y = None if y is None else _tensor(y, "y", device)
     mask = None if mask is None else _tensor(mask, "mask", device)

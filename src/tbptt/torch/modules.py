@@ -8,7 +8,10 @@ ElmanRNN is the seed's model (SEMANTICS.md 1) as an nn.Module with the numpy eng
     (1.4)  yhat_t = g(z_t)
 
 Its forward returns yhat_t = g(z_t) for an elementwise g, and the logits z_t when g = "softmax"
-(cross_entropy_loss applies the softmax itself, as (1.5) with g = softmax asks).
+(cross_entropy_loss applies the softmax itself, as (1.5) with g = softmax asks). For f = tanh or
+relu the steps (1.1)-(1.2) run on torch's RNN kernel, the one nn.RNN uses (same arithmetic, the
+step loop in C++); other f step through time in Python. Integer inputs (ids (L, batch), the
+ids of tbptt.OneHot) look B x_t up as a column of B (an embedding of B^T).
 
 Recurrent wraps nn.RNN, nn.GRU or nn.LSTM (any number of layers) and an output head:
 module(x, state) = (head(rnn(x, state).output), rnn(x, state).state); state None means zeros.
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..inputs import OneHot
 
 Tensor = torch.Tensor
 
@@ -40,6 +44,8 @@ ACTIVATIONS = {
     "identity": lambda a: a,
 }
 OUTPUTS = (*ACTIVATIONS, "softmax")
+FUSED = ("tanh", "relu")  # the f that torch's RNN kernel runs (nn.RNN's nonlinearity)
+IDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def l2_loss(output: Tensor, y: Tensor) -> Tensor:
@@ -133,31 +139,53 @@ class ElmanRNN(nn.Module):
         return self.C.shape[0]
 
     def forward(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Run (1.1)-(1.4) over x (L, batch, m) from h (batch, n); returns (yhat or z, h_L)."""
+        """Run (1.1)-(1.4) over x (L, batch, m) from h (batch, n); returns (yhat or z, h_L).
+
+        x may also be integer ids (L, batch) of one-hot inputs (tbptt.OneHot's ids): B x_t is then
+        column ids_t of B, looked up (an embedding of B^T), and dL/dB a scatter-add.
+        """
+        if isinstance(x, OneHot):
+            x = torch.as_tensor(x.ids, device=self.A.device)
+        ids = x.dtype in IDS  # integer inputs: one-hot x_t given by its index
         if self.batch_first:
-            x = x.transpose(0, 1)  # (L, batch, m)
-        if x.dim() != 3 or x.shape[-1] != self.m:
-            raise InputError(f"x must have shape (L, batch, {self.m}), got {tuple(x.shape)}")
-        L, batch, _ = x.shape
+            x = x.transpose(0, 1)  # (L, batch, m), or ids (L, batch)
+        want = "(L, batch) integer ids" if ids else f"(L, batch, {self.m})"
+        if x.dim() != (2 if ids else 3) or (not ids and x.shape[-1] != self.m):
+            raise InputError(f"x must have shape {want}, got {tuple(x.shape)}")
+        L, batch = x.shape[:2]
         if h is None:
-            h = x.new_zeros(batch, self.n)
+            h = self.A.new_zeros(batch, self.n)
         elif not isinstance(h, Tensor) or h.shape != (batch, self.n):
             got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
             raise InputError(f"state must have shape ({batch}, {self.n}) (batch, n), got {got}")
-        f = ACTIVATIONS[self.f]
-        Bx = (x.reshape(L * batch, -1) @ self.B.T).view(L, batch, -1)  # (L, batch, n): B x_t
-        if self.b is not None:
-            Bx = Bx + self.b
-        hs = []
-        for t in range(L):  # (1.1), (1.2): the only loop
-            h = f(Bx[t] + h @ self.A.T)  # (batch, n)
-            hs.append(h)
-        H = torch.stack(hs)  # (L, batch, n)
-        z = (H.reshape(L * batch, -1) @ self.C.T).view(L, batch, -1)  # (L, batch, p) (1.3)
-        if self.c is not None:
-            z = z + self.c
+        if self.f in FUSED and not ids:
+            H, h = self._fused(x, h)
+        else:
+            if ids:
+                Bx = F.embedding(x.long(), self.B.T)  # (L, batch, n): column ids_t of B, every t
+                if self.b is not None:
+                    Bx = Bx + self.b
+            else:
+                Bx = F.linear(x, self.B, self.b)  # (L, batch, n): B x_t + b, one product
+            f, AT = ACTIVATIONS[self.f], self.A.T
+            hs = []
+            for t in range(L):  # (1.1), (1.2): the only loop
+                h = f(torch.addmm(Bx[t], h, AT))  # (batch, n): f(B x_t + b + A h_{t-1})
+                hs.append(h)
+            H = torch.stack(hs)  # (L, batch, n)
+        z = F.linear(H, self.C, self.c)  # (L, batch, p): C h_t + c (1.3), one product
         out = z if self.g == "softmax" else ACTIVATIONS[self.g](z)  # (1.4)
         return (out.transpose(0, 1) if self.batch_first else out), h
+
+    def _fused(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(1.1), (1.2) for f = tanh or relu on torch's RNN kernel (what nn.RNN runs): the same
+        arithmetic, (B x_t + b) + (A h_{t-1} + 0), with the step loop in C++ (or cuDNN)."""
+        params = [self.B, self.A]
+        if self.b is not None:  # nn.RNN has two biases; the seed's model has one
+            params += [self.b, self.b.new_zeros(self.n)]
+        rnn = torch._VF.rnn_tanh if self.f == "tanh" else torch._VF.rnn_relu
+        H, h_n = rnn(x, h[None], params, self.b is not None, 1, 0.0, self.training, False, False)
+        return H, h_n[0]  # (L, batch, n), (batch, n)
 
     # -- the numpy engine's model ---------------------------------------------------------------
     @classmethod
