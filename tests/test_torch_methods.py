@@ -206,6 +206,7 @@ def test_rtrl_frozen_is_exact_bptt(make) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_artbp_and_uoro_are_unbiased_on_an_lstm() -> None:
     """The mean of many ARTBP (c = 0.4) and UORO estimates on a 2-layer nn.LSTM approaches exact
     BPTT: with M draws, every coordinate's z = (mean - exact) / (sd / sqrt(M)) lies below the
