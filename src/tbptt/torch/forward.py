@@ -135,6 +135,11 @@ class ForwardMode(TBPTT):
     def _allocate(self, batch: int, n: int, size: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def _restart_influence(self, rows: Tensor) -> None:
+        """The streams `rows` (batch,) restart: no influence before this step."""
+        for a in self.influence.values():
+            a[rows] = 0
+
     def _influence_step(self, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict) -> Tensor:
         """(8.16)'s second term summed over the streams, (|theta|,), and the influence advanced
         to step t. x: the step's input; v (batch, n) h_{t-1}; dl_dh (batch, n); P: the
@@ -167,8 +172,9 @@ class ForwardMode(TBPTT):
         """(dF/dh) tangent, per stream (batch, n)."""
         return jvp(self._state_map(P, x), (v,), (tangent,))[1]
 
-    def _vjp_theta(self, P: dict, x: Tensor, v: Tensor, nu: Tensor) -> Tensor:
-        """nu_j^T dF/dtheta for every stream j: (batch, |theta|)."""
+    def _vjp_theta(self, P: dict, x: Tensor, v: Tensor, nu: Tensor) -> list[Tensor]:
+        """nu_j^T dF/dtheta for every stream j, one (batch, numel) tensor per parameter of theta
+        (in the order of self.recurrent; not concatenated: a copy of batch x |theta|)."""
         F, names = self._per_stream(P), self.recurrent
         theta = {k: P[k] for k in names}
 
@@ -176,7 +182,11 @@ class ForwardMode(TBPTT):
             return vjp(lambda th: F(xj, vj, th), theta)[1](nuj)[0]
 
         g = vmap(one, in_dims=(1 - self._tdim, 0, 0))(x, v, nu)
-        return torch.cat([g[k].reshape(len(v), -1) for k in names], 1)
+        return [g[k].reshape(len(v), -1) for k in names]
+
+    def _sizes(self) -> list[int]:
+        """The entries of each parameter of theta, in order."""
+        return [self._named[k].numel() for k in self.recurrent]
 
     # -- the stream (driver.py's forward pass and update, replaced) -----------------------------
     def _forward(self, x: Tensor, y: Tensor, mask: Tensor | None, reset: Tensor | None) -> None:
@@ -197,8 +207,8 @@ class ForwardMode(TBPTT):
         if reset is not None and bool(reset.any()):  # (6.1), and no influence before step t
             row = reset.reshape(-1)
             state = st.restart(state, self.state0, row, self._dims(state))
-            for a in (self.influence or {}).values():
-                a[row] = 0
+            if self.influence is not None:
+                self._restart_influence(row)
         v = self._flat.flat(state).detach()  # (batch, n) h_{t-1}
         leaf = v.clone().requires_grad_()
         out, new = self._call(x, self._flat.unflat(leaf), None)
@@ -225,11 +235,8 @@ class ForwardMode(TBPTT):
         for k, g in zip(self._named, grads[:-1], strict=True):
             if g is not None:
                 self._add(k, g)
-        offset = 0
-        for k in self.recurrent:
-            size = self._named[k].numel()
-            self._add(k, g_theta[offset : offset + size].view_as(self._named[k]))
-            offset += size
+        for k, g in zip(self.recurrent, g_theta.split(self._sizes()), strict=True):
+            self._add(k, g.view_as(self._named[k]))
         self._state = st.detach(new)
         self.t += 1
         self._sum_count += float(self.batch) if mask is None else float(mask.sum())

@@ -14,6 +14,9 @@ derivatives of forward.py (8.15):
     (8.9)  rho1 = sqrt((||nu_t^T dF/dtheta|| + eps) / (||nu_t|| + eps)),   eps = 1e-7
 
 E[s~_t theta~_t^T] = J_t, so the summed contributions are an unbiased estimate of exact BPTT.
+theta~ is kept as kappa Theta with a scalar kappa per stream (as uoro.py does): the division by
+rho0 is then a scalar update, Theta changes by one pass per step, and kappa is folded into Theta
+when it leaves a safe range.
 The signs are drawn from a numpy Generator as tbptt.UORO draws them (draws.py): a seed gives the
 numpy engine's signs for the seed's model. Cost per step and stream: the module's step about
 four times (forward, backward, a jvp, a vjp per stream) and O(|theta| + n) for s~ and theta~.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.linalg import vector_norm
 
 from ..errors import InputError
 from ..uoro import EPS
@@ -35,6 +39,7 @@ from .forward import ForwardMode
 from .modules import l2_loss
 
 Tensor = torch.Tensor
+KAPPA_RANGE = {torch.float64: 1e100, torch.float32: 1e15}  # fold kappa into Theta beyond
 
 
 class UORO(ForwardMode):
@@ -53,8 +58,8 @@ class UORO(ForwardMode):
             tbptt.torch.TBPTT.
 
     feed, finish, predict, save, load, state_dict, load_state_dict, state, t, updates: as
-    tbptt.torch.TBPTT. influence: {"s": s~ (batch, n), "theta": theta~ (batch, |theta|)};
-    recurrent: the names of theta's parameters.
+    tbptt.torch.TBPTT. influence: {"s": s~ (batch, n), "theta": Theta (batch, |theta|), "kappa":
+    (batch,)}, theta~ = kappa Theta; recurrent: the names of theta's parameters, in order.
     """
 
     NAME = "UORO"
@@ -98,7 +103,7 @@ class UORO(ForwardMode):
     def _allocate(self, batch: int, n: int, size: int) -> dict[str, Tensor]:
         like = next(iter(self._named.values()))
         zeros = lambda *shape: torch.zeros(shape, dtype=like.dtype, device=like.device)  # noqa: E731
-        return {"s": zeros(batch, n), "theta": zeros(batch, size)}
+        return {"s": zeros(batch, n), "theta": zeros(batch, size), "kappa": zeros(batch) + 1}
 
     def _signs(self, batch: int, n: int, like: Tensor) -> Tensor:
         """nu_t (8.6) of this process's streams, from the draws for every stream of every
@@ -115,18 +120,34 @@ class UORO(ForwardMode):
         u = self.rng.random((world * batch, n))[rank * batch : (rank + 1) * batch]
         return torch.from_numpy(np.where(u < 0.5, -1.0, 1.0)).to(like)
 
+    def _restart_influence(self, rows: Tensor) -> None:
+        for k in ("s", "theta"):
+            self.influence[k][rows] = 0
+        self.influence["kappa"][rows] = 1
+
     def _influence_step(self, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict) -> Tensor:
-        """(8.5)-(8.9) for every stream; returns the first term of (8.5) summed over them."""
-        s, theta, eps = self.influence["s"], self.influence["theta"], self.eps
+        """(8.5)-(8.9) for every stream; returns the first term of (8.5) summed over them.
+
+        theta~ is kept as kappa Theta (a scalar kappa per stream), so that the division by rho0
+        is a scalar update and Theta changes once per step, by nu^T dF/dtheta / (rho1 kappa)."""
+        s, Theta, kappa, eps = (*(self.influence[k] for k in ("s", "theta", "kappa")), self.eps)
         c = (dl_dh * s).sum(1)  # (batch,) dl_t/dh_{t-1} . s~_{t-1}
-        g = c @ theta  # (|theta|,) sum_j c_j theta~_j
+        g = (c * kappa) @ Theta  # (|theta|,) sum_j c_j theta~_j
         nu = self._signs(*s.shape, s)  # (batch, n)
         Js = self._jvp(P, x, v, s)  # (batch, n) (dF/dh) s~_{t-1}
-        nuF = self._vjp_theta(P, x, v, nu)  # (batch, |theta|) nu_t^T dF/dtheta
-        rho0 = ((theta.norm(dim=1) + eps) / (Js.norm(dim=1) + eps)).sqrt()  # (8.8)
-        rho1 = ((nuF.norm(dim=1) + eps) / (nu.norm(dim=1) + eps)).sqrt()  # (8.9)
+        nuF = self._vjp_theta(P, x, v, nu)  # (batch, numel) per parameter: nu_t^T dF/dtheta
+        nuF_norm = torch.stack([vector_norm(a, dim=1) for a in nuF]).square().sum(0).sqrt()
+        rho0 = ((kappa * vector_norm(Theta, dim=1) + eps) / (vector_norm(Js, dim=1) + eps)).sqrt()
+        rho1 = ((nuF_norm + eps) / (vector_norm(nu, dim=1) + eps)).sqrt()  # (8.8), (8.9)
         s.copy_(rho0[:, None] * Js + rho1[:, None] * nu)  # (8.7)
-        theta.div_(rho0[:, None]).add_(nuF / rho1[:, None])
+        kappa.div_(rho0)  # theta~_{t-1} / rho0
+        beta = (1 / (rho1 * kappa))[:, None]
+        for part, a in zip(Theta.split(self._sizes(), 1), nuF, strict=True):
+            part.addcmul_(a, beta)  # theta~ += nu^T dF/dtheta / rho1
+        bound = KAPPA_RANGE.get(kappa.dtype, 1e15)
+        if float(kappa.max()) > bound or float(kappa.min()) < 1 / bound:  # fold kappa in
+            Theta.mul_(kappa[:, None])
+            kappa.fill_(1)
         return g
 
     # -- saving (driver.py's schedule methods) -------------------------------------------------
