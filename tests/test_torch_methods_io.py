@@ -142,7 +142,8 @@ def test_bad_settings_are_one_line_errors() -> None:
 def test_rtrl_too_large_is_refused_with_its_size() -> None:
     """RTRL's influence of 2 streams x 8 state entries (h, c) x 144 parameters (the LSTM's, not
     its head's) in float64, three copies: 55,296 bytes, refused under max_bytes = 50,000 at the
-    first step; nothing trained."""
+    first step, nothing trained; 20,000 bytes are too few for one stream, refused when the trainer
+    is made (the LSTM's sizes are known then)."""
     torch.manual_seed(0)
     model = Recurrent(nn.LSTM(M, H), nn.Linear(H, P)).to(DT)
     before = [p.detach().clone() for p in model.parameters()]
@@ -154,6 +155,9 @@ def test_rtrl_too_large_is_refused_with_its_size() -> None:
     assert "needs batch x state x |theta| = 2 x 8 x 144 = 2,304 entries, 54 KiB" in msg
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert driver.updates == 0
+    with pytest.raises(InputError) as err:  # too large for one stream: told when it is made
+        RTRL(model, torch.optim.SGD(model.parameters(), lr=0.1), max_bytes=20_000)
+    assert "= 1 x 8 x 144 = 1,152 entries, 27 KiB" in one_line(err)
 
 
 @pytest.mark.parametrize("kind", [UORO, RTRL])

@@ -72,6 +72,10 @@ class RTRL(ForwardMode):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int | float) or max_bytes <= 0:
             raise InputError(f"max_bytes must be a positive number, got {max_bytes!r}")
         self.max_bytes = max_bytes
+        known = expected_size(model)
+        if known is not None:  # told now, for one stream, when the model's structure says it
+            like = next((p for p in model.parameters() if p.is_floating_point()), None)
+            check_size(1, *known, like.dtype, like.element_size(), max_bytes)
         super().__init__(
             model,
             optimizer,
@@ -88,15 +92,7 @@ class RTRL(ForwardMode):
     def _allocate(self, batch: int, n: int, size: int) -> dict[str, Tensor]:
         """J at zero, after checking that it fits (InputError giving the size if not)."""
         like = next(iter(self._named.values()))
-        entries = batch * n * size
-        need = 3 * entries * like.element_size()
-        if need > self.max_bytes:
-            raise InputError(
-                f"RTRL's influence matrix J = dh/dtheta needs batch x state x |theta| = {batch} x "
-                f"{n} x {size:,} = {entries:,} entries, {size_text(need)} with its two "
-                f"companions in {like.dtype}, more than max_bytes = {size_text(self.max_bytes)}; "
-                "use UORO or ARTBP, a smaller model or fewer streams, or raise max_bytes"
-            )
+        check_size(batch, n, size, like.dtype, like.element_size(), self.max_bytes)
         return {"J": torch.zeros(batch, n, size, dtype=like.dtype, device=like.device)}
 
     def _influence_step(self, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict) -> Tensor:
@@ -125,3 +121,39 @@ def size_text(n: float) -> str:
             v = n / scale
             return f"{v:,.1f} {unit}" if v < 10 else f"{v:,.0f} {unit}"
     return f"{n:,.0f} bytes"
+
+
+def check_size(
+    batch: int, n: int, size: int, dtype: torch.dtype, itemsize: int, max_bytes: float
+) -> None:
+    """InputError, giving the size, when J and its two companions exceed max_bytes."""
+    entries = batch * n * size
+    need = 3 * entries * itemsize
+    if need > max_bytes:
+        raise InputError(
+            f"RTRL's influence matrix J = dh/dtheta needs batch x state x |theta| = {batch} x "
+            f"{n} x {size:,} = {entries:,} entries, {size_text(need)} with its two companions "
+            f"in {dtype}, more than max_bytes = {size_text(max_bytes)}; use UORO or ARTBP, a "
+            "smaller model or fewer streams, or raise max_bytes"
+        )
+
+
+def expected_size(model: nn.Module) -> tuple[int, int] | None:
+    """(state entries per stream, |theta|) where the model's structure tells them before it
+    runs: the seed's ElmanRNN (theta = A, B, b) and Recurrent around nn.RNN, nn.GRU, nn.LSTM
+    (theta = the rnn's parameters); None for other modules (the first step tells)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .modules import ElmanRNN, Recurrent
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if isinstance(model, ElmanRNN):
+        return model.n, model.n * (model.n + model.m + (model.b is not None))
+    if isinstance(model, Recurrent) and isinstance(model.rnn, nn.RNNBase):
+        rnn = model.rnn
+        h = rnn.proj_size if getattr(rnn, "proj_size", 0) else rnn.hidden_size
+        c = rnn.hidden_size if isinstance(rnn, nn.LSTM) else 0
+        n = rnn.num_layers * (2 if rnn.bidirectional else 1) * (h + c)
+        return n, sum(p.numel() for p in rnn.parameters() if p.requires_grad)
+    return None
