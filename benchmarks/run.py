@@ -30,6 +30,7 @@ GROUPS = {  # name: (module, what it measures)
     "tbptt_cost": ("tbptt_cost", "TBPTT(k1, k2) against its cost model, numpy engine"),
     "unbiased": ("unbiased_cost", "RTRL, UORO and ARTBP against their cost models, numpy engine"),
     "torch": ("torch_driver", "the PyTorch engine's driver against hand-written loops"),
+    "torch_methods": ("torch_methods", "ARTBP, UORO and RTRL in the PyTorch engine against TBPTT"),
     "memory": ("memory", "peak memory of streaming training against stream length"),
     "demo": ("demo_throughput", "the default demo's characters per second"),
     "distributed": ("distributed", "the torch driver under torchrun: 2 processes against 1"),

@@ -518,7 +518,7 @@ def test_train_with_each_method_resumes_exactly(tmp_path, capsys, method):
         (["--method", "tbptt", "--cut", 0.1], "--cut applies to --method artbp"),
         (["--method", "artbp"], "--method artbp needs --cut"),
         (["--method", "artbp", "--cut", 1.5], "a probability in [0, 1]"),
-        (["--method", "uoro", "--engine", "torch"], "needs --engine numpy"),
+        (["--method", "rtrl", "--engine", "torch", "--cell", "lstm", "--hidden", 400], "entries"),
         (["--method", "rtrl", "--hidden", 400, "--task", "copy"], "entries"),
     ],
 )

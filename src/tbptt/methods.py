@@ -39,15 +39,18 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 METHODS = tuple(OPTIONS)
 
 
-def check_options(method: object, options: dict) -> None:
-    """InputError unless `method` is one of METHODS and every option is one it takes."""
-    if method not in OPTIONS:
-        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    unknown = sorted(set(options) - set(OPTIONS[method]))
+def check_options(
+    method: object, options: dict, table: dict[str, tuple[str, ...]] = OPTIONS
+) -> None:
+    """InputError unless `method` is one of METHODS and every option is one it takes (the
+    torch engine passes its own table, with its extra options)."""
+    if method not in table:
+        raise InputError(f"method must be one of {', '.join(table)}, got {method!r}")
+    unknown = sorted(set(options) - set(table[method]))
     if unknown:
         raise InputError(
             f"method {method} does not take {', '.join(unknown)}; its options are "
-            f"{', '.join(OPTIONS[method])}"
+            f"{', '.join(table[method])}"
         )
     if method == "tbptt" and "k1" not in options:
         raise InputError("method tbptt needs k1 (and k2, which defaults to k1)")

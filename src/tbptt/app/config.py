@@ -90,8 +90,8 @@ class Config:
         "backpropagate over the last k2); rtrl, real-time recurrent learning (the exact "
         "influence dh/dtheta carried forward, an update every k1 steps; small models only); "
         "uoro, its unbiased rank-one approximation (an update every k1 steps); artbp, "
-        "truncation at random cuts with compensation, unbiased (an update at every cut). "
-        "rtrl, uoro and artbp need --engine numpy",
+        "truncation at random cuts with compensation, unbiased (an update at every cut). All "
+        "four run on both engines, with every --cell",
         METHODS,
     )
     k1: int = _f(
@@ -361,10 +361,6 @@ def check(cfg: Config) -> Config:
             raise InputError(
                 f"--max-segment must be >= --cut-every {cfg.cut_every}, got {cfg.max_segment}"
             )
-    if cfg.method != "tbptt" and cfg.engine != "numpy":
-        raise InputError(
-            f"--method {cfg.method} needs --engine numpy (the torch engine trains with tbptt)"
-        )
     if cfg.seed < 0:
         raise InputError(f"--seed must be an integer >= 0, got {cfg.seed}")
     if cfg.method == "tbptt" and cfg.inject == "new" and cfg.k2 < cfg.k1:

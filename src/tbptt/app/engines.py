@@ -5,8 +5,9 @@ directory (rundir.py) ask of an engine; both engines implement all of it, so non
 know which engine it holds:
 
     NumpyEngine   tbptt.TBPTT on the seed's ElmanRNN (float32 or float64)
-    TorchEngine   tbptt.torch.TBPTT on its ElmanRNN, or on torch.nn's RNN, GRU or LSTM with a
-                  linear head; under torchrun each process takes its share of the streams
+    TorchEngine   tbptt.torch's TBPTT, RTRL, UORO or ARTBP on its ElmanRNN, or on torch.nn's
+                  RNN, GRU or LSTM with a linear head; under torchrun each process takes its
+                  share of the streams
 
 torch is imported only inside TorchEngine, so this module needs numpy only. `make_engine(cfg,
 problem)` builds the one --engine asks for.
@@ -23,7 +24,6 @@ import numpy as np
 
 from ..errors import InputError
 from ..methods import make_trainer
-from ..schedule import Truncation
 from . import config as cf
 from .data import Problem
 
@@ -224,7 +224,8 @@ class NumpyEngine(_Driven):
 
 
 class TorchEngine(_Driven):
-    """tbptt.torch.TBPTT on its ElmanRNN or on torch.nn's RNN, GRU, LSTM with a linear head."""
+    """tbptt.torch's trainer of --method on its ElmanRNN or on torch.nn's RNN, GRU, LSTM with a
+    linear head."""
 
     suffix = "pt"
 
@@ -232,8 +233,9 @@ class TorchEngine(_Driven):
         import torch
         from torch import nn
 
-        from ..torch import TBPTT, ElmanRNN, Recurrent, cross_entropy_loss, l2_loss
+        from ..torch import ElmanRNN, Recurrent, cross_entropy_loss, l2_loss
         from ..torch.distributed import init_from_env
+        from ..torch.methods import make_trainer as make_torch_trainer
 
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is available here")
@@ -261,8 +263,15 @@ class TorchEngine(_Driven):
         else:
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr)
         self.loss_fn = cross_entropy_loss if problem.loss == "cross_entropy" else l2_loss
-        trunc = Truncation(cfg.k1, cfg.k2, inject=cfg.inject)
-        self.driver = TBPTT(self.model, trunc, self.optimizer, loss_fn=self.loss_fn, clip=cfg.clip)
+        self.method = cfg.method
+        self.driver = make_torch_trainer(
+            cfg.method,
+            self.model,
+            self.optimizer,
+            loss_fn=self.loss_fn,
+            clip=cfg.clip,
+            **method_options(cfg),
+        )
 
     def _tensor(self, a, dtype=None):
         if a is None:

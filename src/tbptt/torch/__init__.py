@@ -12,11 +12,27 @@ The module protocol is module(x_chunk, state) -> (output_chunk, new_state), stat
 nesting of tuples, lists and dicts of tensors, None meaning the module's zeros. The schedule is
 tbptt.Truncation, the same object as the numpy engine's, and the online update follows the
 canonical rule of SEMANTICS.md 5 (driver.py). Other systems' training loops as the driver's
-arguments (schedule, reduction, restarts): presets.py.
+arguments (schedule, reduction, restarts): presets.py. The unbiased alternatives to truncation
+(SEMANTICS.md 8) on the same protocol: ARTBP (artbp.py), UORO (uoro.py) and RTRL (rtrl.py, small
+modules), all four by name in methods.py.
 """
 
-from . import presets
+from . import methods, presets
+from .artbp import ARTBP
 from .driver import TBPTT
 from .modules import ElmanRNN, Recurrent, cross_entropy_loss, l2_loss
+from .rtrl import RTRL
+from .uoro import UORO
 
-__all__ = ["TBPTT", "ElmanRNN", "Recurrent", "cross_entropy_loss", "l2_loss", "presets"]
+__all__ = [
+    "ARTBP",
+    "RTRL",
+    "TBPTT",
+    "UORO",
+    "ElmanRNN",
+    "Recurrent",
+    "cross_entropy_loss",
+    "l2_loss",
+    "methods",
+    "presets",
+]

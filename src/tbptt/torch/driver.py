@@ -115,6 +115,8 @@ class TBPTT:
     several processes: collective calls; rank 0 writes the streams of all of them).
     """
 
+    FORMAT = FORMAT  # of state_dict(); a subclass with another schedule has its own
+
     def __init__(
         self,
         model: nn.Module,
@@ -175,13 +177,10 @@ class TBPTT:
         self._chunk_total = self._chunk_count = self._chunk_local = 0.0
         self._comm = None if group is None else dd.Comm(group)
         if self._comm is not None:  # the same settings everywhere; rank 0's parameters
-            tr, params = truncation, list(self._named.values())
+            params = list(self._named.values())
             self._comm.setup(
                 {
-                    "k1": tr.k1,
-                    "k2": tr.k2,
-                    "inject": ("new", "window", "last").index(tr.inject),
-                    "flush": int(tr.flush),
+                    **self._schedule_settings(),
                     "batch_first": int(batch_first),
                     "reduction": int(reduction == "mean"),
                     "parameters": len(params),
@@ -208,7 +207,9 @@ class TBPTT:
         computed during the forward pass; with several processes, over all of them.
         """
         if self.finished:
-            raise RuntimeError("the stream was finished; create a new TBPTT to train on another")
+            raise RuntimeError(
+                f"the stream was finished; create a new {type(self).__name__} to train on another"
+            )
         x, y, mask, reset, batch = check_chunk(x, y, mask, reset, self.device, self.batch_first)
         if self.batch is None:
             self.batch = batch
@@ -224,8 +225,9 @@ class TBPTT:
         while start < T:  # split at update times and window starts; chunk ends are free
             stop = min(T, start + self._next_boundary(self.t) - self.t)
             self._forward(*(self._cut(a, start, stop) for a in (x, y, mask, reset)))
-            if self.truncation.is_update(self.t):
-                self._update(self.truncation.window(self.t, self.u_prev))
+            w = self._due(self.t)
+            if w is not None:
+                self._update(w)
             self._prune()
             start = stop
         self._check_losses(
@@ -242,7 +244,7 @@ class TBPTT:
         """End of stream: the flush update (when asked for and its window is not empty)."""
         if self.finished:
             return
-        w = self.truncation.flush_window(self.t)
+        w = self._final_window()
         if w is not None and w.u > self.u_prev:
             self._update(w)
         self._segments.clear()
@@ -253,6 +255,59 @@ class TBPTT:
         if a is None or (start == 0 and stop == a.shape[self._tdim]):
             return a
         return a.narrow(self._tdim, start, stop - start)
+
+    # -- the schedule: what a driver with another schedule (tbptt.torch.ARTBP) replaces ---------
+    def _due(self, t: int) -> Window | None:
+        """The window to backpropagate now that step t is computed, if t is an update time."""
+        tr = self.truncation
+        return tr.window(t, self.u_prev) if tr.is_update(t) else None
+
+    def _final_window(self) -> Window | None:
+        """The window finish() backpropagates (the flush window), if any."""
+        return self.truncation.flush_window(self.t)
+
+    def _window_start(self) -> int:
+        """The first step s of the next window (k2 <= k1: the steps before it need no graph)."""
+        tr = self.truncation
+        return tr.window(tr.next_update(self.t), self.u_prev).s
+
+    def _oldest_kept(self) -> int:
+        """The first step any future window reaches (the next window, regular or flush)."""
+        tr = self.truncation
+        return tr.next_update(self.t) - tr.k2 + 1
+
+    def _link(self, t0: int, state: st.State) -> st.State:
+        """The state passed on, attached, from step t0 - 1 to a segment starting at t0 inside
+        a window; TBPTT passes it as it is."""
+        return state
+
+    def _schedule_settings(self) -> dict[str, int]:
+        """The schedule's settings that every process must share (integers)."""
+        tr = self.truncation
+        return {
+            "k1": tr.k1,
+            "k2": tr.k2,
+            "inject": ("new", "window", "last").index(tr.inject),
+            "flush": int(tr.flush),
+        }
+
+    def _schedule_state(self) -> dict:
+        """The schedule's part of state_dict()."""
+        tr = self.truncation
+        return {"truncation": [tr.k1, tr.k2, tr.inject, tr.flush]}
+
+    def _check_schedule(self, sd: dict) -> None:
+        """InputError unless the saved run had this schedule."""
+        tr = self.truncation
+        mine = [tr.k1, tr.k2, tr.inject, tr.flush]
+        if list(sd["truncation"]) != mine:
+            raise InputError(
+                f"the saved run used Truncation{tuple(sd['truncation'])} (k1, k2, inject, flush), "
+                f"this driver has Truncation{tuple(mine)}; resume with the same schedule"
+            )
+
+    def _restore_schedule(self, sd: dict) -> None:
+        """Restore the schedule's part of a checked state_dict (TBPTT: the counters suffice)."""
 
     def _next_boundary(self, t: int) -> int:
         """The first segment boundary after step t: an update time u or a window start s - 1."""
@@ -279,11 +334,11 @@ class TBPTT:
             params, grad, link, leaf = self._copies, True, False, True
             state_in = st.as_leaf(state)
         else:
-            s = self.truncation.window(self.truncation.next_update(self.t), self.u_prev).s
+            s = self._window_start()
             prev = self._segments[-1] if self._segments else None
             params, grad, leaf = None, t1 >= s, False
             link = grad and t0 > s and prev is not None and prev.graph is not None
-            state_in = state if link else st.detach(state)
+            state_in = self._link(t0, state) if link else st.detach(state)
         rng, device_rng = capture_rng(self.device) if grad else (None, None)  # rerun on load
         seg = Segment(
             t0=t0,
@@ -555,8 +610,7 @@ class TBPTT:
 
     def _prune(self) -> None:
         """Drop the segments no future window can reach: memory is bounded by k2 steps."""
-        tr = self.truncation
-        oldest = tr.next_update(self.t) - tr.k2 + 1  # the next window, regular or flush
+        oldest = self._oldest_kept()
         while self._segments and self._segments[0].t1 < oldest:
             self._segments.popleft()
 
@@ -650,10 +704,10 @@ class TBPTT:
             }
             for seg in self._segments
         ]
-        tr, sched, cuda = self.truncation, self.scheduler, self.device.type == "cuda"
+        sched, cuda = self.scheduler, self.device.type == "cuda"
         sd = {
-            "format": FORMAT,
-            "truncation": [tr.k1, tr.k2, tr.inject, tr.flush],
+            "format": self.FORMAT,
+            **self._schedule_state(),
             "batch_first": self.batch_first,
             "reduction": self.reduction,
             "t": self.t,
@@ -694,6 +748,7 @@ class TBPTT:
             B = sd["batch"]
             dims = None if B is None else self._state_dims(sd["state"], B)
             sd = dd.split_streams(sd, self._comm.rank, self._comm.world, 1 - self._tdim, dims)
+        self._restore_schedule(sd)
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         if self.scheduler is not None:
@@ -728,7 +783,7 @@ class TBPTT:
                 if r["leaf"]:
                     entering = st.as_leaf(seg.state_in)
                 elif seg.link and prev is not None and prev.graph is not None:
-                    entering = prev.graph.state_out
+                    entering = self._link(seg.t0, prev.graph.state_out)
                 else:
                     entering = st.detach(seg.state_in)
                 with fork_rng(seg, self.device):
@@ -749,18 +804,13 @@ class TBPTT:
 
     def _check_saved(self, sd: object) -> None:
         """A state from this kind of driver with the same schedule and settings, or InputError."""
-        if not isinstance(sd, dict) or sd.get("format") != FORMAT:
+        if not isinstance(sd, dict) or sd.get("format") != self.FORMAT:
             got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
             raise InputError(
-                f"state must be a {FORMAT!r} dict from TBPTT.state_dict(), got {got!r}"
+                f"state must be a {self.FORMAT!r} dict from {type(self).__name__}.state_dict(), "
+                f"got {got!r}"
             )
-        tr = self.truncation
-        mine = [tr.k1, tr.k2, tr.inject, tr.flush]
-        if list(sd["truncation"]) != mine:
-            raise InputError(
-                f"the saved run used Truncation{tuple(sd['truncation'])} (k1, k2, inject, flush), "
-                f"this driver has Truncation{tuple(mine)}; resume with the same schedule"
-            )
+        self._check_schedule(sd)
         for name in ("batch_first", "reduction"):
             if sd[name] != getattr(self, name):
                 raise InputError(
