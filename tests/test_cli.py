@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import rel_err
 
+import tbptt as tbptt_
 from tbptt.app.cli import main
 
 TEXT = "".join(
@@ -768,3 +770,34 @@ def test_loss_png_is_not_redrawn_at_every_checkpoint(tmp_path, text, capsys, mon
     assert code == 0, err
     assert 1 <= len(drawn) <= 1 + (time.perf_counter() - start) // 30
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_text_is_fed_as_onehot_ids_with_the_numbers_of_one_hot_rows(tmp_path, text, engine):
+    """tbptt train's characters reach the elman cell as tbptt.OneHot ids: ten updates give the
+    parameters the dense one-hot rows give (float64, 1e-12), on both engines."""
+    from tbptt.app.config import Config, check
+    from tbptt.app.data import load_problem
+    from tbptt.app.engines import make_engine
+
+    cfg = check(
+        Config(data=str(text), engine=engine, hidden=8, batch=3, k1=5, k2=7, dtype="float64")
+    )
+    problem = load_problem(cfg)
+    ids, dense = make_engine(cfg, problem), make_engine(cfg, problem)
+    for u in range(10):
+        x, y, mask, reset = problem.train(u * cfg.k1, cfg.k1)
+        assert isinstance(x, tbptt_.OneHot)
+        ids.feed(x, y, mask, reset)
+        dense.feed(x.dense(np.float64), y, mask, reset)
+    for k, v in state_of(dense).items():
+        assert rel_err(state_of(ids)[k], v) < 1e-12, k
+
+
+def state_of(engine) -> dict:
+    """An engine's parameters as numpy arrays."""
+    from tbptt.app.engines import NumpyEngine
+
+    if isinstance(engine, NumpyEngine):
+        return dict(engine.driver.model.params)
+    return {k: v.detach().numpy() for k, v in engine.model.state_dict().items()}

@@ -31,6 +31,7 @@ from ..elman import ElmanRNN
 from ..errors import InputError
 from ..files import atomic_write
 from ..functions import ACTIVATIONS, LOSSES, OUTPUTS
+from ..inputs import OneHot
 from ..methods import METHODS
 from ..schedule import INJECT_MODES
 from . import plots, rundir
@@ -133,7 +134,8 @@ def run_data(run: str | os.PathLike, steps: int) -> dict[str, Array]:
     out: dict[str, Array] = {}
     for k, name in enumerate(("x", "y", "mask", "reset")):
         if parts[0][k] is not None:
-            arr = np.concatenate([p[k] for p in parts])[:steps]
+            pieces = [p[k].dense() if isinstance(p[k], OneHot) else p[k] for p in parts]
+            arr = np.concatenate(pieces)[:steps]
             out[name] = arr.astype(np.float64) if arr.dtype.kind == "f" else arr
     return out
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import streams
 from ..errors import InputError
+from ..inputs import OneHot
 
 Array = np.ndarray
 BLOCK = 1 << 24  # bytes read at a time when scanning a file
@@ -299,12 +300,10 @@ class Problem:
     unit: str  # what one loss value means
 
 
-def one_hot(ids: Array, V: int, dtype: np.dtype) -> Array:
-    """(...,) class ids -> (..., V) one-hot rows: the input x_t of a character, so B x_t is the
-    character's column of B."""
-    out = np.zeros((*ids.shape, V), dtype)
-    np.put_along_axis(out, ids[..., None].astype(np.intp), 1, axis=-1)
-    return out
+def one_hot(ids: Array, V: int) -> OneHot:
+    """(T, batch) character ids as the inputs x_t = onehot(ids_t) in R^V: B x_t is the
+    character's column of B, looked up (tbptt.OneHot), the same numbers as the one-hot product."""
+    return OneHot._of(np.asarray(ids, np.intp), V)
 
 
 def _text_problem(train_text: Text, valid_text: Text, cfg, dtype: np.dtype) -> Problem:
@@ -314,13 +313,13 @@ def _text_problem(train_text: Text, valid_text: Text, cfg, dtype: np.dtype) -> P
 
     def train_chunk(t: int, k: int) -> tuple:
         ids, targets, reset = train.chunk(t, k)  # (k, batch) each
-        return one_hot(ids, V, dtype), targets, None, reset
+        return one_hot(ids, V), targets, None, reset
 
     def valid_chunks(limit: int | None) -> Iterator[tuple]:
         steps = valid.steps if limit is None else min(valid.steps, max(1, limit // valid.batch))
         for t in range(0, steps, 256):
             ids, targets, _ = valid.chunk(t, min(256, steps - t))
-            yield one_hot(ids, V, dtype), targets, None, None
+            yield one_hot(ids, V), targets, None, None
 
     return Problem(V, V, "cross_entropy", train_chunk, valid_chunks, train_text.vocab, "nats/char")
 

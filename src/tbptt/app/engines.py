@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InputError
+from ..inputs import OneHot
 from ..methods import make_trainer
 from . import config as cf
 from .data import Problem
@@ -207,7 +208,7 @@ class NumpyEngine(_Driven):
     def run(self, x, h=None, reset=None):
         from ..elman import forward
 
-        h = np.zeros((x.shape[1], self.driver.model.n), x.dtype) if h is None else h
+        h = np.zeros((x.shape[1], self.driver.model.n), self.np_dtype) if h is None else h
         traj = forward(self.driver.model, x, h, reset, np.zeros_like(h))
         return traj.z, traj.h[-1]
 
@@ -246,6 +247,7 @@ class TorchEngine(_Driven):
         self.dtype, self.np_dtype = getattr(torch, cfg.dtype), np.dtype(cfg.dtype)
         torch.manual_seed(cfg.seed)
         m, p, n = problem.m, problem.p, cfg.hidden
+        self.ids = cfg.cell == "elman"  # integer inputs (tbptt.OneHot) as ids, B x_t looked up
         if cfg.cell == "elman":
             g = "softmax" if problem.loss == "cross_entropy" else "identity"
             model = ElmanRNN(n=n, m=m, p=p, bias=cfg.bias, f=cfg.activation, g=g, seed=cfg.seed)
@@ -276,6 +278,8 @@ class TorchEngine(_Driven):
     def _tensor(self, a, dtype=None):
         if a is None:
             return None
+        if isinstance(a, OneHot):  # the elman cell looks its ids up; torch.nn's cells read x
+            return self._tensor(a.ids) if self.ids else self._tensor(a.dense(self.np_dtype))
         t = self.torch.from_numpy(np.ascontiguousarray(a))
         kind = dtype or (self.dtype if t.is_floating_point() else None)
         return t.to(device=self.device, dtype=kind)

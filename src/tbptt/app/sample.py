@@ -32,14 +32,14 @@ def generate(
             raise InputError(f"--prime holds {c!r}, which is not in the model's vocabulary")
     rng = np.random.default_rng(seed)
     V = len(vocab)
-    z, h = engine.run(one_hot(np.array([[index[c]] for c in start]), V, engine.np_dtype))
+    z, h = engine.run(one_hot(np.array([[index[c]] for c in start]), V))  # (L, 1) ids
     out = []
     for _ in range(length):
         zl = engine.logits(z)[-1, 0] / temperature  # (V,) the last step's logits
         p = np.exp(zl - zl.max())
         i = int(rng.choice(V, p=p / p.sum()))
         out.append(vocab[i])
-        z, h = engine.run(one_hot(np.array([[i]]), V, engine.np_dtype), h)  # (1, 1, V)
+        z, h = engine.run(one_hot(np.array([[i]]), V), h)  # one step, one stream
     return prime + "".join(out)
 
 
