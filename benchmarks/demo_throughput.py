@@ -74,7 +74,8 @@ def demo_chunks(cfg: dict, steps: int) -> tuple[list[tuple], int, str]:
         )
         problem = load_problem(ns)
         chunks = [problem.train(t, cfg["k1"]) for t in range(0, steps, cfg["k1"])]
-        return [(x, y, r) for x, y, _, r in chunks], problem.m, "Shakespeare (tbptt.app.data)"
+        dense = [(x.dense(np.dtype(cfg["dtype"])), y, r) for x, y, _, r in chunks]  # one-hot rows
+        return dense, problem.m, "Shakespeare (tbptt.app.data)"
     except (ImportError, ValueError, AttributeError) as exc:
         # the same layout from random text when the demo's data is unavailable
         rng = np.random.default_rng(0)
@@ -114,7 +115,7 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
 
     def numpy_engine(inputs=chunks):
         d = tbptt.TBPTT(
-            model0, trunc, tbptt.Adam(lr=cfg["lr"]), loss="cross_entropy", clip=cfg["clip"]
+            model0.copy(), trunc, tbptt.Adam(lr=cfg["lr"]), loss="cross_entropy", clip=cfg["clip"]
         )
         for x, y, reset in inputs:
             d.feed(x, y, reset=reset)

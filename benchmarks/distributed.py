@@ -62,7 +62,7 @@ def worker(a: argparse.Namespace) -> None:
 
         return wrapper
 
-    Comm.sum_grads, Comm.check_step = timed(Comm.sum_grads), timed(Comm.check_step)
+    Comm.reduce = timed(Comm.reduce)  # the update's one collective (and the chunk-end check)
     torch.manual_seed(0)
     model = Recurrent(nn.LSTM(a.features, a.hidden), nn.Linear(a.hidden, a.features))
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -194,10 +194,11 @@ def run(quick: bool, reps: int | None, threads: int):
             "strong scaling: time per update, 1 process x B streams / 2 processes x B/2",
             m["strong"],
             "x",
-            "-",
-            None,
-            f"{ms['1 x B']} against {ms['2 x B/2']} (comm {1e3 * m['comm']['2 x B/2']:.1f} ms); "
-            f"ceiling 1 x B / 1 x B/2 = {m['ideal']:.2f}x",
+            ">= 1.1x",  # issue 17, on a 2-core machine, with one collective per update
+            m["strong"] >= 1.1,
+            f"{ms['1 x B']} against {ms['2 x B/2']} (comm {1e3 * m['comm']['2 x B/2']:.1f} ms, "
+            f"{100 * m['comm']['2 x B/2'] / m['med']['2 x B/2']:.0f}% of an update: the one "
+            f"all-reduce of gradients, loss and checks); ceiling 1 x B / 1 x B/2 = {m['ideal']:.2f}x",
         )
     )
     group.rows.append(

@@ -75,7 +75,7 @@ def one_config(group: Group, cfg: Config, reps: int) -> None:
 
     def online(trunc: tbptt.Truncation):
         def go():
-            driver = tbptt.TBPTT(model, trunc, tbptt.SGD(lr=1e-3))
+            driver = tbptt.TBPTT(model.copy(), trunc, tbptt.SGD(lr=1e-3))  # trained in place
             for i in range(0, cfg.stream, cfg.chunk):
                 driver.feed(xs[i : i + cfg.chunk], ys[i : i + cfg.chunk])
 
