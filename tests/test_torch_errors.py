@@ -229,16 +229,20 @@ def test_targets_of_the_wrong_shape_are_an_error_not_a_broadcast():
     assert torch.equal(l2_loss(out + 1, out), torch.full((3, 3), 0.5, dtype=torch.float64))
 
 
-def test_a_step_that_makes_the_parameters_non_finite_is_reported_at_once() -> None:
-    """Section 6: a finite gradient with too large a step: NonFiniteError at that update, naming
-    it, before any later step runs (so no checkpoint can hold the values)."""
+def test_a_step_that_makes_the_parameters_non_finite_is_reported_and_never_saved(tmp_path):
+    """Section 6: a finite gradient with too large a step: NonFiniteError naming that update
+    as soon as its effect shows (the next losses, before the next update), and save refuses
+    the values, so no checkpoint holds them."""
     torch.manual_seed(0)
     net = ElmanRNN(n=4, m=3, p=2, dtype=DT)
     driver = TBPTT(net, tbptt.Truncation(2, 2), torch.optim.SGD(net.parameters(), lr=1e308))
     x, y = torch.randn(6, 2, 3, dtype=DT), 1e3 * torch.randn(6, 2, 2, dtype=DT)  # large gradient
     with pytest.raises(tbptt.NonFiniteError, match="parameters became non-finite at update 1"):
         driver.feed(x, y)
-    assert driver.updates == 1 and driver.t == 2  # the steps after it never ran
+    assert driver.updates == 1  # update 2 never ran
+    with pytest.raises(tbptt.NonFiniteError, match="not saved"):
+        driver.save(tmp_path / "run.pt")
+    assert not list(tmp_path.iterdir())
 
 
 # -- misuse that used to reach the user as torch's RuntimeError (issue 13) ----------------------

@@ -599,14 +599,13 @@ class TBPTT:
             self.scheduler.step()
         self.u_prev, self.updates = w.u, n
         self._copies = None  # the next interval runs with copies of the new values
-        finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
-        if not bool(finite):  # section 6: a step too large for the parameters, seen at once
-            raise NonFiniteError(
-                f"the parameters became non-finite at update {n} (after step {w.u}): the "
-                "gradient was finite, the step too large; no checkpoint holds these values",
-                w.u,
-                n,
-            )
+
+    def _parameters_finite(self) -> bool:
+        """Whether every parameter is finite (one sync). Section 6's step that makes a parameter
+        non-finite shows in the next losses; this tells that case apart, and state_dict refuses
+        to save such values, so no checkpoint holds them."""
+        params = list(self._named.values())
+        return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())
 
     def _prune(self) -> None:
         """Drop the segments no future window can reach: memory is bounded by k2 steps."""
@@ -651,6 +650,14 @@ class TBPTT:
         finite = here if res is None else res.finite
         if not finite:
             value = "in another process" if here else v
+            if self.updates and not self._parameters_finite():  # the last step made them so
+                raise NonFiniteError(
+                    f"the parameters became non-finite at update {self.updates} (after step "
+                    f"{self.u_prev}): the gradient was finite, the step too large; the losses of "
+                    f"steps {first}..{self.t} are {value}; no checkpoint holds these values",
+                    self.u_prev,
+                    self.updates,
+                )
             raise NonFiniteError(
                 f"the loss became non-finite ({value}) in steps {first}..{self.t}; {what}; the "
                 f"parameters are untouched (updates so far: {self.updates})",
@@ -678,6 +685,13 @@ class TBPTT:
         per-stream tensor side by side on the stream axis, plus every rank's RNG states under
         "ranks"), the others None.
         """
+        if not self._parameters_finite():  # section 6: the last checkpoint holds finite values
+            raise NonFiniteError(
+                f"the parameters are non-finite after update {self.updates}; their state is not "
+                "saved (the last checkpoint holds finite values)",
+                self.t,
+                self.updates,
+            )
         sets: list[dict[str, Tensor]] = []
         index: dict[int, int] = {}
 
