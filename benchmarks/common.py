@@ -115,7 +115,8 @@ def compiled_loops() -> str:
         return "tbptt's compiled loops: off (numba not installed, or TBPTT_NUMBA=0)"
     import numba
 
-    return f"tbptt's compiled loops: numba {numba.__version__} (NUMBA_CPU_NAME={numba.config.CPU_NAME or 'host'})"
+    cpu = numba.config.CPU_NAME or "host"
+    return f"tbptt's compiled loops: numba {numba.__version__} (NUMBA_CPU_NAME={cpu})"
 
 
 def set_torch_threads(n: int) -> None:
@@ -246,7 +247,8 @@ class Timings:
         if not self.busy:
             return ""
         b = sorted(self.busy)
-        return f"others' CPU use before samples: median {100 * statistics.median(b):.0f}%, max {100 * b[-1]:.0f}%"
+        med, top = 100 * statistics.median(b), 100 * b[-1]
+        return f"others' CPU use before samples: median {med:.0f}%, max {top:.0f}%"
 
     def spread_of(self, fn: Callable[[dict[str, float]], float]) -> tuple[float, float]:
         """Smallest and largest over repetitions of fn({case: seconds in that repetition})."""

@@ -45,7 +45,8 @@ DEFAULTS = {
 
 
 def demo_config() -> tuple[dict, str]:
-    """The default run's settings, resolved as `tbptt train` resolves them (tbptt.app.config.check)."""
+    """The default run's settings, resolved as `tbptt train` resolves them
+    (tbptt.app.config.check)."""
     try:
         from tbptt.app.config import Config, check
 

@@ -198,7 +198,8 @@ def run(quick: bool, reps: int | None, threads: int):
             m["strong"] >= 1.1,
             f"{ms['1 x B']} against {ms['2 x B/2']} (comm {1e3 * m['comm']['2 x B/2']:.1f} ms, "
             f"{100 * m['comm']['2 x B/2'] / m['med']['2 x B/2']:.0f}% of an update: the one "
-            f"all-reduce of gradients, loss and checks); ceiling 1 x B / 1 x B/2 = {m['ideal']:.2f}x",
+            f"all-reduce of gradients, loss and checks); "
+            f"ceiling 1 x B / 1 x B/2 = {m['ideal']:.2f}x",
         )
     )
     group.rows.append(

@@ -144,7 +144,10 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
             got[name].append(fit(*cases[name]))
     updates = (chunks - 1) * CHUNK // K1
     per_update = {
-        name: (statistics.median(a for a, _ in v) / updates, statistics.median(b for _, b in v) / updates)
+        name: (
+            statistics.median(a for a, _ in v) / updates,
+            statistics.median(b for _, b in v) / updates,
+        )
         for name, v in got.items()
     }  # fmt: skip
     group.notes.append(

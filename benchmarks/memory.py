@@ -3,9 +3,9 @@
 Each measurement is a fresh subprocess that trains a tiny model online with TBPTT(k1, k2) on a
 stream of random chunks generated as they are fed (the stream itself is never held), then reports
 its peak resident set size (VmHWM of /proc/self/status; resource.getrusage's ru_maxrss elsewhere:
-on Linux ru_maxrss survives execve and would report the parent's peak). An engine keeps only the last k2 steps,
-so the peak must not grow with the stream: the target is < 10% between the shortest and the
-longest stream. The children use one thread each: memory, not speed, is measured here.
+on Linux ru_maxrss survives execve and would report the parent's peak). An engine keeps only the
+last k2 steps, so the peak must not grow with the stream: the target is < 10% between the shortest
+and the longest stream. The children use one thread each: memory, not speed, is measured here.
 
     numpy   tbptt.TBPTT(ElmanRNN.init(16, 4, 4, float32), Truncation(50, 100), SGD)
     torch   tbptt.torch.TBPTT(Recurrent(nn.LSTM(4, 16), nn.Linear(16, 4)), Truncation(50, 100), SGD)

@@ -44,14 +44,14 @@ GROUPS = {  # name: (module, what it measures)
 INTRO = """\
 # Performance
 
-What `make bench` (`python benchmarks/run.py --out docs/performance.md`) measured on this
-machine, against the targets of issues 6 and 17. The machine has 2 cores shared with other jobs, so no
-absolute time means anything from one run to the next: every figure below is a **ratio measured
-side by side in the same run, the median over interleaved repetitions** (each repetition runs
-every case once, in an order rotated from one repetition to the next, and gives one ratio of two
-times taken moments apart; the table shows the median of these ratios, the details their range).
-numpy (OpenBLAS), torch (`torch.set_num_threads`) and JAX (`XLA_FLAGS`) all use the same number
-of threads. Absolute medians in the details are for orientation only.
+What `make bench` (`python benchmarks/run.py --out docs/performance.md`) measured on this machine,
+against the targets of issues 6 and 17. The machine has 2 cores shared with other jobs, so no
+absolute time means anything from one run to the next: every figure below is a **ratio measured side
+by side in the same run, the median over interleaved repetitions** (each repetition runs every case
+once, in an order rotated from one repetition to the next, and gives one ratio of two times taken
+moments apart; the table shows the median of these ratios, the details their range). numpy
+(OpenBLAS), torch (`torch.set_num_threads`) and JAX (`XLA_FLAGS`) all use the same number of
+threads. Absolute medians in the details are for orientation only.
 
 Before each timed sample the suite waits, for a bounded time, until other processes leave the
 CPUs mostly idle; the CPU use it saw and the load average around each group are recorded. With
@@ -127,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-busy",
         type=float,
         default=0.3,
-        help="before each repetition, wait (at most 10 s, 150 s in all) while other processes use more than "
+        help="before each repetition, wait (at most 10 s, 150 s in all) while other processes "
+        "use more than "
         "this fraction of the CPUs; 1 disables the wait (default: 0.3)",
     )
     parser.add_argument(
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed": common.fmt_ms(elapsed),
         "load": start_load,
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, "
+        f"{platform.system()} {platform.release()}",
         "code": common.git_state(ROOT),
         "python": platform.python_version(),
         "packages": ", ".join(
@@ -251,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{blas.get('threads', '?')} threads",
         "OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE": f"{blas['OPENBLAS_CORETYPE']} / "
         f"{blas['OPENBLAS_L2_SIZE']} (reported, not changed)",
-        "threads": f"{args.threads} for numpy, torch and JAX (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')})",
+        "threads": f"{args.threads} for numpy, torch and JAX "
+        f"(XLA_FLAGS={os.environ.get('XLA_FLAGS', '')})",
         "waiting for a quiet machine": f"{common.fmt_ms(common.QUIET.waited)} in all "
         f"(threshold {100 * args.max_busy:.0f}% of the CPUs)",
     }

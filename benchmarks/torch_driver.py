@@ -1,4 +1,5 @@
-"""The PyTorch engine's driver against hand-written loops and its cost model (issue 6, targets 2, 3).
+"""The PyTorch engine's driver against hand-written loops and its cost model (issue 6, targets 2,
+3).
 
 Model: Recurrent(nn.LSTM(m, n), nn.Linear(n, p)) with l2_loss, SGD, on a stream of random data
 fed in chunks of 4 k1 steps (so the driver makes the same module calls as the hand-written loop;

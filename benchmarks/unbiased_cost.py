@@ -4,7 +4,7 @@ Measured on the numpy engine, frozen estimates of T steps at batch 1 (m = p = 16
 interleaved with the models' calibration runs (common.interleave). Per repetition:
 
     forward    tbptt.total_loss: checks, (1.1)-(1.5)                         f per step
-    exact      tbptt.gradients: forward + backward                           b = (exact - forward) / T
+    exact      tbptt.gradients: forward + backward                     b = (exact - forward) / T
     tbptt      tbptt.gradients with TBPTT(k, k), k = 10
     artbp      tbptt.artbp_gradients with c = 1/k: windows of the same mean length k
     rtrl       tbptt.rtrl_gradients

@@ -18,7 +18,8 @@ chance (1/8). ARTBP's windows are as short on average, but about one in five rea
 and is weighted up (by 1/0.9^15, about 5), so its gradient is the exact one in expectation: it
 leaves chance, but its variance (and the clipping, which damps exactly those rare weighted
 windows) makes it far slower than exact BPTT. Writes
-docs/figures/copy_memory_artbp.png. About three minutes with one BLAS thread (OPENBLAS_NUM_THREADS=1).
+docs/figures/copy_memory_artbp.png. About three minutes with one BLAS thread
+(OPENBLAS_NUM_THREADS=1).
 """
 
 from __future__ import annotations

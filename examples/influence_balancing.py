@@ -35,7 +35,8 @@ def main() -> None:
     print("truncated sensitivity sigma_k of the first unit (the sign of the TBPTT gradient):")
     for k in (1, 5, 10, 20, 30, 39, 40, 41, 45, 50, 60, 100):
         print(
-            f"  k = {k:3d}  sigma_k = {sigma[k]:+9.4f}  {'wrong sign' if sigma[k] > 0 else 'right sign'}"
+            f"  k = {k:3d}  sigma_k = {sigma[k]:+9.4f}  "
+            f"{'wrong sign' if sigma[k] > 0 else 'right sign'}"
         )
     print(f"sigma_k > 0 (wrong sign) for every k <= {flip - 1}; negative from k = {flip} on")
 

@@ -89,7 +89,10 @@ def plot(results: dict[str, ib.Run], path: str) -> None:
     ax.set_ylim(1e-8, 1e4)
     ax.set_xlabel("step / 50")
     ax.set_ylabel("|theta - theta*|")
-    title = "Influence balancing online (theta* = -1/6): BPTT(k <= 40) diverges, UORO and ARTBP converge"
+    title = (
+        "Influence balancing online (theta* = -1/6): BPTT(k <= 40) diverges, UORO and ARTBP "
+        "converge"
+    )
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -58,7 +58,8 @@ def leaves(params: dict[str, np.ndarray]) -> dict[str, Tensor]:
 
 
 class Data:
-    """x, y, mask, reset promoted to (T, batch, ...) torch tensors; `single` if x had no batch axis."""
+    """x, y, mask, reset promoted to (T, batch, ...) torch tensors; `single` if x had no batch
+    axis."""
 
     def __init__(self, x, y, loss: str = "l2", mask=None, reset=None) -> None:
         x = np.asarray(x, dtype=np.float64)
@@ -83,7 +84,8 @@ class Data:
 
 
 def initial_state(h0, n: int, data: Data, grad: bool) -> tuple[Tensor, Tensor]:
-    """The h0 leaf in the shape the caller gave ((n,) when None and one stream) and its (batch, n) view."""
+    """The h0 leaf in the shape the caller gave ((n,) when None and one stream) and its (batch, n)
+    view."""
     if h0 is None:
         h0 = np.zeros(n) if data.single else np.zeros((data.batch, n))
     leaf = tensor(h0, grad=grad)

@@ -1,4 +1,5 @@
-"""ARTBP (SEMANTICS.md 8): the estimate against autograd, its special cases, unbiasedness, online."""
+"""ARTBP (SEMANTICS.md 8): the estimate against autograd, its special cases, unbiasedness,
+online."""
 
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ def problem(T=14, batch=3, n=5, m=2, p=2, f="tanh", seed=0, rho=1.2):
 
 
 def torch_state_gradients(model, x, y, h0, mask, reset) -> np.ndarray:
-    """dl_t/dh_k for every loss step t and state k = 0..T by torch autograd: (T, T + 1, batch, n)."""
+    """dl_t/dh_k for every loss step t and state k = 0..T by torch autograd: (T, T + 1, batch,
+    n)."""
     P = {k: torch.tensor(v) for k, v in model.params.items()}
     f = ACT[model.f]
     X, Y = torch.tensor(x), torch.tensor(y)

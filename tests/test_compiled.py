@@ -115,7 +115,8 @@ def train_online(xs, ys, resets, f, opt):
 
 @pytest.mark.parametrize("f", ACTS)
 def test_online_training_equals_numpy_loops(monkeypatch, f):
-    """Online TBPTT of one stream (ragged chunks, resets, flush, Adam, clipping): same parameters."""
+    """Online TBPTT of one stream (ragged chunks, resets, flush, Adam, clipping): same
+    parameters."""
     rng = np.random.default_rng(6)
     xs, ys = rng.normal(size=(50, 3)), rng.normal(size=(50, 2))
     resets = rng.random(50) < 0.1

@@ -133,7 +133,8 @@ def test_shakespeare_corpus_is_iambics_plays_without_markup():
 
 
 def test_corpus_split_holds_out_the_end_of_every_play():
-    """Validation is the last 5% of each of the 38 plays, training the rest of each, one vocabulary."""
+    """Validation is the last 5% of each of the 38 plays, training the rest of each, one
+    vocabulary."""
     plays = shakespeare_plays()
     train, valid = corpus_split("shakespeare", 0.05)
     assert train.vocab == valid.vocab and len(plays) == 38

@@ -1,4 +1,5 @@
-"""Data-parallel TBPTT under torchrun: 2 processes (gloo, loopback) against 1 process (float64, CPU).
+"""Data-parallel TBPTT under torchrun: 2 processes (gloo, loopback) against 1 process (float64,
+CPU).
 
 The reference is the same model, data, schedule and optimizer on one process with all streams
 (tests/ddp_worker.py holds both sides' definitions). Two ranks with half the streams each must end

@@ -289,7 +289,8 @@ def first_bad_step(model: ElmanRNN, x: np.ndarray, y: np.ndarray) -> int:
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("chunks", [[8], [1] * 8, [3, 5]])
 def test_forward_overflow_raises_nonfinite_error_with_its_step(chunks):
-    """relu with a huge A overflows: NonFiniteError names the first bad step, parameters unchanged."""
+    """relu with a huge A overflows: NonFiniteError names the first bad step, parameters
+    unchanged."""
     model = exploding_relu()
     x, y = np.ones((8, 1)), np.zeros((8, 1))
     bad = first_bad_step(model, x, y)

@@ -15,7 +15,8 @@ OUTS = (*ACTS, "softmax")
 
 
 def fd_gradient(P: Problem, eps: float = 1e-6) -> dict[str, np.ndarray]:
-    """Central finite differences of tbptt.total_loss, entry by entry, for every parameter and h0."""
+    """Central finite differences of tbptt.total_loss, entry by entry, for every parameter and
+    h0."""
     model, kw = P.model, P.kw
     h0 = kw["h0"]
     if h0 is None:

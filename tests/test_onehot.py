@@ -48,7 +48,8 @@ def assert_same(got: dict, want: dict, tol: float = 1e-12) -> None:
 
 
 def test_onehot_checks_its_arguments():
-    """Non-integer ids, ids out of range, a bad m or shape, or the wrong m for the model: InputError."""
+    """Non-integer ids, ids out of range, a bad m or shape, or the wrong m for the model:
+    InputError."""
     for ids, m in (
         ([0.0, 1.0], 3),
         ([True, False], 3),

@@ -229,7 +229,8 @@ def test_online_long_stream_with_ragged_chunks():
 @pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
 @pytest.mark.parametrize(("k1", "k2", "inject"), [(3, 7, "new"), (2, 5, "window"), (4, 4, "last")])
 def test_save_load_resume_is_identical(tmp_path, opt, k1, k2, inject):
-    """Saving mid-stream (between updates, windows pending) and resuming gives identical parameters."""
+    """Saving mid-stream (between updates, windows pending) and resuming gives identical
+    parameters."""
     P = Problem(T=23, batch=2, h0=True, mask=True, reset=True, seed=63)
     tr = Truncation(k1, k2, inject, flush=True)
     chunks = [5, 6, 4, 8]

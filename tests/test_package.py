@@ -9,10 +9,12 @@ import tbptt
 
 
 def test_import_tbptt_needs_numpy_only():
-    """`import tbptt` (and its CLI parser) loads neither torch, matplotlib, tqdm, lightning nor numba."""
+    """`import tbptt` (and its CLI parser) loads neither torch, matplotlib, tqdm, lightning nor
+    numba."""
     code = (
         "import sys, tbptt, tbptt.app.cli; tbptt.app.cli.build_parser(); "
-        "heavy = [m for m in ('torch', 'matplotlib', 'tqdm', 'jax', 'lightning', 'numba') if m in sys.modules]; "
+        "extras = ('torch', 'matplotlib', 'tqdm', 'jax', 'lightning', 'numba'); "
+        "heavy = [m for m in extras if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -52,5 +52,8 @@ def test_import_tbptt_needs_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, tbptt; assert 'torch' not in sys.modules; import tbptt.torch; assert 'torch' in sys.modules"
+    code = (
+        "import sys, tbptt; assert 'torch' not in sys.modules; "
+        "import tbptt.torch; assert 'torch' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,5 @@
-"""The torch driver against the numpy engine: the seed's model trained online, float64 (issue 3, item 7).
+"""The torch driver against the numpy engine: the seed's model trained online, float64 (issue 3,
+item 7).
 
 Both engines get the same ElmanRNN values, data, chunks, schedule and optimizer (tbptt.SGD/Adam and
 their torch.optim twins); after training they must hold the same parameters to 1e-10, and report

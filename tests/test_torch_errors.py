@@ -1,4 +1,5 @@
-"""Bad input to the torch driver gets a clear error naming the argument, the value and the expectation."""
+"""Bad input to the torch driver gets a clear error naming the argument, the value and the
+expectation."""
 
 from __future__ import annotations
 

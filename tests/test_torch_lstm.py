@@ -1,4 +1,5 @@
-"""The torch driver on nn.LSTM, nn.GRU and nn.RNN against hand-written autograd references (float64).
+"""The torch driver on nn.LSTM, nn.GRU and nn.RNN against hand-written autograd references
+(float64).
 
 canonical     SEMANTICS.md 5 written out step by step: every step records the state it started
               from and the parameter values in force; each update re-runs its window s..u from
@@ -160,7 +161,8 @@ def test_k1_equals_k2_is_the_detach_loop_bit_for_bit(kind: type, dtype: torch.dt
 
 @pytest.mark.parametrize("k1, k2, inject", [(2, 5, "new"), (3, 3, "new"), (3, 8, "last")])
 def test_checkpointing_changes_no_number(k1: int, k2: int, inject: str) -> None:
-    """checkpoint=True (torch.utils.checkpoint per segment) gives the same parameters, dropout on."""
+    """checkpoint=True (torch.utils.checkpoint per segment) gives the same parameters, dropout
+    on."""
     x, y, reset = data()
     trunc = tbptt.Truncation(k1, k2, inject, flush=True)
     results = []
@@ -246,7 +248,8 @@ class _TupleState(nn.Module):
 
 
 def test_memory_is_bounded_by_k2() -> None:
-    """Over a long stream the driver keeps the graph of at most k2 steps (and records of k1 + k2)."""
+    """Over a long stream the driver keeps the graph of at most k2 steps (and records of k1 +
+    k2)."""
     k1, k2 = 3, 7
     model = lstm(layers=1)
     driver = TBPTT(

@@ -1,4 +1,5 @@
-"""ARTBP, UORO and RTRL in the torch engine (SEMANTICS.md 8) against independent references, float64.
+"""ARTBP, UORO and RTRL in the torch engine (SEMANTICS.md 8) against independent references,
+float64.
 
 - the numpy engine (tbptt.ARTBP, UORO, RTRL) on the seed's model: the same parameters after online
   training to 1e-10, given the same draws. Both engines draw from a numpy Generator in the same

@@ -175,7 +175,8 @@ def chainer_bproplen(net, x, y, bproplen):
 
 
 def test_chainer_bproplen_preset() -> None:
-    """chainer_bproplen(4) with loss_fn / batch: the updater's gradients; the remainder untrained."""
+    """chainer_bproplen(4) with loss_fn / batch: the updater's gradients; the remainder
+    untrained."""
     x, y = stream(23)
     got = with_driver(
         presets.chainer_bproplen(4), model(), x, y, loss_fn=lambda o, t: l2_loss(o, t) / BATCH
@@ -242,7 +243,8 @@ def theano_scan(net, x, y, k):
 
 
 def test_theano_scan_preset() -> None:
-    """theano_scan(k, T): one update at T, the gradient of the last k steps' losses, k steps deep."""
+    """theano_scan(k, T): one update at T, the gradient of the last k steps' losses, k steps
+    deep."""
     x, y = stream(17)
     assert_same(
         with_driver(presets.theano_scan(6, 17), model(), x, y),

@@ -65,7 +65,8 @@ def float64():
 
 
 def mse(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Keras's "mse" per step and stream: the mean over the features, (batch, L, p) -> (batch, L)."""
+    """Keras's "mse" per step and stream: the mean over the features, (batch, L, p) -> (batch,
+    L)."""
     return ((output - y) ** 2).mean(-1)
 
 

@@ -97,7 +97,8 @@ def test_state_dict_round_trip_in_memory() -> None:
 
 
 def test_file_is_weights_only_and_written_atomically(tmp_path, monkeypatch) -> None:
-    """The file loads with weights_only=True; a failing save leaves the old file and no temp file."""
+    """The file loads with weights_only=True; a failing save leaves the old file and no temp
+    file."""
     driver = make(tbptt.Truncation(2, 5))
     run(driver, CHUNKS[:3])
     path = tmp_path / "run.pt"

@@ -165,7 +165,7 @@ def test_random_schedules_match_autograd(
     assert_close(estimate(P, tr), oracle(P, tr), rtol=1e-10, atol=1e-12)
 
 
-# -- 7.3: the special cases of section 4 ------------------------------------------------------------
+# -- 7.3: the special cases of section 4 -----------------------------------------------------------
 @pytest.mark.parametrize("T", [5, 8])
 @pytest.mark.parametrize("k1", [1, 3, 5, 8])
 def test_k2_at_least_k1_ceil_T_over_k1_new_flush_is_exact(T, k1):
@@ -212,7 +212,8 @@ def _w(s: int, i: int, u: int) -> tbptt.Window:
 
 @pytest.mark.parametrize("k2", [1, 2, 4, 9])
 def test_k1_1_new_is_bptt_h(k2):
-    """k1 = 1, inject='new' equals Williams and Peng's BPTT(k2): each loss backpropagated k2 steps."""
+    """k1 = 1, inject='new' equals Williams and Peng's BPTT(k2): each loss backpropagated k2
+    steps."""
     P = Problem(T=8, batch=2, h0=True, mask=True, reset=True, seed=33)
     want = bptt_h(P.model, P.x, P.y, k2, **P.kw)
     assert_close(estimate(P, Truncation(1, k2, "new")), want, rtol=1e-10)

@@ -2,10 +2,10 @@
 
 check_unbiased(draw, exact, M) draws M independent estimates (vectors) and asserts two things:
 
-1. No coordinate's mean is off: z_j = (mean_j - exact_j) / (sd_j / sqrt(M)) for every coordinate with
-   a spread (the others must equal the exact value to rounding), and max |z_j| below the Bonferroni
-   threshold for a total false-alarm rate of 1e-3 under the normal approximation of a mean of M
-   draws: P(max |z| > z*) <= d * 2 (1 - Phi(z*)) = 1e-3.
+1. No coordinate's mean is off: z_j = (mean_j - exact_j) / (sd_j / sqrt(M)) for every coordinate
+   with a spread (the others must equal the exact value to rounding), and max |z_j| below the
+   Bonferroni threshold for a total false-alarm rate of 1e-3 under the normal approximation of a
+   mean of M draws: P(max |z| > z*) <= d * 2 (1 - Phi(z*)) = 1e-3.
 2. The error falls like 1/sqrt(N): for N = 4, 16, 64, the squared error of the mean of N draws,
    averaged over the M / N disjoint groups, is V / N (V the summed variance) within a factor of 2.
    Each average has at least M / N = 64 degrees of freedom; a mean of 64 unit chi-squares leaves

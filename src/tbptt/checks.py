@@ -1,4 +1,4 @@
-"""Validation at the public boundary: every error names the argument, the value and what was expected.
+"""Validation at the public boundary: every error names the argument, its value and the expectation.
 
 Arrays are time-major: x is (T, m) for one stream or (T, batch, m) for a batch of streams. Inside
 the engine everything is promoted to the batched form (T, batch, ...).

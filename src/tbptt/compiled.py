@@ -2,9 +2,10 @@
 
 The same recurrences as the numpy reference in elman.py, one compiled call for all the steps:
 
-    (1.1), (1.2)  a_t = A h_{t-1} + (B x_t + b),  h_t = f(a_t),  and f'(a_t) from h_t    forward_steps
-    (3.1)         r_t = ([t in I] C^T e_t + A^T r_{t+1}) * f'(a_t)                        backward_steps
-    (2.3)         dL/dB = sum_t r_t x_t^T for one-hot x_t: row ids[t] of (dL/dB)^T gets r_t  scatter_rows
+    forward_steps   (1.1), (1.2)  a_t = A h_{t-1} + (B x_t + b),  h_t = f(a_t),  and f'(a_t)
+    backward_steps  (3.1)         r_t = ([t in I] C^T e_t + A^T r_{t+1}) * f'(a_t)
+    scatter_rows    (2.3)         dL/dB = sum_t r_t x_t^T for one-hot x_t:
+                                  row ids[t] of (dL/dB)^T gets r_t
 
 At batch 1 the numpy loop is a count of calls (three per step each way, about 1 us each) while the
 arithmetic of a step at n = 128 is about 16,000 multiply-adds. Here each step is one pass over A,
@@ -34,7 +35,8 @@ OPTIONS = {"fastmath": FASTMATH, "error_model": "numpy", "nogil": True, "cache":
 TANH, SIGMOID, RELU, IDENTITY = 0, 1, 2, 3  # codes of f, as elman.ACTIVATION_CODES lists them
 
 f32 = np.float32
-# Cephes tanhf / expf (float32): tanh x = x + x^3 P(x^2) for |x| < 0.625, else 1 - 2 / (e^{2|x|} + 1)
+# Cephes tanhf / expf (float32): tanh x = x + x^3 P(x^2) for |x| < 0.625,
+# else 1 - 2 / (e^{2|x|} + 1)
 _TP = (
     f32(-5.70498872745e-3),
     f32(2.06390887954e-2),

@@ -1,4 +1,4 @@
-"""The seed's recurrent network in numpy: forward pass and the backward recursion (SEMANTICS.md 1-3).
+"""The seed's recurrent network in numpy: forward pass and backward recursion (SEMANTICS.md 1-3).
 
 Time-major arrays, a batch of independent streams on axis 1:
 
@@ -306,7 +306,7 @@ def project(arr: Array, W: Array) -> Array:
 
 
 def stacked(arr: Array) -> Array:
-    """(T, batch, k) -> (T * batch, k): the stacked time axis that turns a sum over t into a product."""
+    """(T, batch, k) -> (T * batch, k): the stacked time axis, a sum over t as one product."""
     return arr.reshape(-1, arr.shape[-1])
 
 
@@ -315,8 +315,8 @@ def parameter_gradients(
 ) -> dict[str, Array]:
     """(2.3) and (2.4) as one matrix product each over the stacked time axis.
 
-    R, h_prev: (L, batch, n); x: (L, batch, m) or a OneHot; e: (K, batch, p) and h: (K, batch, n) for the
-    injected steps (e already weighted by how many windows inject each step).
+    R, h_prev: (L, batch, n); x: (L, batch, m) or a OneHot; e: (K, batch, p) and h: (K, batch, n)
+    for the injected steps (e already weighted by how many windows inject each step).
     """
     grads = {
         "A": stacked(R).T @ stacked(h_prev),  # sum_t r_t h_{t-1}^T

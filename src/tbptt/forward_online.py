@@ -5,7 +5,7 @@ at each step. Each step's contribution to the gradient, (8.4) for RTRL and (8.5)
 computed as the step runs (with that step's parameters) and summed; after every k1-th step the sum
 of the contributions since the last update is applied by the optimizer:
 
-    (8.13) theta <- optimizer(theta, sum_{t in (u_prev, u]} g_t),   u = k1, 2 k1, ...   (and finish())
+    (8.13) theta <- optimizer(theta, sum_{t in (u_prev, u]} g_t),   u = k1, 2 k1, ..., and finish()
 
 The influence (J for RTRL; s~, theta~ for UORO) is carried across updates: J_t = D_t A_t J_{t-1}
 + dF/dtheta|_t with the current A_t, Williams and Zipser's approximation, which makes online RTRL

@@ -4,7 +4,7 @@ A character or word model reads x_t = onehot(ids_t) in R^m. The model is the sam
 only the two products with x change form:
 
     (1.1)  B x_t = column ids_t of B                        (a row of B^T, looked up)
-    (2.3)  dL/dB = sum_t r_t x_t^T:  column ids_t of dL/dB gets r_t added, for every t (a scatter-add)
+    (2.3)  dL/dB = sum_t r_t x_t^T:  column ids_t of dL/dB gets r_t added, every t (a scatter-add)
 
 which replaces two products of m-wide rows by n-wide copies and additions. The results equal the
 one-hot products: the lookup exactly, the scatter-add to rounding (the same terms summed in

@@ -16,7 +16,7 @@
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=2e-3)
 
-    L.Trainer(max_steps=1000).fit(CharLSTM(), train_dataloaders=loader)   # batches (x, y[, mask[, reset]])
+    L.Trainer(max_steps=1000).fit(CharLSTM(), train_dataloaders=loader)  # (x, y[, mask[, reset]])
 
 Each training batch is fed to one driver (tbptt.torch.TBPTT, the canonical rule of SEMANTICS.md
 5) under manual optimization; the driver makes the updates where the schedule says, whatever the
@@ -213,7 +213,8 @@ class TBPTTModule(L.LightningModule):
         if cfg.frequency != 1 or cfg.reduce_on_plateau:
             raise InputError(
                 f"an LR scheduler with interval='step' is stepped after every update; got "
-                f"frequency={cfg.frequency}{' and ReduceLROnPlateau' if cfg.reduce_on_plateau else ''}"
+                f"frequency={cfg.frequency}"
+                f"{' and ReduceLROnPlateau' if cfg.reduce_on_plateau else ''}"
                 " (use frequency=1, or interval='epoch')"
             )
         return cfg.scheduler

@@ -330,7 +330,7 @@ class TBPTT:
         return float(total)
 
     def _update(self, w) -> None:
-        """Backpropagate window w through the kept segments (5.2), (5.3), then step the optimizer."""
+        """Backpropagate window w through the kept segments (5.2), (5.3); step the optimizer."""
         grads = self._window_gradients(w)  # fresh arrays: the optimizer may write into them
         if self.reduction == "mean":  # (5.4): the derivative of sum / N is the derivative / N
             N = self._count(w)

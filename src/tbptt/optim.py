@@ -2,7 +2,8 @@
 
 Each follows torch.optim's update exactly, so both engines train to the same parameters:
 
-    SGD:       v <- mu v + g (v = g at the first step);  p <- p - lr v   (momentum mu; v = g when mu = 0)
+    SGD:       v <- mu v + g (v = g at the first step);  p <- p - lr v
+               (momentum mu; v = g when mu = 0)
                nesterov: p <- p - lr (g + mu v)
     Adam:      m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
                p <- p - lr/(1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps)

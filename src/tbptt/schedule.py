@@ -7,7 +7,8 @@ contract.
 A window W = (s, u, I) backpropagates through steps s..u and injects the losses of the steps in I;
 h_{s-1} is a constant:
 
-    (3.1)  delta^W_t = [t in I] C^T e_t + A^T (f'(a_{t+1}) * delta^W_{t+1}),  s <= t <= u,  delta^W_{u+1} = 0
+    (3.1)  delta^W_t = [t in I] C^T e_t + A^T (f'(a_{t+1}) * delta^W_{t+1}),  s <= t <= u,
+           delta^W_{u+1} = 0
 
 Sutskever's schedule places a window at every k1-th step:
 
@@ -78,9 +79,9 @@ def _check_int(name: str, value: object) -> int:
 class Truncation:
     """TBPTT(k1, k2): every k1 steps, backpropagate over the last k2 steps (SEMANTICS.md 4).
 
-    k1 = k2 = T is exact BPTT; k1 = k2 = k (with flush) is detach-every-k; k1 = 1 with inject="new" is
-    Williams and Peng's fully online BPTT(k2); k1 = T, k2 = k, inject="window" is Theano's
-    scan(truncate_gradient=k).
+    k1 = k2 = T is exact BPTT; k1 = k2 = k (with flush) is detach-every-k; k1 = 1 with
+    inject="new" is Williams and Peng's fully online BPTT(k2); k1 = T, k2 = k, inject="window" is
+    Theano's scan(truncate_gradient=k).
 
     Args:
         k1: steps between updates (Williams and Peng's h').
@@ -113,7 +114,7 @@ class Truncation:
 
     # -- one definition of a window -------------------------------------------------------------
     def window(self, u: int, u_prev: int) -> Window:
-        """The window of the update at step u, the previous update having been at u_prev (0 if none)."""
+        """The window of the update at step u, the previous one having been at u_prev (0: none)."""
         return self._window(max(1, u - self.k2 + 1), u, u_prev)  # (4.2)
 
     def _window(self, s: int, u: int, u_prev: int) -> Window:

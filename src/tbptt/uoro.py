@@ -4,10 +4,11 @@ SEMANTICS.md 8, in the paper's form: the loss of step t is differentiated throug
 theta = (A, B, b) in the row order of rtrl.py (8.1)-(8.2), u_t = (h_{t-1}, x_t, 1) and
 D_t = diag(f'(a_t)), each stream carries a rank-one J_{t-1} ~ s~_{t-1} theta~_{t-1}^T:
 
-    (8.5)  step t contributes  (dl_t/dh_{t-1} . s~_{t-1}) theta~_{t-1} + dl_t/dtheta|_{h_{t-1} fixed}
+    (8.5)  step t contributes  (dl_t/dh_{t-1} . s~_{t-1}) theta~_{t-1} + dl_t/dtheta|_(h_{t-1})
            dl_t/dh_{t-1} = A^T D_t C^T e_t,   dl_t/dtheta|_{h_{t-1} fixed} = (D_t C^T e_t) u_t^T
     (8.6)  nu_t in {-1, +1}^n fresh signs;  nu_t^T dF/dtheta|_t = (D_t nu_t) u_t^T
-    (8.7)  s~_t = rho0 D_t A s~_{t-1} + rho1 nu_t,   theta~_t = theta~_{t-1} / rho0 + (D_t nu_t) u_t^T / rho1
+    (8.7)  s~_t = rho0 D_t A s~_{t-1} + rho1 nu_t,
+           theta~_t = theta~_{t-1} / rho0 + (D_t nu_t) u_t^T / rho1
     (8.8)  rho0 = sqrt((||theta~_{t-1}|| + eps) / (||D_t A s~_{t-1}|| + eps))
     (8.9)  rho1 = sqrt((||D_t nu_t|| ||u_t|| + eps) / (||nu_t|| + eps)),   eps = 1e-7
 

@@ -345,7 +345,8 @@ class KChoice:
 
 
 def tail_bound(profile: LagProfile, K: int) -> float:
-    """E(K) of (B.5): the bias of keeping lags 0..K-1, from measured and fitted phi (inf if no decay)."""
+    """E(K) of (B.5): the bias of keeping lags 0..K-1, from measured and fitted phi (inf without
+    decay)."""
     beta, tau0, phi = profile.rate, profile.fit_from, profile.norms
     if beta == 0:  # nothing flows beyond the measured lags that are nonzero
         return float(phi[K:].sum()) if K <= profile.max_lag else 0.0

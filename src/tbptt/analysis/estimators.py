@@ -6,7 +6,7 @@ deterministic ones, TBPTT and RTRL) and g* the exact BPTT gradient, all paramete
     (E.1)  bias      = ||mean_i g_i - g*|| / ||g*||
     (E.2)  variance  = sum over entries of the sample variance of g_i (ddof = 1), / ||g*||^2
     (E.3)  noise     = sqrt(variance / N): the bias an unbiased method shows from N draws alone
-    (E.4)  error     = mean_i ||g_i - g*|| / ||g*||: how far one estimate is, bias and noise together
+    (E.4)  error     = mean_i ||g_i - g*|| / ||g*||: one estimate's distance, bias and noise
 
 and the cost: the median wall time of one estimate divided by the sequence length (seconds per step
 for the whole batch of streams, frozen, on this machine), and the memory per stream of the method's
@@ -190,7 +190,9 @@ def compare(
 def table(rows: list[Row]) -> str:
     """The rows as an aligned text table (bias and noise side by side: a bias within about twice
     the noise is what an unbiased method shows from its draws)."""
-    head = f"{'method':28s} {'draws':>5s} {'bias':>9s} {'noise':>9s} {'variance':>9s} {'error':>9s} {'us/step':>9s} {'floats/stream':>13s}"
+    names = ("draws", "bias", "noise", "variance", "error", "us/step")
+    head = f"{'method':28s} " + " ".join(f"{k:>{5 if k == 'draws' else 9}s}" for k in names)
+    head += f" {'floats/stream':>13s}"
     lines = [head]
     for r in rows:
         lines.append(

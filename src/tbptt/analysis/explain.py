@@ -1,4 +1,4 @@
-"""What a TBPTT(k1, k2) schedule does, as text: its windows, per-loss use and cost (SEMANTICS.md 3-4).
+"""What a TBPTT(k1, k2) schedule does, as text: windows, per-loss use and cost (SEMANTICS.md 3-4).
 
 Everything drawn comes from `tbptt.Truncation`, the object the engines use. One row per update: the
 update after step u backpropagates through the window W = (s, u, I) of the contract,

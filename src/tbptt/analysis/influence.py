@@ -4,7 +4,7 @@ A linear recurrent system with one scalar parameter theta, built so that truncat
 of the gradient wrong. n units; the first p receive +theta, the others -theta; each unit is fed by
 itself and by the next one:
 
-    (I.1)  s_t = A s_{t-1} + theta v,   A = (I + N) / 2   (1/2 on the diagonal and the superdiagonal)
+    (I.1)  s_t = A s_{t-1} + theta v,   A = (I + N) / 2   (1/2 on the diagonal and superdiagonal)
            v = (+1, ..., +1, -1, ..., -1)   (p entries +1, n - p entries -1)
     (I.2)  l_t = 1/2 (s_t[1] - 1)^2        (the loss reads the first unit only)
 
@@ -55,7 +55,7 @@ def _check(n: int, p: int) -> None:
 
 
 def system(n: int = N_UNITS, p: int = N_POSITIVE) -> tuple[Array, Array]:
-    """A (n, n) with 1/2 on the diagonal and the superdiagonal, and v (n,) = (+1 x p, -1 x (n-p))."""
+    """A (n, n) with 1/2 on the diagonal and superdiagonal, and v (n,) = (+1 x p, -1 x (n-p))."""
     _check(n, p)
     A = 0.5 * (np.eye(n) + np.eye(n, k=1))  # (I.1)
     v = np.where(np.arange(n) < p, 1.0, -1.0)

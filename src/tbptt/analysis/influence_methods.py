@@ -7,15 +7,16 @@ with theta updated by plain SGD (theta <- theta - lr g) at each method's update 
 
     RTRL   (I.6)  J_t = A J_{t-1} + v,  g_t = (s_t[1] - 1) J_t[1]                   every step
     UORO   (I.7)  g_t = (s_t[1] - 1) (A^T e_1 . s~_{t-1}) theta~_{t-1} + (s_t[1] - 1) v[1]
-                  s~_t = rho0 A s~_{t-1} + rho1 nu_t,  theta~_t = theta~_{t-1} / rho0 + (nu_t . v) / rho1
+                  s~_t = rho0 A s~_{t-1} + rho1 nu_t,
+                  theta~_t = theta~_{t-1} / rho0 + (nu_t . v) / rho1
                   rho0 = sqrt((|theta~_{t-1}| + eps) / (||A s~_{t-1}|| + eps)),
                   rho1 = sqrt((|nu_t . v| + eps) / (||nu_t|| + eps))                  every step
-    ARTBP  (I.8)  delta_t = (s_t[1] - 1) e_1 + w_t A^T delta_{t+1} over the window (previous cut, u],
+    ARTBP  (I.8)  delta_t = (s_t[1] - 1) e_1 + w_t A^T delta_{t+1}, t in (previous cut, u],
                   g = sum_t v . delta_t,  w_t = 1 / (1 - c_L) at an uncut boundary     at every cut
 
 Each returns tbptt.analysis.influence.Run (theta after every step, each step's loss), like
-tbptt.analysis.influence.train does for TBPTT(k1, k2). The state runs on from s_0 = 1 (all ones), never
-reset; a run that leaves |theta| < 1e12 is marked as diverged (theta = +-inf from there).
+tbptt.analysis.influence.train does for TBPTT(k1, k2). The state runs on from s_0 = 1 (all ones),
+never reset; a run that leaves |theta| < 1e12 is marked as diverged (theta = +-inf from there).
 """
 
 from __future__ import annotations

@@ -421,7 +421,7 @@ def _methods(args: argparse.Namespace) -> list[Method]:
 def run_methods(
     args: argparse.Namespace, model: ElmanRNN, data: dict[str, Array], loss: str
 ) -> int:
-    """`tbptt bias --method ...`: (E.1)-(E.4) and the cost of each method, a table, a CSV, a plot."""
+    """`tbptt bias --method ...`: (E.1)-(E.4) and each method's cost, a table, a CSV, a plot."""
     methods = _methods(args)
     kw = {k: data[k] for k in ("mask", "reset", "h0") if k in data}
     rows = compare(model, data["x"], data["y"], methods, draws=args.draws, loss=loss, **kw)

@@ -412,7 +412,7 @@ def absolute(path: str) -> str:
 
 
 def from_args(args: argparse.Namespace, saved: dict | None = None) -> Config:
-    """Defaults <- --config file <- flags; with `saved` (a resumed run) only RESUMABLE may change."""
+    """Defaults <- --config file <- flags; with `saved` (a resumed run) only RESUMABLE changes."""
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     if given.get("data"):  # the same file, however it is written
         given["data"] = absolute(given["data"])

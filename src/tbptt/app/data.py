@@ -105,7 +105,8 @@ def read_text(path: str | os.PathLike, vocab: str | None = None) -> Text:
             decoder.decode(block.tobytes(), final=start + BLOCK >= size)
         except UnicodeDecodeError as exc:
             raise InputError(
-                f"--data {path} is not UTF-8 text (a binary file?): byte {exc.object[exc.start]:#x} "
+                f"--data {path} is not UTF-8 text (a binary file?): "
+                f"byte {exc.object[exc.start]:#x} "
                 f"at offset {start + exc.start}"
             ) from None
     if counts[128:].any():  # not ASCII: characters span several bytes, decode into ids
@@ -120,7 +121,8 @@ def read_text(path: str | os.PathLike, vocab: str | None = None) -> Text:
     missing = [chr(b) for b in present if table[b] < 0]
     if missing:
         raise InputError(
-            f"--data {path} holds the character {missing[0]!r}, which is not in the run's vocabulary"
+            f"--data {path} holds the character {missing[0]!r}, which is not in the run's "
+            "vocabulary"
         )
     return Text(raw, table, vocab, f"--data {path}")
 
@@ -183,7 +185,7 @@ def corpus_split(name: str, valid_fraction: float, vocab: str | None = None) -> 
 
 
 def read_numbers(path: str | os.PathLike) -> Array:
-    """A numeric sequence (T, features) from .npy (memory-mapped) or .csv (an optional header row)."""
+    """A numeric sequence (T, features) from .npy (memory-mapped) or .csv (a header row or not)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--data {path}: no such file")

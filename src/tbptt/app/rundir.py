@@ -47,7 +47,7 @@ class Loop:
     k2: int | None = None  # the k2 in force (--adapt-k2 changes it)
 
 
-# -- creating and locking ---------------------------------------------------------------------------
+# -- creating and locking --------------------------------------------------------------------------
 def check_new(path: Path) -> None:
     """A new run may go to `path`: absent, or an empty folder, in a folder we can write."""
     if path.exists() and not path.is_dir():
@@ -125,7 +125,7 @@ def clean(run: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
-# -- reading a run ----------------------------------------------------------------------------------
+# -- reading a run ---------------------------------------------------------------------------------
 def read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -158,7 +158,8 @@ def read_metrics(run: Path, upto: int) -> list[dict]:
             rows = [{**r, "updates": int(r["updates"])} for r in reader]
     except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(
-            f"{path} is corrupted ({exc}); repair it, or delete it to resume without the earlier metrics rows"
+            f"{path} is corrupted ({exc}); repair it, or delete it to resume without the "
+            "earlier metrics rows"
         ) from None
     return [r for r in rows if r["updates"] <= upto]
 
@@ -227,7 +228,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# -- writing a checkpoint ---------------------------------------------------------------------------
+# -- writing a checkpoint --------------------------------------------------------------------------
 def metrics_csv(rows: list[dict]) -> str:
     from io import StringIO
 

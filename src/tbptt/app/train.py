@@ -55,7 +55,7 @@ class Run:
         return self.engine.rank == 0
 
 
-# -- the loop ---------------------------------------------------------------------------------------
+# -- the loop --------------------------------------------------------------------------------------
 def run_train(args: argparse.Namespace) -> int:
     run = open_run(args)
     try:
@@ -214,7 +214,7 @@ def finish(run: Run, lr: float) -> None:
         print(f"validation: {valid:.4f} {run.problem.unit}")
 
 
-# -- interrupts and progress ------------------------------------------------------------------------
+# -- interrupts and progress -----------------------------------------------------------------------
 class Interrupt:
     """Ctrl-C asks the loop to stop after the current update (and checkpoint); a second one
     stops at once."""
@@ -270,7 +270,7 @@ class Progress:
         )
 
 
-# -- opening a run ----------------------------------------------------------------------------------
+# -- opening a run ---------------------------------------------------------------------------------
 TRAIN_HELP = """\
 Train a recurrent network with TBPTT(k1, k2): every k1 steps, backpropagate over the last k2 steps.
 

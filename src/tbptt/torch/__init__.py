@@ -1,4 +1,4 @@
-"""The PyTorch engine: TBPTT(k1, k2) for any recurrent nn.Module (the only part of tbptt using torch).
+"""The PyTorch engine: TBPTT(k1, k2) for any recurrent nn.Module (the part of tbptt using torch).
 
     from tbptt.torch import TBPTT, ElmanRNN, Recurrent, l2_loss, cross_entropy_loss
     model = Recurrent(nn.LSTM(m, hidden, num_layers=2), nn.Linear(hidden, p))

@@ -1,4 +1,4 @@
-"""Data-parallel TBPTT(k1, k2) over processes and machines with torch.distributed (SEMANTICS.md 4-6).
+"""Data-parallel TBPTT(k1, k2) over processes and machines, torch.distributed (SEMANTICS.md 4-6).
 
 Each process (rank r of W) owns a disjoint set S_r of the batch's streams and runs the driver on
 them; every rank feeds chunks of the same lengths, so the schedule (4.1)-(4.3) has the same phase
@@ -17,9 +17,10 @@ either path of driver.py) and before unscaling, clipping and optimizer.step, so 
 global norm and every rank takes the same step. Its buffer holds the flattened gradient, a flag
 per parameter (whether it has a gradient), the loss total and count of the chunk (the mean the
 driver reports), the mean reduction's count, and one slot per rank for its step t and for the
-finiteness of its losses: the checks that keep the ranks in step travel with the gradient. A model wrapped in DistributedDataParallel is
-accepted: the driver runs its `.module` and uses its process group, so DDP's own reducer never
-fires (as if every backward ran under `no_sync()`), and the driver's all-reduce is the only one.
+finiteness of its losses: the checks that keep the ranks in step travel with the gradient. A
+model wrapped in DistributedDataParallel is accepted: the driver runs its `.module` and uses its
+process group, so DDP's own reducer never fires (as if every backward ran under `no_sync()`),
+and the driver's all-reduce is the only one.
 
 When the driver is made, one small all-reduce checks that every rank has the same schedule and
 parameter shapes; then the parameters and buffers are broadcast from rank 0, as DDP does. A chunk
@@ -126,7 +127,8 @@ class Comm:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DistributedError(
                 f"process {self.rank} of {self.world}: {what} failed: another process died, did "
-                f"not answer within the process group's timeout, or is elsewhere in the run ({first})"
+                "not answer within the process group's timeout, or is elsewhere in the run "
+                f"({first})"
             ) from exc
 
     def _spread(self, values: list[int], what: str) -> list[tuple[int, int]]:
@@ -394,7 +396,7 @@ def split_streams(sd: dict, rank: int, world: int, ax: int, dims: list[int] | No
     return out
 
 
-# -- torchrun ---------------------------------------------------------------------------------------
+# -- torchrun --------------------------------------------------------------------------------------
 @dataclass
 class Launch:
     """This process's place in a torchrun job (rank 0 of 1 when not under torchrun)."""

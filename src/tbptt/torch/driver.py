@@ -1,4 +1,4 @@
-"""Online TBPTT(k1, k2) for any PyTorch recurrent module, with the canonical rule (SEMANTICS.md 4-6).
+"""Online TBPTT(k1, k2) for any PyTorch recurrent module, by the canonical rule (SEMANTICS.md 4-6).
 
 The module follows the protocol module(x_chunk, state) -> (output_chunk, new_state); data comes as
 chunks of any length. After every step u that the schedule marks (4.1), the window W = (s, u, I)
@@ -440,7 +440,8 @@ class TBPTT:
         if first:
             if self.state0 is not None and st.signature(self.state0) != sig:
                 raise InputError(
-                    f"state0 has shapes {st.signature(self.state0)}, but the model's state has {sig}"
+                    f"state0 has shapes {st.signature(self.state0)}, but the model's state has "
+                    f"{sig}"
                 )
             self._sig = sig
         elif sig != self._sig:

@@ -1,5 +1,5 @@
-"""Online RTRL and UORO for any PyTorch recurrent module: the influence carried forward one step at a
-time with torch.func (SEMANTICS.md 8; the numpy twins: forward_online.py).
+"""Online RTRL and UORO for any PyTorch recurrent module: the influence carried forward one step
+at a time with torch.func (SEMANTICS.md 8; the numpy twins: forward_online.py).
 
 The module runs one step per call, module(x_t, h_{t-1}) -> (output_t, h_t). Its state, a tensor
 or a tuple of them (an LSTM's (h, c)), is one vector per stream for the influence: h in R^n,

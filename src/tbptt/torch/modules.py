@@ -223,7 +223,8 @@ class ElmanRNN(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"m={self.m}, n={self.n}, p={self.p}, f={self.f!r}, g={self.g!r}, bias={self.b is not None}"
+        bias = self.b is not None
+        return f"m={self.m}, n={self.n}, p={self.p}, f={self.f!r}, g={self.g!r}, bias={bias}"
 
 
 class Recurrent(nn.Module):
@@ -280,5 +281,6 @@ class Recurrent(nn.Module):
             got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
             if got != want:
                 raise InputError(
-                    f"state must be a tensor of shape {want} for this {type(rnn).__name__}, got {got}"
+                    f"state must be a tensor of shape {want} for this {type(rnn).__name__}, "
+                    f"got {got}"
                 )

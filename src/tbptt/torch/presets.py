@@ -12,17 +12,18 @@ trains the stream's last, shorter chunk alone, as these systems do:
             driver.feed(x, y)
         driver.finish()                  # the short last chunk, averaged over its own losses
 
-| preset                                    | truncation                   | reduction | restart                   |
-|-------------------------------------------|------------------------------|-----------|---------------------------|
-| word_language_model(k)                    | (k, k, "new", flush)         | mean      | every epoch               |
-| keras_stateful(k, return_sequences=True)  | (k, k, "new", flush)         | mean      | at reset_state()          |
-| keras_stateful(k, return_sequences=False) | (k, k, "last", flush)        | mean      | at reset_state()          |
-| chainer_bproplen(k)                       | (k, k, "new")                | sum       | never                     |
-| lightning_1x(k)                           | (k, k, "new", flush)         | mean      | every batch               |
-| theano_scan(k, T)                         | (T, k, "window"), one update | sum       | every sequence            |
-| forum_snippet(k1, k2)                     | (k1, k2, "last")             | sum       | every sequence            |
-| mikolov_rnnlm(B, b), B >= 1               | (b, B + b - 1, "new")        | sum       | every epoch, from h = 0.1 |
-| mikolov_rnnlm(0, b)                       | (1, 1, "new")                | sum       | every epoch, from h = 0.1 |
+    preset                                      truncation               reduction  restart
+    word_language_model(k)                      (k, k, "new", flush)     mean       every epoch
+    keras_stateful(k, return_sequences=True)    (k, k, "new", flush)     mean       reset_state()
+    keras_stateful(k, return_sequences=False)   (k, k, "last", flush)    mean       reset_state()
+    chainer_bproplen(k)                         (k, k, "new")            sum        never
+    lightning_1x(k)                             (k, k, "new", flush)     mean       every batch
+    theano_scan(k, T)                           (T, k, "window")         sum        every sequence
+    forum_snippet(k1, k2)                       (k1, k2, "last")         sum        every sequence
+    mikolov_rnnlm(B, b), B >= 1                 (b, B + b - 1, "new")    sum        every epoch
+    mikolov_rnnlm(0, b)                         (1, 1, "new")            sum        every epoch
+
+(theano_scan: one update, at the end; RNNLM restarts from h = 0.1)
 
 Checked against each system's own source (tests/test_torch_presets.py reimplements each loop;
 tests/test_torch_presets_keras.py trains the real Keras):
@@ -113,7 +114,8 @@ class Preset:
     restart: str
 
     def describe(self) -> str:
-        """One line, e.g. 'TBPTT(k1=35, k2=35, inject=new, flush), reduction=mean, restart every epoch'."""
+        """One line: 'TBPTT(k1=35, k2=35, inject=new, flush), reduction=mean, restart every epoch'
+        (for instance)."""
         return f"{self.truncation.describe()}, reduction={self.reduction}, restart {self.restart}"
 
 

@@ -1,4 +1,4 @@
-"""The kept steps: segments of the stream, each with the parameter values it ran with (SEMANTICS.md 5).
+"""The kept steps: segments of the stream, each with the parameter values it ran with (SEMANTICS 5).
 
 A segment is a run of steps t0..t1 between two boundaries of the schedule: update times u (4.1)
 and window starts s - 1 = u - k2 (4.2). Every window, the flush window included (it starts where

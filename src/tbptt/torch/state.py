@@ -1,4 +1,4 @@
-"""Recurrent states as a tensor or any nesting of tuples, lists and dicts of tensors (SEMANTICS.md 6).
+"""Recurrent states: a tensor or any nesting of tuples, lists and dicts of tensors (SEMANTICS.md 6).
 
 nn.RNN and nn.GRU carry one tensor (layers, batch, hidden), nn.LSTM a tuple (h, c), the seed's
 ElmanRNN one tensor (batch, n); a user's module may carry a dict of them. The driver walks these
