@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from .artbp import Cuts, check_c, check_max_length, probability, window_gradients
-from .checks import check_batch, check_h0
+from .checks import check_h0
 from .elman import ElmanRNN, Trajectory
 from .errors import InputError
 from .functions import activation
@@ -30,6 +30,7 @@ from .online import History
 from .optim import SGD, Adam
 from .updates import (
     as_generator,
+    check_chunk,
     check_count,
     check_model,
     check_saved_params,
@@ -125,17 +126,7 @@ class ARTBP:
         if self.finished:
             raise RuntimeError("the stream was finished; create a new ARTBP to go on")
         model = self.model
-        data = check_batch(
-            x,
-            y,
-            m=model.m,
-            p=model.p,
-            dtype=model.dtype,
-            loss=self.loss,
-            g=model.g,
-            mask=mask,
-            reset=reset,
-        )
+        data = check_chunk(self.model, self.loss, x, y, mask, reset)
         T, batch, _ = data.x.shape
         if self.h is None:
             self.h0 = np.array(check_h0(self._h0_arg, model.n, batch, model.dtype))

@@ -22,12 +22,13 @@ import numpy as np
 
 from . import rtrl as rtrl_
 from . import uoro as uoro_
-from .checks import check_batch, check_h0
+from .checks import check_h0
 from .elman import ElmanRNN
 from .errors import InputError
 from .optim import SGD, Adam
 from .updates import (
     as_generator,
+    check_chunk,
     check_count,
     check_model,
     check_saved_params,
@@ -98,17 +99,7 @@ class ForwardMode:
         if self.finished:
             raise RuntimeError(f"the stream was finished; create a new {self.NAME} to go on")
         model = self.model
-        data = check_batch(
-            x,
-            y,
-            m=model.m,
-            p=model.p,
-            dtype=model.dtype,
-            loss=self.loss,
-            g=model.g,
-            mask=mask,
-            reset=reset,
-        )
+        data = check_chunk(self.model, self.loss, x, y, mask, reset)
         T, batch, _ = data.x.shape
         if self.h is None:
             h0 = np.array(check_h0(self._h0_arg, model.n, batch, model.dtype))

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checks import check_batch, check_h0
+from .checks import check_h0
 from .elman import ElmanRNN, backprop, parameter_gradients, project
 from .errors import InputError
 from .inputs import OneHot
@@ -44,6 +44,7 @@ from .optim import SGD, Adam
 from .schedule import Truncation
 from .updates import (
     REDUCTIONS,  # noqa: F401  (online.REDUCTIONS, as before)
+    check_chunk,
     check_model,
     check_saved_params,
     check_saved_setting,
@@ -197,17 +198,7 @@ class TBPTT:
         """
         if self.finished:
             raise RuntimeError("the stream was finished; create a new TBPTT to train on another")
-        data = check_batch(
-            x,
-            y,
-            m=self.model.m,
-            p=self.model.p,
-            dtype=self.model.dtype,
-            loss=self.loss,
-            g=self.model.g,
-            mask=mask,
-            reset=reset,
-        )
+        data = check_chunk(self.model, self.loss, x, y, mask, reset)
         T, batch, _ = data.x.shape
         if self.h is None:
             self.h0 = np.array(check_h0(self._h0_arg, self.model.n, batch, self.model.dtype))

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from .checks import Batch, check_batch
 from .elman import ElmanRNN, Trajectory, forward
 from .errors import InputError, NonFiniteError
 from .files import atomic_write
@@ -50,6 +51,14 @@ def check_settings(optimizer: object, loss: object, clip: object, reduction: obj
         raise InputError(f"clip must be a positive finite number or None, got {clip!r}")
     if reduction not in REDUCTIONS:
         raise InputError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def check_chunk(model: ElmanRNN, loss: str, x, y, mask, reset) -> Batch:
+    """A chunk fed to an online trainer, checked against its model and loss (checks.check_batch):
+    x, y, mask, reset as (T, batch, ...) arrays of the model's dtype."""
+    return check_batch(
+        x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
+    )
 
 
 def check_count(name: str, value: object) -> int:

@@ -719,8 +719,25 @@ class TBPTT:
             }
             for seg in self._segments
         ]
-        sched, cuda = self.scheduler, self.device.type == "cuda"
         sd = {
+            **self._common_state(),
+            "state": self.state,
+            "copies": set_id(self._copies),
+            "param_sets": sets,
+            "segments": segments,
+        }
+        if self._comm is None:
+            return sd
+        return self._comm.gather_streams(
+            sd, axis=1 - self._tdim, dims=self._state_dims(self._state, self.batch or 0)
+        )
+
+    def _common_state(self) -> dict:
+        """What every trainer of this engine saves alike: the format, schedule and settings, the
+        position in the stream, the model's, optimizer's, scheduler's and grad scaler's
+        state_dicts, and torch's generators (CPU and CUDA)."""
+        sched, cuda = self.scheduler, self.device.type == "cuda"
+        return {
             "format": self.FORMAT,
             **self._schedule_state(),
             "batch_first": self.batch_first,
@@ -735,18 +752,9 @@ class TBPTT:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if sched is None else sched.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "state": self.state,
-            "copies": set_id(self._copies),
-            "param_sets": sets,
-            "segments": segments,
             "rng": torch.get_rng_state(),
             "device_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
         }
-        if self._comm is None:
-            return sd
-        return self._comm.gather_streams(
-            sd, axis=1 - self._tdim, dims=self._state_dims(self._state, self.batch or 0)
-        )
 
     def load_state_dict(self, sd: dict | None) -> None:
         """Restore what state_dict() returned; the kept graphs are rebuilt from the records.

@@ -291,29 +291,13 @@ class ForwardMode(TBPTT):
         state = None
         if self._state is not None:
             state = {"h": self.state, "influence": dict(self.influence or {})}
-        sched, cuda = self.scheduler, self.device.type == "cuda"
         sd = {
-            "format": self.FORMAT,
-            **self._schedule_state(),
-            "batch_first": self.batch_first,
-            "reduction": self.reduction,
-            "t": self.t,
-            "u_prev": self.u_prev,
-            "updates": self.updates,
-            "skipped": self.skipped,
-            "batch": self.batch,
-            "finished": self.finished,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": None if sched is None else sched.state_dict(),
-            "scaler": None,
+            **self._common_state(),  # its scaler is None: UORO and RTRL take no amp
             "state": state,
             "recurrent": self.recurrent,
             "pending": pending,
             "pending_count": count,
             "segments": [],
-            "rng": torch.get_rng_state(),
-            "device_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
         }
         if self._comm is None:
             return sd
