@@ -86,41 +86,10 @@ def check_batch(
         raise InputError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
     if loss == "cross_entropy" and g != "softmax":
         raise InputError(f"loss='cross_entropy' needs the model's g='softmax', got g={g!r}")
-    if isinstance(x, OneHot):  # integer inputs: the ids, (T, batch)
-        if x.m != m:
-            raise InputError(f"x is a OneHot of m={x.m} inputs, but the model has m={m}")
-        single = x.ids.ndim == 1
-        xa = OneHot._of(x.ids[:, None] if single else x.ids, m)
-    else:
-        xa = as_float_array("x", x, dtype)
-        if xa.ndim not in (2, 3) or xa.shape[-1] != m:
-            raise InputError(f"x must have shape (T, {m}) or (T, batch, {m}), got {xa.shape}")
-        single = xa.ndim == 2
-        if single:
-            xa = xa[:, None, :]
+    xa, single = _check_x(x, m, dtype)
     T, batch, _ = xa.shape
     lead = (T,) if single else (T, batch)
-    if loss == "cross_entropy":
-        ya = np.asarray(y)
-        if not np.issubdtype(ya.dtype, np.integer):
-            raise InputError(
-                f"y must hold integer class indices for loss='cross_entropy', got dtype {ya.dtype}"
-            )
-        if ya.shape != lead:
-            raise InputError(f"y must have shape {lead} (one class index per step), got {ya.shape}")
-        if ya.size and (ya.min() < 0 or ya.max() >= p):
-            bad = ya.min() if ya.min() < 0 else ya.max()
-            raise InputError(
-                f"y holds class index {int(bad)}, expected 0 <= y < {p} (the model's p)"
-            )
-        ya = ya.reshape(T, batch).astype(np.intp, copy=False)
-    else:
-        ya = as_float_array("y", y, dtype)
-        if ya.shape != (*lead, p):
-            raise InputError(
-                f"y must have shape {(*lead, p)} like x with p={p} outputs, got {ya.shape}"
-            )
-        ya = ya.reshape(T, batch, p)
+    ya = _check_y(y, lead, batch, p, dtype, loss)
     maska = None
     if mask is not None:
         maska = as_float_array("mask", mask, dtype)
@@ -140,6 +109,47 @@ def check_batch(
             )
         reseta = reseta.reshape(T, batch)
     return Batch(xa, ya, maska, reseta, single)
+
+
+def _check_x(x: object, m: int, dtype: np.dtype) -> tuple[Array | OneHot, bool]:
+    """x as (T, batch, m) (or OneHot ids (T, batch)), and whether it was one stream."""
+    if isinstance(x, OneHot):  # integer inputs: the ids, (T, batch)
+        if x.m != m:
+            raise InputError(f"x is a OneHot of m={x.m} inputs, but the model has m={m}")
+        single = x.ids.ndim == 1
+        return OneHot._of(x.ids[:, None] if single else x.ids, m), single
+    xa = as_float_array("x", x, dtype)
+    if xa.ndim not in (2, 3) or xa.shape[-1] != m:
+        raise InputError(f"x must have shape (T, {m}) or (T, batch, {m}), got {xa.shape}")
+    single = xa.ndim == 2
+    return (xa[:, None, :] if single else xa), single
+
+
+def _check_y(
+    y: object, lead: tuple[int, ...], batch: int, p: int, dtype: np.dtype, loss: str
+) -> Array:
+    """y as (T, batch) class indices for cross-entropy, (T, batch, p) targets for L2."""
+    T = lead[0]
+    if loss == "cross_entropy":
+        ya = np.asarray(y)
+        if not np.issubdtype(ya.dtype, np.integer):
+            raise InputError(
+                f"y must hold integer class indices for loss='cross_entropy', got dtype {ya.dtype}"
+            )
+        if ya.shape != lead:
+            raise InputError(f"y must have shape {lead} (one class index per step), got {ya.shape}")
+        if ya.size and (ya.min() < 0 or ya.max() >= p):
+            bad = ya.min() if ya.min() < 0 else ya.max()
+            raise InputError(
+                f"y holds class index {int(bad)}, expected 0 <= y < {p} (the model's p)"
+            )
+        return ya.reshape(T, batch).astype(np.intp, copy=False)
+    ya = as_float_array("y", y, dtype)
+    if ya.shape != (*lead, p):
+        raise InputError(
+            f"y must have shape {(*lead, p)} like x with p={p} outputs, got {ya.shape}"
+        )
+    return ya.reshape(T, batch, p)
 
 
 def check_h0(h0: object, n: int, batch: int, dtype: np.dtype) -> Array:

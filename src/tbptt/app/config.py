@@ -304,6 +304,16 @@ def default_threads(engine: str) -> int:
 
 def check(cfg: Config) -> Config:
     """Resolve the defaults that depend on other fields and reject what cannot run."""
+    _resolve_task(cfg)
+    _check_engine(cfg)
+    _check_counts(cfg)
+    _check_method(cfg)
+    _check_reals(cfg)
+    return cfg
+
+
+def _resolve_task(cfg: Config) -> None:
+    """The task from --data's suffix when not given; --data made absolute; choices checked."""
     if cfg.task is None:
         suffix = Path(cfg.data).suffix.lower() if cfg.data else None
         cfg.task = (
@@ -322,6 +332,10 @@ def check(cfg: Config) -> Config:
         value = getattr(cfg, name)
         if choices and value is not None and value not in choices:
             raise InputError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_engine(cfg: Config) -> None:
+    """What only the torch engine has; the defaults of --lr and --threads."""
     if cfg.lr is None:
         cfg.lr = 6e-3 if cfg.cell == "elman" else 4e-3
     if cfg.engine == "numpy" and cfg.cell != "elman":
@@ -332,6 +346,10 @@ def check(cfg: Config) -> Config:
         raise InputError(f"--device {cfg.device} needs --engine torch")
     if cfg.threads is None:
         cfg.threads = default_threads(cfg.engine)
+
+
+def _check_counts(cfg: Config) -> None:
+    """Sizes, step counts and the seed: integers with their minimum."""
     names = (
         "hidden",
         "layers",
@@ -352,6 +370,10 @@ def check(cfg: Config) -> Config:
         raise InputError(
             f"--length must be an integer >= {least} for --task {cfg.task}, got {cfg.length}"
         )
+
+
+def _check_method(cfg: Config) -> None:
+    """The method's own settings, the seed, the schedule and adaptive k2."""
     if cfg.method == "artbp":
         if cfg.cut is None or not (0 <= cfg.cut <= 1):
             raise InputError(
@@ -377,6 +399,10 @@ def check(cfg: Config) -> Config:
             raise InputError("--adapt-k2 needs --engine numpy (the lag analysis is numpy's)")
         if cfg.adapt_max < cfg.k1:
             raise InputError(f"--adapt-max {cfg.adapt_max} must be >= --k1 {cfg.k1}")
+
+
+def _check_reals(cfg: Config) -> None:
+    """Fractions, rates and budgets: finite where they must be; --clip 0 and the default budget."""
     if not (0 < cfg.valid_fraction < 1):
         raise InputError(
             f"--valid-fraction must be strictly between 0 and 1, got {cfg.valid_fraction}"
@@ -397,7 +423,6 @@ def check(cfg: Config) -> Config:
         )
     if cfg.time_budget is None and cfg.max_updates is None:
         cfg.time_budget = DEMO_SECONDS
-    return cfg
 
 
 def default_run_dir(cfg: Config) -> Path:
