@@ -514,6 +514,17 @@ def test_train_with_each_method_resumes_exactly(tmp_path, capsys, method):
 
 
 @pytest.mark.parametrize(
+    "method", [["rtrl"], ["uoro"], ["artbp", "--cut", 0.2, "--cut-every", 2, "--max-segment", 12]]
+)
+def test_each_method_trains_on_text(tmp_path, text, capsys, method):
+    """On a text task (characters as tbptt.OneHot ids) every method trains and resumes exactly,
+    as on the numeric tasks."""
+    tiny = ["--hidden", 6, "--batch", 3, "--k1", 5, "--eval-every", 10, "--checkpoint-every", 10]
+    common = ["--data", text, *tiny, "--no-progress", "--lr-decay", "none", "--method", *method]
+    split_and_whole(tmp_path, capsys, common)
+
+
+@pytest.mark.parametrize(
     ("args", "words"),
     [
         (["--method", "rtrl", "--k2", 8], "--k2 applies to --method tbptt, not --method rtrl"),

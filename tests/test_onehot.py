@@ -171,3 +171,36 @@ def test_torch_driver_with_ids_equals_numpy_engine(k2):
         )
     got = net.to_numpy().params
     assert_same(got, ref.model.params, tol=1e-10)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("method", ["rtrl", "uoro", "artbp"])
+def test_unbiased_methods_take_onehot_inputs(monkeypatch, path, method, tmp_path):
+    """RTRL, UORO and ARTBP with ids give what they give with the one-hot rows: frozen estimates
+    and online training (ragged chunks, resets, save/load mid-stream), the same draws."""
+    use(path, monkeypatch)
+    model, x, y, mask, reset = problem(T=30, batch=3, seed=4)
+    kw = {"loss": "cross_entropy", "mask": mask, "reset": reset}
+    draws = {"rtrl": {}, "uoro": {"rng": 5}, "artbp": {"c": 0.3, "rng": 5}}[method]
+    frozen = getattr(tbptt, f"{method}_gradients")
+    assert_same(frozen(model, x, y, **kw, **draws), frozen(model, x.dense(), y, **kw, **draws))
+    options = {"rtrl": {"k1": 3}, "uoro": {"k1": 3, "rng": 5}, "artbp": {"c": 0.3, "rng": 5}}
+
+    def online(xs, save_at=None):
+        make = tbptt.methods.make_trainer
+        args = (method, model.copy(), tbptt.Adam(lr=0.05))
+        d = make(*args, loss="cross_entropy", clip=1.0, **options[method])
+        i = 0
+        for j, L in enumerate((1, 6, 2, 9, 5, 7)):
+            if j == save_at:
+                d.save(tmp_path / f"{method}.npz")
+                d = make(*args, loss="cross_entropy", clip=1.0, **options[method])
+                d.load(tmp_path / f"{method}.npz")
+            d.feed(xs[i : i + L], y[i : i + L], reset=reset[i : i + L])
+            i += L
+        d.finish()
+        return d.model.params
+
+    want = online(x.dense())
+    assert_same(online(x), want)
+    assert_same(online(x, save_at=3), want)

@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from .artbp import Cuts, check_c, check_max_length, probability, window_gradients
-from .checks import check_h0
+from .checks import check_h0, dense_inputs
 from .elman import ElmanRNN, Trajectory
 from .errors import InputError
 from .functions import activation
@@ -126,7 +126,7 @@ class ARTBP:
         if self.finished:
             raise RuntimeError("the stream was finished; create a new ARTBP to go on")
         model = self.model
-        data = check_chunk(self.model, self.loss, x, y, mask, reset)
+        data = dense_inputs(check_chunk(self.model, self.loss, x, y, mask, reset), model.dtype)
         T, batch, _ = data.x.shape
         if self.h is None:
             self.h0 = np.array(check_h0(self._h0_arg, model.n, batch, model.dtype))

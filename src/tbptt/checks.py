@@ -6,7 +6,7 @@ the engine everything is promoted to the batched form (T, batch, ...).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -64,6 +64,13 @@ class Batch:
     mask: Array | None  # (T, batch) in the model's dtype
     reset: Array | None  # (T, batch) bool
     single: bool  # the caller passed one stream (no batch axis)
+
+
+def dense_inputs(data: Batch, dtype: np.dtype) -> Batch:
+    """data with a OneHot x as its one-hot rows (T, batch, m): for the estimators that stack
+    u_t = (h_{t-1}, x_t, 1) (RTRL, UORO, online ARTBP); their per-step work dwarfs the lookup's
+    saving."""
+    return replace(data, x=data.x.dense(dtype)) if isinstance(data.x, OneHot) else data
 
 
 def check_batch(

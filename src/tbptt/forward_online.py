@@ -22,7 +22,7 @@ import numpy as np
 
 from . import rtrl as rtrl_
 from . import uoro as uoro_
-from .checks import check_h0
+from .checks import check_h0, dense_inputs
 from .elman import ElmanRNN
 from .errors import InputError
 from .optim import SGD, Adam
@@ -99,7 +99,7 @@ class ForwardMode:
         if self.finished:
             raise RuntimeError(f"the stream was finished; create a new {self.NAME} to go on")
         model = self.model
-        data = check_chunk(self.model, self.loss, x, y, mask, reset)
+        data = dense_inputs(check_chunk(self.model, self.loss, x, y, mask, reset), model.dtype)
         T, batch, _ = data.x.shape
         if self.h is None:
             h0 = np.array(check_h0(self._h0_arg, model.n, batch, model.dtype))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import check_batch, check_h0
+from .checks import check_batch, check_h0, dense_inputs
 from .elman import ElmanRNN, Trajectory, forward, project, stacked
 from .errors import InputError
 from .functions import loss_and_error
@@ -161,6 +161,7 @@ def rtrl_gradients(
     data = check_batch(
         x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
     )
+    data = dense_inputs(data, model.dtype)
     batch = data.x.shape[1]
     check_influence_size(model, batch, max_bytes)
     traj = forward(model, data.x, check_h0(h0, model.n, batch, model.dtype), data.reset)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import check_batch, check_h0
+from .checks import check_batch, check_h0, dense_inputs
 from .elman import ElmanRNN, Trajectory, forward, project, stacked
 from .functions import loss_and_error
 from .rtrl import output_gradients, split_theta, theta_inputs
@@ -197,6 +197,7 @@ def uoro_gradients(
     data = check_batch(
         x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
     )
+    data = dense_inputs(data, model.dtype)
     batch = data.x.shape[1]
     traj = forward(model, data.x, check_h0(h0, model.n, batch, model.dtype), data.reset)
     _, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)
