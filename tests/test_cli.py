@@ -1,6 +1,7 @@
 """`tbptt train` and `tbptt sample` end to end on tiny data: outputs, resume, errors."""
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -251,6 +252,9 @@ def test_bad_config_file_is_one_line(tmp_path, text, capsys, toml, words):
     assert not run.exists()
 
 
+TORCH_LSTM = ["--cell", "lstm", "--engine", "torch"]
+
+
 @pytest.mark.parametrize(
     ("make", "extra", "words"),
     [
@@ -264,6 +268,12 @@ def test_bad_config_file_is_one_line(tmp_path, text, capsys, toml, words):
         (TEXT.encode(), ["--engine", "jax"], ["--engine", "invalid choice"]),
         (TEXT.encode(), ["--cell", "lstm"], ["--cell lstm needs --engine torch"]),
         (TEXT.encode(), ["--batch", "5000"], ["smaller --batch"]),
+        (TEXT.encode(), TORCH_LSTM + ["--no-bias"], ["--no-bias applies to --cell elman"]),
+        (TEXT.encode(), TORCH_LSTM + ["--spectral-radius", "0.9"], ["--spectral-radius applies"]),
+        (TEXT.encode(), ["--cell", "gru", "--engine", "torch", "--activation", "relu"], ["gru"]),
+        (TEXT.encode(), ["--layers", "2", "--engine", "torch"], ["--layers 2 needs --cell rnn"]),
+        (TEXT.encode(), ["--adapt-every", "50"], ["--adapt-every applies with --adapt-k2"]),
+        (TEXT.encode(), ["--adapt-max", "64"], ["--adapt-max applies with --adapt-k2"]),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, make, extra, words):
@@ -812,3 +822,73 @@ def state_of(engine) -> dict:
     if isinstance(engine, NumpyEngine):
         return dict(engine.driver.model.params)
     return {k: v.detach().numpy() for k, v in engine.model.state_dict().items()}
+
+
+@pytest.fixture
+def without(monkeypatch):
+    """Pretend some extras are not installed (a core-only install: numpy alone)."""
+
+    def hide(*names):
+        real = importlib.util.find_spec
+
+        def find_spec(name, *args, **kwargs):
+            return None if name.split(".")[0] in names else real(name, *args, **kwargs)
+
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+    return hide
+
+
+def test_a_core_install_trains_without_matplotlib(tmp_path, text, capsys, without):
+    """Without the plot extra, train trains and checkpoints and says once that loss.png is not
+    drawn; explain --out and bias are one line each, naming the extra, nothing written."""
+    without("matplotlib")
+    run = tmp_path / "run"
+    code, out, err = tbptt(
+        capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run
+    )
+    assert code == 0, err
+    assert out.count("loss.png is not drawn") == 1 and "tbptt[plot]" in out
+    assert (run / "checkpoint.json").exists() and not (run / "loss.png").exists()
+    fig = tmp_path / "s.png"
+    code, _, err = tbptt(capsys, "explain", "--k1", 2, "--k2", 4, "--steps", 8, "--out", fig)
+    assert_one_line_error(code, err, "--out", "tbptt[plot]")
+    assert not fig.exists()
+    code, _, err = tbptt(capsys, "bias", "--out-dir", tmp_path / "b")
+    assert_one_line_error(code, err, "matplotlib", "tbptt[plot]")
+    assert not (tmp_path / "b").exists()
+
+
+def test_engine_torch_without_torch_is_one_line(tmp_path, text, capsys, without):
+    """--engine torch on an install without the torch extra: one line naming it, no run dir."""
+    without("torch")
+    run = tmp_path / "run"
+    code, _, err = tbptt(
+        capsys,
+        "train",
+        "--engine",
+        "torch",
+        "--data",
+        text,
+        *TINY,
+        "--max-updates",
+        2,
+        "--run-dir",
+        run,
+    )
+    assert_one_line_error(code, err, "--engine torch", "tbptt[torch]")
+    assert not run.exists()
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, text, capsys):
+    """--resume of a run that has used its budget trains nothing, rewrites nothing, says so."""
+    run = tmp_path / "run"
+    assert (
+        tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)[0] == 0
+    )
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "lock"}
+    code, out, err = tbptt(capsys, "train", "--resume", run)
+    assert code == 0 and out == "", out
+    assert "nothing to do" in err and "--max-updates" in err
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "lock"}
+    assert after == before

@@ -458,6 +458,7 @@ def _write(out_dir: str, files: dict[str, str | bytes]) -> Path:
 
 
 def run_bias(args: argparse.Namespace) -> int:
+    plots.require("tbptt bias (it draws its figures)")
     model, data, loss = _model_and_data(args)
     if _get(args, "method"):
         return run_methods(args, model, data, loss)

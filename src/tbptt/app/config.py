@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -344,6 +345,17 @@ def _check_engine(cfg: Config) -> None:
         raise InputError(f"--layers {cfg.layers} needs --engine torch (numpy has one layer)")
     if cfg.engine == "numpy" and cfg.device != "cpu":
         raise InputError(f"--device {cfg.device} needs --engine torch")
+    if cfg.cell != "elman":  # the elman cell's own settings would be ignored
+        own = (("--activation", cfg.activation != "tanh"), ("--no-bias", not cfg.bias))
+        for name, given in (*own, ("--spectral-radius", cfg.spectral_radius is not None)):
+            if given:
+                raise InputError(f"{name} applies to --cell elman, not --cell {cfg.cell}")
+    elif cfg.layers != 1:
+        raise InputError(
+            f"--layers {cfg.layers} needs --cell rnn, gru or lstm (elman has one layer)"
+        )
+    if cfg.engine == "torch" and importlib.util.find_spec("torch") is None:
+        raise InputError("--engine torch needs PyTorch: pip install 'tbptt[torch]'")
     if cfg.threads is None:
         cfg.threads = default_threads(cfg.engine)
 
@@ -390,7 +402,11 @@ def _check_method(cfg: Config) -> None:
             f"--k2 {cfg.k2} < --k1 {cfg.k1} with --inject new: each new loss must lie inside its "
             f"window; use k2 >= k1, or --inject window or last"
         )
-    if cfg.adapt_k2 is not None:
+    if cfg.adapt_k2 is None:
+        for name in ("adapt_every", "adapt_max"):
+            if getattr(cfg, name) != FIELDS[name].default:
+                raise InputError(f"{flag(name)} applies with --adapt-k2 only")
+    else:
         if not (0 < cfg.adapt_k2 < 1):
             raise InputError(
                 f"--adapt-k2 must be a relative bias between 0 and 1, got {cfg.adapt_k2}"

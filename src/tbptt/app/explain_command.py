@@ -77,6 +77,7 @@ def run_explain(args: argparse.Namespace) -> int:
     figure = None
     if out:
         fmt = plots.fmt_of(out)
+        plots.require(f"--out {out}")
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
             raise InputError(f"--out: the folder {folder!r} of {out!r} does not exist")

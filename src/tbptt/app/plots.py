@@ -13,6 +13,7 @@ writes is ready, so a failure leaves no partial output.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 
@@ -27,7 +28,19 @@ FORMATS = (".png", ".svg", ".pdf")
 PLOT_STEPS = 120  # the schedule figure draws at most this many steps
 
 
+def available() -> bool:
+    """Whether matplotlib (the `plot` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def require(what: str) -> None:
+    """InputError in one line, before any work, when `what` needs matplotlib and it is missing."""
+    if not available():
+        raise InputError(f"{what} needs matplotlib: pip install 'tbptt[plot]'")
+
+
 def _pyplot():
+    require("drawing a figure")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -81,6 +81,16 @@ def train(run: Run, progress: bool) -> int:
     cfg, engine, problem, loop = run.cfg, run.engine, run.problem, run.loop
     losses: list[float] = []  # training losses since the last record
     lr = cfg.lr
+    if done(cfg, loop):  # a resumed run that has used its budget
+        if run.writer:
+            print(
+                f"{run.path} has already trained {loop.updates:,} updates in {loop.seconds:.0f} s, "
+                "its whole budget: nothing to do (raise --max-updates or --time-budget to go on)",
+                file=sys.stderr,
+            )
+        return 0
+    if run.writer and not plots.available():
+        print("loss.png is not drawn: matplotlib is missing (pip install 'tbptt[plot]')")
     with Interrupt() as interrupt, Progress(cfg, progress) as bar:
         while not done(cfg, loop) and not interrupt.asked:
             start = time.perf_counter()
@@ -179,7 +189,8 @@ def checkpoint(run: Run, final: bool = False) -> None:
     run.loop.k2 = run.engine.k2
     rundir.save_checkpoint(run.path, run.engine, run.loop, run.rows)
     run.saved = True
-    if run.writer and (final or time.perf_counter() - run.plotted >= PLOT_EVERY):
+    due = final or time.perf_counter() - run.plotted >= PLOT_EVERY
+    if run.writer and due and plots.available():
         cfg = run.cfg
         title = f"{cfg.task}: {cfg.engine} {cfg.cell} {cfg.hidden}, k1={cfg.k1} k2={cfg.k2}"
         xlabel = "characters seen" if cfg.text else "steps seen (steps x streams)"
