@@ -892,3 +892,53 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, text, cap
     assert "nothing to do" in err and "--max-updates" in err
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "lock"}
     assert after == before
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["suggest-k", "--max-lag", 0], ["--max-lag must be"]),
+        (["suggest-k", "--steps", 3], ["3 steps per stream are too few", "--fit-from 1"]),
+        (["suggest-k", "--k-max", 0], ["--k-max must be"]),
+        (["bias", "--method", "artbp", "--cut-every", 0], ["--cut-every must be"]),
+        (["bias", "--method", "artbp", "--cut", 2], ["--cut must be a probability"]),
+        (["bias", "--method", "uoro", "--draws", 0], ["--draws must be"]),
+        (["train", "--method", "artbp", "--cut", 0.1, "--cut-every", 0], ["--cut-every must be"]),
+    ],
+)
+def test_analysis_errors_name_the_flag(tmp_path, capsys, args, words):
+    """The library's argument names (max_lag, b, c, draws) reach the user as the flags."""
+    out = ["--out-dir", tmp_path / "b"] if args[0] == "bias" else []
+    out += ["--run-dir", tmp_path / "r"] if args[0] == "train" else []
+    code, _, err = tbptt(capsys, *args, *out)
+    assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "r").exists()
+
+
+def test_suggest_k_says_why_no_k_is_found(capsys):
+    """Too short a stretch to bound the gradient's norm: the biases print as inf (not nan) and
+    the sentence gives that reason, not "no geometric decay" beside a fitted beta < 1."""
+    code, out, err = tbptt(capsys, "suggest-k", "--steps", 16)
+    assert code == 0, err
+    assert "nan" not in out and "  inf" in out
+    assert "no lower bound on its norm" in out and "no geometric decay" not in out
+
+
+def test_messages_say_which_thing_is_wrong(tmp_path, text, capsys):
+    """A text file named .npy (no advice to load unsafely), a --model that does not exist, and
+    sample's --length and --temperature told apart."""
+    fake = tmp_path / "x.npy"
+    fake.write_text("hello world, this is text\n")
+    code, _, err = tbptt(capsys, "train", "--data", fake, "--run-dir", tmp_path / "r")
+    assert_one_line_error(code, err, "not in numpy's .npy format")
+    assert "allow_pickle" not in err and "unsafe" not in err
+    code, _, err = tbptt(capsys, "bias", "--model", tmp_path / "nothing")
+    assert_one_line_error(code, err, "no such file or run directory")
+    run = tmp_path / "run"
+    assert (
+        tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 2, "--run-dir", run)[0] == 0
+    )
+    code, _, err = tbptt(capsys, "sample", run, "--temperature", 0)
+    assert_one_line_error(code, err, "--temperature must be a positive number, got 0")
+    code, _, err = tbptt(capsys, "sample", run, "--length", -1)
+    assert_one_line_error(code, err, "--length must be an integer >= 0, got -1")

@@ -56,7 +56,8 @@ def check_influence_size(model: ElmanRNN, batch: int, max_bytes: float) -> None:
             f"RTRL's influence matrix J = dh/dtheta needs batch x n x |theta| = {batch} x "
             f"{model.n} x {theta_size(model):,} = {entries:,} entries, {need / 2**20:,.0f} MiB "
             f"with its buffer in {model.dtype}, more than max_bytes = {max_bytes / 2**20:,.0f} "
-            f"MiB; use UORO or ARTBP, fewer units or streams, or raise max_bytes"
+            f"MiB; use UORO or ARTBP, fewer units or streams, or raise max_bytes (an argument of "
+            f"tbptt.RTRL)"
         )
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,8 @@ def load_model(path: str | os.PathLike) -> ElmanRNN:
     """
     path = Path(path)
     meta: dict = {}
+    if not path.exists():
+        raise InputError(f"model: no such file or run directory {str(path)!r}")
     if path.is_dir():
         meta = _run_config(path)
         pointer = path / "checkpoint.json"
@@ -214,7 +219,9 @@ def lags_csv(profile: LagProfile) -> str:
 
 # -- terminal tables -------------------------------------------------------------------------------
 def _num(v: float) -> str:
-    return "nan" if not math.isfinite(v) else f"{v:.3g}" if abs(v) >= 1e-3 else f"{v:.2e}"
+    if not math.isfinite(v):
+        return "inf" if v == math.inf else "nan"
+    return f"{v:.3g}" if abs(v) >= 1e-3 else f"{v:.2e}"
 
 
 def bias_table(rows: list[BiasRow], estimate: dict[int, float] | None = None) -> str:
@@ -320,6 +327,12 @@ def _model_and_data(args: argparse.Namespace) -> tuple[ElmanRNN, dict[str, Array
         data = load_data(args.data)
     elif _get(args, "model") and Path(args.model).is_dir():
         data = run_data(args.model, args.steps)
+        if len(data["x"]) < args.steps:
+            print(
+                f"note: {args.model}'s validation data holds {len(data['x'])} steps per stream, "
+                f"fewer than --steps {args.steps}: all of them are used",
+                file=sys.stderr,
+            )
     else:
         for name in ("steps", "batch"):
             if getattr(args, name) < 1:
@@ -337,6 +350,12 @@ def _describe(model: ElmanRNN, data: dict[str, Array], loss: str) -> str:
 
 def _profile_from(args, model, data, loss) -> LagProfile:
     kw = {k: data[k] for k in ("mask", "reset") if k in data}
+    T = len(data["x"])
+    if _get(args, "max_lag") is None and min(64, T // 2) <= args.fit_from:
+        raise InputError(
+            f"{T} steps per stream are too few for the lag profile: --fit-from {args.fit_from} "
+            f"needs at least {2 * (args.fit_from + 1)} (more --steps, or data with more steps)"
+        )
     return lag_profile(
         model,
         data["x"],
@@ -457,6 +476,28 @@ def _write(out_dir: str, files: dict[str, str | bytes]) -> Path:
     return out
 
 
+# the library's argument names in its messages, as the flags that set them
+FLAGS = {"max_lag": "--max-lag", "fit_from": "--fit-from", "k_max": "--k-max", "delta": "--delta"}
+FLAGS |= {"draws": "--draws", "c": "--cut", "b": "--cut-every", "k1": "--k1", "k2": "--k2"}
+
+
+def named_by_flags(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command whose library errors name the flag (--max-lag), not the argument (max_lag)."""
+
+    @functools.wraps(run)
+    def command(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except InputError as exc:
+            head, _, rest = str(exc).partition(" ")
+            if head in FLAGS:
+                raise InputError(f"{FLAGS[head]} {rest}") from None
+            raise
+
+    return command
+
+
+@named_by_flags
 def run_bias(args: argparse.Namespace) -> int:
     plots.require("tbptt bias (it draws its figures)")
     model, data, loss = _model_and_data(args)
@@ -489,20 +530,30 @@ def run_bias(args: argparse.Namespace) -> int:
         f"Fitted geometric decay: beta = {profile.rate:.4f} per step (half-life "
         f"{profile.half_life:.3g} steps), fitted from lag {profile.fit_from}."
     )
-    print(_k_sentence(choice))
+    print(_k_sentence(choice, profile))
     print(f"Wrote {out / 'bias.csv'}, {out / 'lags.csv'}, {out / 'bias.png'}, {out / 'lags.png'}")
     return 0
 
 
-def _k_sentence(choice: KChoice) -> str:
+def _k_sentence(choice: KChoice, profile: LagProfile) -> str:
     if choice.bounded:
         return (
             f"Suggested k2 (Aicher et al., delta = {choice.delta:g}): K = {choice.k} "
             f"(estimated relative bias {choice.rel_bias[choice.k - 1]:.3g})."
         )
+    if not 0 <= profile.rate < 1:
+        why = f"the gradient shows no geometric decay (beta = {profile.rate:.4g})"
+    elif choice.lower_bound <= 0:
+        why = (
+            f"the measured gradient is no larger than its fitted tail, so no lower bound on its "
+            f"norm and no relative bias can be estimated; more steps (now lags up to "
+            f"{profile.max_lag}) or a faster decay than beta = {profile.rate:.4g} would give one"
+        )
+    else:
+        why = f"too little decay (beta = {profile.rate:.4g} per step)"
     return (
-        f"No K up to {len(choice.rel_bias)} has an estimated relative bias <= {choice.delta:g} "
-        f"(no geometric decay, or too little of it); K = {choice.k}."
+        f"No K up to {len(choice.rel_bias)} has an estimated relative bias <= {choice.delta:g}: "
+        f"{why}; K = {choice.k}."
     )
 
 
@@ -518,6 +569,7 @@ def add_suggest_k_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-max", type=int, default=256, help="the largest K considered")
 
 
+@named_by_flags
 def run_suggest_k(args: argparse.Namespace) -> int:
     model, data, loss = _model_and_data(args)
     profile = _profile_from(args, model, data, loss)
@@ -531,6 +583,6 @@ def run_suggest_k(args: argparse.Namespace) -> int:
     print("   K  estimated relative bias")
     for k in shown:
         print(f"{k:>4}  {_num(float(choice.rel_bias[k - 1]))}")
-    print(_k_sentence(choice))
+    print(_k_sentence(choice, profile))
     print(choice.k)
     return 0

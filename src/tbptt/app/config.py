@@ -391,6 +391,8 @@ def _check_method(cfg: Config) -> None:
             raise InputError(
                 f"--method artbp needs --cut C, a probability in [0, 1], got {cfg.cut}"
             )
+        if cfg.cut_every < 1:
+            raise InputError(f"--cut-every must be an integer >= 1, got {cfg.cut_every}")
         if cfg.max_segment is not None and cfg.max_segment < cfg.cut_every:
             raise InputError(
                 f"--max-segment must be >= --cut-every {cfg.cut_every}, got {cfg.max_segment}"

@@ -195,7 +195,10 @@ def read_numbers(path: str | os.PathLike) -> Array:
         try:
             values = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise InputError(f"--data {path} is not a readable .npy array: {exc}") from None
+            why = str(exc)
+            if "allow_pickle" in why:  # numpy's advice to load unsafely is not ours to give
+                why = "not in numpy's .npy format (np.save writes it), or it holds Python objects"
+            raise InputError(f"--data {path} is not a readable .npy array: {why}") from None
     else:
         with open(path, encoding="utf-8-sig", errors="replace") as fh:
             first = fh.readline()

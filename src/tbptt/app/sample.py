@@ -71,8 +71,10 @@ def run_sample(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
     if not (run / "config.toml").is_file():
         raise InputError(f"{run} is not a tbptt run directory (no config.toml)")
-    if args.length < 0 or not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise InputError("--length must be >= 0 and --temperature a positive number")
+    if args.length < 0:
+        raise InputError(f"--length must be an integer >= 0, got {args.length}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise InputError(f"--temperature must be a positive number, got {args.temperature}")
     if args.seed < 0:
         raise InputError(f"--seed must be an integer >= 0, got {args.seed}")
     cfg = cf.check(cf.Config(**cf.read_toml(run / "config.toml", where="")))
