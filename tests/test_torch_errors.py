@@ -323,3 +323,14 @@ def test_a_file_torch_cannot_load_safely_never_suggests_unsafe_loading(tmp_path)
         driver().load(path)
     message = str(info.value)
     assert str(path) in message and "weights_only" not in message and "unsafe" not in message
+
+
+def test_l2_target_of_the_wrong_width_names_p_not_a_segment_shape():
+    """A chunk's y with 3 values per step for a model of p = 2: the message gives both widths,
+    not the shapes of the driver's internal pieces of the chunk."""
+    net = Recurrent(torch.nn.RNN(3, 4), torch.nn.Linear(4, 2))
+    d = TBPTT(net, tbptt.Truncation(2, 2), torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(
+        tbptt.InputError, match="y has 3 values per step and stream, but the model outputs 2"
+    ):
+        d.feed(torch.randn(10, 2, 3), torch.randn(10, 2, 3))

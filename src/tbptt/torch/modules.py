@@ -51,10 +51,13 @@ IDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 def l2_loss(output: Tensor, y: Tensor) -> Tensor:
     """l_t = 1/2 ||yhat_t - y_t||^2 over the last axis: (L, batch, p) -> (L, batch)."""
     if y.shape != output.shape:  # broadcasting would silently compute another loss
-        raise InputError(
-            f"y must have the model output's shape {tuple(output.shape)} for l2_loss, "
-            f"got {tuple(y.shape)}"
-        )
+        o, g = tuple(output.shape), tuple(y.shape)
+        if len(o) == len(g) and o[:-1] == g[:-1]:  # the driver passes pieces of a chunk: say p
+            raise InputError(
+                f"y has {g[-1]} values per step and stream, but the model outputs {o[-1]} "
+                f"(l2_loss needs y of the output's shape (..., {o[-1]}))"
+            )
+        raise InputError(f"y must have the model output's shape {o} for l2_loss, got {g}")
     r = output - y  # (L, batch, p)
     return 0.5 * (r * r).sum(-1)
 
