@@ -898,7 +898,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, text, cap
     ("args", "words"),
     [
         (["suggest-k", "--max-lag", 0], ["--max-lag must be"]),
-        (["suggest-k", "--steps", 3], ["3 steps per stream are too few", "--fit-from 1"]),
+        (["suggest-k", "--steps", 3], ["--fit-from must be", "for the T = 3 steps given"]),
         (["suggest-k", "--k-max", 0], ["--k-max must be"]),
         (["bias", "--method", "artbp", "--cut-every", 0], ["--cut-every must be"]),
         (["bias", "--method", "artbp", "--cut", 2], ["--cut must be a probability"]),

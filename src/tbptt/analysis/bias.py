@@ -309,10 +309,11 @@ def lag_profile(
     """
     run = _run(model, x, y, h0, loss, mask, reset)
     T, batch, n = run.traj.h.shape
-    max_lag = _check_lag(max_lag, T)
+    given, max_lag = max_lag, _check_lag(max_lag, T)
     if isinstance(fit_from, bool) or not isinstance(fit_from, int) or not 0 <= fit_from < max_lag:
+        why = "" if given is not None else f", min(64, T // 2) for the T = {T} steps given"
         raise InputError(
-            f"fit_from must be an integer in [0, max_lag = {max_lag}), got {fit_from!r}"
+            f"fit_from must be an integer in [0, max_lag = {max_lag}{why}), got {fit_from!r}"
         )
     w = run.weight[max_lag - 1 :]  # (T - max_lag + 1, batch): the loss steps t >= max_lag
     count = int(w.sum())

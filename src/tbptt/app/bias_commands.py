@@ -350,12 +350,6 @@ def _describe(model: ElmanRNN, data: dict[str, Array], loss: str) -> str:
 
 def _profile_from(args, model, data, loss) -> LagProfile:
     kw = {k: data[k] for k in ("mask", "reset") if k in data}
-    T = len(data["x"])
-    if _get(args, "max_lag") is None and min(64, T // 2) <= args.fit_from:
-        raise InputError(
-            f"{T} steps per stream are too few for the lag profile: --fit-from {args.fit_from} "
-            f"needs at least {2 * (args.fit_from + 1)} (more --steps, or data with more steps)"
-        )
     return lag_profile(
         model,
         data["x"],
