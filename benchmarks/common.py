@@ -109,7 +109,7 @@ def numba_off(fn: Callable[[], object]) -> Callable[[], object]:
 
 def compiled_loops() -> str:
     """Whether tbptt's per-step loops run compiled here, for the notes."""
-    from tbptt import fast
+    from tbptt.numpy import fast
 
     if fast.compiled() is None:
         return "tbptt's compiled loops: off (numba not installed, or TBPTT_NUMBA=0)"

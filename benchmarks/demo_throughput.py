@@ -23,7 +23,7 @@ import numpy as np
 from common import Group, Row, compiled_loops, interleave, load, numba_off, set_blas_threads
 
 import tbptt
-from tbptt import fast
+from tbptt.numpy import fast
 
 ONEHOT_TARGET = 1.15  # issue 17: integer inputs against the one-hot products, numpy engine
 TORCH_TARGET = 1.03  # issue 17: tbptt.torch.ElmanRNN under the driver against the plain loop

@@ -43,7 +43,7 @@ def child(engine: str, steps: int) -> dict:
             x = rng.standard_normal((CHUNK, 1, M), dtype=np.float32)  # (T, batch, m)
             y = rng.standard_normal((CHUNK, 1, M), dtype=np.float32)
             driver.feed(x, y)
-        kept = len(driver.segments)
+        kept = len(driver.rule.segments)
     else:
         import torch
 

@@ -28,7 +28,7 @@ import numpy as np
 from common import Group, Row, compiled_loops, interleave, load, numba_off
 
 import tbptt
-from tbptt import fast
+from tbptt.numpy import fast
 
 
 @dataclass(frozen=True)

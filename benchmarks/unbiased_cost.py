@@ -35,8 +35,8 @@ import numpy as np
 from common import Group, Row, interleave, load
 
 import tbptt
-from tbptt.rtrl import diagonal
-from tbptt.uoro import dot_rows
+from tbptt.numpy.rtrl import diagonal
+from tbptt.numpy.uoro import dot_rows
 
 K = 10  # mean truncation length of TBPTT(k, k) and ARTBP(c = 1/k)
 TARGETS = {"artbp": 1.2, "rtrl": 1.5, "uoro": 1.5}

@@ -23,7 +23,7 @@ import numpy as np
 
 import tbptt
 from tbptt.app.tasks import COPY_LENGTH, COPY_SYMBOLS, copy_memory
-from tbptt.elman import forward
+from tbptt.numpy.elman import forward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIGURE = os.path.join(HERE, "..", "docs", "figures", "copy_memory.png")

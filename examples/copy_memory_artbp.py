@@ -32,7 +32,7 @@ import numpy as np
 
 import tbptt
 from tbptt.app.tasks import COPY_LENGTH, COPY_SYMBOLS, copy_memory
-from tbptt.elman import forward
+from tbptt.numpy.elman import forward
 from tbptt.methods import frozen_gradients
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -12,9 +12,9 @@ from unbiased_checks import check_unbiased
 import tbptt
 from tbptt import SGD, Adam, InputError, Truncation
 from tbptt.analysis.estimators import flatten
-from tbptt.artbp import window_gradients
-from tbptt.elman import forward
-from tbptt.functions import loss_and_error
+from tbptt.numpy.artbp import window_gradients
+from tbptt.numpy.elman import forward
+from tbptt.numpy.functions import loss_and_error
 
 SCHEDULES = {
     "constant": (0.3, 1),

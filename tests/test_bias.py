@@ -140,7 +140,7 @@ def test_truncation_keeps_the_first_lags():
     model, x, y, h0, mask, reset = problem()
     T = len(x)
     G = bias.lag_gradients(model, x, y, T, h0, mask=mask, reset=reset)
-    traj = tbptt.elman.forward(model, x, h0, reset)
+    traj = tbptt.numpy.elman.forward(model, x, h0, reset)
     for k2 in (1, 3, T):
         gA = np.zeros_like(model.A)
         for tau in range(k2):

@@ -13,7 +13,7 @@ import torch
 from reference import exact_gradient, rel_err
 
 import tbptt
-from tbptt import fast
+from tbptt.numpy import fast
 from tbptt.torch import TBPTT as TorchTBPTT
 from tbptt.torch import ElmanRNN as TorchElman
 from tbptt.torch import cross_entropy_loss

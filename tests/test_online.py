@@ -208,8 +208,8 @@ def test_online_memory_does_not_grow():
         state = eng.state_dict()
         kept = sum(len(v) for k, v in state.items() if k.startswith("seg") and k.endswith(".x"))
         assert kept <= 5 + 3
-        assert eng.history.cap <= 2 * (5 + 2 * 2)  # the buffers: twice what a window may need
-    assert eng.history.first > 40  # old steps were dropped from the front
+        assert eng.rule.history.cap <= 2 * (5 + 2 * 2)  # the buffers: twice what a window may need
+    assert eng.rule.history.first > 40  # old steps were dropped from the front
 
 
 def test_online_long_stream_with_ragged_chunks():
@@ -222,7 +222,7 @@ def test_online_long_stream_with_ragged_chunks():
     chunks[-1] -= sum(chunks) - 300
     P = Problem(T=300, batch=2, h0=True, reset=True, seed=64)
     eng, _ = run_both(P, Truncation(3, 8, "new", flush=True), OPTIMIZERS["adam"], chunks, clip=1.0)
-    assert eng.history.first > 250
+    assert eng.rule.history.first > 250
 
 
 # -- save and resume ----------------------------------------------------------------------------

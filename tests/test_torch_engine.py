@@ -179,7 +179,7 @@ def test_elman_forward_matches_numpy() -> None:
     module = ElmanRNN.from_numpy(model)
     x, y = rng.normal(size=(6, 4, 2)), rng.normal(size=(6, 4, 3))
     yhat, h = module(torch.tensor(x))
-    z = tbptt.elman.forward(model, x, np.zeros((4, 5))).z
+    z = tbptt.numpy.elman.forward(model, x, np.zeros((4, 5))).z
     assert np.abs(yhat.detach().numpy() - 1 / (1 + np.exp(-z))).max() < 1e-14
     back = module.to_numpy()
     assert all(np.array_equal(back.params[k], v) for k, v in model.params.items())
@@ -207,7 +207,7 @@ def test_mean_reduction_matches_the_numpy_engine(inject: str, k1: int, k2: int) 
 def test_predict_is_the_numpy_forward_with_resets() -> None:
     """predict() runs the module forward only, restarting where reset says, as tbptt.elman's
     forward pass computes it; it leaves the stream being trained untouched."""
-    from tbptt.elman import forward
+    from tbptt.numpy.elman import forward
 
     rng = np.random.default_rng(3)
     model = tbptt.ElmanRNN.init(n=4, m=2, p=3, g="tanh", seed=3)

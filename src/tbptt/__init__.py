@@ -15,18 +15,16 @@ The contract every engine implements is SEMANTICS.md (the model, exact BPTT, win
 TBPTT(k1, k2) schedule, frozen and online use, streams and resets).
 """
 
-from .artbp import artbp_gradients
-from .artbp_online import ARTBP
-from .elman import ElmanRNN
 from .errors import InputError, NonFiniteError
-from .forward_online import RTRL, UORO
-from .gradients import gradients, total_loss
 from .inputs import OneHot
-from .online import TBPTT
-from .optim import SGD, Adam, clip_grad_norm, grad_norm
-from .rtrl import rtrl_gradients
+from .numpy.artbp import ARTBP, artbp_gradients
+from .numpy.elman import ElmanRNN
+from .numpy.optim import SGD, Adam, clip_grad_norm, grad_norm
+from .numpy.rtrl import RTRL, rtrl_gradients
+from .numpy.tbptt import gradients, total_loss
+from .numpy.trainer import TBPTT
+from .numpy.uoro import UORO, uoro_gradients
 from .schedule import INJECT_MODES, Truncation, Window
-from .uoro import uoro_gradients
 
 __version__ = "0.1.0"
 

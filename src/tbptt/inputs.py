@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fast
 from .errors import InputError
+from .numpy import fast
 
 Array = np.ndarray
 
@@ -55,8 +55,9 @@ class OneHot:
         self.m = int(m)
 
     @classmethod
-    def _of(cls, ids: Array, m: int) -> OneHot:
-        """Wrap checked ids without copying (the engine's own arrays)."""
+    def checked(cls, ids: Array, m: int) -> OneHot:
+        """Wrap ids already known to be integers in [0, m), without checking or copying them
+        (the engines' and the data readers' own arrays)."""
         out = object.__new__(cls)
         out.ids, out.m = ids, m
         return out
@@ -78,7 +79,7 @@ class OneHot:
         ids = self.ids[key]
         if np.ndim(ids) not in (1, 2):
             raise InputError(f"OneHot[{key!r}] must keep the time axis, got shape {np.shape(ids)}")
-        return OneHot._of(ids, self.m)
+        return OneHot.checked(ids, self.m)
 
     def dense(self, dtype: type = np.float64) -> Array:
         """The one-hot array x, shape (T, [batch,] m)."""

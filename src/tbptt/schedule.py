@@ -213,6 +213,19 @@ class Truncation:
         return f"TBPTT(k1={self.k1}, k2={self.k2}, inject={self.inject}{flush})"
 
 
+def from_options(options: dict) -> Truncation:
+    """The schedule of method tbptt's options k1, k2 (default k1), inject ("new"), flush (True)."""
+    try:
+        return Truncation(
+            options["k1"],
+            options.get("k2", options["k1"]),
+            inject=options.get("inject", "new"),
+            flush=options.get("flush", True),
+        )
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+
+
 def _check_T(T: object) -> None:
     if isinstance(T, bool) or not isinstance(T, int | np.integer) or T < 0:
         raise InputError(f"T must be an integer >= 0 (the number of steps), got {T!r}")

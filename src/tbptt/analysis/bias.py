@@ -47,11 +47,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checks import check_batch, check_h0
-from ..elman import ElmanRNN, Trajectory, forward
 from ..errors import InputError
-from ..functions import loss_and_error
-from ..gradients import window_sum
+from ..numpy.batch import check_batch, check_h0
+from ..numpy.elman import ElmanRNN, Trajectory, forward
+from ..numpy.functions import loss_and_error
+from ..numpy.tbptt import window_sum
 from ..schedule import Truncation, Window
 
 Array = np.ndarray

@@ -25,11 +25,11 @@ from dataclasses import astuple, dataclass, field, fields
 
 import numpy as np
 
-from ..elman import ElmanRNN
 from ..errors import InputError
-from ..gradients import gradients
 from ..methods import check_options, frozen_gradients, truncation
-from ..rtrl import theta_size
+from ..numpy.elman import ElmanRNN
+from ..numpy.rtrl import theta_size
+from ..numpy.tbptt import gradients
 
 Array = np.ndarray
 

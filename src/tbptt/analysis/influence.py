@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..elman import ElmanRNN
 from ..errors import InputError
+from ..numpy.elman import ElmanRNN
 from ..schedule import Truncation
 
 Array = np.ndarray

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..artbp import Cuts, check_c
+from ..checks import check_int as check_count
+from ..generators import as_generator
+from ..numpy.artbp import Cuts, check_c
 from ..schedule import Truncation
-from ..updates import as_generator, check_count
 from . import influence as ib
 
 Array = np.ndarray

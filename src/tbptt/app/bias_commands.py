@@ -30,12 +30,12 @@ from ..analysis.bias import (
     truncation_bias,
 )
 from ..analysis.estimators import FIELDS, Method, compare, table
-from ..elman import ElmanRNN
 from ..errors import InputError
 from ..files import atomic_write
-from ..functions import ACTIVATIONS, LOSSES, OUTPUTS
 from ..inputs import OneHot
 from ..methods import METHODS
+from ..numpy.elman import ElmanRNN
+from ..numpy.functions import ACTIVATIONS, LOSSES, OUTPUTS
 from ..schedule import INJECT_MODES
 from . import plots, rundir
 

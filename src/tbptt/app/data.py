@@ -308,7 +308,7 @@ class Problem:
 def one_hot(ids: Array, V: int) -> OneHot:
     """(T, batch) character ids as the inputs x_t = onehot(ids_t) in R^V: B x_t is the
     character's column of B, looked up (tbptt.OneHot), the same numbers as the one-hot product."""
-    return OneHot._of(np.asarray(ids, np.intp), V)
+    return OneHot.checked(np.asarray(ids, np.intp), V)
 
 
 def _text_problem(train_text: Text, valid_text: Text, cfg, dtype: np.dtype) -> Problem:

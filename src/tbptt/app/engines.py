@@ -203,17 +203,17 @@ class NumpyEngine(_Driven):
 
     def set_k2(self, k2: int) -> None:
         """The next window reaches back as far as the steps still kept."""
-        self.driver.truncation = replace(self.driver.truncation, k2=k2)
+        self.driver.rule.truncation = replace(self.driver.truncation, k2=k2)
 
     def run(self, x, h=None, reset=None):
-        from ..elman import forward
+        from ..numpy.elman import forward
 
         h = np.zeros((x.shape[1], self.driver.model.n), self.np_dtype) if h is None else h
         traj = forward(self.driver.model, x, h, reset, np.zeros_like(h))
         return traj.z, traj.h[-1]
 
     def losses(self, z, y, mask) -> Array:
-        from ..functions import loss_and_error
+        from ..numpy.functions import loss_and_error
 
         return loss_and_error(self.driver.model.g, self.driver.loss, z, y, mask)[0]
 

@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artbp import Cuts, Probability, check_c, check_max_length, probability
+from ..checks import check_int as check_count
 from ..errors import InputError
+from ..generators import as_generator
+from ..numpy.artbp import Cuts, Probability, check_c, check_max_length, probability
 from ..schedule import Truncation, Window
-from ..updates import as_generator, check_count
 from . import draws
 from . import state as st
 from .driver import TBPTT, LossFn

@@ -16,7 +16,7 @@ import struct
 
 import numpy as np
 
-from ..updates import rng_state, set_rng_state
+from ..generators import rng_state, set_rng_state
 
 
 def digest(rng: np.random.Generator, fresh: bool) -> int:

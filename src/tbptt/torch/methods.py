@@ -54,7 +54,7 @@ def make_trainer(
     """The online trainer of `method` with its options. All four are tbptt.torch.TBPTT drivers:
     feed(x, y, mask, reset), finish(), predict, save(path), load(path), state_dict(),
     load_state_dict(sd), model, state, t, updates."""
-    check_options(method, options, OPTIONS)
+    check_options(method, options, "torch")
     common = {
         "loss_fn": loss_fn,
         "clip": clip,
@@ -105,7 +105,7 @@ def frozen_gradients(
     sum of every update's gradient, keyed by the parameters' names (zeros where none arrived).
     tbptt with flush (its default) and k1 = k2 = T, rtrl, and artbp with c = 0 give exact BPTT;
     uoro and artbp an unbiased estimate (each call draws anew unless rng is a seed)."""
-    check_options(method, options, OPTIONS)
+    check_options(method, options, "torch")
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     opt = Summed(named.values())
     trainer = make_trainer(

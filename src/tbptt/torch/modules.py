@@ -194,7 +194,7 @@ class ElmanRNN(nn.Module):
     @classmethod
     def from_numpy(cls, model: object, *, batch_first: bool = False) -> ElmanRNN:
         """The same model (values, f, g, dtype) as a tbptt.ElmanRNN."""
-        from ..elman import ElmanRNN as NumpyElman
+        from ..numpy.elman import ElmanRNN as NumpyElman
 
         if not isinstance(model, NumpyElman):
             raise InputError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
@@ -218,7 +218,7 @@ class ElmanRNN(nn.Module):
 
     def to_numpy(self) -> object:
         """This model's current values as a tbptt.ElmanRNN (numpy)."""
-        from ..elman import ElmanRNN as NumpyElman
+        from ..numpy.elman import ElmanRNN as NumpyElman
 
         arr = lambda p: None if p is None else p.detach().cpu().numpy().copy()  # noqa: E731
         return NumpyElman(

@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import jacrev, vmap
 
 from ..errors import InputError
-from ..rtrl import MAX_BYTES
+from ..numpy.rtrl import MAX_BYTES
 from . import state as st
 from .driver import LossFn
 from .forward import ForwardMode

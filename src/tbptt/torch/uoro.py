@@ -30,8 +30,8 @@ from torch import nn
 from torch.linalg import vector_norm
 
 from ..errors import InputError
-from ..uoro import EPS
-from ..updates import as_generator
+from ..generators import as_generator
+from ..numpy.uoro import EPS
 from . import draws
 from . import state as st
 from .driver import LossFn

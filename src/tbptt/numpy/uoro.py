@@ -1,4 +1,5 @@
-"""UORO (Tallec and Ollivier 2017, "Unbiased Online Recurrent Optimization") for the seed's model.
+"""UORO (Tallec and Ollivier 2017, "Unbiased Online Recurrent Optimization") for the seed's model:
+the frozen estimate and the online rule (forward.py, an update every k1 steps).
 
 SEMANTICS.md 8, in the paper's form: the loss of step t is differentiated through step t. With
 theta = (A, B, b) in the row order of rtrl.py (8.1)-(8.2), u_t = (h_{t-1}, x_t, 1) and
@@ -34,11 +35,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import check_batch, check_h0, dense_inputs
+from ..checks import check_real
+from ..generators import as_generator, rng_state, set_rng_state
+from .batch import check_batch, check_h0, dense_inputs
 from .elman import ElmanRNN, Trajectory, forward, project, stacked
+from .forward import ForwardRule
 from .functions import loss_and_error
+from .optim import SGD, Adam
 from .rtrl import output_gradients, split_theta, theta_inputs
-from .updates import as_generator, check_model
+from .rule import Shell
+from .trainer import TBPTT, check_model
 
 Array = np.ndarray
 
@@ -202,3 +208,67 @@ def uoro_gradients(
     traj = forward(model, data.x, check_h0(h0, model.n, batch, model.dtype), data.reset)
     _, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)
     return piece_gradients(model, UOROState(model, batch, eps), traj, e, rng)
+
+
+def UORO(
+    model: ElmanRNN,
+    optimizer: SGD | Adam,
+    *,
+    k1: int = 1,
+    rng: int | np.random.Generator | None = None,
+    loss: str = "l2",
+    clip: float | None = None,
+    h0: Array | None = None,
+    reduction: str = "sum",
+    eps: float = EPS,
+) -> TBPTT:
+    """Train an ElmanRNN online with UORO (Tallec and Ollivier 2017), updating every k1 steps: a
+    tbptt.TBPTT trainer holding UORO's rule.
+
+    Args:
+        model, optimizer, loss, clip, h0, reduction: as tbptt.RTRL.
+        k1: steps between updates (1: every step, as in the paper).
+        rng: a seed, a numpy Generator or None (fresh entropy) for the signs nu_t; its state is
+            saved with the trainer, so a resumed run draws the same signs.
+        eps: the eps of rho0 and rho1 (8.8)-(8.9).
+
+    Each step costs O(n^2 + |theta|) per stream: one pass over theta~ and O(n^2) on s~.
+    """
+    rule = UORORule(k1=k1, rng=rng, eps=eps)
+    return TBPTT(model, rule, optimizer, loss=loss, clip=clip, h0=h0, reduction=reduction)
+
+
+class UORORule(ForwardRule):
+    """UORO's rule: s~ and theta~ carried forward (8.7), each piece's contributions (8.5) summed."""
+
+    name = "UORO"
+
+    def __init__(
+        self, *, k1: int = 1, rng: int | np.random.Generator | None = None, eps: float = EPS
+    ) -> None:
+        super().__init__(k1)
+        self.eps = check_real("eps", eps, low=0, open_low=True)
+        self.rng = as_generator(rng)
+
+    def allocate(self, model: ElmanRNN, batch: int) -> UOROState:
+        return UOROState(model, batch, self.eps)
+
+    def contributions(self, model: ElmanRNN, traj: Trajectory, e: Array) -> dict[str, Array]:
+        return piece_gradients(model, self.kernel, traj, e, self.rng)
+
+    def settings(self, trainer: Shell) -> dict[str, object]:
+        return {**super().settings(trainer), "eps": self.eps}
+
+    def state_dict(self, trainer: Shell) -> dict[str, Array]:
+        return {**super().state_dict(trainer), "rng": rng_state(self.rng)}
+
+    def read(self, state: dict[str, Array], trainer: Shell):
+        probe = np.random.Generator(type(self.rng.bit_generator)())
+        set_rng_state(probe, state.get("rng", np.asarray("")))  # refused before anything else
+        u_prev, restore = super().read(state, trainer)
+
+        def both() -> None:
+            restore()
+            self.rng.bit_generator.state = probe.bit_generator.state
+
+        return u_prev, both

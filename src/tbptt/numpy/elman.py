@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
+from ..inputs import OneHot, input_gradient, input_product
 from . import fast
-from .checks import FLOATS, as_param
-from .errors import InputError
+from .batch import FLOATS, as_param
 from .functions import OUTPUTS, Activation, activation
-from .inputs import OneHot, input_gradient, input_product
 
 Array = np.ndarray
 ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "identity": 3}  # f in compiled.py
@@ -123,7 +123,7 @@ class ElmanRNN:
         """An independent model with copies of the parameter arrays (the same f and g)."""
         return ElmanRNN(**{k: v.copy() for k, v in self.params.items()}, f=self.f, g=self.g)
 
-    def _rebind(self, params: dict[str, Array]) -> None:
+    def rebind(self, params: dict[str, Array]) -> None:
         """Point this model at new values of the same shapes and dtype, already checked finite
         (the optimizer's output in online training, tbptt.TBPTT): the arrays it held before are
         not modified, so whatever still holds them (an overlapping window) keeps its values."""

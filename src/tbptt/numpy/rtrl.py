@@ -1,4 +1,5 @@
-"""RTRL (Williams and Zipser 1989) for the seed's model: the influence dh_t/dtheta carried forward.
+"""RTRL (Williams and Zipser 1989) for the seed's model: the influence dh_t/dtheta carried forward;
+the frozen estimate and the online rule (forward.py, an update every k1 steps).
 
 SEMANTICS.md 8. theta = (A, B, b), the recurrent parameters, ordered by rows: row i of theta is
 (A[i, :], B[i, :], b[i]), the parameters of unit i's pre-activation. Then
@@ -24,11 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import check_batch, check_h0, dense_inputs
+from ..errors import InputError
+from .batch import check_batch, check_h0, dense_inputs
 from .elman import ElmanRNN, Trajectory, forward, project, stacked
-from .errors import InputError
+from .forward import ForwardRule
 from .functions import loss_and_error
-from .updates import check_model
+from .optim import SGD, Adam
+from .trainer import TBPTT, check_model
 
 Array = np.ndarray
 
@@ -168,3 +171,51 @@ def rtrl_gradients(
     traj = forward(model, data.x, check_h0(h0, model.n, batch, model.dtype), data.reset)
     _, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)
     return piece_gradients(model, Influence(model, batch), traj, e)
+
+
+def RTRL(
+    model: ElmanRNN,
+    optimizer: SGD | Adam,
+    *,
+    k1: int = 1,
+    loss: str = "l2",
+    clip: float | None = None,
+    h0: Array | None = None,
+    reduction: str = "sum",
+    max_bytes: float = MAX_BYTES,
+) -> TBPTT:
+    """Train an ElmanRNN online with RTRL (Williams and Zipser 1989), updating every k1 steps: a
+    tbptt.TBPTT trainer holding RTRL's rule.
+
+    Args:
+        model: the ElmanRNN, trained in place (after each update model.A ... are the new values).
+        optimizer: tbptt.SGD or tbptt.Adam.
+        k1: steps between updates (1: every step, Williams and Zipser's real-time learning).
+        loss, clip, h0, reduction: as tbptt.TBPTT.
+        max_bytes: the largest memory allowed for the influence matrix J and its buffer; the first
+            chunk raises an InputError giving the size when more is needed (nothing trained).
+
+    Each step costs about 2 n^2 |theta| flops per stream (|theta| = n (n + m + 1)).
+    """
+    rule = RTRLRule(k1=k1, max_bytes=max_bytes)
+    return TBPTT(model, rule, optimizer, loss=loss, clip=clip, h0=h0, reduction=reduction)
+
+
+class RTRLRule(ForwardRule):
+    """RTRL's rule: J carried forward (8.3), each piece's contributions (8.4) summed."""
+
+    name = "RTRL"
+
+    def __init__(self, *, k1: int = 1, max_bytes: float = MAX_BYTES) -> None:
+        super().__init__(k1)
+        self.max_bytes = max_bytes  # checked against the model by bind
+
+    def bind(self, model: ElmanRNN) -> None:
+        check_influence_size(model, 1, self.max_bytes)  # a model too large for one stream
+
+    def allocate(self, model: ElmanRNN, batch: int) -> Influence:
+        check_influence_size(model, batch, self.max_bytes)
+        return Influence(model, batch)
+
+    def contributions(self, model: ElmanRNN, traj: Trajectory, e: Array) -> dict[str, Array]:
+        return piece_gradients(model, self.kernel, traj, e)

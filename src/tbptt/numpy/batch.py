@@ -1,0 +1,171 @@
+"""Validation at the public boundary: every error names the argument, its value and the expectation.
+
+Arrays are time-major: x is (T, m) for one stream or (T, batch, m) for a batch of streams. Inside
+the engine everything is promoted to the batched form (T, batch, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..errors import InputError
+from ..inputs import OneHot
+from .functions import LOSSES
+
+Array = np.ndarray
+FLOATS = (np.float32, np.float64)
+
+
+def as_float_array(name: str, value: object, dtype: np.dtype | None = None) -> Array:
+    """A real, finite array; converted to dtype (the model's) when given."""
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise InputError(
+            f"{name} must be an array of real numbers, got {type(value).__name__}"
+        ) from exc
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating)
+        or np.issubdtype(arr.dtype, np.integer)
+        or arr.dtype == bool
+    ):
+        raise InputError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    if dtype is not None:
+        arr = arr.astype(dtype, copy=False)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise InputError(
+            f"{name} must be finite, got {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
+        )
+    return arr
+
+
+def as_param(name: str, value: object, shape: tuple[int, ...] | None, ndim: int) -> Array:
+    arr = np.asarray(value) if value is not None else None
+    if arr is None or arr.dtype.type not in FLOATS:
+        got = "None" if arr is None else f"dtype {arr.dtype}"
+        raise InputError(f"{name} must be a float32 or float64 array, got {got}")
+    if arr.ndim != ndim or (shape is not None and arr.shape != shape):
+        want = shape if shape is not None else f"{ndim} dimensions"
+        raise InputError(f"{name} must have shape {want}, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} must be finite, got a non-finite entry")
+    return arr
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Inputs checked and promoted to the batched, time-major layout."""
+
+    x: Array | OneHot  # (T, batch, m), or the ids (T, batch) of one-hot inputs
+    y: Array  # (T, batch, p) float for L2, (T, batch) int for cross-entropy
+    mask: Array | None  # (T, batch) in the model's dtype
+    reset: Array | None  # (T, batch) bool
+    single: bool  # the caller passed one stream (no batch axis)
+
+
+def dense_inputs(data: Batch, dtype: np.dtype) -> Batch:
+    """data with a OneHot x as its one-hot rows (T, batch, m): for the estimators that stack
+    u_t = (h_{t-1}, x_t, 1) (RTRL, UORO, online ARTBP); their per-step work dwarfs the lookup's
+    saving."""
+    return replace(data, x=data.x.dense(dtype)) if isinstance(data.x, OneHot) else data
+
+
+def check_batch(
+    x: object,
+    y: object,
+    *,
+    m: int,
+    p: int,
+    dtype: np.dtype,
+    loss: str,
+    g: str,
+    mask: object = None,
+    reset: object = None,
+) -> Batch:
+    """Check x, y, mask and reset against the model (m inputs, p outputs) and the loss.
+
+    x is an array (T, [batch,] m) or a tbptt.OneHot of m inputs (ids (T, [batch])).
+    """
+    if loss not in LOSSES:
+        raise InputError(f"loss must be 'l2' or 'cross_entropy', got {loss!r}")
+    if loss == "cross_entropy" and g != "softmax":
+        raise InputError(f"loss='cross_entropy' needs the model's g='softmax', got g={g!r}")
+    xa, single = _check_x(x, m, dtype)
+    T, batch, _ = xa.shape
+    lead = (T,) if single else (T, batch)
+    ya = _check_y(y, lead, batch, p, dtype, loss)
+    maska = None
+    if mask is not None:
+        maska = as_float_array("mask", mask, dtype)
+        if maska.shape != lead:
+            raise InputError(
+                f"mask must have shape {lead} (one weight per step), got {maska.shape}"
+            )
+        maska = maska.reshape(T, batch)
+    reseta = None
+    if reset is not None:
+        reseta = np.asarray(reset)
+        if reseta.dtype != bool:
+            raise InputError(f"reset must be a bool array, got dtype {reseta.dtype}")
+        if reseta.shape != lead:
+            raise InputError(
+                f"reset must have shape {lead} (one flag per step), got {reseta.shape}"
+            )
+        reseta = reseta.reshape(T, batch)
+    return Batch(xa, ya, maska, reseta, single)
+
+
+def _check_x(x: object, m: int, dtype: np.dtype) -> tuple[Array | OneHot, bool]:
+    """x as (T, batch, m) (or OneHot ids (T, batch)), and whether it was one stream."""
+    if isinstance(x, OneHot):  # integer inputs: the ids, (T, batch)
+        if x.m != m:
+            raise InputError(f"x is a OneHot of m={x.m} inputs, but the model has m={m}")
+        single = x.ids.ndim == 1
+        return OneHot.checked(x.ids[:, None] if single else x.ids, m), single
+    xa = as_float_array("x", x, dtype)
+    if xa.ndim not in (2, 3) or xa.shape[-1] != m:
+        raise InputError(f"x must have shape (T, {m}) or (T, batch, {m}), got {xa.shape}")
+    single = xa.ndim == 2
+    return (xa[:, None, :] if single else xa), single
+
+
+def _check_y(
+    y: object, lead: tuple[int, ...], batch: int, p: int, dtype: np.dtype, loss: str
+) -> Array:
+    """y as (T, batch) class indices for cross-entropy, (T, batch, p) targets for L2."""
+    T = lead[0]
+    if loss == "cross_entropy":
+        ya = np.asarray(y)
+        if not np.issubdtype(ya.dtype, np.integer):
+            raise InputError(
+                f"y must hold integer class indices for loss='cross_entropy', got dtype {ya.dtype}"
+            )
+        if ya.shape != lead:
+            raise InputError(f"y must have shape {lead} (one class index per step), got {ya.shape}")
+        if ya.size and (ya.min() < 0 or ya.max() >= p):
+            bad = ya.min() if ya.min() < 0 else ya.max()
+            raise InputError(
+                f"y holds class index {int(bad)}, expected 0 <= y < {p} (the model's p)"
+            )
+        return ya.reshape(T, batch).astype(np.intp, copy=False)
+    ya = as_float_array("y", y, dtype)
+    if ya.shape != (*lead, p):
+        raise InputError(
+            f"y must have shape {(*lead, p)} like x with p={p} outputs, got {ya.shape}"
+        )
+    return ya.reshape(T, batch, p)
+
+
+def check_h0(h0: object, n: int, batch: int, dtype: np.dtype) -> Array:
+    """The initial state as (batch, n); None means zeros. h0 may be (n,) or (batch, n)."""
+    if h0 is None:
+        return np.zeros((batch, n), dtype)
+    arr = as_float_array("h0", h0, dtype)
+    if arr.shape == (n,):
+        return np.broadcast_to(arr, (batch, n))
+    if arr.shape != (batch, n):
+        raise InputError(f"h0 must have shape ({n},) or ({batch}, {n}), got {arr.shape}")
+    return arr
