@@ -27,7 +27,8 @@ import bptt  # noqa: E402
 import common  # noqa: E402
 
 import tbptt  # noqa: E402
-from tbptt.numpy import batch as checks, elman, functions  # noqa: E402
+from tbptt.numpy import batch as checks  # noqa: E402
+from tbptt.numpy import elman, functions
 from tbptt.numpy import tbptt as gradients
 
 

@@ -32,8 +32,8 @@ import numpy as np
 
 import tbptt
 from tbptt.app.tasks import COPY_LENGTH, COPY_SYMBOLS, copy_memory
-from tbptt.numpy.elman import forward
 from tbptt.methods import frozen_gradients
+from tbptt.numpy.elman import forward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIGURE = os.path.join(HERE, "..", "docs", "figures", "copy_memory_artbp.png")
