@@ -809,8 +809,8 @@ def test_text_is_fed_as_onehot_ids_with_the_numbers_of_one_hot_rows(tmp_path, te
     for u in range(10):
         x, y, mask, reset = problem.train(u * cfg.k1, cfg.k1)
         assert isinstance(x, tbptt_.OneHot)
-        ids.feed(x, y, mask, reset)
-        dense.feed(x.dense(np.float64), y, mask, reset)
+        ids.train(x, y, mask, reset)
+        dense.train(x.dense(np.float64), y, mask, reset)
     for k, v in state_of(dense).items():
         assert rel_err(state_of(ids)[k], v) < 1e-12, k
 

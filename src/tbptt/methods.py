@@ -73,6 +73,10 @@ class Method:
     memory: Callable[[int, int, int, dict, int], float] | None = None  # floats per stream
     flops: Callable[[int, int, int, dict], float] | None = None  # per step and stream
     shown: Callable[[dict], dict] = field(default=lambda options: options)  # a label's options
+    sweep: str | None = None  # the option a comparison varies (tbptt bias --method: a row each)
+
+    def option(self, name: str) -> Option:
+        return next(o for o in self.options if o.name == name)
 
     def option_names(self, engine: str = "numpy") -> tuple[str, ...]:
         return tuple(o.name for o in self.options if engine in o.engines)
@@ -269,6 +273,7 @@ register(
             _forward(n, m, p) + truncation(o).k2 / truncation(o).k1 * _backward(n, m, p)
         ),  # each step in k2/k1 windows
         shown=_tbptt_shown,
+        sweep="k2",
     )
 )
 register(
@@ -323,5 +328,6 @@ register(
         random=True,
         memory=lambda n, m, p, o, T: mean_window(o, T) * (n + m + p),  # the window's steps
         flops=lambda n, m, p, o: _forward(n, m, p) + _backward(n, m, p),  # as exact BPTT
+        sweep="c",
     )
 )

@@ -108,8 +108,8 @@ class Truncation:
             raise InputError(f"flush must be a bool, got {self.flush!r}")
         if self.inject == "new" and self.k2 < self.k1:
             raise InputError(
-                f"inject='new' needs k2 >= k1 (each new loss must lie inside its window), "
-                f"got k1={self.k1}, k2={self.k2}"
+                f"inject='new' needs k2 >= k1 (each new loss must lie inside its window), got "
+                f"k2 {self.k2} < k1 {self.k1}; for k2 < k1 use inject='window' or 'last'"
             )
 
     # -- one definition of a window -------------------------------------------------------------

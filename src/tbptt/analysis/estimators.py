@@ -20,23 +20,26 @@ No printing, no files here.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import astuple, dataclass, field, fields
 
 import numpy as np
 
 from ..errors import InputError
-from ..methods import check_options, frozen_gradients, truncation
+from ..methods import METHODS, check_options, frozen_gradients, mean_window
+from ..methods import Method as MethodSpec
 from ..numpy.elman import ElmanRNN
-from ..numpy.rtrl import theta_size
 from ..numpy.tbptt import gradients
 
 Array = np.ndarray
+__all__ = ["FIELDS", "Method", "Row", "compare", "flatten", "mean_window", "table"]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A method by name (tbptt, rtrl, uoro, artbp) with its options (tbptt.methods.OPTIONS)."""
+    """A method by name (tbptt.methods: tbptt, rtrl, uoro, artbp, or one registered) with its
+    options."""
 
     name: str
     options: dict = field(default_factory=dict)
@@ -45,19 +48,16 @@ class Method:
         check_options(self.name, {k: v for k, v in self.options.items() if k != "rng"})
 
     @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.name]
+
+    @property
     def random(self) -> bool:
-        return self.name in ("uoro", "artbp")
+        return self.spec.random
 
     def label(self) -> str:
         """e.g. 'artbp(c=0.1)' or 'tbptt(k1=4, k2=8)'."""
-        shown = {k: v for k, v in self.options.items() if k != "rng"}
-        if self.name == "tbptt":
-            tr = truncation(shown)
-            shown = {"k1": tr.k1, "k2": tr.k2}
-            if tr.inject != "new":
-                shown["inject"] = tr.inject
-        args = ", ".join(f"{k}={getattr(v, '__name__', v)}" for k, v in shown.items())
-        return f"{self.name}({args})" if args else self.name
+        return self.spec.label(self.options)
 
 
 @dataclass(frozen=True)
@@ -85,52 +85,18 @@ def flatten(grads: dict[str, Array]) -> Array:
     return np.concatenate([np.ravel(grads[k]) for k in sorted(grads) if k != "h0"])
 
 
-def mean_window(options: dict, T: int) -> float:
-    """ARTBP's expected window length in steps, at most T: b sum_j prod_{i <= j} (1 - c_{ib})."""
-    c, b = options["c"], options.get("b", 1)
-    cap = options.get("biased_max_length") or T
-    total, survive, steps = 0.0, 1.0, 0
-    while survive > 1e-12 and steps < min(T, cap):
-        total += min(b, T - steps) * survive
-        steps += b
-        survive *= 1 - (c(steps) if callable(c) else c)
-    return min(total, float(T))
-
-
 def memory(method: Method, model: ElmanRNN, T: int) -> float:
-    """Floats per stream held by the method's online trainer (see the module docstring)."""
-    n, m, p = model.n, model.m, model.p
-    step = n + m + p  # x_t, h_t, e_t of a kept step
-    if method.name == "tbptt":
-        return float(truncation(method.options).k2 * step)
-    if method.name == "rtrl":
-        return float(2 * n * theta_size(model))
-    if method.name == "uoro":
-        return float(n + theta_size(model))
-    return mean_window(method.options, T) * step
+    """Floats per stream held by the method's online trainer (the table's model, tbptt.methods)."""
+    cost = method.spec.memory
+    return math.nan if cost is None else float(cost(model.n, model.m, model.p, method.options, T))
 
 
 def flops_per_step(method: Method, n: int, m: int, p: int) -> float:
-    """Multiply-adds x 2 per step and stream of the method's online trainer (a cost model):
-
-    forward  F = 2 (n^2 + n m + p n)              A h, B x, C h
-    BPTT     Bk = 2 (2 n^2 + n m + 2 p n)         A^T r, C^T e and the products for A, B, C
-    TBPTT(k1, k2)   F + (k2 / k1) Bk              each step in k2 / k1 windows
-    RTRL     F + 2 n^2 |theta| + 4 n |theta| + 4 p n     A J, M_t, D_t, (C^T e)^T J; C's sums
-    UORO     F + Bk + 2 n^2 + 6 |theta|            A s~, Theta u, the rank-one terms, (8.10)
-    ARTBP    F + Bk                                one backward step per step, as exact BPTT
-    """
-    theta = n * (n + m + 1)
-    F = 2 * (n * n + n * m + p * n)
-    Bk = 2 * (2 * n * n + n * m + 2 * p * n)
-    if method.name == "tbptt":
-        tr = truncation(method.options)
-        return F + tr.k2 / tr.k1 * Bk
-    if method.name == "rtrl":
-        return F + 2 * n * n * theta + 4 * n * theta + 4 * p * n
-    if method.name == "uoro":
-        return F + Bk + 2 * n * n + 6 * theta
-    return F + Bk
+    """Multiply-adds x 2 per step and stream of the method's online trainer (the table's cost
+    model, tbptt.methods: TBPTT(k1, k2) F + (k2 / k1) Bk, RTRL F + 2 n^2 |theta| + ..., UORO
+    F + Bk + 2 n^2 + 6 |theta|, ARTBP F + Bk, with F a forward step and Bk a backward one)."""
+    cost = method.spec.flops
+    return math.nan if cost is None else float(cost(n, m, p, method.options))
 
 
 def compare(

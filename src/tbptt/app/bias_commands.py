@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import io
 import math
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +36,7 @@ from ..numpy.elman import ElmanRNN
 from ..numpy.functions import ACTIVATIONS, LOSSES, OUTPUTS
 from ..schedule import INJECT_MODES
 from . import plots, rundir
+from .flags import named_by_flags
 
 Array = np.ndarray
 
@@ -418,16 +417,23 @@ def add_bias_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _methods(args: argparse.Namespace) -> list[Method]:
-    """The rows of `tbptt bias --method`, from the flags (the library checks every value)."""
+    """The rows of `tbptt bias --method`, from the flags (the library checks every value): per
+    method, its options that have a flag here (the first value of a list), and one row per value
+    of the option it sweeps (tbptt.methods: tbptt's k2, artbp's c); --k1 0 means k1 = k2."""
     out = []
     for name in dict.fromkeys(args.method):  # in the order given, once each
-        if name == "tbptt":
-            k1 = args.k1[0]
-            out += [Method("tbptt", {"k1": k1 or k2, "k2": k2}) for k2 in args.k2]
-        elif name == "artbp":
-            out += [Method("artbp", {"c": c, "b": args.cut_every}) for c in args.cut]
-        else:
-            out.append(Method(name))
+        method, options = METHODS[name], {}
+        for o in method.options:
+            value = getattr(args, o.field, None) if o.field and o.name != "rng" else None
+            if value is not None and o.frozen:
+                options[o.name] = value[0] if isinstance(value, list) else value
+        sweep = method.sweep
+        values = getattr(args, METHODS[name].option(sweep).field) if sweep else [None]
+        for v in values:
+            row = options if sweep is None else {**options, sweep: v}
+            if row.get("k1") == 0:  # --k1 0: k1 = k2
+                row["k1"] = row.get("k2")
+            out.append(Method(name, row))
     return out
 
 
@@ -468,27 +474,6 @@ def _write(out_dir: str, files: dict[str, str | bytes]) -> Path:
     except OSError as exc:
         raise InputError(f"--out-dir {out}: cannot write there ({exc.strerror})") from None
     return out
-
-
-# the library's argument names in its messages, as the flags that set them
-FLAGS = {"max_lag": "--max-lag", "fit_from": "--fit-from", "k_max": "--k-max", "delta": "--delta"}
-FLAGS |= {"draws": "--draws", "c": "--cut", "b": "--cut-every", "k1": "--k1", "k2": "--k2"}
-
-
-def named_by_flags(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A command whose library errors name the flag (--max-lag), not the argument (max_lag)."""
-
-    @functools.wraps(run)
-    def command(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except InputError as exc:
-            head, _, rest = str(exc).partition(" ")
-            if head in FLAGS:
-                raise InputError(f"{FLAGS[head]} {rest}") from None
-            raise
-
-    return command
 
 
 @named_by_flags

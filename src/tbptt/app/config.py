@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..methods import METHODS
+from ..methods import METHODS, build_rule
+from .flags import as_flags
 
 TEXT_TASKS = ("shakespeare", "stdlib", "text")
 TASKS = (*TEXT_TASKS, "numbers", "adding", "copy")
@@ -87,13 +88,10 @@ class Config:
     # the gradient: truncation (SEMANTICS.md 4), or an unbiased alternative (SEMANTICS.md 8)
     method: str = _f(
         "tbptt",
-        "how each update's gradient is computed: tbptt, TBPTT(k1, k2) (every k1 steps, "
-        "backpropagate over the last k2); rtrl, real-time recurrent learning (the exact "
-        "influence dh/dtheta carried forward, an update every k1 steps; small models only); "
-        "uoro, its unbiased rank-one approximation (an update every k1 steps); artbp, "
-        "truncation at random cuts with compensation, unbiased (an update at every cut). All "
-        "four run on both engines, with every --cell",
-        METHODS,
+        "how each update's gradient is computed: "
+        + "; ".join(f"{m.name}, {m.summary}" for m in METHODS.values())
+        + ". All run on both engines, with every --cell",
+        tuple(METHODS),
     )
     k1: int = _f(
         32, "steps between updates (tbptt, rtrl, uoro); with artbp the steps per chunk fed"
@@ -251,8 +249,6 @@ def read_toml(path: str | Path, where: str = "--config") -> dict:
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name == "flush" and value is False:  # written by earlier versions; it never did anything
-            continue
         if name not in FIELDS:
             raise InputError(f"{where}: unknown setting {key!r} (known: {', '.join(FIELDS)})")
         out[name] = _typed(name, value, where)
@@ -385,27 +381,16 @@ def _check_counts(cfg: Config) -> None:
 
 
 def _check_method(cfg: Config) -> None:
-    """The method's own settings, the seed, the schedule and adaptive k2."""
-    if cfg.method == "artbp":
-        if cfg.cut is None or not (0 <= cfg.cut <= 1):
-            raise InputError(
-                f"--method artbp needs --cut C, a probability in [0, 1], got {cfg.cut}"
-            )
-        if cfg.cut_every < 1:
-            raise InputError(f"--cut-every must be an integer >= 1, got {cfg.cut_every}")
-        if cfg.max_segment is not None and cfg.max_segment < cfg.cut_every:
-            raise InputError(
-                f"--max-segment must be >= --cut-every {cfg.cut_every}, got {cfg.max_segment}"
-            )
+    """The seed, the method's options (checked by the library, its messages naming the flags) and
+    adaptive k2."""
     if cfg.seed < 0:
         raise InputError(f"--seed must be an integer >= 0, got {cfg.seed}")
-    if cfg.method == "tbptt" and cfg.inject == "new" and cfg.k2 < cfg.k1:
-        raise InputError(
-            f"--k2 {cfg.k2} < --k1 {cfg.k1} with --inject new: each new loss must lie inside its "
-            f"window; use k2 >= k1, or --inject window or last"
-        )
+    try:
+        build_rule(cfg.method, method_options(cfg))
+    except InputError as exc:
+        raise InputError(as_flags(str(exc))) from None
     if cfg.adapt_k2 is None:
-        for name in ("adapt_every", "adapt_max"):
+        for name in ADAPT:
             if getattr(cfg, name) != FIELDS[name].default:
                 raise InputError(f"{flag(name)} applies with --adapt-k2 only")
     else:
@@ -417,6 +402,21 @@ def _check_method(cfg: Config) -> None:
             raise InputError("--adapt-k2 needs --engine numpy (the lag analysis is numpy's)")
         if cfg.adapt_max < cfg.k1:
             raise InputError(f"--adapt-max {cfg.adapt_max} must be >= --k1 {cfg.k1}")
+
+
+def method_options(cfg: Config) -> dict:
+    """The options of --method, from the flags the table names (tbptt.methods): the random
+    methods draw from a generator seeded with --seed (its state is saved with every checkpoint);
+    training never finishes its streams, so there is no flush update; an option left unset is the
+    method's default (or missing, when it has none)."""
+    method, options = METHODS[cfg.method], {}
+    for o in method.options:
+        value = None if o.field is None else getattr(cfg, o.field)
+        if value is not None and "numpy" in o.engines:
+            options[o.name] = value
+        elif o.name == "flush":
+            options[o.name] = False
+    return options
 
 
 def _check_reals(cfg: Config) -> None:
@@ -478,24 +478,28 @@ def from_args(args: argparse.Namespace, saved: dict | None = None) -> Config:
     return check(Config(**given))
 
 
-# the settings each --method takes beyond the common ones
-METHOD_SETTINGS = {
-    "tbptt": ("k2", "inject", "adapt_k2", "adapt_every", "adapt_max"),
-    "rtrl": (),
-    "uoro": (),
-    "artbp": ("cut", "cut_every", "max_segment"),
-}
+ADAPT = ("adapt_k2", "adapt_every", "adapt_max")  # --adapt-k2 re-estimates a method's k2
+
+
+def method_settings() -> dict[str, tuple[str, ...]]:
+    """The settings each --method takes beyond the common ones (--k1 and --seed): its options'
+    flags in the table, and --adapt-k2's where it has a k2."""
+    out = {}
+    for name, method in METHODS.items():
+        own = tuple(o.field for o in method.options if o.field not in (None, "k1", "seed"))
+        out[name] = own + (ADAPT if "k2" in own else ())
+    return out
 
 
 def check_method_options(given: dict) -> None:
     """A setting of one method given with another (--k2 with --method artbp, --cut with tbptt)
     is an error naming both, not silently ignored; a default value (as every config.toml
     holds) is not a setting given."""
-    method = given.get("method", "tbptt")
-    if method not in METHOD_SETTINGS:
+    method, settings = given.get("method", "tbptt"), method_settings()
+    if method not in settings:
         return  # check() names the choices
-    for other, names in METHOD_SETTINGS.items():
+    for other, names in settings.items():
         for name in names:
             default = FIELDS[name].default
-            if other != method and given.get(name, default) != default:
+            if name not in settings[method] and given.get(name, default) != default:
                 raise InputError(f"{flag(name)} applies to --method {other}, not --method {method}")

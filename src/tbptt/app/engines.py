@@ -49,15 +49,9 @@ class Engine(Protocol):
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next updates."""
 
-    def feed(self, x: Array, y: Array, mask: Array | None, reset: Array | None) -> float:
+    def train(self, x: Array, y: Array, mask: Array | None, reset: Array | None) -> float:
         """Train on the next chunk of every stream; its mean loss over all streams (and
         processes)."""
-
-    def suggest_k2(self, x, y, mask, reset, delta: float, k_max: int) -> int:
-        """--adapt-k2: the smallest k2 whose estimated relative bias on this stretch is <= delta."""
-
-    def set_k2(self, k2: int) -> None:
-        """Go on with another k2."""
 
     def run(self, x: Array, h: object = None, reset: Array | None = None) -> tuple[object, object]:
         """Forward only from h (None: zeros), restarting where reset says: outputs z and the
@@ -78,6 +72,20 @@ class Engine(Protocol):
 
     def load(self, path: Path) -> None:
         """Restore what save wrote; InputError if the file is damaged or from another run."""
+
+
+class AdaptsK2(Engine, Protocol):
+    """An engine that --adapt-k2 can drive (the numpy engine's: config refuses the flag with the
+    torch engine, whose lag analysis is numpy's)."""
+
+    def adapt_k2(self, x, y, mask, reset, delta: float, k_max: int) -> int:
+        """Go on with the smallest k2 >= k1 whose estimated relative bias on this stretch is at
+        most delta; returns it."""
+        ...
+
+    def set_k2(self, k2: int) -> None:
+        """Go on with another k2 (a resumed run's)."""
+        ...
 
 
 def blas_threads(n: int) -> bool:
@@ -108,22 +116,6 @@ def blas_threads(n: int) -> bool:
             setter(int(n))
             done = True
     return done
-
-
-def method_options(cfg: cf.Config) -> dict:
-    """The options of --method for tbptt.methods.make_trainer; the random methods draw from a
-    generator seeded with --seed (its state is saved with every checkpoint)."""
-    return {
-        "tbptt": {"k1": cfg.k1, "k2": cfg.k2, "inject": cfg.inject, "flush": False},
-        "rtrl": {"k1": cfg.k1},
-        "uoro": {"k1": cfg.k1, "rng": cfg.seed},
-        "artbp": {
-            "c": cfg.cut,
-            "b": cfg.cut_every,
-            "rng": cfg.seed,
-            "biased_max_length": cfg.max_segment,
-        },
-    }[cfg.method]
 
 
 class _Driven:
@@ -173,19 +165,20 @@ class NumpyEngine(_Driven):
         opt = tbptt.Adam(lr=cfg.lr) if cfg.optimizer == "adam" else tbptt.SGD(lr=cfg.lr)
         self.method = cfg.method
         self.driver = make_trainer(
-            cfg.method, model, opt, loss=problem.loss, clip=cfg.clip, **method_options(cfg)
+            cfg.method, model, opt, loss=problem.loss, clip=cfg.clip, **cf.method_options(cfg)
         )
         blas_threads(cfg.threads)
 
     def set_lr(self, lr: float) -> None:
         self.driver.optimizer = replace(self.driver.optimizer, lr=lr)
 
-    def feed(self, x, y, mask, reset) -> float:
+    def train(self, x, y, mask, reset) -> float:
         return self.driver.feed(x, y, mask, reset)
 
-    def suggest_k2(self, x, y, mask, reset, delta: float, k_max: int) -> int:
+    def adapt_k2(self, x, y, mask, reset, delta: float, k_max: int) -> int:
         """Aicher, Foti and Fox's K for the current parameters on a recent stretch (x of 2 k_max
-        steps): the smallest k2 >= k1 whose estimated relative bias is at most delta."""
+        steps): go on with the smallest k2 >= k1 whose estimated relative bias is at most delta.
+        The next window reaches back as far as the steps still kept."""
         from ..analysis.bias import suggest_k
 
         K = suggest_k(
@@ -199,11 +192,13 @@ class NumpyEngine(_Driven):
             mask=mask,
             reset=reset,
         )
-        return max(K, self.driver.truncation.k1)
+        k2 = max(K, self.driver.truncation.k1)
+        self.set_k2(k2)
+        return k2
 
     def set_k2(self, k2: int) -> None:
         """The next window reaches back as far as the steps still kept."""
-        self.driver.rule.truncation = replace(self.driver.truncation, k2=k2)
+        self.driver.truncation = replace(self.driver.truncation, k2=k2)
 
     def run(self, x, h=None, reset=None):
         from ..numpy.elman import forward
@@ -272,7 +267,7 @@ class TorchEngine(_Driven):
             self.optimizer,
             loss_fn=self.loss_fn,
             clip=cfg.clip,
-            **method_options(cfg),
+            **cf.method_options(cfg),
         )
 
     def _tensor(self, a, dtype=None):
@@ -291,17 +286,11 @@ class TorchEngine(_Driven):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def feed(self, x, y, mask, reset) -> float:
+    def train(self, x, y, mask, reset) -> float:
         mine = (None if a is None else a[:, self.streams] for a in (x, y, mask, reset))
         x, y, mask, reset = mine
         t = self._tensor
         return float(self.driver.feed(t(x), self._targets(y), t(mask), t(reset)))
-
-    def suggest_k2(self, x, y, mask, reset, delta: float, k_max: int) -> int:
-        raise InputError("--adapt-k2 needs --engine numpy (the lag analysis is numpy's)")
-
-    def set_k2(self, k2: int) -> None:
-        raise InputError("--adapt-k2 needs --engine numpy (the lag analysis is numpy's)")
 
     def run(self, x, h=None, reset=None):
         return self.driver.predict(self._tensor(x), h, self._tensor(reset))

@@ -29,10 +29,11 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from ..errors import InputError
 from ..files import TMP_PREFIX, atomic_directory, atomic_write, remove_stale
-from .engines import Engine
+from .engines import AdaptsK2, Engine
 
 FORMAT = "tbptt-train-checkpoint"
 COLUMNS = ("updates", "steps", "chars", "seconds", "lr", "train_loss", "valid_loss", "k2")
@@ -202,7 +203,7 @@ def load_checkpoint(run: Path, engine: Engine, k1: int, adapt: bool) -> Loop:
     if not state.is_file():
         raise InputError(f"{path} names {name}, which is missing")
     if adapt and loop.k2 is not None:  # --adapt-k2: the k2 in force at the save
-        engine.set_k2(int(_counter(loop.k2, "k2", path)))
+        cast(AdaptsK2, engine).set_k2(int(_counter(loop.k2, "k2", path)))  # numpy only
     digest = meta.get("sha256")
     intact = digest is None or _sha256(state) == digest
     try:

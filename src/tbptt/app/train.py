@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from ..files import atomic_write
 from . import config as cf
 from . import plots, rundir
 from .data import Problem, load_problem
-from .engines import Engine, make_engine, memory_needed
+from .engines import AdaptsK2, Engine, make_engine, memory_needed
 from .rundir import Loop
 from .sample import generate
 
@@ -96,10 +97,10 @@ def train(run: Run, progress: bool) -> int:
             start = time.perf_counter()
             lr = lr_at(cfg, loop.updates, loop.seconds)
             engine.set_lr(lr)
-            losses.append(engine.feed(*problem.train(loop.updates * cfg.k1, cfg.k1)))  # 1 update
+            losses.append(engine.train(*problem.train(loop.updates * cfg.k1, cfg.k1)))  # 1 update
             loop.updates += 1
             if cfg.adapt_k2 is not None and loop.updates % cfg.adapt_every == 0:
-                adapt_k2(engine, problem, cfg, loop)
+                adapt_k2(cast(AdaptsK2, engine), problem, cfg, loop)  # config: numpy only
             loop.seconds += time.perf_counter() - start
             loop.seconds, stop = engine.agree(loop.seconds, interrupt.asked)
             interrupt.asked = interrupt.asked or stop  # torchrun: all stop together
@@ -143,7 +144,7 @@ def lr_at(cfg: cf.Config, updates: int, seconds: float) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def adapt_k2(engine: Engine, problem: Problem, cfg: cf.Config, loop: Loop) -> None:
+def adapt_k2(engine: AdaptsK2, problem: Problem, cfg: cf.Config, loop: Loop) -> None:
     """--adapt-k2: re-estimate k2 on the last 2 x adapt_max steps of (at most 8 of) the streams."""
     steps = 2 * cfg.adapt_max
     if loop.updates * cfg.k1 < steps:
@@ -151,9 +152,8 @@ def adapt_k2(engine: Engine, problem: Problem, cfg: cf.Config, loop: Loop) -> No
     x, y, mask, reset = problem.train(loop.updates * cfg.k1 - steps, steps)
     few = slice(0, 8)  # the lag profile is a mean over t and streams: a few streams suffice
     pick = lambda a: None if a is None else a[:, few]  # noqa: E731
-    k2 = engine.suggest_k2(pick(x), pick(y), pick(mask), pick(reset), cfg.adapt_k2, cfg.adapt_max)
-    engine.set_k2(k2)
-    loop.k2 = k2
+    x, y, mask, reset = (pick(a) for a in (x, y, mask, reset))
+    loop.k2 = engine.adapt_k2(x, y, mask, reset, cfg.adapt_k2, cfg.adapt_max)
 
 
 def validate(engine: Engine, problem: Problem, limit: int | None = None) -> float:
