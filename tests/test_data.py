@@ -1,11 +1,10 @@
-"""Corpora, vocabularies, memory-mapped streams, batchify and numeric data."""
+"""Corpora, vocabularies, memory-mapped streams and numeric data."""
 
 import numpy as np
 import pytest
 
 from tbptt.app.data import (
-    Streams,
-    batchify,
+    CorpusStreams,
     corpus_split,
     encode,
     read_numbers,
@@ -15,16 +14,6 @@ from tbptt.app.data import (
     stdlib_modules,
     strip_markdown,
 )
-
-
-def test_batchify_lays_streams_side_by_side_as_a_view():
-    """The docstring's diagram: 24 symbols, 4 streams of 6; a view, not a copy."""
-    data = np.arange(24)
-    streams = batchify(data, 4)  # (6, 4)
-    np.testing.assert_array_equal(streams[:, 0], np.arange(6))
-    np.testing.assert_array_equal(streams[0], [0, 6, 12, 18])
-    assert np.shares_memory(streams, data)
-    assert batchify(np.arange(26), 4).shape == (6, 4)  # the last N mod batch are dropped
 
 
 def test_ascii_file_is_memory_mapped_and_round_trips(tmp_path):
@@ -83,7 +72,7 @@ def test_a_fixed_vocabulary_rejects_new_characters(tmp_path):
 def test_streams_give_next_character_targets_and_reset_on_wrap():
     """Targets are the next step's inputs; at an epoch's end each stream restarts with a reset."""
     data = np.arange(40) % 7
-    s = Streams(data, 4)  # 10 rows per stream, 9 steps per epoch
+    s = CorpusStreams(data, 4)  # 10 rows per stream, 9 steps per epoch
     x, y, reset = s.chunk(0, 9)
     np.testing.assert_array_equal(y[:-1], x[1:])
     np.testing.assert_array_equal(x[:, 1], data[10:19])
@@ -98,7 +87,7 @@ def test_streams_read_a_memory_mapped_file_through_its_table(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("abcdefghijklmnopqrstuvwxyz" * 4)
     t = read_text(path)
-    s = Streams(t.symbols, 2, t.table)
+    s = CorpusStreams(t.symbols, 2, t.table)
     x, y, _ = s.chunk(3, 2)
     assert [t.vocab[i] for i in x[:, 0]] == ["d", "e"] and t.vocab[y[1, 0]] == "f"
 
@@ -106,7 +95,7 @@ def test_streams_read_a_memory_mapped_file_through_its_table(tmp_path):
 def test_too_little_data_for_the_streams_is_an_error():
     """Each stream needs at least two rows."""
     with pytest.raises(ValueError, match="smaller --batch"):
-        Streams(np.arange(5), 4)
+        CorpusStreams(np.arange(5), 4)
 
 
 def test_split_holds_out_the_last_fraction():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checks import check_int
 from .errors import InputError
 from .numpy import fast
 
@@ -41,8 +42,7 @@ class OneHot:
     __slots__ = ("ids", "m")
 
     def __init__(self, ids: object, m: int) -> None:
-        if isinstance(m, bool) or not isinstance(m, int | np.integer) or m < 1:
-            raise InputError(f"m must be an integer >= 1 (the input size), got {m!r}")
+        check_int("m", m, what=" (the input size)")
         arr = np.asarray(ids)
         if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
             raise InputError(f"ids must hold integers (indices in [0, m)), got dtype {arr.dtype}")

@@ -35,8 +35,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
-
+from .checks import check_int
 from .errors import InputError
 
 INJECT_MODES = ("new", "window", "last")
@@ -65,16 +64,6 @@ class Window:
         return t - self.s + 1
 
 
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InputError(
-            f"{name} must be an integer >= 1, got {value!r} of type {type(value).__name__}"
-        )
-    if value < 1:
-        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class Truncation:
     """TBPTT(k1, k2): every k1 steps, backpropagate over the last k2 steps (SEMANTICS.md 4).
@@ -100,8 +89,8 @@ class Truncation:
     flush: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "k1", _check_int("k1", self.k1))
-        object.__setattr__(self, "k2", _check_int("k2", self.k2))
+        object.__setattr__(self, "k1", check_int("k1", self.k1))
+        object.__setattr__(self, "k2", check_int("k2", self.k2))
         if self.inject not in INJECT_MODES:
             raise InputError(f"inject must be one of {INJECT_MODES}, got {self.inject!r}")
         if not isinstance(self.flush, bool):
@@ -227,5 +216,4 @@ def from_options(options: dict) -> Truncation:
 
 
 def _check_T(T: object) -> None:
-    if isinstance(T, bool) or not isinstance(T, int | np.integer) or T < 0:
-        raise InputError(f"T must be an integer >= 0 (the number of steps), got {T!r}")
+    check_int("T", T, least=0, what=" (the number of steps)")

@@ -58,18 +58,13 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_int
 from .errors import InputError
 
 Array = np.ndarray
 Chunk = tuple[Array, Array, Array | None, Array | None]  # x, y, mask, reset
 LAYOUTS = ("pack", "split")
 OPEN_FILES = 64  # memory maps kept open by `from_npy` (a map holds no data, only an address range)
-
-
-def _count(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class Sequences:
@@ -264,7 +259,7 @@ class Streams:
     ) -> None:
         if not isinstance(sequences, Sequences):
             sequences = from_arrays(sequences)
-        self.batch = _count("batch", batch)
+        self.batch = check_int("batch", batch)
         if layout not in LAYOUTS:
             raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if transform is not None and not callable(transform):
@@ -343,8 +338,8 @@ class Streams:
 
     def shard(self, rank: int, world: int) -> Streams:
         """The streams rank B / world .. (rank + 1) B / world - 1 of this layout (a view)."""
-        world = _count("world", world)
-        rank = _count("rank", rank, 0)
+        world = check_int("world", world)
+        rank = check_int("rank", rank, 0)
         if rank >= world:
             raise InputError(f"rank must be below world={world}, got {rank}")
         if self.batch % world:
@@ -363,17 +358,17 @@ class Streams:
     # -- reading --------------------------------------------------------------------------------
     def chunks(self, length: int) -> int:
         """The number of chunks of `length` steps in an epoch (the last may be shorter)."""
-        return math.ceil(self.steps / _count("length", length))
+        return math.ceil(self.steps / check_int("length", length))
 
     def chunk(self, i: int, length: int) -> Chunk:
         """Chunk i of an epoch: steps i L .. min((i + 1) L, steps) - 1 (i taken modulo chunks)."""
-        i = _count("i", i, 0) % self.chunks(length)
+        i = check_int("i", i, 0) % self.chunks(length)
         a = i * length
         return self._finish(*self._rows(a, min(a + length, self.steps)))
 
     def read(self, t: int, k: int) -> Chunk:
         """Steps t..t+k-1 of the endless stream: epochs follow one another, each from step 0."""
-        t, k = _count("t", t, 0), _count("k", k)
+        t, k = check_int("t", t, 0), check_int("k", k)
         parts = []
         while k:
             a = t % self.steps

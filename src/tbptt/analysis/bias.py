@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_int, is_int
 from ..errors import InputError
 from ..numpy.batch import check_batch, check_h0
 from ..numpy.elman import ElmanRNN, Trajectory, forward
@@ -185,8 +186,7 @@ def _lag_gradients(run: _Run, max_lag: int):
 def _check_lag(max_lag: object, T: int) -> int:
     if max_lag is None:
         return max(1, min(64, T // 2))
-    if isinstance(max_lag, bool) or not isinstance(max_lag, int | np.integer) or max_lag < 1:
-        raise InputError(f"max_lag must be an integer >= 1, got {max_lag!r}")
+    check_int("max_lag", max_lag)
     if max_lag > T:
         raise InputError(f"max_lag must be at most the number of steps T = {T}, got {max_lag}")
     return int(max_lag)
@@ -310,7 +310,7 @@ def lag_profile(
     run = _run(model, x, y, h0, loss, mask, reset)
     T, batch, n = run.traj.h.shape
     given, max_lag = max_lag, _check_lag(max_lag, T)
-    if isinstance(fit_from, bool) or not isinstance(fit_from, int) or not 0 <= fit_from < max_lag:
+    if not is_int(fit_from) or not 0 <= fit_from < max_lag:  # type: ignore[operator]
         why = "" if given is not None else f", min(64, T // 2) for the T = {T} steps given"
         raise InputError(
             f"fit_from must be an integer in [0, max_lag = {max_lag}{why}), got {fit_from!r}"
@@ -361,8 +361,7 @@ def choose_k(profile: LagProfile, delta: float = 0.1, k_max: int = 256) -> KChoi
     """(B.6): the smallest K in 1..k_max whose estimated relative bias is at most delta."""
     if not (isinstance(delta, int | float) and 0 < delta < 1):
         raise InputError(f"delta must be a number in (0, 1), got {delta!r}")
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
-        raise InputError(f"k_max must be an integer >= 1, got {k_max!r}")
+    check_int("k_max", k_max)
     tails = np.array([tail_bound(profile, K) for K in range(1, k_max + 1)])
     # ||g|| >= ||gbar_K|| - E(K) for every measured K (lags 0..K-1 are cum_norms[K - 1])
     measured = min(profile.max_lag + 1, k_max)

@@ -26,7 +26,7 @@ from dataclasses import astuple, dataclass, field, fields
 
 import numpy as np
 
-from ..errors import InputError
+from ..checks import check_int
 from ..methods import METHODS, check_options, frozen_gradients, mean_window
 from ..methods import Method as MethodSpec
 from ..numpy.elman import ElmanRNN
@@ -119,8 +119,7 @@ def compare(
     generator per method, so adding a method changes no other row); deterministic ones once (and
     timed `repeats` times).
     """
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
-        raise InputError(f"draws must be an integer >= 2, got {draws!r}")
+    check_int("draws", draws, least=2)
     kw = {"h0": h0, "loss": loss, "mask": mask, "reset": reset}
     exact = flatten(gradients(model, x, y, **kw))
     scale = float(np.linalg.norm(exact)) or 1.0

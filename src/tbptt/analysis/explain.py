@@ -24,6 +24,7 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 
+from ..checks import check_int
 from ..errors import InputError
 from ..schedule import Truncation, Window
 
@@ -93,8 +94,7 @@ def summarize(truncation: Truncation, T: int) -> Summary:
     """The windows of `truncation` on T steps, each loss step's use and the backward cost."""
     if not isinstance(truncation, Truncation):
         raise InputError(f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}")
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise InputError(f"steps must be an integer >= 1 (the sequence length T), got {T!r}")
+    check_int("steps", T, what=" (the sequence length T)")
     return Summary(
         truncation=truncation,
         T=T,

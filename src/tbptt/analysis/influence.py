@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_int
 from ..errors import InputError
 from ..numpy.elman import ElmanRNN
 from ..schedule import Truncation
@@ -47,9 +48,8 @@ N_UNITS, N_POSITIVE, THETA0 = 23, 10, 0.5  # the paper's instance
 
 
 def _check(n: int, p: int) -> None:
-    for name, v, lo in (("n", n, 1), ("p", p, 0)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
-            raise InputError(f"{name} must be an integer >= {lo}, got {v!r}")
+    check_int("n", n)
+    check_int("p", p, least=0)
     if p > n:
         raise InputError(f"p must be at most n = {n} (units receiving +theta), got {p}")
 
@@ -64,8 +64,7 @@ def system(n: int = N_UNITS, p: int = N_POSITIVE) -> tuple[Array, Array]:
 
 def sensitivities(k_max: int, n: int = N_UNITS, p: int = N_POSITIVE) -> Array:
     """sigma_k for k = 0..k_max (I.3): (k_max + 1,), sigma_0 = 0."""
-    if isinstance(k_max, bool) or not isinstance(k_max, int | np.integer) or k_max < 0:
-        raise InputError(f"k_max must be an integer >= 0, got {k_max!r}")
+    check_int("k_max", k_max, least=0)
     A, v = system(n, p)
     out = np.zeros(k_max + 1)
     row = np.eye(n)[0]  # e_1^T A^j
@@ -159,8 +158,7 @@ def train(
     """
     if not isinstance(truncation, Truncation):
         raise InputError(f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+    check_int("steps", steps)
     if not lr > 0:
         raise InputError(f"lr must be a positive number, got {lr!r}")
     A, v = system(n, p)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..checks import check_int as check_count
+from ..checks import check_int, check_real
 from ..generators import as_generator
 from ..numpy.artbp import Cuts, check_c
 from ..schedule import Truncation
@@ -35,10 +35,8 @@ DIVERGED = 1e12
 
 
 def _start(steps: int, lr: float, theta0: float, n: int, p: int):
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    steps = check_int("steps", steps)
+    check_real("lr", lr, low=0, open_low=True)
     A, v = ib.system(n, p)
     theta = np.empty(steps + 1)
     theta[0] = theta0
@@ -54,7 +52,7 @@ def _diverged(theta: Array, err: Array, t: int) -> bool:
     return True
 
 
-def _run(theta: Array, err: Array, name: str) -> ib.Run:
+def _run(theta: Array, err: Array) -> ib.Run:
     # the schedule field records the nearest TBPTT (every step, whole history) for plotting only
     return ib.Run(theta=theta, loss=0.5 * err**2, truncation=Truncation(1, 1))
 
@@ -78,7 +76,7 @@ def train_rtrl(
         theta[t] = th
         if _diverged(theta, err, t):
             break
-    return _run(theta, err, "rtrl")
+    return _run(theta, err)
 
 
 def train_uoro(
@@ -113,7 +111,7 @@ def train_uoro(
         theta[t] = th
         if _diverged(theta, err, t):
             break
-    return _run(theta, err, "uoro")
+    return _run(theta, err)
 
 
 def train_artbp(
@@ -128,7 +126,7 @@ def train_artbp(
     p: int = ib.N_POSITIVE,
 ) -> ib.Run:
     """Online ARTBP (I.8): an SGD step at every cut, with the window's compensated gradient."""
-    c, b = check_c(c), check_count("b", b)
+    c, b = check_c(c), check_int("b", b)
     A, v, s, theta, err = _start(steps, lr, theta0, n, p)
     cuts = Cuts(c, b, as_generator(rng), None)
     cut_at, weights = cuts.decide(0, steps)
@@ -150,4 +148,4 @@ def train_artbp(
             start = t + 1
         if _diverged(theta, err, t):
             break
-    return _run(theta, err, "artbp")
+    return _run(theta, err)

@@ -249,20 +249,14 @@ def split(n: int, valid_fraction: float) -> int:
     return n - max(2, int(round(n * valid_fraction)))
 
 
-def batchify(data: Array, batch: int) -> Array:
-    """(N, ...) -> (N // batch, batch, ...): stream j is the j-th contiguous part; a view."""
-    L = len(data) // batch
-    return np.swapaxes(data[: L * batch].reshape(batch, L, *data.shape[1:]), 0, 1)
-
-
-class Streams:
+class CorpusStreams:
     """`batch` streams over a part of a corpus; step t's target is step t + 1's input.
 
-    The layout is tbptt.streams' "split" of one sequence (batchify above, read as one strided
-    slice per chunk). chunk(t, k) returns steps t..t+k-1 (0-based, counted over all epochs) as ids
-    (k, batch) or values (k, batch, features), the targets, and the reset flags (k, batch) where
-    a stream starts over (None when no stream does in this chunk; never at step 0, where there is
-    no state yet to restart).
+    The layout is tbptt.streams' "split" of one sequence: stream j is the j-th contiguous part of
+    it (word_language_model's batchify), read as one strided slice per chunk. chunk(t, k) returns
+    steps t..t+k-1 (0-based, counted over all epochs) as ids (k, batch) or values (k, batch,
+    features), the targets, and the reset flags (k, batch) where a stream starts over (None when
+    no stream does in this chunk; never at step 0, where there is no state yet to restart).
     """
 
     def __init__(self, data: Array, batch: int, table: Array | None = None, what: str = "data"):
@@ -312,8 +306,9 @@ def one_hot(ids: Array, V: int) -> OneHot:
 
 
 def _text_problem(train_text: Text, valid_text: Text, cfg, dtype: np.dtype) -> Problem:
-    train = Streams(train_text.symbols, cfg.batch, train_text.table, train_text.name)
-    valid = Streams(valid_text.symbols, max(1, min(16, len(valid_text) // 2)), valid_text.table)
+    train = CorpusStreams(train_text.symbols, cfg.batch, train_text.table, train_text.name)
+    n_valid = max(1, min(16, len(valid_text) // 2))
+    valid = CorpusStreams(valid_text.symbols, n_valid, valid_text.table)
     V = len(train_text.vocab)
 
     def train_chunk(t: int, k: int) -> tuple:
@@ -331,8 +326,8 @@ def _text_problem(train_text: Text, valid_text: Text, cfg, dtype: np.dtype) -> P
 
 def _number_problem(values: Array, cfg, dtype: np.dtype) -> Problem:
     cut = split(len(values), cfg.valid_fraction)
-    train = Streams(values[:cut], cfg.batch, what=f"the training part of --data {cfg.data}")
-    valid = Streams(values[cut:], max(1, min(16, (len(values) - cut) // 2)))
+    train = CorpusStreams(values[:cut], cfg.batch, what=f"the training part of --data {cfg.data}")
+    valid = CorpusStreams(values[cut:], max(1, min(16, (len(values) - cut) // 2)))
 
     def train_chunk(t: int, k: int) -> tuple:
         x, y, reset = train.chunk(t, k)  # (k, batch, features) each

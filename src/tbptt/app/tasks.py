@@ -26,18 +26,12 @@ import math
 
 import numpy as np
 
-from ..errors import InputError
+from ..checks import check_int
 
 Array = np.ndarray
 
 ADDING_TOLERANCE = 0.04  # the paper's criterion for a correctly processed sequence
 COPY_SYMBOLS, COPY_BLANK, COPY_DELIMITER, COPY_LENGTH = 8, 8, 9, 10
-
-
-def _check_length(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def adding_problem(T: int, batch: int, rng: np.random.Generator) -> tuple[Array, Array, Array]:
@@ -46,8 +40,8 @@ def adding_problem(T: int, batch: int, rng: np.random.Generator) -> tuple[Array,
     Returns x (Tmax, batch, 2), y (Tmax, batch, 1) and mask (Tmax, batch): the mask is 1 only at
     each sequence's last step; padded steps (after a shorter sequence's end) have x = 0, mask 0.
     """
-    T = _check_length("T", T, 22)  # the first ten pairs lie within the first T/2 - 1
-    batch = _check_length("batch", batch, 1)
+    T = check_int("T", T, 22)  # the first ten pairs lie within the first T/2 - 1
+    batch = check_int("batch", batch, 1)
     lengths = rng.integers(T, T + T // 10, endpoint=True, size=batch)  # lengths in [T, T + T/10]
     Tmax = int(lengths.max())
     x = np.zeros((Tmax, batch, 2))  # (Tmax, batch, 2): value, marker
@@ -74,8 +68,8 @@ def copy_memory(lag: int, batch: int, rng: np.random.Generator) -> tuple[Array, 
 
     Returns x (lag + 20, batch, 10) one-hot, y (lag + 20, batch) class indices, mask of ones.
     """
-    lag = _check_length("lag", lag, 1)
-    batch = _check_length("batch", batch, 1)
+    lag = check_int("lag", lag, 1)
+    batch = check_int("batch", batch, 1)
     T = lag + 2 * COPY_LENGTH
     symbols = rng.integers(COPY_SYMBOLS, size=(COPY_LENGTH, batch))  # from a_0..a_7
     inputs = np.full((T, batch), COPY_BLANK)

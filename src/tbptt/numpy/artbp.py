@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..checks import check_int
+from ..checks import check_int, is_real
 from ..errors import InputError
 from ..generators import as_generator, rng_state, set_rng_state
 from .batch import check_batch, check_h0
@@ -50,7 +50,7 @@ def check_c(c: object) -> Probability:
     """c: a probability in [0, 1], or a callable of L (the steps since the last cut)."""
     if callable(c):
         return c
-    if isinstance(c, bool) or not isinstance(c, int | float | np.integer | np.floating):
+    if not is_real(c):
         raise InputError(f"c must be a probability in [0, 1] or a callable of L, got {c!r}")
     if not 0 <= c <= 1:
         raise InputError(f"c must be a probability in [0, 1], got {c!r}")
@@ -62,7 +62,7 @@ def probability(c: Probability, L: int) -> float:
     if not callable(c):
         return c
     v = c(L)
-    if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+    if not is_real(v):
         raise InputError(f"c({L}) returned {v!r}; expected a probability in [0, 1]")
     if not 0 <= v <= 1:
         raise InputError(f"c({L}) returned {v!r}; expected a probability in [0, 1]")

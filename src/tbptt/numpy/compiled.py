@@ -32,7 +32,7 @@ from numba.extending import overload
 
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}  # no nnan / ninf: NaN and inf must propagate
 OPTIONS = {"fastmath": FASTMATH, "error_model": "numpy", "nogil": True, "cache": True}
-TANH, SIGMOID, RELU, IDENTITY = 0, 1, 2, 3  # codes of f, as elman.ACTIVATION_CODES lists them
+TANH, SIGMOID, RELU, IDENTITY = 0, 1, 2, 3  # codes of f, as fast.ACTIVATION_CODES lists them
 
 f32 = np.float32
 # Cephes tanhf / expf (float32): tanh x = x + x^3 P(x^2) for |x| < 0.625,

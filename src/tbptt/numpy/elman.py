@@ -28,14 +28,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_int
 from ..errors import InputError
 from ..inputs import OneHot, input_gradient, input_product
 from . import fast
 from .batch import FLOATS, as_param
-from .functions import OUTPUTS, Activation, activation
+from .functions import OUTPUTS, activation
 
 Array = np.ndarray
-ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "identity": 3}  # f in compiled.py
 
 
 class ElmanRNN:
@@ -151,8 +151,7 @@ class ElmanRNN:
         spectral_radius rescales A to that largest |eigenvalue| when given.
         """
         for name, v in (("n", n), ("m", m), ("p", p)):
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+            check_int(name, v)
         if np.dtype(dtype).type not in FLOATS:
             raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
         rng = np.random.default_rng(seed)
@@ -199,51 +198,43 @@ def forward(
     Where reset[t, j] is true, stream j starts step t from h0 (a constant; default h_init).
     hs: optional (T + 1, batch, n) C-contiguous buffer for h_init, h_1, ..., h_T (the online
     driver's history); the trajectory's h and h_prev are then views of it.
-    Inputs are assumed checked (see checks.py).
+    Inputs are assumed checked (see batch.py).
     """
     A, C = model.A, model.C
     T, batch, _ = x.shape
     n = A.shape[0]
-    f = activation(model.f)
     if hs is None:
         hs = np.empty((T + 1, batch, n), A.dtype)  # h_0, h_1, ..., h_T
     h = hs[1:]  # (T, batch, n), a view: B x_t + b first, overwritten by h_t step by step
     input_product(x, model.B, model.b, out=stacked(h))  # B x_t + b: one product, or a lookup
     hs[0] = h_init
     restart = h_init if h0 is None else h0
-    resets = reset is not None and reset.any()
-    kernels = fast.kernels(batch)
-    if kernels is not None:  # the same loop compiled (tbptt[fast]), f and f' fused into it
-        fprime = np.empty_like(h)  # (T, batch, n)
-        cut = np.ascontiguousarray(reset) if resets else None
-        code = ACTIVATION_CODES[model.f]
-        A, restart = np.ascontiguousarray(A), np.ascontiguousarray(restart)
-        kernels.forward_steps(hs, A, code, fprime, cut, restart)
-    else:
-        forward_steps(hs, A, f, reset if resets else None, restart)
-        fprime = f.grad(h)  # (T, batch, n) f'(a_t), from h_t
+    cut = reset if reset is not None and reset.any() else None
+    steps = fast.forward_loop(batch) or forward_steps  # the loop below, or compiled (tbptt[fast])
+    fprime = steps(hs, A, model.f, cut, restart)  # (T, batch, n) f'(a_t)
     h_prev = hs[:-1]  # (T, batch, n), a view: h_{t-1}
-    if resets:
-        h_prev = np.where(reset[:, :, None], restart, h_prev)  # h_0 where a stream restarted
+    if cut is not None:
+        h_prev = np.where(cut[:, :, None], restart, h_prev)  # h_0 where a stream restarted
     z = project(h, C.T)  # (T, batch, p) (1.3)
     if model.c is not None:
         z += model.c
-    return Trajectory(x=x, h_prev=h_prev, h=h, fprime=fprime, z=z, reset=reset if resets else None)
+    return Trajectory(x=x, h_prev=h_prev, h=h, fprime=fprime, z=z, reset=cut)
 
 
-def forward_steps(hs: Array, A: Array, f: Activation, reset: Array | None, restart: Array) -> None:
+def forward_steps(hs: Array, A: Array, f: str, reset: Array | None, restart: Array) -> Array:
     """(1.1), (1.2) in place over hs (T + 1, batch, n), one step at a time: the reference loop.
 
     On entry hs[0] holds h_0 and hs[t] (t >= 1) holds B x_t + b; on exit hs[t] holds h_t.
     reset: None or (T, batch) bool, where stream j starts step t from restart[j] (batch, n).
-    compiled.forward_steps is the same loop compiled (it also writes f'(a_t)).
+    Returns f'(a_t) (T, batch, n). compiled.forward_steps is the same loop compiled.
     """
     batch, n = hs.shape[1:]
+    act = activation(f)
     one = batch == 1  # one stream: A h_{t-1} as A @ h, a matrix-vector product on A itself
     AT = None if one else np.ascontiguousarray(A.T)  # (n, n): a transposed view copied per step
     Ah = np.empty(n if one else (batch, n), A.dtype)  # A h_{t-1}
     rows = list(hs[:, 0] if one else hs)  # views h_0, ..., h_T: indexed once, not in the loop
-    fn = f.fn
+    fn = act.fn
     for t, (prev, cur) in enumerate(zip(rows[:-1], rows[1:], strict=True)):  # (1.1), (1.2)
         if reset is not None and reset[t].any():
             prev = restart[0] if one else np.where(reset[t][:, None], restart, prev)
@@ -253,6 +244,7 @@ def forward_steps(hs: Array, A: Array, f: Activation, reset: Array | None, resta
             np.dot(prev, AT, out=Ah)
         np.add(Ah, cur, out=cur)  # a_t = A h_{t-1} + B x_t + b
         fn(cur, cur)  # h_t = f(a_t), in place
+    return act.grad(hs[1:])  # f'(a_t), from h_t
 
 
 def backprop(
@@ -274,17 +266,23 @@ def backprop(
     Returns R (L, batch, n) and A^T r_s (batch, n), the gradient reaching h_{s-1}.
     """
     L, batch, n = fprime.shape
-    first_injected = L - len(dh)
     R = np.empty_like(fprime) if out is None else out  # (L, batch, n)
     back = np.zeros((batch, n), fprime.dtype) if carry is None else carry.copy()  # A^T r_{t+1}
-    cuts = cut is not None and cut.any()
-    kernels = fast.kernels(batch)
-    if kernels is not None:  # the same loop compiled (tbptt[fast])
-        cut = np.ascontiguousarray(cut) if cuts else None
-        kernels.backward_steps(R, fprime, np.ascontiguousarray(A), dh, back, cut)
-        return R, back
+    cut = cut if cut is not None and cut.any() else None
+    steps = fast.backward_loop(batch) or backward_steps  # the loop below, or compiled
+    steps(R, fprime, A, dh, back, cut)
+    return R, back
+
+
+def backward_steps(
+    R: Array, fprime: Array, A: Array, dh: Array, back: Array, cut: Array | None
+) -> None:
+    """(3.1) from u down to s, one step at a time: the reference loop. Writes r_t into R and
+    leaves A^T r_s in back (batch, n), which holds A^T r_{u+1} on entry. dh holds C^T e_t for the
+    last len(dh) steps (the injected ones). compiled.backward_steps is the same loop compiled."""
+    first_injected = len(fprime) - len(dh)
     rows = list(zip(R, fprime, strict=True))  # views, indexed once
-    for t in range(L - 1, -1, -1):  # (3.1), from u down to s
+    for t in range(len(fprime) - 1, -1, -1):  # (3.1), from u down to s
         r, fp = rows[t]
         if t >= first_injected:
             np.add(dh[t - first_injected], back, out=r)  # delta_t
@@ -292,9 +290,8 @@ def backprop(
         else:
             np.multiply(back, fp, out=r)
         np.dot(r, A, out=back)  # A^T r_t, the recurrent part of delta_{t-1}
-        if cuts and cut[t].any():
+        if cut is not None and cut[t].any():
             back[cut[t]] = 0  # h_{t-1} was a constant for these streams
-    return R, back
 
 
 def project(arr: Array, W: Array) -> Array:

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from types import ModuleType
 
+import numpy as np
+
 ENV = "TBPTT_NUMBA"
+ACTIVATION_CODES = {"tanh": 0, "sigmoid": 1, "relu": 2, "identity": 3}  # f in compiled.py
 MAX_BATCH = 1  # streams up to which the compiled loops run (measured: BLAS wins from 2 on)
 
 
@@ -41,3 +45,34 @@ def _load() -> ModuleType | None:
     except ImportError:  # numba is not installed: the numpy loops run
         return None
     return compiled
+
+
+def forward_loop(batch: int) -> Callable | None:
+    """The compiled forward loop for `batch` streams, called as elman.forward_steps(hs, A, f,
+    reset, restart) -> f'(a_t), or None (the numpy loop runs)."""
+    k = kernels(batch)
+    if k is None:
+        return None
+
+    def steps(hs, A, f: str, reset, restart):
+        fprime = np.empty_like(hs[1:])  # (T, batch, n), written with h_t
+        cut = None if reset is None else np.ascontiguousarray(reset)
+        A, restart = np.ascontiguousarray(A), np.ascontiguousarray(restart)
+        k.forward_steps(hs, A, ACTIVATION_CODES[f], fprime, cut, restart)
+        return fprime
+
+    return steps
+
+
+def backward_loop(batch: int) -> Callable | None:
+    """The compiled backward loop for `batch` streams, called as elman.backward_steps(R, fprime,
+    A, dh, back, cut), or None (the numpy loop runs)."""
+    k = kernels(batch)
+    if k is None:
+        return None
+
+    def steps(R, fprime, A, dh, back, cut):
+        cut = None if cut is None else np.ascontiguousarray(cut)
+        k.backward_steps(R, fprime, np.ascontiguousarray(A), dh, back, cut)
+
+    return steps

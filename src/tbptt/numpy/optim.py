@@ -23,20 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_real
 from ..errors import InputError
 
 Array = np.ndarray
 Params = dict[str, Array]
-
-
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise InputError(
-            f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}"
-        )
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -48,8 +39,8 @@ class SGD:
     nesterov: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive("lr", self.lr)
-        _check_positive("momentum", self.momentum, allow_zero=True)
+        check_real("lr", self.lr, low=0, open_low=True)
+        check_real("momentum", self.momentum, low=0)
         if self.nesterov and self.momentum == 0:
             raise InputError(
                 "nesterov=True needs momentum > 0, got momentum=0 (as torch.optim.SGD)"
@@ -86,12 +77,12 @@ class Adam:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check_positive("lr", self.lr)
+        check_real("lr", self.lr, low=0, open_low=True)
         for name in ("beta1", "beta2"):
             b = getattr(self, name)
             if not 0 <= b < 1:
                 raise InputError(f"{name} must be in [0, 1), got {b!r}")
-        _check_positive("eps", self.eps)
+        check_real("eps", self.eps, low=0, open_low=True)
 
     def init(self, params: Params) -> dict[str, Array]:
         state = {"step": np.zeros((), np.int64)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..checks import check_real
 from ..errors import InputError
 from .batch import check_batch, check_h0, dense_inputs
 from .elman import ElmanRNN, Trajectory, forward, project, stacked
@@ -50,8 +51,7 @@ def influence_bytes(model: ElmanRNN, batch: int) -> int:
 
 def check_influence_size(model: ElmanRNN, batch: int, max_bytes: float) -> None:
     """InputError, before anything is allocated or trained, when J would exceed max_bytes."""
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int | float) or max_bytes <= 0:
-        raise InputError(f"max_bytes must be a positive number, got {max_bytes!r}")
+    check_real("max_bytes", max_bytes, low=0, open_low=True)
     need = influence_bytes(model, batch)
     if need > max_bytes:
         entries = batch * model.n * theta_size(model)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_int as check_count
+from ..checks import check_int
 from ..errors import InputError
 from ..generators import as_generator
 from ..numpy.artbp import Cuts, Probability, check_c, check_max_length, probability
@@ -110,7 +110,7 @@ class ARTBP(TBPTT):
         reduction: str = "sum",
     ) -> None:
         c = check_c(c)
-        b = check_count("b", b)
+        b = check_int("b", b)
         max_length = check_max_length(biased_max_length, b)
         if callable(c):  # a bad callable is told now, not after hours of training
             for L in range(b, 17 * b, b):
