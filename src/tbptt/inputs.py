@@ -74,7 +74,7 @@ class OneHot:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, key: object) -> OneHot:
+    def __getitem__(self, key) -> OneHot:
         """Steps (and streams) of x: indexes the ids, never the m axis."""
         ids = self.ids[key]
         if np.ndim(ids) not in (1, 2):

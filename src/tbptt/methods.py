@@ -26,9 +26,18 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .schedule import from_options as truncation
+
+if TYPE_CHECKING:
+    from numpy import ndarray as Array
+
+    from .inputs import OneHot
+    from .numpy.elman import ElmanRNN
+    from .numpy.optim import SGD, Adam
+    from .numpy.trainer import TBPTT
 
 ENGINES = ("numpy", "torch")
 REQUIRED = object()  # an option without a default
@@ -173,15 +182,15 @@ def build_rule(name: str, options: dict, engine: str = "numpy") -> tuple[object,
 
 def make_trainer(
     method: str,
-    model: object,
-    optimizer: object,
+    model: ElmanRNN,
+    optimizer: SGD | Adam,
     *,
     loss: str = "l2",
     clip: float | None = None,
-    h0: object = None,
+    h0: Array | None = None,
     reduction: str = "sum",
     **options: object,
-):
+) -> TBPTT:
     """The numpy engine's online trainer of `method` with its options: a tbptt.TBPTT holding the
     method's rule, with feed(x, y, mask, reset), finish(), save(path), load(path), state_dict(),
     load_state_dict(state), model, updates."""
@@ -193,16 +202,16 @@ def make_trainer(
 
 def frozen_gradients(
     method: str,
-    model: object,
-    x: object,
-    y: object,
-    h0: object = None,
+    model: ElmanRNN,
+    x: Array | OneHot,
+    y: Array,
+    h0: Array | None = None,
     loss: str = "l2",
     *,
-    mask: object = None,
-    reset: object = None,
+    mask: Array | None = None,
+    reset: Array | None = None,
     **options: object,
-) -> dict:
+) -> dict[str, Array]:
     """The frozen gradient estimate of `method` (parameters fixed over the sequence), keyed
     A, B, C[, b, c] (h0's gradient, which only tbptt.gradients gives, is left out)."""
     m = check_options(method, options, "numpy")
@@ -217,13 +226,14 @@ def frozen_gradients(
 # -- the four methods ----------------------------------------------------------------------------
 def mean_window(options: dict, T: int) -> float:
     """ARTBP's expected window length in steps, at most T: b sum_j prod_{i <= j} (1 - c_{ib})."""
-    c, b = options["c"], options.get("b", 1)
+    c, b = options["c"], int(options.get("b", 1))
+    p: Callable[[int], float] = c if callable(c) else (lambda L: float(c))  # type: ignore
     cap = options.get("biased_max_length") or T
     total, survive, steps = 0.0, 1.0, 0
     while survive > 1e-12 and steps < min(T, cap):
         total += min(b, T - steps) * survive
         steps += b
-        survive *= 1 - (c(steps) if callable(c) else c)
+        survive *= 1 - p(steps)
     return min(total, float(T))
 
 

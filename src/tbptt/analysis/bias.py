@@ -186,10 +186,10 @@ def _lag_gradients(run: _Run, max_lag: int):
 def _check_lag(max_lag: object, T: int) -> int:
     if max_lag is None:
         return max(1, min(64, T // 2))
-    check_int("max_lag", max_lag)
-    if max_lag > T:
-        raise InputError(f"max_lag must be at most the number of steps T = {T}, got {max_lag}")
-    return int(max_lag)
+    lag = check_int("max_lag", max_lag)
+    if lag > T:
+        raise InputError(f"max_lag must be at most the number of steps T = {T}, got {lag}")
+    return lag
 
 
 def lag_gradients(

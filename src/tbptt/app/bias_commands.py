@@ -428,7 +428,8 @@ def _methods(args: argparse.Namespace) -> list[Method]:
             if value is not None and o.frozen:
                 options[o.name] = value[0] if isinstance(value, list) else value
         sweep = method.sweep
-        values = getattr(args, METHODS[name].option(sweep).field) if sweep else [None]
+        field = None if sweep is None else method.option(sweep).field
+        values = [None] if field is None else getattr(args, field)
         for v in values:
             row = options if sweep is None else {**options, sweep: v}
             if row.get("k1") == 0:  # --k1 0: k1 = k2
@@ -442,8 +443,18 @@ def run_methods(
 ) -> int:
     """`tbptt bias --method ...`: (E.1)-(E.4) and each method's cost, a table, a CSV, a plot."""
     methods = _methods(args)
-    kw = {k: data[k] for k in ("mask", "reset", "h0") if k in data}
-    rows = compare(model, data["x"], data["y"], methods, draws=args.draws, loss=loss, **kw)
+    get = data.get
+    rows = compare(
+        model,
+        data["x"],
+        data["y"],
+        methods,
+        draws=args.draws,
+        loss=loss,
+        mask=get("mask"),
+        reset=get("reset"),
+        h0=get("h0"),
+    )
     title = _describe(model, data, loss)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, FIELDS, lineterminator="\n")

@@ -196,7 +196,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             default = "on" if f.default else "off"
         help = f.metadata["help"]
         help += "" if "default:" in help.lower() else f" (default: {default})"
-        kw = dict(default=argparse.SUPPRESS, help=help, metavar=f.metadata["metavar"])
+        kw: dict[str, object] = dict(
+            default=argparse.SUPPRESS, help=help, metavar=f.metadata["metavar"]
+        )
         if kind is bool:
             parser.add_argument(
                 flag(name),
@@ -208,7 +210,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         base = typing.get_args(kind)[0] if typing.get_args(kind) else kind
         if f.metadata["choices"]:
             kw.update(choices=f.metadata["choices"], metavar=None)
-        parser.add_argument(flag(name), type=base, **kw)
+        parser.add_argument(flag(name), type=base, **kw)  # type: ignore[arg-type]
 
 
 def _typed(name: str, value: object, where: str) -> object:
@@ -236,7 +238,7 @@ def read_toml(path: str | Path, where: str = "--config") -> dict:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
-        import tomli as tomllib
+        import tomli as tomllib  # pyright: ignore[reportMissingImports]
     path = Path(path)
     where = f"{where} {path}".strip()
     if not path.is_file():
@@ -373,7 +375,9 @@ def _check_counts(cfg: Config) -> None:
     for name in (*names, "threads"):
         if getattr(cfg, name) < 1:
             raise InputError(f"{flag(name)} must be an integer >= 1, got {getattr(cfg, name)}")
-    least = {"adding": 22, "copy": 1}.get(cfg.task, 1)  # adding: X2 in the first T/2 - 1 pairs
+    least = {"adding": 22, "copy": 1}.get(
+        cfg.task or "", 1
+    )  # adding: X2 in the first T/2 - 1 pairs
     if cfg.length < least:
         raise InputError(
             f"--length must be an integer >= {least} for --task {cfg.task}, got {cfg.length}"
@@ -427,7 +431,7 @@ def _check_reals(cfg: Config) -> None:
         )
     if cfg.spectral_radius is not None and not (0 < cfg.spectral_radius < math.inf):
         raise InputError(f"--spectral-radius must be a positive number, got {cfg.spectral_radius}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+    if cfg.lr is None or not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise InputError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.clip is not None and not (cfg.clip >= 0 and math.isfinite(cfg.clip)):
         raise InputError(f"--clip must be >= 0 (0: no clipping), got {cfg.clip}")
@@ -459,10 +463,10 @@ def from_args(args: argparse.Namespace, saved: dict | None = None) -> Config:
     given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     if given.get("data"):  # the same file, however it is written
         given["data"] = absolute(given["data"])
-        same = saved is not None and isinstance(saved.get("data"), str)
-        if same and os.path.exists(saved["data"]) and os.path.exists(given["data"]):
-            if os.path.samefile(saved["data"], given["data"]):
-                given["data"] = saved["data"]
+        before = None if saved is None else saved.get("data")
+        if isinstance(before, str) and os.path.exists(before) and os.path.exists(given["data"]):
+            if os.path.samefile(before, given["data"]):
+                given["data"] = before
     if saved is None and getattr(args, "config", None):
         given = {**read_toml(args.config), **given}
     if saved is None:

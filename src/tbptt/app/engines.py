@@ -18,15 +18,22 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from ..errors import InputError
 from ..inputs import OneHot
-from ..methods import make_trainer
+from ..methods import METHODS, make_trainer
+from ..numpy.trainer import TBPTT
+from ..schedule import Truncation
 from . import config as cf
 from .data import Problem
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..torch import TBPTT as TorchTBPTT
 
 Array = np.ndarray
 
@@ -41,37 +48,49 @@ class Engine(Protocol):
     @property
     def steps(self) -> int:
         """Steps of every stream trained on so far (restored by load)."""
+        ...
 
     @property
     def k2(self) -> int | None:
         """The k2 in force (--adapt-k2 may change it); None for the methods without one."""
+        ...
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next updates."""
+        ...
 
     def train(self, x: Array, y: Array, mask: Array | None, reset: Array | None) -> float:
         """Train on the next chunk of every stream; its mean loss over all streams (and
         processes)."""
+        ...
 
-    def run(self, x: Array, h: object = None, reset: Array | None = None) -> tuple[object, object]:
+    def run(
+        self, x: Array | OneHot, h: object = None, reset: Array | None = None
+    ) -> tuple[object, object]:
         """Forward only from h (None: zeros), restarting where reset says: outputs z and the
         last state, in the engine's own types."""
+        ...
 
     def losses(self, z: object, y: Array, mask: Array | None) -> Array:
         """Per-step, per-stream losses (T, batch) of outputs z, as float64 numpy."""
+        ...
 
     def logits(self, z: object) -> Array:
         """Outputs z as a float64 numpy array (T, batch, p)."""
+        ...
 
     def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
         """The slowest process's seconds and whether any process was asked to stop (torchrun);
         as given for a single process."""
+        ...
 
     def save(self, path: Path | None) -> None:
         """Write the engine's full state (under torchrun a collective call; rank 0 writes)."""
+        ...
 
     def load(self, path: Path) -> None:
         """Restore what save wrote; InputError if the file is damaged or from another run."""
+        ...
 
 
 class AdaptsK2(Engine, Protocol):
@@ -118,12 +137,23 @@ def blas_threads(n: int) -> bool:
     return done
 
 
-class _Driven:
-    """What both engines do the same way: through their driver (tbptt.TBPTT, its torch twin, or
-    one of tbptt.RTRL, UORO, ARTBP)."""
+class Trains(Protocol):
+    """What _Driven reads of a trainer (tbptt.TBPTT or tbptt.torch.TBPTT, with any rule)."""
 
-    driver: object
-    method: str = "tbptt"
+    t: int
+
+    @property
+    def truncation(self) -> Truncation | None: ...
+    def save(self, path: Path | None) -> None: ...
+    def load(self, path: Path) -> None: ...
+
+
+class _Driven:
+    """What both engines do the same way: through their trainer (tbptt.TBPTT or tbptt.torch.TBPTT,
+    holding the rule of --method)."""
+
+    driver: Trains
+    method: str
 
     @property
     def steps(self) -> int:
@@ -131,7 +161,8 @@ class _Driven:
 
     @property
     def k2(self) -> int | None:
-        return self.driver.truncation.k2 if self.method == "tbptt" else None
+        tr = self.driver.truncation
+        return tr.k2 if tr is not None and "k2" in METHODS[self.method].option_names() else None
 
     def save(self, path: Path | None) -> None:
         self.driver.save(path)
@@ -162,9 +193,10 @@ class NumpyEngine(_Driven):
             seed=cfg.seed,
             spectral_radius=cfg.spectral_radius,
         )
+        assert cfg.lr is not None and cfg.threads is not None  # config.check resolved them
         opt = tbptt.Adam(lr=cfg.lr) if cfg.optimizer == "adam" else tbptt.SGD(lr=cfg.lr)
         self.method = cfg.method
-        self.driver = make_trainer(
+        self.driver: TBPTT = make_trainer(
             cfg.method, model, opt, loss=problem.loss, clip=cfg.clip, **cf.method_options(cfg)
         )
         blas_threads(cfg.threads)
@@ -192,13 +224,18 @@ class NumpyEngine(_Driven):
             mask=mask,
             reset=reset,
         )
-        k2 = max(K, self.driver.truncation.k1)
+        k2 = max(K, self._truncation().k1)
         self.set_k2(k2)
         return k2
 
     def set_k2(self, k2: int) -> None:
         """The next window reaches back as far as the steps still kept."""
-        self.driver.truncation = replace(self.driver.truncation, k2=k2)
+        self.driver.truncation = replace(self._truncation(), k2=k2)
+
+    def _truncation(self) -> Truncation:
+        tr = self.driver.truncation
+        assert tr is not None  # config refuses --adapt-k2 for methods without a schedule
+        return tr
 
     def run(self, x, h=None, reset=None):
         from ..numpy.elman import forward
@@ -238,6 +275,7 @@ class TorchEngine(_Driven):
         self.launch = init_from_env(cfg.device)  # torchrun: join the job (distributed.py)
         self.rank, self.streams = self.launch.rank, self.launch.streams(cfg.batch)
         self.torch, self.device = torch, self.launch.device
+        assert cfg.lr is not None and cfg.threads is not None  # config.check resolved them
         torch.set_num_threads(cfg.threads)
         self.dtype, self.np_dtype = getattr(torch, cfg.dtype), np.dtype(cfg.dtype)
         torch.manual_seed(cfg.seed)
@@ -245,11 +283,12 @@ class TorchEngine(_Driven):
         self.ids = cfg.cell == "elman"  # integer inputs (tbptt.OneHot) as ids, B x_t looked up
         if cfg.cell == "elman":
             g = "softmax" if problem.loss == "cross_entropy" else "identity"
-            model = ElmanRNN(n=n, m=m, p=p, bias=cfg.bias, f=cfg.activation, g=g, seed=cfg.seed)
+            elman = ElmanRNN(n=n, m=m, p=p, bias=cfg.bias, f=cfg.activation, g=g, seed=cfg.seed)
             if cfg.spectral_radius is not None:  # as tbptt.ElmanRNN.init(spectral_radius=) does
                 with torch.no_grad():
-                    radius = torch.linalg.eigvals(model.A.double()).abs().max()
-                    model.A *= cfg.spectral_radius / max(float(radius), 1e-12)
+                    radius = torch.linalg.eigvals(elman.A.double()).abs().max()
+                    elman.A.mul_(cfg.spectral_radius / max(float(radius), 1e-12))
+            model = elman
         else:
             rnn = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cfg.cell]
             model = Recurrent(rnn(m, n, num_layers=cfg.layers), nn.Linear(n, p))
@@ -261,7 +300,7 @@ class TorchEngine(_Driven):
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr)
         self.loss_fn = cross_entropy_loss if problem.loss == "cross_entropy" else l2_loss
         self.method = cfg.method
-        self.driver = make_torch_trainer(
+        self.driver: TorchTBPTT = make_torch_trainer(
             cfg.method,
             self.model,
             self.optimizer,
@@ -270,16 +309,17 @@ class TorchEngine(_Driven):
             **cf.method_options(cfg),
         )
 
-    def _tensor(self, a, dtype=None):
-        if a is None:
-            return None
+    def _tensor(self, a: Array | OneHot, dtype=None) -> Tensor:
         if isinstance(a, OneHot):  # the elman cell looks its ids up; torch.nn's cells read x
-            return self._tensor(a.ids) if self.ids else self._tensor(a.dense(self.np_dtype))
+            return self._tensor(a.ids) if self.ids else self._tensor(a.dense(self.np_dtype.type))
         t = self.torch.from_numpy(np.ascontiguousarray(a))
         kind = dtype or (self.dtype if t.is_floating_point() else None)
         return t.to(device=self.device, dtype=kind)
 
-    def _targets(self, y):
+    def _maybe(self, a: Array | None) -> Tensor | None:
+        return None if a is None else self._tensor(a)
+
+    def _targets(self, y: Array) -> Tensor:
         return self._tensor(y, self.torch.long if y.dtype.kind in "iu" else None)
 
     def set_lr(self, lr: float) -> None:
@@ -287,13 +327,14 @@ class TorchEngine(_Driven):
             group["lr"] = lr
 
     def train(self, x, y, mask, reset) -> float:
-        mine = (None if a is None else a[:, self.streams] for a in (x, y, mask, reset))
-        x, y, mask, reset = mine
-        t = self._tensor
-        return float(self.driver.feed(t(x), self._targets(y), t(mask), t(reset)))
+        mine = self.streams  # this process's streams (torchrun)
+        x_, y_ = self._tensor(x[:, mine]), self._targets(y[:, mine])
+        mask_ = None if mask is None else self._tensor(mask[:, mine])
+        reset_ = None if reset is None else self._tensor(reset[:, mine])
+        return float(self.driver.feed(x_, y_, mask_, reset_))
 
     def run(self, x, h=None, reset=None):
-        return self.driver.predict(self._tensor(x), h, self._tensor(reset))
+        return self.driver.predict(self._tensor(x), h, self._maybe(reset))
 
     def losses(self, z, y, mask) -> Array:
         with self.torch.no_grad():
@@ -337,5 +378,5 @@ def memory_needed(cfg: cf.Config, m: int = 1, p: int = 1) -> tuple[int, str]:
     if cfg.task in ("adding", "copy"):  # 256 validation sequences of about --length steps
         T = int(cfg.length * 1.1) + 20
         parts[f"the validation set of --length {cfg.length}"] = 256 * T * (m + p + 2) * 8
-    what = max(parts, key=parts.get)
+    what = max(parts, key=lambda k: parts[k])
     return int(sum(parts.values())), what

@@ -10,6 +10,7 @@ import argparse
 import os
 
 from ..analysis.explain import render
+from ..checks import check_int
 from ..errors import InputError
 from ..files import atomic_write
 from ..schedule import INJECT_MODES, Truncation
@@ -70,8 +71,9 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    truncation = Truncation(_number(args.k1), _number(args.k2), args.inject, args.flush)
-    T = _number(args.steps)
+    k1, k2, T = (_number(v) for v in (args.k1, args.k2, args.steps))
+    truncation = Truncation(k1, k2, args.inject, args.flush)  # type: ignore[arg-type]
+    T = check_int("--steps", T, what=" (the sequence length T)")
     text = render(truncation, T)
     out = getattr(args, "out", None)
     figure = None
@@ -84,6 +86,6 @@ def run_explain(args: argparse.Namespace) -> int:
         figure = plots.schedule_figure(truncation, T, fmt)
     print(text, end="")
     if figure is not None:
-        atomic_write(out, figure)
+        atomic_write(out, figure)  # type: ignore[arg-type]  (out is set when figure is)
         print(f"Wrote {out}")
     return 0

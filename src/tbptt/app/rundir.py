@@ -140,8 +140,10 @@ def read_vocab(run: Path) -> str:
     """The characters of a text run, in id order."""
     path = run / "vocab.json"
     vocab = read_json(path)
-    ok = isinstance(vocab, list) and all(isinstance(c, str) and len(c) == 1 for c in vocab)
-    if not ok or not vocab or len(set(vocab)) != len(vocab):
+    if not isinstance(vocab, list) or not vocab:
+        raise InputError(f"{path} is corrupted (not a list of distinct characters)")
+    ok = all(isinstance(c, str) and len(c) == 1 for c in vocab)
+    if not ok or len(set(vocab)) != len(vocab):
         raise InputError(f"{path} is corrupted (not a list of distinct characters)")
     return "".join(vocab)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -81,8 +82,13 @@ def run_sample(args: argparse.Namespace) -> int:
     if not cfg.text:
         raise InputError(f"{run} was trained on --task {cfg.task}; sample needs a character model")
     vocab = rundir.read_vocab(run)
-    problem = Problem(len(vocab), len(vocab), "cross_entropy", None, None, vocab, "nats/char")
+    problem = Problem(len(vocab), len(vocab), "cross_entropy", no_data, no_data, vocab, "nats/char")
     engine = make_engine(cfg, problem)
     rundir.load_checkpoint(run, engine, cfg.k1, adapt=cfg.adapt_k2 is not None)
     print(generate(engine, vocab, args.prime, args.length, args.temperature, args.seed))
     return 0
+
+
+def no_data(*args: object) -> NoReturn:
+    """The data of a Problem that only samples: there is none."""
+    raise RuntimeError("sampling reads no training or validation data")

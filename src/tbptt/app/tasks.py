@@ -104,7 +104,7 @@ class TaskStreams:
         self.count = [0] * self.batch  # sequences drawn per stream
         self.pending: list[list[tuple]] = [[] for _ in range(self.batch)]  # (x, y, mask, reset)
 
-    def _take(self, j: int, k: int) -> list[tuple]:
+    def _take(self, j: int, k: int) -> list[Array]:
         parts, need = [], k
         while need:
             if not self.pending[j]:

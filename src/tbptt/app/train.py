@@ -82,6 +82,7 @@ def train(run: Run, progress: bool) -> int:
     cfg, engine, problem, loop = run.cfg, run.engine, run.problem, run.loop
     losses: list[float] = []  # training losses since the last record
     lr = cfg.lr
+    assert lr is not None  # config.check resolved it
     if done(cfg, loop):  # a resumed run that has used its budget
         if run.writer:
             print(
@@ -138,9 +139,11 @@ def due_eval(cfg: cf.Config, loop: Loop) -> bool:
 def lr_at(cfg: cf.Config, updates: int, seconds: float) -> float:
     """Cosine decay from --lr to 0 over --max-updates when given (exactly repeatable), else over
     --time-budget; constant with --lr-decay none."""
+    assert cfg.lr is not None  # config.check resolved it
     if cfg.lr_decay == "none":
         return cfg.lr
-    frac = updates / cfg.max_updates if cfg.max_updates else seconds / cfg.time_budget
+    budget = cfg.time_budget or math.inf  # check() sets one of max_updates, time_budget
+    frac = updates / cfg.max_updates if cfg.max_updates else seconds / budget
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
@@ -153,6 +156,7 @@ def adapt_k2(engine: AdaptsK2, problem: Problem, cfg: cf.Config, loop: Loop) -> 
     few = slice(0, 8)  # the lag profile is a mean over t and streams: a few streams suffice
     pick = lambda a: None if a is None else a[:, few]  # noqa: E731
     x, y, mask, reset = (pick(a) for a in (x, y, mask, reset))
+    assert cfg.adapt_k2 is not None  # the caller's condition
     loop.k2 = engine.adapt_k2(x, y, mask, reset, cfg.adapt_k2, cfg.adapt_max)
 
 
@@ -220,7 +224,8 @@ def finish(run: Run, lr: float) -> None:
     )
     if cfg.text:
         print(f"validation: {valid:.2f} nats/char ({valid / math.log(2):.2f} bits/char)")
-        print("sample:\n" + generate(run.engine, run.problem.vocab, "", 400, 0.8, cfg.seed))
+        vocab = run.problem.vocab or ""
+        print("sample:\n" + generate(run.engine, vocab, "", 400, 0.8, cfg.seed))
     else:
         print(f"validation: {valid:.4f} {run.problem.unit}")
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..checks import check_int, is_real
+from ..checks import check_int, check_real, is_real
 from ..errors import InputError
 from ..generators import as_generator, rng_state, set_rng_state
 from .batch import check_batch, check_h0
@@ -37,7 +37,7 @@ from .elman import ElmanRNN, Trajectory, backprop, forward, parameter_gradients,
 from .functions import activation, loss_and_error
 from .history import History
 from .optim import SGD, Adam
-from .rule import Shell, check_saved_setting, damaged
+from .rule import Shell, as_saved, check_saved_setting, damaged
 from .trainer import TBPTT, check_model
 
 Array = np.ndarray
@@ -49,12 +49,10 @@ LOG_RANGE = {np.dtype(np.float64): 600.0, np.dtype(np.float32): 60.0}  # |log Pi
 def check_c(c: object) -> Probability:
     """c: a probability in [0, 1], or a callable of L (the steps since the last cut)."""
     if callable(c):
-        return c
+        return c  # type: ignore[return-value]  (its values are checked where used: probability)
     if not is_real(c):
         raise InputError(f"c must be a probability in [0, 1] or a callable of L, got {c!r}")
-    if not 0 <= c <= 1:
-        raise InputError(f"c must be a probability in [0, 1], got {c!r}")
-    return float(c)
+    return check_real("c", c, low=0, high=1, expected="a probability in [0, 1]")
 
 
 def probability(c: Probability, L: int) -> float:
@@ -274,7 +272,7 @@ class ARTBPRule:
     name = "ARTBP"
     format = FORMAT
     dense_inputs = True
-    saved_floats = ("window.",)
+    saved_floats: tuple[str, ...] = ("window.",)
 
     def __init__(
         self,
@@ -304,6 +302,12 @@ class ARTBPRule:
     def __repr__(self) -> str:
         return f"ARTBP(c={getattr(self.c, '__name__', self.c)}, b={self.b})"
 
+    @property
+    def hist(self) -> History:
+        """The kept steps (start() makes them)."""
+        assert self.history is not None, "the first chunk starts the history"
+        return self.history
+
     def bind(self, model: ElmanRNN) -> None:
         pass
 
@@ -317,7 +321,7 @@ class ARTBPRule:
         return cuts
 
     def run(self, trainer: Shell, x, y, mask, reset) -> tuple[Trajectory, Array]:
-        traj, l = self.history.run(trainer, x, y, mask, reset, trainer.u_prev + 1)
+        traj, l = self.hist.run(trainer, x, y, mask, reset, trainer.u_prev + 1)
         L, batch = len(x), len(x[0])
         self.resets.append(np.zeros((L, batch), bool) if reset is None else reset.copy())
         self.counts.append(L * batch if mask is None else float(mask.sum()))
@@ -325,11 +329,12 @@ class ARTBPRule:
 
     def gradient(self, trainer: Shell, final: bool) -> tuple[dict[str, Array], float]:
         """(8.11)-(8.12) over the window u_prev+1..t (the end of the stream is a cut)."""
-        model, hist, s, u = trainer.model, self.history, trainer.u_prev + 1, trainer.t
+        model, hist, s, u = trainer.model, self.hist, trainer.u_prev + 1, trainer.t
         a, c = s - hist.first, u - hist.first + 1  # the window's rows
         reset = np.concatenate(self.resets)  # (L, batch)
         h_prev = hist.h[a:c]
         if reset.any():
+            assert trainer.h0 is not None  # the first chunk set it
             h_prev = np.where(reset[:, :, None], trainer.h0, h_prev)
         h = hist.h[a + 1 : c + 1]
         f = activation(model.f)
@@ -364,7 +369,7 @@ class ARTBPRule:
         out["weights.step"] = np.asarray(sorted(self.weights), np.int64)
         out["weights.value"] = np.asarray([self.weights[k] for k in sorted(self.weights)])
         if trainer.h is not None:
-            hist = self.history
+            hist = self.hist
             a, c = trainer.u_prev + 1 - hist.first, trainer.t - hist.first + 1
             out["window.x"], out["window.e"] = hist.x[a:c], hist.e[a:c]
             out["window.h"] = hist.h[a : c + 1]  # h_{s-1} .. h_t
@@ -374,29 +379,30 @@ class ARTBPRule:
             out["window.count"] = np.asarray(float(sum(self.counts)))
         return out
 
-    def read(self, state: dict[str, Array], trainer: Shell):
+    def read(self, state: dict[str, Array], trainer: Shell) -> tuple[int, Callable[[], None]]:
         """Check the saved settings, position, window and random state; return u_prev and the
         restore."""
         try:
             for k, v in self._settings(trainer).items():
-                saved = state[f"setting.{k}"].item()
-                check_saved_setting(k, saved if isinstance(saved, str) else type(v)(saved), v)
+                check_saved_setting(k, as_saved(v, state[f"setting.{k}"].item()), v)
             t, start, last = (int(state[k]) for k in ("t", "start", "last_cut"))
             weights = dict(
                 zip(state["weights.step"].tolist(), state["weights.value"].tolist(), strict=True)
             )
             h = state.get("h")
-            window = None
+            window, count = None, 0.0
             if h is not None:
                 window = {k: np.array(state[f"window.{k}"]) for k in ("x", "e", "h", "reset")}
-                window["count"] = float(state["window.count"])
+                count = float(state["window.count"])
         except (KeyError, TypeError, ValueError) as exc:
             raise damaged(exc) from None
         if not (0 <= last <= t and start == last + 1):
             raise InputError(f"the saved position is inconsistent (t={t}, last cut={last})")
         L = t - start + 1
         if window is not None and (
-            np.ndim(h) != 2 or len(window["x"]) != L or window["h"].shape != (L + 1, *np.shape(h))
+            np.ndim(h) != 2  # type: ignore[arg-type]
+            or len(window["x"]) != L
+            or window["h"].shape != (L + 1, *np.shape(h))  # type: ignore[arg-type]
         ):
             raise InputError(f"the saved window does not match its position (t={t}, start={start})")
         probe = np.random.Generator(type(self.rng.bit_generator)())
@@ -415,6 +421,6 @@ class ARTBPRule:
             hist.x[:L], hist.e[:L], hist.h[: L + 1] = window["x"], window["e"], window["h"]
             hist.rows = L
             if L:
-                self.resets, self.counts = [window["reset"]], [window["count"]]
+                self.resets, self.counts = [window["reset"]], [count]
 
         return start - 1, restore

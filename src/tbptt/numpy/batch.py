@@ -70,7 +70,7 @@ def dense_inputs(data: Batch, dtype: np.dtype) -> Batch:
     """data with a OneHot x as its one-hot rows (T, batch, m): for the estimators that stack
     u_t = (h_{t-1}, x_t, 1) (RTRL, UORO, online ARTBP); their per-step work dwarfs the lookup's
     saving."""
-    return replace(data, x=data.x.dense(dtype)) if isinstance(data.x, OneHot) else data
+    return replace(data, x=data.x.dense(dtype.type)) if isinstance(data.x, OneHot) else data
 
 
 def check_batch(

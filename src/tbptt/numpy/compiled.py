@@ -102,7 +102,7 @@ def tanh(x):  # pragma: no cover - replaced by the overload inside compiled code
     raise NotImplementedError
 
 
-@overload(tanh, fastmath=FASTMATH, error_model="numpy")
+@overload(tanh, fastmath=FASTMATH, error_model="numpy")  # pyright: ignore[reportCallIssue]
 def _tanh_overload(x):
     if x == types.float32:
         return lambda x: _tanh32(x)

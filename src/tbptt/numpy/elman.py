@@ -161,9 +161,9 @@ class ElmanRNN:
             A *= spectral_radius / max(np.abs(np.linalg.eigvals(A)).max(), 1e-12)
         B = rng.uniform(-k, k, (n, m))
         C = rng.uniform(-k, k, (p, n))
-        zb, zc = (np.zeros(n), np.zeros(p)) if bias else (None, None)
-        cast = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
-        return cls(cast(A), cast(B), cast(C), cast(zb), cast(zc), f=f, g=g)
+        A, B, C = (W.astype(dtype) for W in (A, B, C))
+        zb, zc = (np.zeros(n, dtype), np.zeros(p, dtype)) if bias else (None, None)
+        return cls(A, B, C, zb, zc, f=f, g=g)
 
     def __repr__(self) -> str:
         bias = "" if self.b is None and self.c is None else ", with biases"
@@ -187,7 +187,7 @@ class Trajectory:
 
 def forward(
     model: ElmanRNN,
-    x: Array,
+    x: Array | OneHot,
     h_init: Array,
     reset: Array | None = None,
     h0: Array | None = None,
@@ -231,7 +231,7 @@ def forward_steps(hs: Array, A: Array, f: str, reset: Array | None, restart: Arr
     batch, n = hs.shape[1:]
     act = activation(f)
     one = batch == 1  # one stream: A h_{t-1} as A @ h, a matrix-vector product on A itself
-    AT = None if one else np.ascontiguousarray(A.T)  # (n, n): a transposed view copied per step
+    AT = A if one else np.ascontiguousarray(A.T)  # (n, n): a transposed view copied per step
     Ah = np.empty(n if one else (batch, n), A.dtype)  # A h_{t-1}
     rows = list(hs[:, 0] if one else hs)  # views h_0, ..., h_T: indexed once, not in the loop
     fn = act.fn
@@ -308,7 +308,7 @@ def stacked(arr: Array) -> Array:
 
 
 def parameter_gradients(
-    R: Array, h_prev: Array, x: Array, e: Array, h: Array, bias_b: bool, bias_c: bool
+    R: Array, h_prev: Array, x: Array | OneHot, e: Array, h: Array, bias_b: bool, bias_c: bool
 ) -> dict[str, Array]:
     """(2.3) and (2.4) as one matrix product each over the stacked time axis.
 

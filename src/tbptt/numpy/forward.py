@@ -17,12 +17,14 @@ No step is kept: memory is the influence alone, whatever k1 and the stream's len
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..checks import check_int, prefixed, with_prefix
 from ..errors import InputError
 from .elman import ElmanRNN, Trajectory
-from .rule import Shell, check_saved_setting, damaged
+from .rule import Shell, as_saved, check_saved_setting, damaged
 
 Array = np.ndarray
 
@@ -33,7 +35,7 @@ class ForwardRule:
 
     name = ""  # "RTRL" or "UORO"
     dense_inputs = True
-    saved_floats = ("influence.", "pending.")
+    saved_floats: tuple[str, ...] = ("influence.", "pending.")
 
     def __init__(self, k1: int) -> None:
         self.k1 = check_int("k1", k1)
@@ -99,18 +101,18 @@ class ForwardRule:
         """The settings, the phase, the influence of every stream and the pending sum."""
         out = {f"setting.{k}": np.asarray(v) for k, v in self.settings(trainer).items()}
         out["u_prev"], out["count"] = np.asarray(trainer.u_prev), np.asarray(self.count)
-        if trainer.h is not None:
+        if self.kernel is not None:
             out.update(with_prefix("influence.", self.kernel.arrays()))
         if self.pending is not None:
             out.update(with_prefix("pending.", self.pending))
         return out
 
-    def read(self, state: dict[str, Array], trainer: Shell):
+    def read(self, state: dict[str, Array], trainer: Shell) -> tuple[int, Callable[[], None]]:
         """Check the saved settings and influence (restored into fresh arrays first: a refused
         state changes nothing); return u_prev and the restore."""
         try:
             for k, v in self.settings(trainer).items():
-                check_saved_setting(k, type(v)(state[f"setting.{k}"].item()), v)
+                check_saved_setting(k, as_saved(v, state[f"setting.{k}"].item()), v)
             u_prev, count = int(state["u_prev"]), float(state["count"])
         except (KeyError, TypeError, ValueError) as exc:
             raise damaged(exc) from None

@@ -115,7 +115,7 @@ class Influence:
         resets = reset is not None and reset.any()
         for t in range(len(fprime)):
             J, nxt = self.J, self._next
-            if resets and reset[t].any():
+            if resets and reset is not None and reset[t].any():
                 J[:, reset[t]] = 0  # the stream restarted from a constant h_0
             np.matmul(A, J.reshape(n, -1), out=nxt.reshape(n, -1))  # A J_{t-1}  (8.3)
             diagonal(nxt)[...] += U[t]  # + M_t: unit k's own row of theta gets u_t  (8.2)
@@ -218,4 +218,5 @@ class RTRLRule(ForwardRule):
         return Influence(model, batch)
 
     def contributions(self, model: ElmanRNN, traj: Trajectory, e: Array) -> dict[str, Array]:
+        assert isinstance(self.kernel, Influence)  # start() made it
         return piece_gradients(model, self.kernel, traj, e)

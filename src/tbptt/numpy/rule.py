@@ -84,3 +84,11 @@ def check_saved_setting(name: str, saved: object, mine: object) -> None:
 def damaged(exc: Exception) -> InputError:
     """The error for a saved state missing a key or holding a bad value."""
     return InputError(f"the saved state is incomplete or damaged ({exc})")
+
+
+def as_saved(mine: object, saved: object) -> object:
+    """A saved setting read back in the type of this trainer's (an int, a float; strings as
+    they are), for check_saved_setting."""
+    if isinstance(saved, str) or not isinstance(mine, bool | int | float):
+        return saved
+    return type(mine)(saved)  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ optimizer never writes into the parameter arrays, so a segment keeps the values 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,7 +189,7 @@ class TruncationRule:
     name = "TBPTT"
     format = FORMAT
     dense_inputs = False
-    saved_floats = ("seg",)
+    saved_floats: tuple[str, ...] = ("seg",)
 
     def __init__(self, truncation: Truncation) -> None:
         if not isinstance(truncation, Truncation):
@@ -201,6 +202,12 @@ class TruncationRule:
 
     def __repr__(self) -> str:
         return self.truncation.describe()
+
+    @property
+    def hist(self) -> History:
+        """The kept steps (start() makes them)."""
+        assert self.history is not None, "the first chunk starts the history"
+        return self.history
 
     def bind(self, model: ElmanRNN) -> None:
         pass
@@ -219,7 +226,7 @@ class TruncationRule:
 
     def run(self, trainer: Shell, x, y, mask, reset) -> tuple[Trajectory, Array]:
         """Steps t+1..t+L with the current parameters, kept as one segment."""
-        hist = self.history
+        hist = self.hist
         if isinstance(x, OneHot) != hist.onehot:
             hist = self._switch_inputs(trainer, isinstance(x, OneHot))
         keep_from = self.segments[0].t0 if self.segments else trainer.t + 1
@@ -233,16 +240,18 @@ class TruncationRule:
         """A History for the other kind of x (arrays or OneHot ids), when no kept step needs x."""
         if self.segments:
             raise InputError(
-                f"x must be {'a tbptt.OneHot' if self.history.onehot else 'an array'} like the "
+                f"x must be {'a tbptt.OneHot' if self.hist.onehot else 'an array'} like the "
                 "earlier chunks while their steps are kept for an update"
             )
-        self.history = History(trainer.h, trainer.model.m, trainer.model.p, onehot)
-        self.history.first = trainer.t + 1
-        return self.history
+        assert trainer.h is not None  # the first chunk set it
+        hist = self.history = History(trainer.h, trainer.model.m, trainer.model.p, onehot)
+        hist.first = trainer.t + 1
+        return hist
 
     def gradient(self, trainer: Shell, final: bool) -> tuple[dict[str, Array], float]:
         tr = self.truncation
         w = tr.flush_window(trainer.t) if final else tr.window(trainer.t, trainer.u_prev)
+        assert w is not None and trainer.batch is not None  # final() said there is a window
         return self._window_gradients(trainer, w), self._count(w, trainer.batch)
 
     def final(self, trainer: Shell) -> bool:
@@ -258,7 +267,7 @@ class TruncationRule:
     def _window_gradients(self, trainer: Shell, w: Window) -> dict[str, Array]:
         """(5.2) through the kept segments of window w, each with its own A and C, then (5.3) as
         one product per parameter over the window's stacked steps."""
-        hist, names = self.history, list(trainer.model.params)
+        hist, names = self.hist, list(trainer.model.params)
         segs = [seg for seg in self.segments if seg.t1 >= w.s and seg.t0 <= w.u]
         if not segs:  # no kept step in the window (a k2 raised mid-stream, say)
             return {k: np.zeros_like(v) for k, v in trainer.model.params.items()}
@@ -281,6 +290,7 @@ class TruncationRule:
                 cuts.append(np.zeros((hi - lo + 1, hist.batch), bool) if cut is None else cut)
         h_prev = hist.h[a:c]  # (L, batch, n) h_{t-1}
         if resets:  # h_0 where a stream restarted
+            assert trainer.h0 is not None
             h_prev = np.where(np.concatenate(cuts[::-1])[:, :, None], trainer.h0, h_prev)
         e_inj = hist.e[i - first : c]  # (K, batch, p) e_t, t in I
         h_inj = hist.h[i - first + 1 : c + 1]  # (K, batch, n) h_t, t in I
@@ -288,7 +298,7 @@ class TruncationRule:
             R, h_prev, hist.inputs(a, c), e_inj, h_inj, "b" in names, "c" in names
         )
 
-    def _count(self, w: Window, batch: int | None) -> float:
+    def _count(self, w: Window, batch: int) -> float:
         """(5.4): N, the injected (step, stream) losses of window w, mask weights summed."""
         total = 0.0
         for seg in self.segments:
@@ -311,11 +321,12 @@ class TruncationRule:
             "reduction": np.asarray(trainer.reduction),
             "u_prev": np.asarray(trainer.u_prev),
         }
-        hist = self.history
         for j, seg in enumerate(self.segments):
+            hist = self.hist
             rows = slice(seg.t0 - hist.first, seg.t1 - hist.first + 1)
             h_prev = hist.h[rows.start : rows.stop]
             if seg.reset is not None:
+                assert trainer.h0 is not None
                 h_prev = np.where(seg.reset[:, :, None], trainer.h0, h_prev)
             out[f"seg{j}.t0"] = np.asarray(seg.t0)
             for k, v in seg.params.items():
@@ -329,7 +340,7 @@ class TruncationRule:
                 out[f"seg{j}.weight"] = seg.weight
         return out
 
-    def read(self, state: dict[str, Array], trainer: Shell):
+    def read(self, state: dict[str, Array], trainer: Shell) -> tuple[int, Callable[[], None]]:
         """Check the saved schedule, settings and phase; return u_prev and the restore."""
         tr = self.truncation
         try:
@@ -374,5 +385,6 @@ class TruncationRule:
             hist.h[row + 1 : row + L + 1] = seg["h"]
             hist.rows = row + L
             get = lambda k: np.array(seg[k]) if k in seg else None  # noqa: E731, B023
-            params = {k: get(f"param.{k}") for k in names}
-            self.segments.append(Segment(t0, params, get("fprime"), get("reset"), get("weight")))
+            params = {k: np.array(seg[f"param.{k}"]) for k in names}
+            fprime = np.array(seg["fprime"])
+            self.segments.append(Segment(t0, params, fprime, get("reset"), get("weight")))

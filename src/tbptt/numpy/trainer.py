@@ -183,6 +183,7 @@ class TBPTT:
         trajectory, l_t (L, batch) and e_t (L, batch, p). hs: a buffer for the states (elman's
         forward). NonFiniteError naming the first step whose state or loss is not finite (6)."""
         model = self.model
+        assert self.h is not None  # the first chunk set it
         traj = forward(model, x, self.h, reset, self.h0, hs=hs)
         l, e = loss_and_error(model.g, self.loss, traj.z, y, mask)
         if not (np.isfinite(traj.h[-1]).all() and np.isfinite(l).all()):
@@ -217,7 +218,7 @@ class TBPTT:
         out["t"], out["updates"] = np.asarray(self.t), np.asarray(self.updates)
         out.update(with_prefix("model.", self.model.params))
         out.update(with_prefix("opt.", {k: np.asarray(v) for k, v in self.opt_state.items()}))
-        if self.h is not None:
+        if self.h is not None and self.h0 is not None:
             out["h"], out["h0"] = self.h, self.h0
         return out
 
@@ -253,7 +254,7 @@ class TBPTT:
     def save(self, path: str | os.PathLike) -> None:
         """Write state_dict() to an .npz file atomically (tbptt.files.atomic_write)."""
         state = self.state_dict()
-        atomic_write(path, lambda fh: np.savez(fh, **state))
+        atomic_write(path, lambda fh: np.savez(fh, **state))  # pyright: ignore[reportArgumentType]
 
     def load(self, path: str | os.PathLike) -> None:
         """Load what save() wrote (no pickled objects are read); InputError naming the file if it

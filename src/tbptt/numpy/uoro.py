@@ -101,7 +101,9 @@ class UOROState:
         start, Theta0 = 0, Theta.copy()
         f = 0  # steps f..t-1 have their rank-one terms pending: Theta_true = Theta + sum_j ...
         for t in range(L):
-            if resets and reset[t].any():  # the stream restarted: no influence before step t
+            if (
+                resets and reset is not None and reset[t].any()
+            ):  # the stream restarted: no influence before step t
                 self._flush(a, beta, U, f, t)
                 f, r = t, reset[t]
                 s[r], Theta[r], kappa[r], N2[r] = 0, 0, 1, 0
@@ -254,6 +256,7 @@ class UORORule(ForwardRule):
         return UOROState(model, batch, self.eps)
 
     def contributions(self, model: ElmanRNN, traj: Trajectory, e: Array) -> dict[str, Array]:
+        assert isinstance(self.kernel, UOROState)  # start() made it
         return piece_gradients(model, self.kernel, traj, e, self.rng)
 
     def settings(self, trainer: Shell) -> dict[str, object]:
