@@ -49,9 +49,7 @@ import numpy as np
 
 from ..checks import check_int, is_int
 from ..errors import InputError
-from ..numpy.batch import check_batch, check_h0
-from ..numpy.elman import ElmanRNN, Trajectory, forward
-from ..numpy.functions import loss_and_error
+from ..numpy.elman import ElmanRNN, Trajectory, run
 from ..numpy.tbptt import window_sum
 from ..schedule import Truncation, Window
 
@@ -69,16 +67,10 @@ class _Run:
 
 
 def _run(model, x, y, h0, loss, mask, reset) -> _Run:
-    if not isinstance(model, ElmanRNN):
-        raise InputError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
-    data = check_batch(
-        x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
-    )
-    h_init = check_h0(h0, model.n, data.x.shape[1], model.dtype)
-    traj = forward(model, data.x, h_init, data.reset)
-    _, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)  # (T, batch, p)
-    weight = np.ones(data.x.shape[:2]) if data.mask is None else (data.mask != 0).astype(float)
-    return _Run(model, traj, e, weight)
+    r = run(model, x, y, h0, loss, mask, reset)
+    mask = r.data.mask
+    weight = np.ones(r.data.x.shape[:2]) if mask is None else (mask != 0).astype(float)
+    return _Run(model, r.traj, r.e, weight)
 
 
 def _flat(grads: dict[str, Array], names: Sequence[str]) -> Array:

@@ -29,27 +29,14 @@ def _number(text: str) -> int | float | str:
 
 
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--k1",
-        required=True,
-        metavar="K1",
-        default=argparse.SUPPRESS,
-        help="steps between updates (Williams and Peng's h')",
-    )
-    parser.add_argument(
-        "--k2",
-        required=True,
-        metavar="K2",
-        default=argparse.SUPPRESS,
-        help="steps each update backpropagates (their h)",
-    )
-    parser.add_argument(
-        "--steps",
-        required=True,
-        metavar="T",
-        default=argparse.SUPPRESS,
-        help="length T of the sequence to draw",
-    )
+    for name, metavar, help in (
+        ("--k1", "K1", "steps between updates (Williams and Peng's h')"),
+        ("--k2", "K2", "steps each update backpropagates (their h)"),
+        ("--steps", "T", "length T of the sequence to draw"),
+    ):  # read as text: the library checks the values (one line each)
+        parser.add_argument(
+            name, required=True, metavar=metavar, default=argparse.SUPPRESS, help=help
+        )
     parser.add_argument(
         "--inject",
         default="new",

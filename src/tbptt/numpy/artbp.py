@@ -32,10 +32,9 @@ import numpy as np
 from ..checks import check_int, check_real, is_real
 from ..errors import InputError
 from ..generators import as_generator, rng_state, set_rng_state
-from .batch import check_batch, check_h0
-from .elman import ElmanRNN, Trajectory, backprop, forward, parameter_gradients, project
-from .functions import activation, loss_and_error
-from .history import History
+from .elman import ElmanRNN, Trajectory, backprop, parameter_gradients, project, run
+from .functions import activation
+from .history import History, KeepsSteps
 from .optim import SGD, Adam
 from .rule import Shell, as_saved, check_saved_setting, damaged
 from .trainer import TBPTT, check_model
@@ -209,14 +208,9 @@ def artbp_gradients(
     b = check_int("b", b)
     max_length = check_max_length(biased_max_length, b)
     rng = as_generator(rng)
-    data = check_batch(
-        x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
-    )
-    T, batch, _ = data.x.shape
-    cuts, weights = Cuts(c, b, rng, max_length).decide(0, T - 1)  # the end is a cut
-    traj = forward(model, data.x, check_h0(h0, model.n, batch, model.dtype), data.reset)
-    _, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)
-    return window_gradients(model, traj, e, 0, cuts, weights)
+    r = run(model, x, y, h0, loss, mask, reset)
+    cuts, weights = Cuts(c, b, rng, max_length).decide(0, len(r.traj.h) - 1)  # the end is a cut
+    return window_gradients(model, r.traj, r.e, 0, cuts, weights)
 
 
 # -- online: an update at every cut (the rule the trainer shell holds) ---------------------------
@@ -265,7 +259,7 @@ def ARTBP(
     return TBPTT(model, rule, optimizer, loss=loss, clip=clip, h0=h0, reduction=reduction)
 
 
-class ARTBPRule:
+class ARTBPRule(KeepsSteps):
     """ARTBP's rule: updates at the random cuts (drawn chunk by chunk, before its steps run) and
     at the end, each the compensated window (8.11)-(8.12) since the previous cut."""
 
@@ -301,18 +295,6 @@ class ARTBPRule:
 
     def __repr__(self) -> str:
         return f"ARTBP(c={getattr(self.c, '__name__', self.c)}, b={self.b})"
-
-    @property
-    def hist(self) -> History:
-        """The kept steps (start() makes them)."""
-        assert self.history is not None, "the first chunk starts the history"
-        return self.history
-
-    def bind(self, model: ElmanRNN) -> None:
-        pass
-
-    def start(self, trainer: Shell, h0: Array) -> None:
-        self.history = History(h0, trainer.model.m, trainer.model.p)
 
     def due(self, trainer: Shell, T: int) -> list[int]:
         """The cuts among the boundaries after steps t+1..t+T (8.11), drawn before any step."""

@@ -32,8 +32,8 @@ from ..checks import check_int
 from ..errors import InputError
 from ..inputs import OneHot, input_gradient, input_product
 from . import fast
-from .batch import FLOATS, as_param
-from .functions import OUTPUTS, activation
+from .batch import FLOATS, Batch, as_param, check_batch, check_h0, dense_inputs
+from .functions import OUTPUTS, activation, loss_and_error
 
 Array = np.ndarray
 
@@ -325,3 +325,31 @@ def parameter_gradients(
     if bias_c:
         grads["c"] = e.sum(axis=(0, 1))
     return grads
+
+
+@dataclass
+class Run:
+    """A sequence run forward with fixed parameters, for a frozen estimate: the checked data, the
+    trajectory, l_t (T, batch) and e_t (T, batch, p)."""
+
+    data: Batch
+    traj: Trajectory
+    l: Array
+    e: Array
+
+
+def run(model: ElmanRNN, x, y, h0, loss: str, mask, reset, *, dense: bool = False) -> Run:
+    """Check (x, y, h0, mask, reset) against the model and the loss (batch.py), run (1.1)-(1.4)
+    from h0 and take the losses and e_t (2.1): what every frozen estimate starts with. dense:
+    OneHot inputs as their one-hot rows (the estimators that stack u_t = (h_{t-1}, x_t, 1))."""
+    if not isinstance(model, ElmanRNN):
+        raise InputError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
+    data = check_batch(
+        x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
+    )
+    if dense:
+        data = dense_inputs(data, model.dtype)
+    h_init = check_h0(h0, model.n, data.x.shape[1], model.dtype)
+    traj = forward(model, data.x, h_init, data.reset)
+    l, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)  # (T, batch), (T, batch, p)
+    return Run(data, traj, l, e)

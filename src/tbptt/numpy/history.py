@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..inputs import OneHot
-from .elman import Trajectory
+from .elman import ElmanRNN, Trajectory
 from .rule import Shell
 
 Array = np.ndarray
@@ -75,3 +75,22 @@ class History:
         self.e[row : row + L] = e
         self.rows = row + L
         return traj, l
+
+
+class KeepsSteps:
+    """What the rules that backpropagate kept steps share (tbptt.py, artbp.py): their History,
+    made by the first chunk."""
+
+    history: History | None = None
+
+    @property
+    def hist(self) -> History:
+        """The kept steps (start() makes them)."""
+        assert self.history is not None, "the first chunk starts the history"
+        return self.history
+
+    def bind(self, model: ElmanRNN) -> None:
+        pass
+
+    def start(self, trainer: Shell, h0: Array) -> None:
+        self.history = History(h0, trainer.model.m, trainer.model.p)

@@ -27,12 +27,10 @@ import numpy as np
 
 from ..checks import check_real
 from ..errors import InputError
-from .batch import check_batch, check_h0, dense_inputs
-from .elman import ElmanRNN, Trajectory, forward, project, stacked
+from .elman import ElmanRNN, Trajectory, project, run, stacked
 from .forward import ForwardRule
-from .functions import loss_and_error
 from .optim import SGD, Adam
-from .trainer import TBPTT, check_model
+from .trainer import TBPTT
 
 Array = np.ndarray
 
@@ -161,16 +159,10 @@ def rtrl_gradients(
     the result equals its exact gradient to rounding. Returns {"A", "B", "C"[, "b", "c"]}.
     max_bytes: the largest memory allowed for J (an InputError giving the size when more is needed).
     """
-    check_model(model)
-    data = check_batch(
-        x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
-    )
-    data = dense_inputs(data, model.dtype)
-    batch = data.x.shape[1]
+    r = run(model, x, y, h0, loss, mask, reset, dense=True)
+    batch = r.data.x.shape[1]
     check_influence_size(model, batch, max_bytes)
-    traj = forward(model, data.x, check_h0(h0, model.n, batch, model.dtype), data.reset)
-    _, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)
-    return piece_gradients(model, Influence(model, batch), traj, e)
+    return piece_gradients(model, Influence(model, batch), r.traj, r.e)
 
 
 def RTRL(

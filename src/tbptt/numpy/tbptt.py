@@ -37,10 +37,8 @@ from ..checks import prefixed
 from ..errors import InputError
 from ..inputs import OneHot
 from ..schedule import Truncation, Window, from_options
-from .batch import check_batch, check_h0
-from .elman import ElmanRNN, Trajectory, backprop, forward, parameter_gradients, project
-from .functions import loss_and_error
-from .history import History
+from .elman import ElmanRNN, Trajectory, backprop, parameter_gradients, project, run
+from .history import History, KeepsSteps
 from .rule import Shell, check_saved_setting, damaged
 
 FORMAT = "tbptt.TBPTT/2"
@@ -78,22 +76,15 @@ def gradients(
         shape h0 was given in ((n,) when None and x is one stream, else (batch, n)); only
         windows that start at step 1 contribute to it.
     """
-    if not isinstance(model, ElmanRNN):
-        raise InputError(f"model must be a tbptt.ElmanRNN, got {type(model).__name__}")
     if truncation is not None and not isinstance(truncation, Truncation):
         raise InputError(
             f"truncation must be a tbptt.Truncation or None, got {type(truncation).__name__}"
         )
-    data = check_batch(
-        x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
-    )
-    T, batch, _ = data.x.shape
-    h_init = check_h0(h0, model.n, batch, model.dtype)
-    traj = forward(model, data.x, h_init, data.reset)
-    _, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)  # (T, batch, p)
+    r = run(model, x, y, h0, loss, mask, reset)
+    T = len(r.traj.h)
     windows = [Window(1, 1, T)] if truncation is None else truncation.windows(T)
-    grads, gh0 = window_sum(model, traj, e, windows)
-    if h0 is not None and np.ndim(h0) == 1 or h0 is None and data.single:
+    grads, gh0 = window_sum(model, r.traj, r.e, windows)
+    if h0 is not None and np.ndim(h0) == 1 or h0 is None and r.data.single:
         gh0 = gh0.sum(axis=0)  # one initial state shared by every stream
     grads["h0"] = gh0
     return grads
@@ -138,13 +129,7 @@ def total_loss(
     reset: Array | None = None,
 ) -> float:
     """L = sum_t l_t summed over streams (1.5): the quantity whose gradient `gradients` returns."""
-    data = check_batch(
-        x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
-    )
-    h_init = check_h0(h0, model.n, data.x.shape[1], model.dtype)
-    traj = forward(model, data.x, h_init, data.reset)
-    l, _ = loss_and_error(model.g, loss, traj.z, data.y, data.mask)
-    return float(l.sum())
+    return float(run(model, x, y, h0, loss, mask, reset).l.sum())
 
 
 def frozen(model: ElmanRNN, x, y, h0=None, loss: str = "l2", **options) -> dict[str, Array]:
@@ -182,7 +167,7 @@ def rule(*, k1: int, k2: int, inject: str = "new", flush: bool = True) -> Trunca
     return TruncationRule(from_options({"k1": k1, "k2": k2, "inject": inject, "flush": flush}))
 
 
-class TruncationRule:
+class TruncationRule(KeepsSteps):
     """TBPTT(k1, k2) by the canonical rule: updates after k1, 2 k1, ... (and the flush window at
     finish()), each the window (5.2)-(5.3) through the kept segments."""
 
@@ -202,18 +187,6 @@ class TruncationRule:
 
     def __repr__(self) -> str:
         return self.truncation.describe()
-
-    @property
-    def hist(self) -> History:
-        """The kept steps (start() makes them)."""
-        assert self.history is not None, "the first chunk starts the history"
-        return self.history
-
-    def bind(self, model: ElmanRNN) -> None:
-        pass
-
-    def start(self, trainer: Shell, h0: Array) -> None:
-        self.history = History(h0, trainer.model.m, trainer.model.p)
 
     def due(self, trainer: Shell, T: int) -> list[int]:
         """The update times (4.1) among steps t+1..t+T."""

@@ -37,14 +37,12 @@ import numpy as np
 
 from ..checks import check_real
 from ..generators import as_generator, rng_state, set_rng_state
-from .batch import check_batch, check_h0, dense_inputs
-from .elman import ElmanRNN, Trajectory, forward, project, stacked
+from .elman import ElmanRNN, Trajectory, project, run, stacked
 from .forward import ForwardRule
-from .functions import loss_and_error
 from .optim import SGD, Adam
 from .rtrl import output_gradients, split_theta, theta_inputs
 from .rule import Shell
-from .trainer import TBPTT, check_model
+from .trainer import TBPTT
 
 Array = np.ndarray
 
@@ -200,16 +198,9 @@ def uoro_gradients(
     entropy). E[estimate] = exact BPTT; its variance is measured by
     tbptt.analysis.estimators. Returns {"A", "B", "C"[, "b", "c"]}.
     """
-    check_model(model)
     rng = as_generator(rng)
-    data = check_batch(
-        x, y, m=model.m, p=model.p, dtype=model.dtype, loss=loss, g=model.g, mask=mask, reset=reset
-    )
-    data = dense_inputs(data, model.dtype)
-    batch = data.x.shape[1]
-    traj = forward(model, data.x, check_h0(h0, model.n, batch, model.dtype), data.reset)
-    _, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)
-    return piece_gradients(model, UOROState(model, batch, eps), traj, e, rng)
+    r = run(model, x, y, h0, loss, mask, reset, dense=True)
+    return piece_gradients(model, UOROState(model, r.data.x.shape[1], eps), r.traj, r.e, rng)
 
 
 def UORO(
