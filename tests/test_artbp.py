@@ -3,6 +3,8 @@ online."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from reference import OnlineTBPTT, Problem, assert_close
@@ -182,3 +184,18 @@ def test_artbp_bad_input(kw, match):
     with pytest.raises(InputError, match=match):
         tbptt.ARTBP(before, SGD(), **{"rng": 0, **kw})
     assert_close(before.params, P.model.params, rtol=0)
+
+
+@pytest.mark.parametrize("c", [1.0, lambda L: min(1.0, L / 4)], ids=["one", "reaching-one"])
+def test_a_cut_probability_reaching_one_is_warned_once(c) -> None:
+    """SEMANTICS.md 8: c_L = 1 forces a cut, a truncation; the estimate is then biased, and the
+    engine says so (once), while c < 1 says nothing."""
+    model = tbptt.ElmanRNN.init(n=3, m=2, p=2, seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 2, 2)), rng.normal(size=(20, 2, 2))
+    with pytest.warns(UserWarning, match="biased") as record:
+        tbptt.artbp_gradients(model, x, y, c=c, rng=0)
+    assert len([w for w in record if "reached 1" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tbptt.artbp_gradients(model, x, y, c=0.5, rng=0)

@@ -1,6 +1,7 @@
 """The package's promises about itself: a numpy-only core, extras imported only where used."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,32 @@ def test_the_library_never_imports_the_application():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def layout_files() -> set[str]:
+    """The files CONTRIBUTING.md's layout names: `src/tbptt/x/` heads a folder, and each line
+    under it starts with its file names (comma-separated) before the description."""
+    text = (SRC.parent / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    layout = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed, folder = set(), None
+    for line in layout.splitlines():
+        head = re.match(r" {4}(src/[\w/]+/)(\s|$)", line)
+        if head:
+            folder = head.group(1)
+        elif folder and re.match(r" {6}\w", line):
+            names = re.split(r"\s{2,}", line.strip())[0]
+            listed |= {folder + name.strip() for name in names.split(",")}
+    return listed
+
+
+def test_contributing_names_every_file_under_src():
+    """Every file under src/ stands in CONTRIBUTING.md's layout, in its folder, and the layout
+    names no file that does not exist."""
+    files = {
+        str(p.relative_to(SRC.parent))
+        for p in SRC.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and ".egg-info" not in str(p)
+    }
+    listed = layout_files()
+    assert not sorted(files - listed), f"not in CONTRIBUTING.md's layout: {sorted(files - listed)}"
+    assert not sorted(listed - files), f"in the layout but not in src/: {sorted(listed - files)}"

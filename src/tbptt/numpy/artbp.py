@@ -25,6 +25,7 @@ except in windows too improbable to occur; when it would overflow the dtype the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -86,6 +87,7 @@ class Cuts:
     def __init__(self, c: Probability, b: int, rng: np.random.Generator, max_length: int | None):
         self.c, self.b, self.rng, self.max_length = c, b, rng, max_length
         self.last = 0
+        self.warned = False  # c reached 1 (said once)
 
     def decide(self, t0: int, t1: int) -> tuple[list[int], dict[int, float]]:
         """Cuts among the boundaries after steps t0+1..t1, and the weight 1 / (1 - c_L) of
@@ -94,6 +96,8 @@ class Cuts:
         taus = np.arange((t0 // b + 1) * b, t1 + 1, b)  # boundaries after these steps
         u = self.rng.random(len(taus))
         if not callable(self.c) and self.max_length is None:  # L does not matter: vectorized
+            if self.c >= 1 and len(taus):
+                self._forced(b)
             cut = u < self.c
             cuts = taus[cut].tolist()
             if cuts:
@@ -105,12 +109,25 @@ class Cuts:
             L = tau - self.last
             c = probability(self.c, L)
             forced = self.max_length is not None and L + b > self.max_length
+            if c >= 1:
+                self._forced(L)
             if forced or draw < c:
                 cuts.append(tau)
                 self.last = tau
             else:
                 weights[tau] = 1.0 / (1.0 - c)  # c < 1 here: a boundary with c_L = 1 is cut
         return cuts, weights
+
+    def _forced(self, L: int) -> None:
+        """SEMANTICS.md 8: a c that reaches 1 forces a cut, a truncation; say so once."""
+        if not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"ARTBP's cut probability reached 1 (c_L = 1 at L = {L} steps since the last "
+                "cut): such a boundary is always cut, a truncation, and the gradient estimate is "
+                "biased (unbiased needs c_L < 1 at every possible boundary before the end)",
+                stacklevel=3,
+            )
 
 
 def window_gradients(
@@ -198,7 +215,9 @@ def artbp_gradients(
 
     The arguments are those of tbptt.gradients, and: c, the cut probability, a number in [0, 1] or
     a callable of L (the steps since the last cut); b, cuts may fall after steps b, 2b, ...; rng, a
-    seed, a numpy Generator or None (fresh entropy). E[estimate] = exact BPTT.
+    seed, a numpy Generator or None (fresh entropy). E[estimate] = exact BPTT while c_L < 1 at
+    every possible boundary; where c reaches 1 the cut is forced, a truncation, and the estimate
+    biased (a warning says so).
     biased_max_length: also cut wherever a window would grow longer than this; the estimate is
     then biased (dependencies across such a cut are lost), as the name says.
     Returns {"A", "B", "C"[, "b", "c"]}.
@@ -247,6 +266,8 @@ def ARTBP(
         optimizer: tbptt.SGD or tbptt.Adam.
         c: the probability of a cut at a possible boundary, a number in [0, 1] or a callable of L,
             the steps since the last cut (c = 1, b = 1: TBPTT(1, 1); c = 0: one update at the end).
+            Unbiased only while c_L < 1: where c reaches 1 the cut is forced, a truncation (a
+            warning says so once).
         b: cuts may fall after steps b, 2b, ... of the stream.
         rng: a seed, a numpy Generator or None (fresh entropy) for the cuts; saved with the
             trainer, so a resumed run draws the same cuts.
