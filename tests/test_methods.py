@@ -10,7 +10,7 @@ import pytest
 from reference import Problem, assert_close
 
 import tbptt
-from tbptt import SGD, Adam, InputError
+from tbptt import SGD, Adam, InputError, Truncation
 from tbptt.analysis.estimators import FIELDS, Method, compare, mean_window, table
 from tbptt.methods import frozen_gradients, make_trainer
 
@@ -197,3 +197,92 @@ def test_float32_trainers_resume_exactly(tmp_path, name):
     second.feed(x[5:], y[5:], mask=mask[5:])
     for k, v in whole.model.params.items():
         assert v.dtype == np.float32 and np.array_equal(second.model.params[k], v), k
+
+
+class WholeWindows:
+    """A toy method for the extension point: every k steps, the exact gradient of the last k
+    steps' losses, computed again from their inputs by tbptt.gradients (what TBPTT(k, k) with
+    flush computes by its own rule)."""
+
+    name = "WholeWindows"
+    format = "test.WholeWindows/1"
+    dense_inputs = True
+    saved_floats: tuple[str, ...] = ()
+
+    def __init__(self, *, k: int) -> None:
+        self.k, self.pieces, self.h_start = k, [], None
+
+    def bind(self, model) -> None:
+        pass
+
+    def start(self, trainer, h0) -> None:
+        self.h_start = h0.copy()
+
+    def due(self, trainer, T: int) -> list[int]:
+        return list(range((trainer.t // self.k + 1) * self.k, trainer.t + T + 1, self.k))
+
+    def run(self, trainer, x, y, mask, reset):
+        traj, l, _ = trainer.forward(x, y, mask, reset)
+        self.pieces.append((x, y))
+        return traj, l
+
+    def gradient(self, trainer, final: bool):
+        x, y = (np.concatenate(a) for a in zip(*self.pieces, strict=True))
+        grads = tbptt.gradients(trainer.model, x, y, h0=self.h_start, loss=trainer.loss)
+        grads.pop("h0")
+        return grads, float(x.shape[0] * x.shape[1])
+
+    def updated(self, trainer) -> None:
+        self.pieces, self.h_start = [], trainer.h.copy()
+
+    def final(self, trainer) -> bool:
+        return bool(self.pieces)
+
+    def state_dict(self, trainer) -> dict:
+        return {"u_prev": np.asarray(trainer.u_prev)}
+
+    def read(self, state, trainer):
+        return int(state["u_prev"]), lambda: None
+
+
+@pytest.fixture
+def toy_method():
+    """The toy method in the table for one test, then out of it."""
+    from tbptt.methods import METHODS, Method, Option, register
+
+    register(
+        Method(
+            name="whole",
+            summary="toy: exact gradients of disjoint windows of k steps",
+            options=(Option(name="k", flag="--whole-k"),),
+            rules={"numpy": WholeWindows},
+            memory=lambda n, m, p, o, T: float(o["k"] * (n + m + p)),
+            flops=lambda n, m, p, o: 0.0,
+        )
+    )
+    yield "whole"
+    METHODS.pop("whole")
+
+
+def test_a_toy_method_trains_through_the_extension_point(toy_method) -> None:
+    """A method defined here, registered in the table, trains with the numpy shell by name
+    (make_trainer) and equals TBPTT(k, k) with flush, its independent reference (1e-12); the
+    table's consumers (option checks, labels, cost models) know it."""
+    from tbptt.analysis.estimators import Method as Row
+    from tbptt.analysis.estimators import memory
+
+    P = Problem(T=23, batch=3, seed=5)
+    toy = make_trainer(toy_method, P.model.copy(), Adam(lr=0.01), clip=1.0, k=4)
+    ref = tbptt.TBPTT(P.model.copy(), Truncation(4, 4, flush=True), Adam(lr=0.01), clip=1.0)
+    for a, b in ((0, 5), (5, 6), (6, 17), (17, 23)):
+        toy.feed(P.x[a:b], P.y[a:b])
+        ref.feed(P.x[a:b], P.y[a:b])
+    toy.finish()
+    ref.finish()
+    assert toy.updates == ref.updates == 6
+    for k, v in ref.model.params.items():
+        np.testing.assert_allclose(toy.model.params[k], v, rtol=1e-12, atol=1e-14)
+    with pytest.raises(InputError, match="method whole does not take c; its options are k"):
+        make_trainer(toy_method, P.model.copy(), Adam(), c=0.1)
+    assert Row(toy_method, {"k": 4}).label() == "whole(k=4)"
+    assert memory(Row(toy_method, {"k": 4}), P.model, 23) == 4 * (P.model.n + P.model.m + 2)
