@@ -7,11 +7,13 @@ the piece before it (across a BPTT cut, detached: 9(a)). The reference computes 
 by step; here the pieces run in rounds, each round one call(x_r, h_r) -> (out_r, h_r) of s steps
 on the pieces in it, their states gathered along each state tensor's batch axis and scattered back:
 
-    level 0   the pieces that start from a given state are independent. A piece of length l
-              takes part in the rounds whose sizes are the binary digits of l, largest first
-              (l = 13: rounds of 8, 4 and 1 steps), so it runs exactly its l steps, no padding,
-              and its final state is exact: at most floor(log2 T) + 1 calls for T steps, however
-              many streams and resets. A round's work is the steps of its pieces, the limit's.
+    level 0   the pieces that start from a given state are independent. They run in at most
+              floor(log2 L) + 1 rounds whose sizes add up to the longest piece L (the sequential
+              steps of one call over it): binary rounds in which every piece runs exactly its
+              length, or, when a simple cost model (a call costs about 128 row-steps of work)
+              finds it cheaper, fewer rounds in which the pieces whose final state nobody reads
+              are padded at their end (_rounds). Either way the count does not depend on the
+              number of streams or resets, and the pieces whose final state is read run exactly.
     level j   pieces that carry a final state run once the pieces before them have: one call per
               level, of the longest member's length, shorter members padded at their end (their
               outputs dropped) when only the longest members' final states are read (the BPTT
@@ -233,16 +235,76 @@ def plan(starts: np.ndarray, carry: np.ndarray, cut: np.ndarray, levels: str) ->
     )
 
 
-def _rounds(length: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(size, which, offset) per round: each length's binary digits, largest first."""
+CALL = 128  # a call's fixed cost in row-steps: torch's CPU LSTM, ~0.5 ms against ~3-4 us per row
+
+
+def _rounds(length: np.ndarray, need_end: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(size, which, offset) per round: the cheaper of two schedules by CALL * calls + padded
+    rows, never more calls than the first. Every round size list adds up to the longest length.
+
+    binary    exact: the longest length L is split as 1, 2, 4, ..., 2^(j-1) and R = L - (2^j - 1),
+              j the largest with 2^j - 1 <= L (so 1 <= R <= 2^j): every length l <= L is R (if
+              l >= 2^j) plus binary digits below 2^j. At most floor(log2 L) + 1 calls.
+    classes   a few lengths c_1 > c_2 > ... (every length whose final state is read among them),
+              rounds of c_1 - c_2, c_2 - c_3, ..., c_m: a piece of class c joins at its round and
+              runs on, so a piece whose end is read runs exactly; any other takes the smallest
+              class >= its length, padded at its end in its last round (outputs dropped).
+    """
+    binary = _binary(length)
+    classes, cost = _classes(length, need_end)
+    if cost >= CALL * len(binary):
+        return binary
+    cls = np.sort(classes)[::-1]  # c_1 > ... > c_m
+    own = cls[np.searchsorted(-cls, -length, side="right") - 1]  # (S,) the smallest class >= l
+    out = []
+    for i, c in enumerate(cls):
+        size = int(c - (cls[i + 1] if i + 1 < cls.size else 0))
+        offset = own - c  # (S,) steps done before this round, for the pieces in it
+        which = np.flatnonzero((own >= c) & (offset < length))  # joined, not yet finished
+        out.append((size, which, offset[which]))
+    return out
+
+
+def _binary(length: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    L = int(length.max())
+    j = (L + 1).bit_length() - 1  # 2^j - 1 <= L < 2^(j+1) - 1
+    R = L - (1 << j) + 1
+    uses_R = length >= (1 << j)
+    rest = np.where(uses_R, length - R, length)  # < 2^j: binary digits
     done = np.zeros_like(length)
     out = []
-    for b in reversed(range(int(length.max()).bit_length())):
-        which = np.flatnonzero(length & (1 << b))
+    for size, b in sorted([(R, -1), *((1 << b, b) for b in range(j))], reverse=True):
+        which = np.flatnonzero(uses_R if b < 0 else rest & (1 << b))
         if which.size:
-            out.append((1 << b, which, done[which].copy()))
-            done[which] += 1 << b
+            out.append((size, which, done[which].copy()))
+            done[which] += size
     return out
+
+
+def _classes(length: np.ndarray, need_end: np.ndarray) -> tuple[np.ndarray, float]:
+    """The classes minimising CALL * (number of classes) + padded rows, by dynamic programming
+    over the distinct lengths v (the longest always a class, the read ends always classes)."""
+    v = np.unique(length)  # (K,) ascending
+    K = v.size
+    pos = np.searchsorted(v, length[~need_end])
+    count = np.r_[0, np.cumsum(np.bincount(pos, minlength=K))]  # (K + 1,) free pieces <= v[i-1]
+    total = np.r_[0, np.cumsum(np.bincount(pos, weights=length[~need_end], minlength=K))]
+    forced = np.isin(v, length[need_end])
+    best = np.zeros(K + 1)  # best[i + 1]: the cost of lengths <= v[i] with a class at v[i]
+    back = np.zeros(K + 1, np.int64)
+    last = 0  # best's index of the last forced class before i (0: none)
+    for i in range(K):
+        j = np.arange(last, i + 1)  # the previous class is v[j - 1] (j = 0: none)
+        pad = v[i] * (count[i + 1] - count[j]) - (total[i + 1] - total[j])
+        cost = best[j] + CALL + pad
+        best[i + 1], back[i + 1] = cost.min(), j[cost.argmin()]
+        if forced[i]:
+            last = i + 1
+    chosen, i = [], K
+    while i > 0:
+        chosen.append(v[i - 1])
+        i = back[i]
+    return np.array(chosen), float(best[K])
 
 
 # -- running a plan -----------------------------------------------------------------------------
@@ -305,7 +367,7 @@ def execute(
         if lv > 0 and (lengths[pieces.need_end[idx]] == longest).all():
             rounds = [(int(longest), np.arange(idx.size), np.zeros(idx.size, np.int64))]
         else:
-            rounds = _rounds(lengths)
+            rounds = _rounds(lengths, pieces.need_end[idx])
         for size, which, offset in rounds:
             m = idx[which]
             steps = offset[None, :] + np.arange(size)[:, None]  # (s, B): steps within pieces
