@@ -236,6 +236,7 @@ def plan(starts: np.ndarray, carry: np.ndarray, cut: np.ndarray, levels: str) ->
 
 
 CALL = 128  # a call's fixed cost in row-steps: torch's CPU LSTM, ~0.5 ms against ~3-4 us per row
+CANDIDATES = 24  # at most this many class lengths tried beside the read ends (the DP is K^2)
 
 
 def _rounds(length: np.ndarray, need_end: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -251,6 +252,8 @@ def _rounds(length: np.ndarray, need_end: np.ndarray) -> list[tuple[int, np.ndar
               class >= its length, padded at its end in its last round (outputs dropped).
     """
     binary = _binary(length)
+    if np.unique(length[need_end]).size >= len(binary):  # classes cannot make fewer calls
+        return binary
     classes, cost = _classes(length, need_end)
     if cost >= CALL * len(binary):
         return binary
@@ -284,7 +287,10 @@ def _binary(length: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
 def _classes(length: np.ndarray, need_end: np.ndarray) -> tuple[np.ndarray, float]:
     """The classes minimising CALL * (number of classes) + padded rows, by dynamic programming
     over the distinct lengths v (the longest always a class, the read ends always classes)."""
-    v = np.unique(length)  # (K,) ascending
+    v = np.unique(length)  # (K,) ascending: the candidate classes
+    if v.size > CANDIDATES:  # the read ends, the longest, and quantiles of the others
+        free = np.quantile(length[~need_end], np.linspace(0, 1, CANDIDATES), method="higher")
+        v = np.unique(np.r_[length[need_end], free, length.max()])
     K = v.size
     pos = np.searchsorted(v, length[~need_end])
     count = np.r_[0, np.cumsum(np.bincount(pos, minlength=K))]  # (K + 1,) free pieces <= v[i-1]
@@ -342,7 +348,6 @@ def execute(
     """
     T, N = (x.shape[0], x.shape[1]) if time_dim == 0 else (x.shape[1], x.shape[0])
     xflat = x.reshape(T * N, *x.shape[2:])  # row t N + n (time-major) or n T + t
-    xbase, xstride = _flat(pieces, T, N, time_dim)
     S, G = pieces.env.size, int((pieces.prev < 0).sum())
     device = st.leaves(h0)[0].device
     it = iter(dims)
@@ -350,7 +355,7 @@ def execute(
         lambda h: _grow(h, next(it), S - G), h0
     )
     rows: list[Tensor] = []  # the outputs, flattened (steps, ...)
-    where: list[np.ndarray] = []  # their rows in the output tensor
+    where: list[np.ndarray] = []  # their rows in the output tensor (with out)
     for lv in np.unique(pieces.level):
         idx = np.flatnonzero(pieces.level == lv)
         carried = idx[pieces.prev[idx] >= 0]
@@ -368,36 +373,53 @@ def execute(
             rounds = [(int(longest), np.arange(idx.size), np.zeros(idx.size, np.int64))]
         else:
             rounds = _rounds(lengths, pieces.need_end[idx])
-        for size, which, offset in rounds:
-            m = idx[which]
-            steps = offset[None, :] + np.arange(size)[:, None]  # (s, B): steps within pieces
-            valid = steps < pieces.length[m][None, :]  # (s, B): False in a padded tail
-            src = xbase[m][None, :] + np.minimum(steps, pieces.length[m] - 1) * xstride
-            if time_dim == 1:
-                steps, valid, src = steps.T, valid.T, src.T  # (B, s)
-            rows_m = as_index(m, device)
-            xr = xflat.index_select(0, as_index(src.ravel(), device)).view(*src.shape, *x.shape[2:])
-            y, h = call(xr, take(cur, rows_m, dims))  # (s, B, ...), batch B on dims
+        ms, src, pos = _gathers(pieces, idx, rounds, _flat(pieces, T, N, time_dim), out, time_dim)
+        m_t = as_index(np.concatenate(ms), device)
+        src_t = as_index(np.concatenate([a.ravel() for a in src]), device)
+        a = b = 0
+        for m, srcr in zip(ms, src, strict=True):  # one call per round
+            rows_m = m_t[a : a + m.size]
+            xr = xflat.index_select(0, src_t[b : b + srcr.size]).view(*srcr.shape, *x.shape[2:])
+            y, h = call(xr, take(cur, rows_m, dims))  # (s, B, ...) or (B, s, ...), batch B
             put(cur, rows_m, h, dims)
-            if out is not None:
-                y = y.reshape(src.size, *y.shape[2:])  # (s B, ...)
-                pos = out[0][m][None, :] if time_dim == 0 else out[0][m][:, None]
-                pos = (pos + steps * out[1]).ravel()
-                if not valid.all():
-                    keep = np.flatnonzero(valid.ravel())
-                    y, pos = y.index_select(0, as_index(keep, device)), pos[keep]
-                rows.append(y)
-                where.append(pos)
+            rows.append(y.reshape(srcr.size, *y.shape[2:]))  # (s B, ...)
+            a, b = a + m.size, b + srcr.size
+        where += [p.ravel() for p in pos]  # output rows; a padded tail's go to row out[2]
     if out is None:
         return None, cur
     y = torch.cat(rows) if len(rows) > 1 else rows[0]
-    full = y.new_zeros(out[2], *y.shape[1:])
-    return full.index_copy(0, as_index(np.concatenate(where), device), y), cur
+    full = y.new_zeros(out[2] + 1, *y.shape[1:])  # and a last row for the padded tails
+    return full.index_copy(0, as_index(np.concatenate(where), device), y)[: out[2]], cur
 
 
 def as_index(a: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
     """A numpy array of rows (or flags) as a tensor on the device."""
     return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)
+
+
+def _gathers(
+    pieces: Pieces,
+    idx: np.ndarray,
+    rounds: list[tuple[int, np.ndarray, np.ndarray]],
+    xmap: tuple[np.ndarray, int],
+    out: tuple[np.ndarray, int, int] | None,
+    time_dim: int,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per round: its pieces (B,), the rows of x it reads and the output rows it writes, each
+    (s, B) ((B, s) with time_dim=1). A padded tail reads its piece's last input again and writes
+    to row out[2], beyond the outputs."""
+    ms, src, pos = [], [], []
+    for size, which, offset in rounds:
+        m = idx[which]
+        j = offset[None, :] + np.arange(size)[:, None]  # (s, B): the step within each piece
+        n = pieces.length[m][None, :]  # (1, B)
+        src.append(xmap[0][m][None, :] + np.minimum(j, n - 1) * xmap[1])
+        if out is not None:
+            pos.append(np.where(j < n, out[0][m][None, :] + j * out[1], out[2]))
+        ms.append(m)
+    if time_dim == 1:
+        src, pos = [a.T for a in src], [a.T for a in pos]
+    return ms, src, pos
 
 
 def _flat(pieces: Pieces, T: int, N: int, time_dim: int) -> tuple[np.ndarray, int]:
