@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,6 +23,7 @@ from torch import nn
 from tbptt import InputError
 from tbptt.torch import ElmanRNN, Recurrent, rl
 from tbptt.torch.packing import run as packed_run
+from tbptt.torch.rounds import rounds
 
 DT = torch.float64
 M, H, P = 3, 5, 2
@@ -437,6 +439,23 @@ def test_packing_core_batch_first_and_the_drivers_zero_state() -> None:
     close(grads(lstm, x, (W * y).sum()), grads(lstm, x, (W * y_ref).sum()))
 
 
+@settings(max_examples=200, deadline=None)
+@given(lengths=hs.lists(hs.integers(1, 300), min_size=1, max_size=60), bits=hs.integers(0, 2**60))
+def test_rounds_run_every_piece_and_read_ends_exactly(lengths, bits) -> None:
+    """Every piece runs at least its steps in order, a read end exactly; the sizes add up to the
+    longest length, in at most floor(log2 L) + 1 calls."""
+    length = np.array(lengths)
+    need_end = np.array([(bits >> i) & 1 for i in range(length.size)], dtype=bool)
+    done = np.zeros_like(length)
+    schedule = rounds(length, need_end)
+    for size, which, offset in schedule:
+        assert (offset == done[which]).all() and (done[which] < length[which]).all()
+        done[which] += size
+    assert (done >= length).all() and (done[need_end] == length[need_end]).all()
+    assert sum(size for size, _, _ in schedule) == length.max()
+    assert len(schedule) <= int(math.log2(length.max())) + 1
+
+
 # -- random shapes ------------------------------------------------------------------------------
 
 
@@ -498,6 +517,7 @@ def bad_cases():
         ("size", lambda: next(segs.minibatches(0))),
         ("at", lambda: rl.states(model, x, starts, at=segs.stored[1:])),
         ("starts_t", lambda: rl.restart(None, starts[0].float(), states)),
+        ("module", lambda: rl.unroll(nn.Linear(M, P), x, starts)),
     ]
 
 

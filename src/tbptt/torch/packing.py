@@ -7,24 +7,22 @@ the piece before it (across a BPTT cut, detached: 9(a)). The reference computes 
 by step; here the pieces run in rounds, each round one call(x_r, h_r) -> (out_r, h_r) of s steps
 on the pieces in it, their states gathered along each state tensor's batch axis and scattered back:
 
-    level 0   the pieces that start from a given state are independent. They run in at most
-              floor(log2 L) + 1 rounds whose sizes add up to the longest piece L (the sequential
-              steps of one call over it): binary rounds in which every piece runs exactly its
-              length, or, when a simple cost model (a call costs about 128 row-steps of work)
-              finds it cheaper, fewer rounds in which the pieces whose final state nobody reads
-              are padded at their end (_rounds). Either way the count does not depend on the
-              number of streams or resets, and the pieces whose final state is read run exactly.
+    level 0   the pieces that start from a given state are independent: they run in rounds
+              (rounds.py) whose sizes add up to the longest piece L, the sequential steps of one
+              call over it, at most floor(log2 L) + 1 of them however many streams and resets;
+              a piece whose final state is read runs exactly its steps, another may be padded
+              at its end when that saves calls.
     level j   pieces that carry a final state run once the pieces before them have: one call per
               level, of the longest member's length, shorter members padded at their end (their
               outputs dropped) when only the longest members' final states are read (the BPTT
               windows of 9(a), where the carrying pieces are the whole windows); else in
-              binary rounds as level 0.
+              rounds as level 0.
 
 Outputs go where the caller's layout says (position base[i] + step * stride for step `step` of
 piece i), in one scatter at the end; cells no piece writes stay zero. The gradient of any function
 of the outputs is the reference's: every step is computed once, from the state the reference
-uses, and the gathers and scatters are index_select / index_copy (their backward scatters and
-gathers the same rows).
+uses (a padded tail's steps come after it, and nothing reads them), and the gathers and scatters
+are index_select / index_copy (their backward scatters and gathers the same rows).
 
 What a call must allow: out_r rows depend only on their own stream's rows of x_r and h_r (no
 batch statistics), and a call over steps a..c equals a call over a..b followed by b..c from its
@@ -42,6 +40,7 @@ import numpy as np
 import torch
 
 from . import state as st
+from .rounds import rounds
 
 Tensor = torch.Tensor
 Call = Callable[[Tensor, st.State], tuple[Tensor, st.State]]
@@ -235,84 +234,6 @@ def plan(starts: np.ndarray, carry: np.ndarray, cut: np.ndarray, levels: str) ->
     )
 
 
-CALL = 128  # a call's fixed cost in row-steps: torch's CPU LSTM, ~0.5 ms against ~3-4 us per row
-CANDIDATES = 24  # at most this many class lengths tried beside the read ends (the DP is K^2)
-
-
-def _rounds(length: np.ndarray, need_end: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(size, which, offset) per round: the cheaper of two schedules by CALL * calls + padded
-    rows, never more calls than the first. Every round size list adds up to the longest length.
-
-    binary    exact: the longest length L is split as 1, 2, 4, ..., 2^(j-1) and R = L - (2^j - 1),
-              j the largest with 2^j - 1 <= L (so 1 <= R <= 2^j): every length l <= L is R (if
-              l >= 2^j) plus binary digits below 2^j. At most floor(log2 L) + 1 calls.
-    classes   a few lengths c_1 > c_2 > ... (every length whose final state is read among them),
-              rounds of c_1 - c_2, c_2 - c_3, ..., c_m: a piece of class c joins at its round and
-              runs on, so a piece whose end is read runs exactly; any other takes the smallest
-              class >= its length, padded at its end in its last round (outputs dropped).
-    """
-    binary = _binary(length)
-    if np.unique(length[need_end]).size >= len(binary):  # classes cannot make fewer calls
-        return binary
-    classes, cost = _classes(length, need_end)
-    if cost >= CALL * len(binary):
-        return binary
-    cls = np.sort(classes)[::-1]  # c_1 > ... > c_m
-    own = cls[np.searchsorted(-cls, -length, side="right") - 1]  # (S,) the smallest class >= l
-    out = []
-    for i, c in enumerate(cls):
-        size = int(c - (cls[i + 1] if i + 1 < cls.size else 0))
-        offset = own - c  # (S,) steps done before this round, for the pieces in it
-        which = np.flatnonzero((own >= c) & (offset < length))  # joined, not yet finished
-        out.append((size, which, offset[which]))
-    return out
-
-
-def _binary(length: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    L = int(length.max())
-    j = (L + 1).bit_length() - 1  # 2^j - 1 <= L < 2^(j+1) - 1
-    R = L - (1 << j) + 1
-    uses_R = length >= (1 << j)
-    rest = np.where(uses_R, length - R, length)  # < 2^j: binary digits
-    done = np.zeros_like(length)
-    out = []
-    for size, b in sorted([(R, -1), *((1 << b, b) for b in range(j))], reverse=True):
-        which = np.flatnonzero(uses_R if b < 0 else rest & (1 << b))
-        if which.size:
-            out.append((size, which, done[which].copy()))
-            done[which] += size
-    return out
-
-
-def _classes(length: np.ndarray, need_end: np.ndarray) -> tuple[np.ndarray, float]:
-    """The classes minimising CALL * (number of classes) + padded rows, by dynamic programming
-    over the distinct lengths v (the longest always a class, the read ends always classes)."""
-    v = np.unique(length)  # (K,) ascending: the candidate classes
-    if v.size > CANDIDATES:  # the read ends, the longest, and quantiles of the others
-        free = np.quantile(length[~need_end], np.linspace(0, 1, CANDIDATES), method="higher")
-        v = np.unique(np.r_[length[need_end], free, length.max()])
-    K = v.size
-    pos = np.searchsorted(v, length[~need_end])
-    count = np.r_[0, np.cumsum(np.bincount(pos, minlength=K))]  # (K + 1,) free pieces <= v[i-1]
-    total = np.r_[0, np.cumsum(np.bincount(pos, weights=length[~need_end], minlength=K))]
-    forced = np.isin(v, length[need_end])
-    best = np.zeros(K + 1)  # best[i + 1]: the cost of lengths <= v[i] with a class at v[i]
-    back = np.zeros(K + 1, np.int64)
-    last = 0  # best's index of the last forced class before i (0: none)
-    for i in range(K):
-        j = np.arange(last, i + 1)  # the previous class is v[j - 1] (j = 0: none)
-        pad = v[i] * (count[i + 1] - count[j]) - (total[i + 1] - total[j])
-        cost = best[j] + CALL + pad
-        best[i + 1], back[i + 1] = cost.min(), j[cost.argmin()]
-        if forced[i]:
-            last = i + 1
-    chosen, i = [], K
-    while i > 0:
-        chosen.append(v[i - 1])
-        i = back[i]
-    return np.array(chosen), float(best[K])
-
-
 # -- running a plan -----------------------------------------------------------------------------
 
 
@@ -370,10 +291,10 @@ def execute(
         lengths = pieces.length[idx]
         longest = lengths.max()
         if lv > 0 and (lengths[pieces.need_end[idx]] == longest).all():
-            rounds = [(int(longest), np.arange(idx.size), np.zeros(idx.size, np.int64))]
+            schedule = [(int(longest), np.arange(idx.size), np.zeros(idx.size, np.int64))]
         else:
-            rounds = _rounds(lengths, pieces.need_end[idx])
-        ms, src, pos = _gathers(pieces, idx, rounds, _flat(pieces, T, N, time_dim), out, time_dim)
+            schedule = rounds(lengths, pieces.need_end[idx])
+        ms, src, pos = _gathers(pieces, idx, schedule, _flat(pieces, T, N, time_dim), out, time_dim)
         m_t = as_index(np.concatenate(ms), device)
         src_t = as_index(np.concatenate([a.ravel() for a in src]), device)
         a = b = 0
@@ -400,7 +321,7 @@ def as_index(a: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int
 def _gathers(
     pieces: Pieces,
     idx: np.ndarray,
-    rounds: list[tuple[int, np.ndarray, np.ndarray]],
+    schedule: list[tuple[int, np.ndarray, np.ndarray]],
     xmap: tuple[np.ndarray, int],
     out: tuple[np.ndarray, int, int] | None,
     time_dim: int,
@@ -409,7 +330,7 @@ def _gathers(
     (s, B) ((B, s) with time_dim=1). A padded tail reads its piece's last input again and writes
     to row out[2], beyond the outputs."""
     ms, src, pos = [], [], []
-    for size, which, offset in rounds:
+    for size, which, offset in schedule:
         m = idx[which]
         j = offset[None, :] + np.arange(size)[:, None]  # (s, B): the step within each piece
         n = pieces.length[m][None, :]  # (1, B)

@@ -35,8 +35,15 @@ def h_init(module: nn.Module, x: Tensor) -> st.State:
         return h
     if isinstance(rnn, ElmanRNN):
         return rnn.A.new_zeros(N, rnn.n)  # (N, n)
-    with torch.no_grad():
-        res = module(x[:0], None)
+    try:
+        with torch.no_grad():
+            res = module(x[:0], None)
+    except Exception as exc:  # a module that cannot say its h_init: say what it must support
+        raise InputError(
+            f"module ({type(module).__name__}) is not one of torch's RNNs or ElmanRNN, so its "
+            "h_init is module(x[:0], None)[1], the state it returns for a zero-length input; "
+            f"that call raised {type(exc).__name__}: {exc}"
+        ) from exc
     if not (isinstance(res, tuple | list) and len(res) == 2):
         raise InputError(
             "module must follow the protocol module(x, state) -> (output, new_state); given a "
