@@ -24,6 +24,7 @@ allocations.
 from __future__ import annotations
 
 from common import Group, Row, fmt_ms, interleave, load
+from torch_driver import import_engine
 
 T, M, H, P = 128, 4, 64, 2
 LIMIT_TARGET, LOOP_TARGET = 2.5, {8: 5.0, 64: 1.5}
@@ -88,16 +89,22 @@ def setting(cell: str, N: int, mean: int) -> tuple[dict, str]:
     return forwards, f"{int(starts.sum())} starts, {len(segs)} segments"
 
 
+def ratio_row(t, name: str, slow: str, fast: str, target: float, sense: str, note: str) -> Row:
+    """The median ratio slow / fast against its target (<= or >=), the range in the note."""
+    r = t.ratio(slow, fast)
+    lo, hi = t.spread(slow, fast)
+    met = r <= target if sense == "<=" else r >= target
+    return Row(name, r, "x", f"{sense} {target}x", met, f"range {lo:.2f}-{hi:.2f}; {note}")
+
+
 def run(quick: bool, reps: int | None, threads: int) -> Group:
     group = Group("Recurrent RL rollouts: tbptt.torch.rl (issue 25)", load_before=load())
-    try:
-        import torch
-
-        from tbptt.torch import rl  # noqa: F401
-    except ImportError as exc:
-        group.skipped = f"tbptt.torch is not available ({exc})"
-        group.load_after = load()
+    engine, why = import_engine()  # tbptt.torch, or why it is not there
+    if engine is None:
+        group.skipped, group.load_after = why, load()
         return group
+    import torch
+
     torch.set_num_threads(threads)
     reps = reps or (3 if quick else 9)
     group.notes.append(
@@ -116,33 +123,15 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         mem = {name: graph_bytes(f) / 2**20 for name, f in forwards.items()}
         label = f"{cell} N={N} mean episode {mean} ({info})"
         for layout in ("unroll", "segs"):
-            r = t.ratio(layout, "limit")
-            lo, hi = t.spread(layout, "limit")
-            group.rows.append(
-                Row(
-                    f"{label}: {layout} / limit",
-                    r,
-                    "x",
-                    f"<= {LIMIT_TARGET}x",
-                    r <= LIMIT_TARGET,
-                    f"range {lo:.2f}-{hi:.2f}; graph {mem[layout]:.2f} MB, limit "
-                    f"{mem['limit']:.2f} MB; medians {layout} {fmt_ms(t.median(layout))}, "
-                    f"limit {fmt_ms(t.median('limit'))}",
-                )
-            )
-            r = t.ratio("loop", layout)
-            lo, hi = t.spread("loop", layout)
-            group.rows.append(
-                Row(
-                    f"{label}: loop / {layout}",
-                    r,
-                    "x",
-                    f">= {LOOP_TARGET[N]}x",
-                    r >= LOOP_TARGET[N],
-                    f"range {lo:.2f}-{hi:.2f}; graph loop {mem['loop']:.2f} MB; medians loop "
-                    f"{fmt_ms(t.median('loop'))}",
-                )
-            )
+            note = f"graph {mem[layout]:.2f} MB, limit {mem['limit']:.2f} MB, loop "
+            note += f"{mem['loop']:.2f} MB; medians {layout} {fmt_ms(t.median(layout))}"
+            target = LOOP_TARGET[N]
+            group.rows += [
+                ratio_row(
+                    t, f"{label}: {layout} / limit", layout, "limit", LIMIT_TARGET, "<=", note
+                ),
+                ratio_row(t, f"{label}: loop / {layout}", "loop", layout, target, ">=", note),
+            ]
         group.notes.append(
             f"{label}: limit / loop {t.ratio('limit', 'loop'):.2f}; {t.contention()}"
         )

@@ -42,7 +42,15 @@ from ..errors import InputError
 from . import packing
 from . import state as st
 from .packing import as_index
-from .rl_base import batch_dims, check_like, check_mask, check_module, check_rollout, h_init
+from .rl_base import (
+    batch_dims,
+    check_like,
+    check_mask,
+    check_module,
+    check_rollout,
+    described,
+    h_init,
+)
 from .rl_segments import Segments
 
 Tensor = torch.Tensor
@@ -139,12 +147,9 @@ def restart(
     its state_batch_dim when the batch axis cannot be told from the shapes."""
     st.check(h_init, "h_init")
     if not isinstance(starts_t, Tensor) or starts_t.dtype != torch.bool or starts_t.dim() != 1:
-        got = (
-            f"{starts_t.dtype} {tuple(starts_t.shape)}"
-            if isinstance(starts_t, Tensor)
-            else (type(starts_t).__name__)
+        raise InputError(
+            f"starts_t must be a bool tensor (N,), one step's starts, got {described(starts_t)}"
         )
-        raise InputError(f"starts_t must be a bool tensor (N,), one step's starts, got {got}")
     N = starts_t.shape[0]
     if state is None:
         return h_init

@@ -91,12 +91,7 @@ def check_rollout(x: object, starts: object) -> tuple[int, int]:
 def check_starts(starts: object) -> tuple[int, int]:
     """starts a (T, N) bool tensor with T, N >= 1; returns (T, N)."""
     if not isinstance(starts, Tensor) or starts.dtype != torch.bool or starts.dim() != 2:
-        got = (
-            f"{starts.dtype} {tuple(starts.shape)}"
-            if isinstance(starts, Tensor)
-            else (type(starts).__name__)
-        )
-        raise InputError(f"starts must be a bool tensor of shape (T, N), got {got}")
+        raise InputError(f"starts must be a bool tensor of shape (T, N), got {described(starts)}")
     T, N = starts.shape
     if T < 1 or N < 1:
         raise InputError(f"starts must hold at least one step and one environment, got {(T, N)}")
@@ -133,9 +128,15 @@ def check_like(
 def check_mask(a: object, name: str, shape: tuple[int, int]) -> np.ndarray:
     """A (T, N) bool tensor, as numpy."""
     if not isinstance(a, Tensor) or a.dtype != torch.bool or tuple(a.shape) != shape:
-        got = f"{a.dtype} {tuple(a.shape)}" if isinstance(a, Tensor) else type(a).__name__
-        raise InputError(f"{name} must be a bool tensor of shape {shape} (T, N), got {got}")
+        raise InputError(
+            f"{name} must be a bool tensor of shape {shape} (T, N), got {described(a)}"
+        )
     return a.cpu().numpy()
+
+
+def described(a: object) -> str:
+    """A tensor's dtype and shape, or the type of anything else, for an error message."""
+    return f"{a.dtype} {tuple(a.shape)}" if isinstance(a, Tensor) else type(a).__name__
 
 
 def take_at(states: st.State, t: np.ndarray, n: np.ndarray, dims: list[int], out: st.State) -> None:

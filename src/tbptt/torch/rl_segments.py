@@ -35,6 +35,7 @@ from .rl_base import (
     check_like,
     check_module,
     check_starts,
+    described,
     h_init,
     take_at,
 )
@@ -174,12 +175,9 @@ class Segments:
         ok = isinstance(index, Tensor) and not index.is_floating_point() and index.dim() == 1
         ok = ok and index.dtype not in (torch.bool, torch.complex64, torch.complex128)
         if not ok:
-            got = (
-                f"{index.dtype} {tuple(index.shape)}"
-                if isinstance(index, Tensor)
-                else (type(index).__name__)
+            raise InputError(
+                f"index must be a 1-D integer tensor of segment numbers, got {described(index)}"
             )
-            raise InputError(f"index must be a 1-D integer tensor of segment numbers, got {got}")
         a = index.cpu().numpy().astype(np.int64)
         if a.size == 0:
             raise InputError("index must name at least one segment, got an empty tensor")
