@@ -518,6 +518,7 @@ def bad_cases():
         ("at", lambda: rl.states(model, x, starts, at=segs.stored[1:])),
         ("starts_t", lambda: rl.restart(None, starts[0].float(), states)),
         ("module", lambda: rl.unroll(nn.Linear(M, P), x, starts)),
+        ("state", lambda: packed_run(model, x, starts, wrong_n, None, 1)),
     ]
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import InputError
 from . import state as st
 from .rounds import rounds
 
@@ -68,7 +69,7 @@ def run(
     starts: Tensor | None,
     state: st.State | None,
     restart: st.State | None = None,
-    batch_dims: Sequence[int] | None = None,
+    batch_dims: int | Sequence[int] | None = None,
     *,
     k: int | None = None,
     time_dim: int = 0,
@@ -93,8 +94,8 @@ def run(
         state: the state before step 0, batch N; None: the call's own initial state, which is
             then taken to be zeros (the driver's convention; restart must be None and k too).
         restart: the state a stream restarts from, batch N (a constant); None: zeros.
-        batch_dims: the batch axis of each state tensor, in leaf order; None: the one axis of
-            size N.
+        batch_dims: the batch axis of each state tensor, in leaf order, or one int for all (a
+            module's state_batch_dim); None: the one axis of size N of each.
         k: cut the gradient (not the value) of the state entering steps k, 2k, ...
         packed: False runs one call per step on all N streams (the per-step path).
 
@@ -117,13 +118,25 @@ def run(
             time_dim=time_dim, packed=packed,
         )  # fmt: skip
         return torch.cat([y0, y1], dim=time_dim), final
-    dims = list(batch_dims) if batch_dims is not None else batch_dims_of(state, N)
+    if batch_dims is None:
+        dims = batch_dims_of(state, N)
+    elif isinstance(batch_dims, int):
+        dims = [batch_dims] * len(st.leaves(state))
+    else:
+        dims = list(batch_dims)
     cuts = np.zeros((T, N), bool)
     if k is not None:
         cuts[k::k] = True
+    if packed and not s[1:].any() and not cuts.any():  # one piece per stream: one call
+        return call(x, given(state, restart, np.arange(N), s[0], dims) if s[0].any() else state)
+    for name, h in (("state", state), ("restart", restart)):
+        for t, d in zip(st.leaves(h), dims, strict=True) if h is not None else ():
+            if t.shape[d] != N:
+                raise InputError(
+                    f"{name} has a tensor of shape {tuple(t.shape)}, batch {t.shape[d]} on axis "
+                    f"{d}, but x holds {N} streams"
+                )
     if packed:
-        if not s[1:].any() and not cuts.any():  # one piece per stream: one call
-            return call(x, given(state, restart, np.arange(N), s[0], dims))
         pieces = plan(s, cuts.copy(), cuts, "window")
     else:
         pieces = plan(s, np.ones((T, N), bool), cuts, "time")
@@ -152,8 +165,6 @@ def given(
 ) -> st.State:
     """Rows env of `state`, or of `restart` (zeros when None) where restarts: (6.1)."""
     if not restarts.any():
-        if np.array_equal(env, np.arange(env.size)) and env.size == _batch(state, dims):
-            return state
         return take(state, as_index(env, _device(state)), dims)
     rows = as_index(env, _device(state))
     flag = as_index(restarts, _device(state), torch.bool)
@@ -184,10 +195,6 @@ def independent(env: np.ndarray, t0: np.ndarray, length: np.ndarray, *, need_end
 
 def _device(state: st.State) -> torch.device:
     return st.leaves(state)[0].device
-
-
-def _batch(state: st.State, dims: Sequence[int]) -> int:
-    return st.leaves(state)[0].shape[dims[0]]
 
 
 # -- plans --------------------------------------------------------------------------------------

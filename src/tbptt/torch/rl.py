@@ -117,7 +117,8 @@ def states(
     with torch.no_grad():
         _, ends = packing.execute(module, x, pieces, h0, dims)
     carried = np.flatnonzero(pieces.prev >= 0)  # one piece starts at each needed step
-    at_start, at_zero = np.nonzero(want & s), np.nonzero(want[:1] & ~s[:1])
+    t_start, n_start = np.nonzero(want & s)  # h_init there
+    n_zero = np.flatnonzero(want[0] & ~s[0])  # state0 there
     out = []
     for hi, h0i, end, d in zip(
         st.leaves(init), st.leaves(state), st.leaves(ends), dims, strict=True
@@ -125,15 +126,13 @@ def states(
         fill = float("nan") if hi.is_floating_point() else 0
         full = hi.new_full((T, *hi.shape), fill)  # (T, ..., N, ...): batch on axis d + 1
         view = full.movedim(d + 1, 1)  # (T, N, ...), a view of full
-        for (t, n), src in (
-            (at_start, hi),  # h_init at an episode start
-            (at_zero, h0i),  # state0 at t = 0
-            ((pieces.t0[carried], pieces.env[carried]), end),  # the piece before's final state
+        for t, n, src, rows in (
+            (t_start, n_start, hi, n_start),  # h_init at an episode start
+            (np.zeros_like(n_zero), n_zero, h0i, n_zero),  # state0 at t = 0
+            (pieces.t0[carried], pieces.env[carried], end, pieces.prev[carried]),  # carried on
         ):
-            rows = pieces.prev[carried] if src is end else n
-            view[as_index(t, hi.device), as_index(n, hi.device)] = src.index_select(
-                d, as_index(rows, hi.device)
-            ).movedim(d, 0)
+            rows = src.index_select(d, as_index(rows, hi.device)).movedim(d, 0)  # (b, ...)
+            view[as_index(t, hi.device), as_index(n, hi.device)] = rows
         out.append(full)
     it = iter(out)
     return st.tree_map(lambda _: next(it), init)
