@@ -514,7 +514,7 @@ def bad_cases():
         ("index", lambda: segs.run(model, x, states, torch.tensor([0, len(segs)]))),
         ("index", lambda: segs.gather(x, torch.tensor([1, 1]))),
         ("buf", lambda: segs.gather(x[:, :-1])),
-        ("size", lambda: next(segs.minibatches(0))),
+        ("size", lambda: segs.minibatches(0)),
         ("at", lambda: rl.states(model, x, starts, at=segs.stored[1:])),
         ("starts_t", lambda: rl.restart(None, starts[0].float(), states)),
         ("module", lambda: rl.unroll(nn.Linear(M, P), x, starts)),

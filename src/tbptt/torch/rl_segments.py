@@ -58,12 +58,10 @@ class Segments:
 
     def __init__(self, starts: Tensor, length: int | None = None, burn_in: int = 0) -> None:
         T, N = check_starts(starts)
-        for name, v, low in (("length", length, 1), ("burn_in", burn_in, 0)):
-            if v is None and name == "length":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
-                what = "an integer >= 1 or None" if name == "length" else "an integer >= 0"
-                raise InputError(f"{name} must be {what}, got {v!r}")
+        if length is not None and not _integer(length, 1):
+            raise InputError(f"length must be an integer >= 1 or None, got {length!r}")
+        if not _integer(burn_in, 0):
+            raise InputError(f"burn_in must be an integer >= 0, got {burn_in!r}")
         self.T, self.N = T, N
         self.length, self.burn_in = length, int(burn_in)
         s = starts.cpu().numpy()  # (T, N)
@@ -98,9 +96,9 @@ class Segments:
 
     def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
         """ceil(S / size) index tensors, a shuffled partition of the segments."""
-        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        if not _integer(size, 1):
             raise InputError(f"size must be an integer >= 1, got {size!r}")
-        yield from torch.randperm(len(self), generator=generator).split(int(size))
+        return iter(torch.randperm(len(self), generator=generator).split(int(size)))
 
     def gather(self, buf: Tensor, index: Tensor | None = None) -> Tensor:
         """buf (T, N, ...) laid out (L, S', ...) for the segments `index` (None: all), zeros on
@@ -146,22 +144,20 @@ class Segments:
             )
         if states is not None:
             states = check_like(states, init, "states", self.N, lead=(self.T,))
-        env = self._env[idx]
-        h = take(
-            init, as_index(env, x.device), dims
-        )  # batch S': h_init, then the stored states where tb >= 0
-        if states is not None:
+        env, t0, burn = self._env[idx], self._t0[idx], self._burn[idx]
+        h = take(init, as_index(env, x.device), dims)  # batch S': h_init rows, and ...
+        if states is not None:  # ... the stored state where one is read
             take_at(states, tb, env, dims, h)
-        burn = np.flatnonzero(self._burn[idx] > 0)
-        if burn.size:  # the burn-ins: no gradient, exact final states
-            warm = packing.independent(env[burn], self._t0[idx][burn] - self._burn[idx][burn],
-                                       self._burn[idx][burn], need_end=True)  # fmt: skip
+        warm = np.flatnonzero(burn > 0)
+        if warm.size:  # the burn-ins, without gradient: their final states exact, then detached
+            rows = as_index(warm, x.device)
+            pieces = packing.independent(
+                env[warm], t0[warm] - burn[warm], burn[warm], need_end=True
+            )
             with torch.no_grad():
-                _, ends = packing.execute(
-                    module, x, warm, take(h, as_index(burn, x.device), dims), dims
-                )
-            put(h, as_index(burn, x.device), st.detach(ends), dims)
-        pieces = packing.independent(env, self._t0[idx], self._len[idx], need_end=False)
+                _, ends = packing.execute(module, x, pieces, take(h, rows, dims), dims)
+            put(h, rows, st.detach(ends), dims)
+        pieces = packing.independent(env, t0, self._len[idx], need_end=False)
         out = (np.arange(idx.size), idx.size, self.L * idx.size)  # row i S' + j
         y, _ = packing.execute(module, x, pieces, h, dims, out=out)
         return y.view(self.L, idx.size, *y.shape[1:])
@@ -198,3 +194,7 @@ class Segments:
         src = (self._t0[idx][None, :] + i) * self.N + self._env[idx][None, :]
         dst = i * idx.size + np.arange(idx.size)[None, :]
         return src[valid], dst[valid]
+
+
+def _integer(v: object, low: int) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int | np.integer) and v >= low
