@@ -15,9 +15,10 @@ canonical rule of SEMANTICS.md 5 (driver.py). Other systems' training loops as t
 arguments (schedule, reduction, restarts): presets.py. The unbiased alternatives to truncation
 (SEMANTICS.md 8) on the same protocol: ARTBP (artbp.py), UORO (uoro.py) and RTRL (rtrl.py, small
 modules), all four by name in methods.py.
+Rollouts for recurrent reinforcement learning (SEMANTICS.md 9): rl.py, packed by packing.py.
 """
 
-from . import methods, presets
+from . import methods, presets, rl
 from .artbp import ARTBP
 from .driver import TBPTT
 from .modules import ElmanRNN, Recurrent, cross_entropy_loss, l2_loss
@@ -35,4 +36,5 @@ __all__ = [
     "l2_loss",
     "methods",
     "presets",
+    "rl",
 ]

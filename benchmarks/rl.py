@@ -1,0 +1,139 @@
+"""tbptt.torch.rl's layouts against the per-step masked loop and the limit (issue 25).
+
+A rollout of T = 128 steps of N environments (8 and 64), episodes starting at random with mean
+length 20 and 200 (starts[t, n] ~ Bernoulli(1 / mean), a fixed seed), inputs of 4 features, an
+nn.LSTM or nn.GRU of 64 units and a linear head of 2 outputs applied once to all outputs. Every
+case times one forward and backward of the same loss, sum(W * head(out)) with fixed random W:
+
+    limit   one call over the whole (T, N) rollout as if no episode started in it
+    loop    the per-step masked loop of CleanRL's ppo_atari_lstm.py (Agent.get_states) and
+            sb3-contrib's RecurrentActorCriticPolicy._process_sequence: one call of the recurrent
+            module per step, its state multiplied by (1 - start) first; the head once
+    unroll  rl.unroll(rnn, x, starts, state0): layout 9(a), k = None
+    segs    Segments(starts).run(rnn, x, states) over all segments: layout 9(b), no length cap,
+            no burn-in, the stored states from rl.states(..., at=segs.stored) (not timed)
+
+Targets (issue 25): unroll and segs within 2.5x of the limit in every setting; at least 5x faster
+than the loop with 8 environments and 1.5x with 64. Memory: the bytes the autograd graph holds
+after the forward (the distinct storages of the tensors saved for backward, counted with
+torch.autograd.graph.saved_tensors_hooks), the part of the peak that depends on the method; the
+parameters and the inputs are the same in every case. tracemalloc does not see torch's CPU
+allocations.
+"""
+
+from __future__ import annotations
+
+from common import Group, Row, fmt_ms, interleave, load
+from torch_driver import import_engine
+
+T, M, H, P = 128, 4, 64, 2
+LIMIT_TARGET, LOOP_TARGET = 2.5, {8: 5.0, 64: 1.5}
+SETTINGS = [(cell, n, mean) for cell in ("LSTM", "GRU") for n in (8, 64) for mean in (20, 200)]
+
+
+def masked_loop(rnn, x, starts, state):
+    """The loop as CleanRL and sb3-contrib write it: per step, state * (1 - start), one call."""
+    import torch
+
+    outs = []
+    for xt, d in zip(x, starts.to(x.dtype), strict=True):  # (N, m), (N,)
+        keep = (1.0 - d).view(1, -1, 1)
+        state = tuple(keep * s for s in state) if isinstance(state, tuple) else keep * state
+        out, state = rnn(xt.unsqueeze(0), state)
+        outs.append(out)
+    return torch.cat(outs), state
+
+
+def graph_bytes(forward) -> int:
+    """Bytes of the distinct storages saved for backward while forward() builds its graph."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    loss.backward()
+    return sum(seen.values())
+
+
+def setting(cell: str, N: int, mean: int) -> tuple[dict, str]:
+    """The four cases' forwards (each returns the loss) for one setting, and what it holds."""
+    import torch
+    from torch import nn
+
+    from tbptt.torch import rl
+
+    torch.manual_seed(0)
+    rnn = getattr(nn, cell)(M, H)
+    head = nn.Linear(H, P)
+    g = torch.Generator().manual_seed(N + mean)
+    x = torch.randn(T, N, M, generator=g)  # (T, N, m)
+    starts = torch.rand(T, N, generator=g) < 1.0 / mean  # (T, N)
+    W = torch.randn(T, N, P, generator=g)
+    z = torch.zeros(1, N, H)
+    state0 = (z, z.clone()) if cell == "LSTM" else z
+    segs = rl.Segments(starts)
+    states = rl.states(rnn, x, starts, state0, at=segs.stored)
+    Wb = segs.gather(W)  # (L, S, P)
+    forwards = {
+        "limit": lambda: (W * head(rnn(x, state0)[0])).sum(),
+        "loop": lambda: (W * head(masked_loop(rnn, x, starts, state0)[0])).sum(),
+        "unroll": lambda: (W * head(rl.unroll(rnn, x, starts, state0)[0])).sum(),
+        "segs": lambda: (Wb * head(segs.run(rnn, x, states))).sum(),
+    }
+    return forwards, f"{int(starts.sum())} starts, {len(segs)} segments"
+
+
+def ratio_row(t, name: str, slow: str, fast: str, target: float, sense: str, note: str) -> Row:
+    """The median ratio slow / fast against its target (<= or >=), the range in the note."""
+    r = t.ratio(slow, fast)
+    lo, hi = t.spread(slow, fast)
+    met = r <= target if sense == "<=" else r >= target
+    return Row(name, r, "x", f"{sense} {target}x", met, f"range {lo:.2f}-{hi:.2f}; {note}")
+
+
+def run(quick: bool, reps: int | None, threads: int) -> Group:
+    group = Group("Recurrent RL rollouts: tbptt.torch.rl (issue 25)", load_before=load())
+    engine, why = import_engine()  # tbptt.torch, or why it is not there
+    if engine is None:
+        group.skipped, group.load_after = why, load()
+        return group
+    import torch
+
+    torch.set_num_threads(threads)
+    reps = reps or (3 if quick else 9)
+    group.notes.append(
+        f"T={T} steps, nn.LSTM / nn.GRU({M}, {H}) and a Linear({H}, {P}) head, float32, "
+        f"{threads} threads; {reps} interleaved repetitions per setting. Memory: bytes held by "
+        "the autograd graph after the forward (saved tensors' distinct storages)."
+    )
+    for cell, N, mean in SETTINGS:
+        forwards, info = setting(cell, N, mean)
+        cases = {name: (lambda f=f: f().backward()) for name, f in forwards.items()}
+        try:
+            t = interleave(cases, reps=reps)
+        except Exception as exc:  # the code under test is moving: report, do not crash the suite
+            group.skipped = f"{cell} N={N}: {type(exc).__name__}: {exc}"
+            break
+        mem = {name: graph_bytes(f) / 2**20 for name, f in forwards.items()}
+        label = f"{cell} N={N} mean episode {mean} ({info})"
+        for layout in ("unroll", "segs"):
+            note = f"graph {mem[layout]:.2f} MB, limit {mem['limit']:.2f} MB, loop "
+            note += f"{mem['loop']:.2f} MB; medians {layout} {fmt_ms(t.median(layout))}"
+            target = LOOP_TARGET[N]
+            group.rows += [
+                ratio_row(
+                    t, f"{label}: {layout} / limit", layout, "limit", LIMIT_TARGET, "<=", note
+                ),
+                ratio_row(t, f"{label}: loop / {layout}", "loop", layout, target, ">=", note),
+            ]
+        group.notes.append(
+            f"{label}: limit / loop {t.ratio('limit', 'loop'):.2f}; {t.contention()}"
+        )
+    group.load_after = load()
+    return group
