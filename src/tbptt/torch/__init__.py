@@ -22,17 +22,23 @@ from .artbp import ARTBP
 from .driver import TBPTT
 from .modules import ElmanRNN, Recurrent, cross_entropy_loss, l2_loss
 from .rtrl import RTRL
+from .scan import LRU, MinGRU, linear_scan  # linear recurrences as one scan (SEMANTICS.md 10)
+from .scan_lm import ScanLM
 from .uoro import UORO
 
 __all__ = [
     "ARTBP",
+    "LRU",
     "RTRL",
     "TBPTT",
     "UORO",
     "ElmanRNN",
+    "MinGRU",
     "Recurrent",
+    "ScanLM",
     "cross_entropy_loss",
     "l2_loss",
+    "linear_scan",
     "methods",
     "presets",
 ]
