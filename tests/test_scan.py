@@ -267,6 +267,23 @@ def test_every_chunk_starts_from_the_carried_state_under_the_driver(layer: str) 
     assert driver.state.dtype == (DT if layer == "mingru" else torch.complex128)
 
 
+def test_rtrl_on_mingru_is_exact_bptt() -> None:
+    """RTRL calls the layer one step at a time under torch.func (the one-step path of plain
+    operations): its frozen gradient equals the scan's exact BPTT (1e-10), resets included."""
+    from tbptt.torch.methods import frozen_gradients
+
+    T = 12
+    x = torch.randn(T, BATCH, M, generator=gen(17), dtype=DT)
+    y = torch.randn(T, BATCH, H, generator=gen(18), dtype=DT)
+    reset = torch.rand(T, BATCH, generator=gen(19)) < 0.2
+    torch.manual_seed(6)
+    layer = MinGRU(M, H, dtype=DT)
+    rtrl = frozen_gradients("rtrl", layer, x, y, reset=reset, k1=4)
+    exact = frozen_gradients("tbptt", layer, x, y, reset=reset, k1=T)
+    for name, g in exact.items():
+        torch.testing.assert_close(rtrl[name], g, rtol=1e-10, atol=1e-10, msg=name)
+
+
 class Counting(MinGRU):
     """MinGRU that counts its calls."""
 
