@@ -14,7 +14,8 @@ tbptt.Truncation, the same object as the numpy engine's, and the online update f
 canonical rule of SEMANTICS.md 5 (driver.py). Other systems' training loops as the driver's
 arguments (schedule, reduction, restarts): presets.py. The unbiased alternatives to truncation
 (SEMANTICS.md 8) on the same protocol: ARTBP (artbp.py), UORO (uoro.py) and RTRL (rtrl.py, small
-modules), all four by name in methods.py.
+modules), all four by name in methods.py. Linear recurrences as one scan per chunk, taking the
+resets themselves (SEMANTICS.md 10): MinGRU, LRU and linear_scan (scan.py), ScanLM (scan_lm.py).
 """
 
 from . import methods, presets
