@@ -407,6 +407,8 @@ def test_scan_lm_bad_state_and_ids() -> None:
         lm(torch.tensor([[0, 7]] * 4))
     with pytest.raises(InputError, match=r"cell must be one of \('mingru', 'lru'\)"):
         ScanLM("gru", 7, 6, 7)
+    with pytest.raises(InputError, match=r"\['r_min'\] are not options of the mingru cell"):
+        ScanLM("mingru", 7, 6, 7, cell_options={"r_min": 0.9})
 
 
 def test_layers_are_exported() -> None:

@@ -22,15 +22,19 @@ from .scan import LRU, MinGRU, _check_sizes, check_call, check_state
 
 Tensor = torch.Tensor
 CELLS = ("mingru", "lru")
+OPTIONS = {"mingru": (), "lru": ("r_min", "r_max", "max_phase")}  # cell_options each cell takes
 
 
 class _Block(nn.Module):
     """One residual block: v = u + mix(norm(u)); v + W2 GLU(W1 norm'(v))."""
 
-    def __init__(self, cell: str, d: int, state_size: int, expand: int, **kw) -> None:
+    def __init__(self, cell: str, d: int, state_size: int, expand: int, options, **kw) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d, **kw)
-        self.mix = MinGRU(d, d, **kw) if cell == "mingru" else LRU(d, state_size, **kw)
+        if cell == "mingru":
+            self.mix = MinGRU(d, d, **options, **kw)
+        else:
+            self.mix = LRU(d, state_size, **options, **kw)
         self.norm_ff = nn.LayerNorm(d, **kw)
         self.ff_in = nn.Linear(d, 2 * expand * d, **kw)
         self.ff_out = nn.Linear(expand * d, d, **kw)
@@ -52,6 +56,7 @@ class ScanLM(nn.Module):
         output_size: the outputs per step (the logits of the next token, for a language model).
         num_layers: residual blocks. state_size: the LRU's complex state (default d).
         expand: the GLU's hidden width is expand * d. tokens: see input_size.
+        cell_options: keywords for every layer's MinGRU or LRU (e.g. {"r_min": 0.9}).
         dtype, device: of the parameters.
 
     forward(x, state=None, *, starts=None) -> (output (T, batch, output_size), state), state the
@@ -71,12 +76,19 @@ class ScanLM(nn.Module):
         state_size: int | None = None,
         expand: int = 2,
         tokens: bool = True,
+        cell_options: dict | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if cell not in CELLS:
             raise InputError(f"cell must be one of {CELLS}, got {cell!r}")
+        unknown = sorted(set(cell_options or {}) - set(OPTIONS[cell]))
+        if unknown:
+            raise InputError(
+                f"cell_options {unknown} are not options of the {cell} cell; it takes "
+                f"{list(OPTIONS[cell]) or 'none'}"
+            )
         state_size = hidden_size if state_size is None else state_size
         _check_sizes(
             input_size=input_size,
@@ -94,7 +106,7 @@ class ScanLM(nn.Module):
         else:
             self.embed = nn.Linear(input_size, d, **kw)
         self.blocks = nn.ModuleList(
-            _Block(cell, d, state_size, expand, **kw) for _ in range(num_layers)
+            _Block(cell, d, state_size, expand, cell_options or {}, **kw) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(d, **kw)
         self.head = nn.Linear(d, output_size, **kw)
