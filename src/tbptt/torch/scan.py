@@ -61,7 +61,9 @@ def _scan(step, out: Tensor, h0: Tensor, keep: Tensor | None, rows: tuple[int, .
     return out
 
 
-def _scan_back(ac: Tensor, g: Tensor, keep: Tensor | None, rows: tuple[int, ...]):
+def _scan_back(
+    ac: Tensor, g: Tensor, keep: Tensor | None, rows: tuple[int, ...]
+) -> tuple[Tensor, Tensor]:
     """(10.7): dh (T, batch, H) from g, the gradient reaching every h_t, and conj(a) (T, batch,
     H) or (H,); and dh_1 as step 1 passes it to h_0 (0 where stream j restarts at step 1)."""
     T = g.shape[0]
@@ -148,7 +150,9 @@ class _MinGRUScan(torch.autograd.Function):
         return dz, dh.mul_(z), dh0, None, None  # dhtilde_t = dh_t z_t, in dh's memory
 
 
-def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, starts: Tensor | None = None):
+def linear_scan(
+    a: Tensor, b: Tensor, h0: Tensor | None = None, starts: Tensor | None = None
+) -> Tensor:
     """h_t = a_t * h_{t-1} + b_t for t = 1..T (10.1), one autograd node; returns h (T, batch, H).
 
     a: (T, batch, H), or (H,) for a recurrence shared by all steps (the LRU's lambda); b (T,
@@ -165,7 +169,9 @@ def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, starts: Tensor |
     return _LinearScan.apply(a, b, h0, keep, rows)
 
 
-def mingru_scan(z: Tensor, ht: Tensor, h0: Tensor | None = None, starts: Tensor | None = None):
+def mingru_scan(
+    z: Tensor, ht: Tensor, h0: Tensor | None = None, starts: Tensor | None = None
+) -> Tensor:
     """h_t = (1 - z_t) * h_{t-1} + z_t * ht_t (10.3) over z, ht (T, batch, H); h (T, batch, H).
 
     linear_scan with a_t = 1 - z_t, b_t = z_t * ht_t, fused: no (T, batch, H) tensor for a or b.
