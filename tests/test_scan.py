@@ -417,3 +417,28 @@ def test_layers_are_exported() -> None:
     import tbptt.torch as tt
 
     assert {"MinGRU", "LRU", "ScanLM", "linear_scan"} <= set(tt.__all__)
+
+
+@pytest.mark.slow
+def test_state_passing_example_writes_its_table_csv_and_figure(tmp_path, capsys) -> None:
+    """examples/state_passing.py, tiny: both modes of every model, the table, a CSV of finite
+    losses at every position and a PNG."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "state_passing.py"
+    spec = importlib.util.spec_from_file_location("state_passing", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    csv, png = tmp_path / "sp.csv", tmp_path / "sp.png"
+    args = "--steps 2 --hidden 8 --eval-length 130 --eval-sequences 2 --threads 1"
+    example.main([*args.split(), "--csv", str(csv), "--out", str(png)])
+    out = capsys.readouterr().out
+    assert "| mingru | carried (TBPTT) |" in out and "| 1-128 |" in out
+    rows = csv.read_text().splitlines()
+    assert rows[0] == "position," + ",".join(
+        f"{c}_{m}" for c in ("mingru", "lru", "lstm") for m in ("zero", "carry")
+    )
+    values = [[float(v) for v in r.split(",")[1:]] for r in rows[1:]]
+    assert len(values) == 130 and all(math.isfinite(v) and v > 0 for r in values for v in r)
+    assert png.read_bytes()[:4] == b"\x89PNG"
