@@ -89,15 +89,11 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         f"{BATCH}, H={H}; issue 27)",
         load_before=load(),
     )
-    try:
-        import torch
-        import torch.nn.functional as F
+    import torch  # run.py reports a group whose imports fail as skipped, with the reason
+    import torch.nn.functional as F
 
-        from tbptt.torch import LRU, MinGRU
-    except ImportError as exc:
-        group.skipped = f"tbptt.torch's scan layers are not available ({exc})"
-        group.load_after = load()
-        return group
+    from tbptt.torch import LRU, MinGRU
+
     torch.set_num_threads(threads)
     reps = reps or (3 if quick else 9)
     fns = cases(torch, F, (MinGRU, LRU))
