@@ -36,6 +36,7 @@ GROUPS = {  # name: (module, what it measures)
     "distributed": ("distributed", "the torch driver under torchrun: 2 processes against 1"),
     "lightning": ("lightning_overhead", "tbptt.lightning's time per update against the driver"),
     "rl": ("rl", "tbptt.torch.rl's rollout layouts against the per-step masked loop and the limit"),
+    "scan": ("scan", "minGRU and LRU scans against their floors, nn.GRU and step loops"),
     "avx2": (
         "avx2",
         "issue 17's batch-1, integer-input and torch-engine rows with AVX2-only settings",

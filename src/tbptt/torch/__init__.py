@@ -14,8 +14,10 @@ tbptt.Truncation, the same object as the numpy engine's, and the online update f
 canonical rule of SEMANTICS.md 5 (driver.py). Other systems' training loops as the driver's
 arguments (schedule, reduction, restarts): presets.py. The unbiased alternatives to truncation
 (SEMANTICS.md 8) on the same protocol: ARTBP (artbp.py), UORO (uoro.py) and RTRL (rtrl.py, small
-modules), all four by name in methods.py.
-Rollouts for recurrent reinforcement learning (SEMANTICS.md 9): rl.py, packed by packing.py.
+modules), all four by name in methods.py. Rollouts for recurrent reinforcement learning
+(SEMANTICS.md 9): rl.py, packed by packing.py. Linear recurrences as one scan per chunk, taking
+the resets themselves (SEMANTICS.md 10): MinGRU, LRU and linear_scan (scan.py), ScanLM
+(scan_lm.py).
 """
 
 from . import methods, presets, rl
@@ -23,17 +25,23 @@ from .artbp import ARTBP
 from .driver import TBPTT
 from .modules import ElmanRNN, Recurrent, cross_entropy_loss, l2_loss
 from .rtrl import RTRL
+from .scan import LRU, MinGRU, linear_scan  # linear recurrences as one scan (SEMANTICS.md 10)
+from .scan_lm import ScanLM
 from .uoro import UORO
 
 __all__ = [
     "ARTBP",
+    "LRU",
     "RTRL",
     "TBPTT",
     "UORO",
     "ElmanRNN",
+    "MinGRU",
     "Recurrent",
+    "ScanLM",
     "cross_entropy_loss",
     "l2_loss",
+    "linear_scan",
     "methods",
     "presets",
     "rl",
