@@ -101,7 +101,6 @@ def test_train_writes_a_complete_run_directory(tmp_path, text, capsys):
     assert names == [
         "checkpoint.json",
         "config.toml",
-        "lock",
         "loss.png",
         "metrics.csv",
         "state-00000020.npz",

@@ -71,6 +71,38 @@ def test_a_second_process_on_a_training_run_is_refused(tmp_path, text):
     assert [r[0] for r in rows(run)[1:]][-1] == str(meta["updates"])
 
 
+def test_a_lock_that_is_a_link_is_never_written_through(tmp_path, text, capsys):
+    """RUN/lock replaced by a symbolic link to a user's file: `--resume` refuses in one line
+    naming the lock, and the file the link points to keeps its bytes."""
+    run = tmp_path / "run"
+    assert (
+        tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)[0] == 0
+    )
+    precious = tmp_path / "precious.txt"
+    precious.write_text("a user's file\n")
+    (run / "lock").unlink(missing_ok=True)
+    (run / "lock").symlink_to(precious)
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
+    assert_one_line_error(code, err, str(run / "lock"), "link")
+    assert precious.read_text() == "a user's file\n"
+    assert json.loads((run / "checkpoint.json").read_text())["updates"] == 10
+
+
+def test_a_finished_run_leaves_no_lock(tmp_path, text, capsys):
+    """A run that ends (finished, or refused at --resume) deletes RUN/lock: no stale lock is
+    left to puzzle a user; the next --resume takes a new one."""
+    run = tmp_path / "run"
+    assert (
+        tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)[0] == 0
+    )
+    assert not (run / "lock").exists()
+    assert tbptt(capsys, "train", "--resume", run, "--max-updates", 20)[0] == 0
+    assert not (run / "lock").exists()
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--hidden", 20)
+    assert_one_line_error(code, err, "--hidden")
+    assert not (run / "lock").exists()
+
+
 # -- a kill in the middle of a checkpoint -------------------------------------------------------
 KILLER = """
 import os, signal, sys

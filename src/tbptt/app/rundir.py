@@ -7,7 +7,8 @@ checkpointed so that a kill at any moment loses neither a checkpoint nor a metri
     loss.png           training and validation loss against the characters (steps) seen
     checkpoint.json    which state file is the latest, its SHA-256, and the loop's counters
     state-N.npz|.pt    the engine's full state after N updates
-    lock               held (flock) by the one process training in the directory
+    lock               held (flock) by the one process training in the directory; deleted when
+                       it ends (a link there is refused, never written through)
 
 A checkpoint writes metrics.csv (the rows up to update N), then state-N, then checkpoint.json
 naming it, then deletes the older state files; each file is written whole or not at all
@@ -26,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,30 +88,73 @@ def create(path: Path, files: Callable[[Path], dict[str, str]], unique: bool) ->
 
 class Lock:
     """An exclusive flock on RUN/lock for as long as this process trains there (the kernel
-    drops it when the process ends, however it ends)."""
+    drops it when the process ends, however it ends); `release` deletes the file, so a finished
+    run leaves no lock behind.
+
+    The file is opened without following a symbolic link (O_NOFOLLOW) and must be a regular file:
+    a link planted at RUN/lock is refused, never written through. A lock is held only when the
+    name still leads to the file locked (a process that released it may have deleted it between
+    another's open and flock): otherwise the open and flock are tried again on the new file.
+    """
 
     def __init__(self, run: Path) -> None:
         self.path = run / "lock"
-        self.fh = open(self.path, "a+")  # noqa: SIM115  (held until release)
+        for _ in range(100):
+            self.fd = self._open()
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = os.read(self.fd, 200).decode(errors="replace").strip()
+                os.close(self.fd)
+                raise InputError(
+                    f"{run} is in use: {who or 'another process'} is training in it; wait for "
+                    "it to end (or stop it) before --resume"
+                ) from None
+            if self._ours():
+                break
+            os.close(self.fd)  # deleted by the process that held it: lock the new file
+        else:  # pragma: no cover  (100 processes releasing in turn)
+            raise InputError(f"{run} is in use: its lock keeps changing hands")
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"process {os.getpid()}\n".encode())
+
+    def _open(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.fh.seek(0)
-            who = self.fh.read().strip() or "another process"
-            self.fh.close()
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as exc:
+            if self.path.is_symlink():
+                raise InputError(
+                    f"{self.path} is a symbolic link (to {os.readlink(self.path)}); a run's lock "
+                    "is never written through one: delete the link, then --resume again"
+                ) from None
+            raise InputError(f"{self.path}: cannot open it ({exc.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
             raise InputError(
-                f"{run} is in use: {who} is training in it; wait for it to end (or stop it) "
-                "before --resume"
-            ) from None
-        self.fh.seek(0)
-        self.fh.truncate()
-        self.fh.write(f"process {os.getpid()}\n")
-        self.fh.flush()
+                f"{self.path} is not a regular file (a FIFO, device or folder); delete it, then "
+                "--resume again"
+            )
+        return fd
+
+    def _ours(self) -> bool:
+        """The name RUN/lock still leads to the file this process has locked."""
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self.fd)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
-        if not self.fh.closed:
-            fcntl.flock(self.fh, fcntl.LOCK_UN)
-            self.fh.close()
+        """Delete RUN/lock (still held, so no other process can have it) and unlock."""
+        if self.fd < 0:
+            return
+        if self._ours():
+            self.path.unlink(missing_ok=True)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = -1
 
 
 def discard(run: Path) -> None:
