@@ -142,6 +142,42 @@ def test_a_kill_inside_a_checkpoint_loses_no_metrics_row(tmp_path, text, capsys,
         np.testing.assert_array_equal(v, params(cut)[k])
 
 
+def final_model(run):
+    """The model's tensors in a run's latest state file (.npz or .pt), name -> numpy array."""
+    state = run / json.loads((run / "checkpoint.json").read_text())["state"]
+    if state.suffix == ".npz":
+        return params(run)
+    import torch
+
+    model = torch.load(state, weights_only=True)["model"]
+    return {k: v.numpy() for k, v in model.items()}
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_a_kill_before_the_first_checkpoint_json_starts_over(tmp_path, text, capsys, engine):
+    """SIGKILL after the first state file is renamed into place but before the first
+    checkpoint.json: `--resume` starts the run over from update 0 (the state file is a leftover
+    of an unfinished checkpoint), and ends with the parameters of a run never interrupted."""
+    if engine == "torch":
+        pytest.importorskip("torch")
+    common = ["--data", text, *TINY, "--engine", engine, "--lr-decay", "none"]
+    common += ["--max-updates", 20]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert tbptt(capsys, "train", *common, "--run-dir", whole)[0] == 0
+    argv = [str(a) for a in ("train", *common, "--run-dir", cut)]
+    killed = subprocess.run([sys.executable, "-c", KILLER, "3", *argv], timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (cut / "checkpoint.json").exists() and list(cut.glob("state-*"))
+    code, out, err = tbptt(capsys, "train", "--resume", cut, "--no-progress")
+    assert code == 0, err
+    assert "starts from the beginning" in out
+    assert rows(cut) == rows(whole)
+    a, b = final_model(whole), final_model(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_train_loss_after_a_resume_averages_the_updates_since_the_checkpoint(
     tmp_path, text, capsys
 ):

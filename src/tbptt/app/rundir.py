@@ -14,8 +14,10 @@ A checkpoint writes metrics.csv (the rows up to update N), then state-N, then ch
 naming it, then deletes the older state files; each file is written whole or not at all
 (tbptt.files). A kill between two of these leaves the previous checkpoint.json, which names a
 state file still there, and metrics.csv with rows the resumed run drops and writes again: nothing
-is lost. `--resume` checks checkpoint.json's counters and the state file's checksum against what
-it loads, and deletes the temporary files a killed process left.
+is lost. A kill during the first checkpoint leaves no checkpoint.json, and perhaps a state file
+that nothing names: the run has no checkpoint and `--resume` starts it over. `--resume` checks
+checkpoint.json's counters and the state file's checksum against what it loads, and deletes the
+temporary files a killed process left.
 """
 
 from __future__ import annotations
@@ -210,6 +212,15 @@ def read_metrics(run: Path, upto: int) -> list[dict]:
             "earlier metrics rows"
         ) from None
     return [r for r in rows if r["updates"] <= upto]
+
+
+def leftovers(run: Path) -> str:
+    """The state files of a run without checkpoint.json, as a clause: a first checkpoint killed
+    after its state file was renamed into place and before checkpoint.json named it. Nothing
+    names them, so no file says they are complete or of which update: the run starts over, and
+    its first checkpoint deletes them."""
+    names = sorted(p.name for p in run.glob("state-*"))
+    return f" ({', '.join(names)}: left by an unfinished first checkpoint)" if names else ""
 
 
 def _counter(value: object, name: str, path: Path, real: bool = False) -> float:

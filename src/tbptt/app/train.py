@@ -375,12 +375,15 @@ def _resume(args: argparse.Namespace) -> Run:
     try:
         if engine.rank == 0:
             rundir.clean(path)
-        if (path / "checkpoint.json").is_file() or any(path.glob("state-*")):
+        if (path / "checkpoint.json").is_file():
             loop = rundir.load_checkpoint(path, engine, cfg.k1, adapt=cfg.adapt_k2 is not None)
         else:  # stopped before its first checkpoint (killed, out of memory): nothing to continue
             loop = Loop(k2=cfg.k2)
             if engine.rank == 0:
-                print(f"{path} has no checkpoint yet: its run starts from the beginning")
+                print(
+                    f"{path} has no checkpoint yet{rundir.leftovers(path)}: its run starts from "
+                    "the beginning"
+                )
         rows = rundir.read_metrics(path, loop.updates)
         if engine.rank == 0:  # a budget may have changed
             atomic_write(path / "config.toml", cf.write_toml(cfg, run_dir=path))
