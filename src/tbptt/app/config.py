@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -234,7 +233,9 @@ def _typed(name: str, value: object, where: str) -> object:
 
 def read_toml(path: str | Path, where: str = "--config") -> dict:
     """The fields a TOML file sets, type-checked; unknown keys are errors. Messages name the file
-    after `where` (the flag that gave it; "" for a run directory's own config.toml)."""
+    after `where` (the flag that gave it; "" for a run directory's own config.toml).
+
+    `data_bytes` (a path that is not UTF-8, percent-encoded: see write_toml) sets `data`."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -248,6 +249,9 @@ def read_toml(path: str | Path, where: str = "--config") -> dict:
             raw = tomllib.load(fh)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{where} is not valid TOML: {exc}") from None
+    if "data_bytes" in raw:
+        encoded = raw.pop("data_bytes")
+        raw["data"] = _from_bytes_key(encoded, "data" in raw, where)
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -255,6 +259,18 @@ def read_toml(path: str | Path, where: str = "--config") -> dict:
             raise InputError(f"{where}: unknown setting {key!r} (known: {', '.join(FIELDS)})")
         out[name] = _typed(name, value, where)
     return out
+
+
+def _from_bytes_key(value: object, both: bool, where: str) -> str:
+    """data_bytes's percent-encoded bytes as the path (undecodable bytes as surrogates, as
+    os.fsdecode gives them)."""
+    from urllib.parse import unquote_to_bytes
+
+    if both:
+        raise InputError(f"{where}: data and data_bytes both name the data; keep one")
+    if not isinstance(value, str) or not value.isascii():
+        raise InputError(f"{where}: data_bytes must be an ASCII string, got {value!r}")
+    return os.fsdecode(unquote_to_bytes(value))
 
 
 # written as comments: where this run lives and what this machine gave it, not what it computes
@@ -266,7 +282,13 @@ MACHINE = {
 
 def write_toml(cfg: Config, run_dir: str | Path | None = None) -> str:
     """The configuration as TOML (unset options as comments). `tbptt train --config` of it starts
-    a new run with the same settings: the run directory and the thread count stay comments."""
+    a new run with the same settings: the run directory and the thread count stay comments.
+
+    Each value is written by tomli-w (any string as valid TOML: a path outside the Basic
+    Multilingual Plane as its UTF-8); the comments around them by hand. A --data path that is not
+    UTF-8 (bytes a file system allows, decoded by Python as surrogates) has no TOML string: it is
+    written as `data_bytes`, its bytes percent-encoded as in a file: URL (%E9 for the byte 0xE9),
+    which read_toml decodes back to the same bytes."""
     lines = ["# tbptt train configuration; reuse it with: tbptt train --config config.toml"]
     values = dataclasses.asdict(cfg)
     if run_dir is not None:
@@ -275,16 +297,42 @@ def write_toml(cfg: Config, run_dir: str | Path | None = None) -> str:
         if name == "clip" and value is None:
             value = 0.0  # no clipping
         if name in MACHINE:
-            lines.append(f"# {name} = {json.dumps(value)}  ({MACHINE[name]})")
+            shown = f"{name} = (not set)" if value is None else _toml(name, value)[-1]
+            lines.append(f"# {shown}  ({MACHINE[name]})")
         elif value is None:
             lines.append(f"# {name} = (not set)")
-        elif isinstance(value, bool):
-            lines.append(f"{name} = {str(value).lower()}")
-        elif isinstance(value, str):
-            lines.append(f"{name} = {json.dumps(value)}")
         else:
-            lines.append(f"{name} = {value!r}")
+            lines.extend(_toml(name, value))
     return "\n".join(lines) + "\n"
+
+
+def _toml(name: str, value: object) -> list[str]:
+    """`name = value` as tomli-w writes it (every string on one line, escaped), after a comment
+    for a --data path that is not UTF-8, written as `data_bytes`."""
+    try:
+        import tomli_w
+    except ImportError:
+        raise InputError(
+            "tbptt train writes config.toml with the package tomli-w: pip install 'tbptt[data]'"
+        ) from None
+    if isinstance(value, str) and not _utf8(value):
+        if name not in ("data", "run_dir"):  # the other strings are the flags' choices
+            raise InputError(f"{flag(name)} {value!r} is not UTF-8 text")
+        from urllib.parse import quote_from_bytes
+
+        encoded = quote_from_bytes(os.fsencode(value), safe="/")
+        what = "--data" if name == "data" else "the run directory"
+        why = f"# {what} is not UTF-8: its bytes, percent-encoded (%E9 is the byte 0xE9)"
+        return [why, tomli_w.dumps({f"{name}_bytes": encoded}).strip()]
+    return [tomli_w.dumps({name: value}).strip()]
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def default_threads(engine: str) -> int:

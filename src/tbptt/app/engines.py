@@ -118,7 +118,8 @@ def blas_threads(n: int) -> bool:
     import re
 
     try:
-        maps = Path("/proc/self/maps").read_text()
+        # (the paths of mapped files, --data's among them, may be any bytes)
+        maps = Path("/proc/self/maps").read_text(errors="surrogateescape")
     except OSError:
         return False
     names = (
