@@ -442,6 +442,38 @@ def test_a_damaged_run_file_is_named(tmp_path, text, capsys, name, content):
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("vocab.json", "fifo"),
+        ("vocab.json", "/dev/zero"),
+        ("checkpoint.json", "fifo"),
+        ("checkpoint.json", "/dev/zero"),
+        ("config.toml", "/dev/zero"),
+        ("state-00000010.npz", "fifo"),
+    ],
+)
+def test_a_run_file_that_is_not_a_regular_file_is_refused_not_read(
+    tmp_path, text, capsys, name, kind
+):
+    """A run file replaced by a FIFO (no writer) or by a link to /dev/zero (endless): `--resume`
+    and `sample` refuse it in one line naming the file, instead of waiting or reading forever."""
+    run = tmp_path / "run"
+    assert (
+        tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)[0] == 0
+    )
+    (run / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(run / name)
+    else:
+        (run / name).symlink_to(kind)
+    for command in (["train", "--resume", run, "--max-updates", 20], ["sample", run]):
+        res = subprocess.run(
+            [*CLI, *map(str, command)], capture_output=True, text=True, timeout=120
+        )
+        assert_one_line_error(res.returncode, res.stderr, name, "not a regular file")
+
+
 def test_sample_before_the_first_checkpoint(tmp_path, text, capsys):
     """`sample` on a run that has not saved a checkpoint yet says so (it is a run directory)."""
     run = tmp_path / "run"

@@ -240,13 +240,12 @@ def read_toml(path: str | Path, where: str = "--config") -> dict:
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib  # pyright: ignore[reportMissingImports]
+    from ..files import read_regular
+
     path = Path(path)
     where = f"{where} {path}".strip()
-    if not path.is_file():
-        raise InputError(f"{where}: no such file")
     try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+        raw = tomllib.loads(read_regular(path, 16 << 20, where).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{where} is not valid TOML: {exc}") from None
     if "data_bytes" in raw:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -36,7 +37,14 @@ from pathlib import Path
 from typing import cast
 
 from ..errors import InputError
-from ..files import TMP_PREFIX, atomic_directory, atomic_write, remove_stale
+from ..files import (
+    TMP_PREFIX,
+    atomic_directory,
+    atomic_write,
+    open_regular,
+    read_regular,
+    remove_stale,
+)
 from .engines import AdaptsK2, Engine
 
 FORMAT = "tbptt-train-checkpoint"
@@ -174,11 +182,13 @@ def clean(run: Path) -> None:
 
 
 # -- reading a run ---------------------------------------------------------------------------------
+LIMIT = 16 << 20  # bytes at most of vocab.json, checkpoint.json, config.toml (a few KB each)
+
+
 def read_json(path: Path) -> object:
+    """A JSON file of the run (a regular file of at most LIMIT bytes)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
+        return json.loads(read_regular(path, LIMIT).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError(f"{path} is corrupted (not JSON: {exc})") from None
 
@@ -198,10 +208,10 @@ def read_vocab(run: Path) -> str:
 def read_metrics(run: Path, upto: int) -> list[dict]:
     """metrics.csv's rows of updates 1..upto (later rows came after the last checkpoint)."""
     path = run / "metrics.csv"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return []
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
             if reader.fieldnames is None or not set(COLUMNS) <= set(reader.fieldnames):
                 raise ValueError(f"its columns are {reader.fieldnames}, not {list(COLUMNS)}")
@@ -240,7 +250,7 @@ def load_checkpoint(run: Path, engine: Engine, k1: int, adapt: bool) -> Loop:
     """Restore the engine from the run's latest checkpoint, every counter checked (the loop
     feeds k1 steps per update)."""
     path = run / "checkpoint.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(
             f"{run} has no checkpoint.json yet: its training has not saved a checkpoint"
         )
@@ -258,7 +268,7 @@ def load_checkpoint(run: Path, engine: Engine, k1: int, adapt: bool) -> Loop:
         k2=meta.get("k2"),
     )
     state = run / name
-    if not state.is_file():
+    if not os.path.lexists(state):
         raise InputError(f"{path} names {name}, which is missing")
     if adapt and loop.k2 is not None:  # --adapt-k2: the k2 in force at the save
         cast(AdaptsK2, engine).set_k2(int(_counter(loop.k2, "k2", path)))  # numpy only
@@ -281,7 +291,7 @@ def load_checkpoint(run: Path, engine: Engine, k1: int, adapt: bool) -> Loop:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

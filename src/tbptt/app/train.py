@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -359,7 +360,7 @@ def _resume(args: argparse.Namespace) -> Run:
     if args.config:
         raise InputError("--config and --resume exclude each other: a run keeps its config")
     path = Path(args.resume)
-    if not (path / "config.toml").is_file():
+    if not os.path.lexists(path / "config.toml"):
         raise InputError(f"--resume {path}: not a tbptt run directory (no config.toml)")
     given = getattr(args, "run_dir", None)
     if given is not None and Path(given).absolute() != path.absolute():
@@ -375,7 +376,7 @@ def _resume(args: argparse.Namespace) -> Run:
     try:
         if engine.rank == 0:
             rundir.clean(path)
-        if (path / "checkpoint.json").is_file():
+        if os.path.lexists(path / "checkpoint.json"):  # (read only if a regular file)
             loop = rundir.load_checkpoint(path, engine, cfg.k1, adapt=cfg.adapt_k2 is not None)
         else:  # stopped before its first checkpoint (killed, out of memory): nothing to continue
             loop = Loop(k2=cfg.k2)
