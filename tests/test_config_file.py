@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from test_cli import TEXT, TINY
+from test_cli import TEXT, TINY, assert_one_line_error, tbptt
 
 from tbptt.app import config as cf
 
@@ -14,6 +14,13 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "play.txt"
+    path.write_text(TEXT)
+    return path
 
 
 def cli(*args, env=None):
@@ -51,3 +58,39 @@ def test_any_data_path_round_trips_through_config_toml(tmp_path, name):
     assert res.returncode == 0, res.stderr.decode()
     res = cli("sample", run, "--length", 10, env=strict)
     assert res.returncode == 0 and len(res.stdout) == 11, res.stderr.decode()
+
+
+EDITS = [
+    ("numpy", "lr = 0.006", "lr = 0.01"),
+    ("numpy", "clip = 5.0", "clip = 1.0"),
+    ("numpy", "seed = 0", "seed = 3"),
+    ("numpy", "batch = 3", "batch = 4"),
+    ("numpy", 'optimizer = "adam"', 'optimizer = "sgd"'),
+    ("torch", "hidden = 12", "hidden = 10"),
+    ("torch", 'cell = "elman"', 'cell = "gru"'),
+    ("torch", 'dtype = "float32"', 'dtype = "float64"'),
+    ("torch", 'optimizer = "adam"', 'optimizer = "sgd"'),
+    ("torch", "batch = 3", "batch = 8"),
+]
+
+
+@pytest.mark.parametrize(("engine", "before", "after"), EDITS)
+def test_a_setting_edited_in_config_toml_is_refused(tmp_path, text, capsys, engine, before, after):
+    """lr, clip, seed, batch, optimizer, hidden, cell or dtype edited in a run's config.toml:
+    `--resume` and `sample` refuse in one line naming the setting, config.toml and the value the
+    run was trained with, and change nothing."""
+    if engine == "torch":
+        pytest.importorskip("torch")
+    run = tmp_path / "run"
+    common = ["--data", text, *TINY, "--engine", engine, "--max-updates", 10]
+    assert tbptt(capsys, "train", *common, "--run-dir", run)[0] == 0
+    config = (run / "config.toml").read_text()
+    assert before + "\n" in config
+    (run / "config.toml").write_text(config.replace(before + "\n", after + "\n"))
+    name, old = (s.strip() for s in before.split("="))
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    for command in (["train", "--resume", run, "--max-updates", 20], ["sample", run]):
+        code, _, err = tbptt(capsys, *command)
+        assert_one_line_error(code, err, f"{name} = ", str(run / "config.toml"), old)
+        assert "streams" not in err and "max_bytes" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files

@@ -231,13 +231,21 @@ def test_checkpoint_counters_are_checked(tmp_path, text, capsys, key, value, wor
     "edit", [("k1 = 5", "k1 = 4"), ("k2 = 5", "k2 = 7"), ('inject = "new"', 'inject = "window"')]
 )
 def test_a_schedule_edited_in_config_toml_is_refused(tmp_path, text, capsys, edit):
-    """The numpy engine, like the torch one, will not continue a run with another k1, k2 or
-    inject than its state was trained with."""
+    """A run will not continue with another k1, k2 or inject than its state was trained with:
+    config.toml against checkpoint.json's settings names the setting; without them (a checkpoint
+    of an earlier tbptt) the numpy engine's state, like the torch one's, names the schedule."""
     run = tmp_path / "run"
     tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)
     config = (run / "config.toml").read_text()
     assert edit[0] in config
     (run / "config.toml").write_text(config.replace(edit[0], edit[1]))
+    before = snapshot(run)
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
+    assert_one_line_error(code, err, edit[1], str(run / "config.toml"), edit[0])
+    assert snapshot(run) == before
+    meta = json.loads((run / "checkpoint.json").read_text())
+    del meta["settings"]
+    (run / "checkpoint.json").write_text(json.dumps(meta))
     before = snapshot(run)
     code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
     assert_one_line_error(code, err, "schedule", "k1=5, k2=5, inject=new")

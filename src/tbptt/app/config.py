@@ -334,6 +334,36 @@ def _utf8(value: str) -> bool:
     return True
 
 
+def recorded(cfg: Config) -> dict:
+    """The settings a run computes with, as checkpoint.json records them: all but the budgets and
+    reporting (RESUMABLE), the machine's (MACHINE) and --data's path (the file may move)."""
+    skip = (*RESUMABLE, *MACHINE, "data")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+
+
+def check_recorded(cfg: Config, settings: object, config: Path, checkpoint: Path) -> None:
+    """A run's config.toml (config) against the settings its checkpoint.json recorded: an edit of
+    what the run computes with (lr, clip, seed, batch, cell, hidden, dtype, optimizer, ...) is
+    one line naming the setting and the file, before any engine is built."""
+    if not isinstance(settings, dict):
+        return  # a checkpoint of an earlier tbptt, which recorded none
+    now = recorded(cfg)
+    for name, value in settings.items():
+        if name in now and now[name] != value:
+            raise InputError(
+                f"{config} sets {_shown(name, now[name])} ({flag(name)}), but this run was "
+                f"trained with {_shown(name, value)} ({checkpoint}); a resumed run keeps what it "
+                f"computes with: set it back, or start a new run with --config {config}"
+            )
+
+
+def _shown(name: str, value: object) -> str:
+    """`name = value` as config.toml writes it."""
+    if value is None:
+        return f"{name} = {0.0 if name == 'clip' else '(not set)'}"
+    return _toml(name, value)[-1]
+
+
 def default_threads(engine: str) -> int:
     """--threads when not given: $OMP_NUM_THREADS, else 1 (numpy) or this process's share of the
     CPUs it may use, at most 4 (torch; a torchrun job's processes on one machine share them)."""

@@ -5,7 +5,8 @@ checkpointed so that a kill at any moment loses neither a checkpoint nor a metri
     vocab.json         the characters of a text task, in id order
     metrics.csv        updates, steps, characters, seconds, lr, training and validation loss, k2
     loss.png           training and validation loss against the characters (steps) seen
-    checkpoint.json    which state file is the latest, its SHA-256, and the loop's counters
+    checkpoint.json    which state file is the latest, its SHA-256, the loop's counters and
+                       the settings the run computes with (config.toml is checked against them)
     state-N.npz|.pt    the engine's full state after N updates
     lock               held (flock) by the one process training in the directory; deleted when
                        it ends (a link there is refused, never written through)
@@ -246,6 +247,16 @@ def _counter(value: object, name: str, path: Path, real: bool = False) -> float:
     return value
 
 
+def recorded_settings(run: Path) -> object:
+    """The settings the run's checkpoint.json recorded (None without one, or from an earlier
+    tbptt); load_checkpoint checks the rest of the file."""
+    path = run / "checkpoint.json"
+    if not os.path.lexists(path):
+        return None
+    meta = read_json(path)
+    return meta.get("settings") if isinstance(meta, dict) else None
+
+
 def load_checkpoint(run: Path, engine: Engine, k1: int, adapt: bool) -> Loop:
     """Restore the engine from the run's latest checkpoint, every counter checked (the loop
     feeds k1 steps per update)."""
@@ -308,8 +319,12 @@ def metrics_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def save_checkpoint(run: Path, engine: Engine, loop: Loop, rows: list[dict]) -> None:
+def save_checkpoint(
+    run: Path, engine: Engine, loop: Loop, rows: list[dict], settings: dict | None = None
+) -> None:
     """metrics.csv, state-N, checkpoint.json, then the older state files go (module docstring).
+    checkpoint.json records `settings`, what the run computes with (config.recorded), against
+    which `--resume` and `sample` check config.toml.
 
     Under torchrun every process calls it (the engine's save is collective); rank 0 writes.
     """
@@ -328,6 +343,7 @@ def save_checkpoint(run: Path, engine: Engine, loop: Loop, rows: list[dict]) -> 
         "updates": loop.updates,
         "seconds": loop.seconds,
         "k2": loop.k2,
+        "settings": settings,
     }
     atomic_write(run / "checkpoint.json", json.dumps(meta, indent=1) + "\n")
     for old in run.glob("state-*"):

@@ -80,6 +80,8 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise InputError(f"--seed must be an integer >= 0, got {args.seed}")
     cfg = cf.check(cf.Config(**cf.read_toml(run / "config.toml", where="")))
+    settings = rundir.recorded_settings(run)
+    cf.check_recorded(cfg, settings, run / "config.toml", run / "checkpoint.json")
     if not cfg.text:
         raise InputError(f"{run} was trained on --task {cfg.task}; sample needs a character model")
     vocab = rundir.read_vocab(run)

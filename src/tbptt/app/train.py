@@ -192,7 +192,7 @@ def record(run: Run, train_loss: float | None, valid_loss: float | None, lr: flo
 def checkpoint(run: Run, final: bool = False) -> None:
     """rundir.save_checkpoint, and loss.png at the end or every PLOT_EVERY seconds."""
     run.loop.k2 = run.engine.k2
-    rundir.save_checkpoint(run.path, run.engine, run.loop, run.rows)
+    rundir.save_checkpoint(run.path, run.engine, run.loop, run.rows, cf.recorded(run.cfg))
     run.saved = True
     due = final or time.perf_counter() - run.plotted >= PLOT_EVERY
     if run.writer and due and plots.available():
@@ -367,6 +367,8 @@ def _resume(args: argparse.Namespace) -> Run:
         raise InputError(f"--run-dir {given} and --resume {path}: a resumed run stays in {path}")
     saved = cf.read_toml(path / "config.toml", where="")
     cfg = cf.from_args(args, saved={**saved, "run_dir": str(path)})
+    settings = rundir.recorded_settings(path)
+    cf.check_recorded(cfg, settings, path / "config.toml", path / "checkpoint.json")
     vocab = rundir.read_vocab(path) if cfg.text else None
     check_memory(cfg)
     problem = load_problem(cfg, vocab)
