@@ -223,7 +223,7 @@ def test_config_file_is_read_and_flags_override_it(tmp_path, text, capsys, monke
     for k, v in params(run).items():
         np.testing.assert_array_equal(v, params(tmp_path / "again")[k])
     # as the file says: `--config config.toml` alone starts a new run (its own directory)
-    assert "# run_dir = " in saved and "# threads = " in saved
+    assert "# run_dir = " in saved and "\n[machine]\nthreads = " in saved
     monkeypatch.chdir(tmp_path)
     code, _, err = tbptt(capsys, "train", "--config", run / "config.toml", "--no-progress")
     assert code == 0, err
@@ -473,20 +473,21 @@ def test_demo_defaults_are_the_seeds_model_on_shakespeare():
     assert os.sep not in default_run_dir(cfg).name
 
 
-def test_threads_default_to_omp_else_one_for_numpy_and_the_cpus_for_torch(monkeypatch):
-    """--threads unset: $OMP_NUM_THREADS; else numpy 1, torch this process's CPUs (at most 4),
-    divided among a torchrun job's local processes. An explicit --threads wins."""
+def test_threads_default_to_omp_else_one_for_numpy_and_the_idle_cpus_for_torch(monkeypatch):
+    """--threads unset: $OMP_NUM_THREADS; else numpy 1, torch half this process's idle CPUs (at
+    most 4), divided among a torchrun job's local processes. An explicit --threads wins."""
     from tbptt.app.config import Config, check
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert check(Config()).threads == 3 and check(Config(engine="torch")).threads == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert check(Config()).threads == 1
-    assert check(Config(engine="torch")).threads == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert check(Config(engine="torch")).threads == 3
-    assert check(Config(engine="torch", threads=1)).threads == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert check(Config(engine="torch")).threads == 1
+    assert check(Config(engine="torch", threads=2)).threads == 2
 
 
 def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):

@@ -94,3 +94,45 @@ def test_a_setting_edited_in_config_toml_is_refused(tmp_path, text, capsys, engi
         assert_one_line_error(code, err, f"{name} = ", str(run / "config.toml"), old)
         assert "streams" not in err and "max_bytes" not in err
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+
+
+def test_torch_threads_default_to_one_unless_cpus_are_idle(monkeypatch):
+    """--threads unset (no $OMP_NUM_THREADS): torch takes half the CPUs idle by the load average
+    (at most 4, shared by a torchrun job's local processes), so 1 on a busy machine or on two
+    cores, where a second thread made an LSTM 12 times slower; numpy 1. --threads wins."""
+    from tbptt.app.config import Config, check
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cpus, load, threads in [(2, 0.0, 1), (2, 3.5, 1), (6, 0.0, 3), (6, 4.0, 1), (16, 1.0, 4)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cpus: set(range(c)))
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert check(Config(engine="torch")).threads == threads, (cpus, load)
+        assert check(Config()).threads == 1
+        assert check(Config(engine="torch", threads=2)).threads == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 16 CPUs, 15 idle, two processes
+    assert check(Config(engine="torch")).threads == 3
+
+
+def test_resume_keeps_the_runs_thread_count_and_says_it(tmp_path, text, capsys):
+    """A run says at its start how many threads it uses; config.toml records them apart from the
+    settings (a [machine] table that --config ignores); `--resume` keeps them unless --threads is
+    given again, which the file then records."""
+    run = tmp_path / "run"
+    args = ["--data", text, *TINY, "--threads", 2, "--max-updates", 10, "--run-dir", run]
+    code, out, err = tbptt(capsys, "train", *args)
+    assert code == 0 and out.startswith("training with 2 CPU threads"), err
+
+    def recorded():
+        return tomllib.loads((run / "config.toml").read_text())["machine"]["threads"]
+
+    assert recorded() == 2
+    code, out, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
+    assert code == 0 and out.startswith("training with 2 CPU threads"), err
+    assert recorded() == 2
+    code, out, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 30, "--threads", 1)
+    assert code == 0 and out.startswith("training with 1 CPU thread "), err
+    assert recorded() == 1
+    again = tmp_path / "again"  # a new run from the file picks its own (the suite's $OMP: 1)
+    code, out, err = tbptt(capsys, "train", "--config", run / "config.toml", "--run-dir", again)
+    assert code == 0 and out.startswith("training with 1 CPU thread "), err

@@ -159,11 +159,13 @@ class Config:
     )
     threads: int | None = _f(
         None,
-        "CPU threads for the matrix products (numpy's OpenBLAS, or "
-        "torch). Default: $OMP_NUM_THREADS when set; else 1 for the numpy engine, whose per-step "
-        "products are small (a second thread gains a few percent on an idle machine and loses many "
-        "times over on a busy one), and for torch the CPUs this process may use, at most 4, "
-        "shared among the processes of a torchrun job (an LSTM step is four gates wide)",
+        "CPU threads for the matrix products (numpy's OpenBLAS, or torch). Default: "
+        "$OMP_NUM_THREADS when set; else 1 for the numpy engine, whose per-step products are "
+        "small, and for torch half the CPUs idle at the start (by the load average), at least 1 "
+        "and at most 4, shared among the processes of a torchrun job: a thread more than the idle "
+        "CPUs makes every product wait for a descheduled thread (measured on a busy 2-core "
+        "machine: an LSTM 12 times slower with 2 threads than with 1). --resume keeps the run's "
+        "count",
         metavar="N",
     )
     run_dir: str | None = _f(
@@ -231,11 +233,13 @@ def _typed(name: str, value: object, where: str) -> object:
     return value
 
 
-def read_toml(path: str | Path, where: str = "--config") -> dict:
+def read_toml(path: str | Path, where: str = "--config", machine: bool = False) -> dict:
     """The fields a TOML file sets, type-checked; unknown keys are errors. Messages name the file
     after `where` (the flag that gave it; "" for a run directory's own config.toml).
 
-    `data_bytes` (a path that is not UTF-8, percent-encoded: see write_toml) sets `data`."""
+    `data_bytes` (a path that is not UTF-8, percent-encoded: see write_toml) sets `data`. The
+    [machine] table (what the machine gave a run: its thread count) is read with `machine` (a
+    resumed run's own config.toml) and ignored otherwise (a new run picks its own)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -251,6 +255,11 @@ def read_toml(path: str | Path, where: str = "--config") -> dict:
     if "data_bytes" in raw:
         encoded = raw.pop("data_bytes")
         raw["data"] = _from_bytes_key(encoded, "data" in raw, where)
+    table = raw.pop("machine", {})
+    if not isinstance(table, dict) or not set(table) <= {"threads"}:
+        raise InputError(f"{where}: [machine] may hold threads only, got {table!r}")
+    if machine and "threads" not in raw:
+        raw.update(table)
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -272,16 +281,14 @@ def _from_bytes_key(value: object, both: bool, where: str) -> str:
     return os.fsdecode(unquote_to_bytes(value))
 
 
-# written as comments: where this run lives and what this machine gave it, not what it computes
-MACHINE = {
-    "run_dir": "this run's directory; a new run picks its own",
-    "threads": "resolved on this machine; unset, each machine picks its own",
-}
+# not settings of the run: where it lives (a comment) and what this machine gave it ([machine])
+MACHINE = ("run_dir", "threads")
 
 
 def write_toml(cfg: Config, run_dir: str | Path | None = None) -> str:
     """The configuration as TOML (unset options as comments). `tbptt train --config` of it starts
-    a new run with the same settings: the run directory and the thread count stay comments.
+    a new run with the same settings: the run directory is a comment, and the thread count this
+    machine gave the run is in a [machine] table, which --resume reads and --config ignores.
 
     Each value is written by tomli-w (any string as valid TOML: a path outside the Basic
     Multilingual Plane as its UTF-8); the comments around them by hand. A --data path that is not
@@ -295,13 +302,23 @@ def write_toml(cfg: Config, run_dir: str | Path | None = None) -> str:
     for name, value in values.items():
         if name == "clip" and value is None:
             value = 0.0  # no clipping
-        if name in MACHINE:
+        if name == "run_dir":
             shown = f"{name} = (not set)" if value is None else _toml(name, value)[-1]
-            lines.append(f"# {shown}  ({MACHINE[name]})")
+            lines.append(f"# {shown}  (this run's directory; a new run picks its own)")
+        elif name == "threads":
+            continue  # [machine], at the end (a table follows the keys)
         elif value is None:
             lines.append(f"# {name} = (not set)")
         else:
             lines.extend(_toml(name, value))
+    if cfg.threads is not None:
+        lines.append("")
+        lines.append(
+            "# what this machine gave the run: tbptt train --resume keeps it (unless --threads is "
+            "given), --config ignores it (each machine picks its own)"
+        )
+        lines.append("[machine]")
+        lines.extend(_toml("threads", cfg.threads))
     return "\n".join(lines) + "\n"
 
 
@@ -365,17 +382,29 @@ def _shown(name: str, value: object) -> str:
 
 
 def default_threads(engine: str) -> int:
-    """--threads when not given: $OMP_NUM_THREADS, else 1 (numpy) or this process's share of the
-    CPUs it may use, at most 4 (torch; a torchrun job's processes on one machine share them)."""
+    """--threads when not given: $OMP_NUM_THREADS, else 1 (numpy) or, for torch, half the CPUs
+    this process may use that are idle by the 1-minute load average, at least 1 and at most 4
+    (a torchrun job's local processes share them).
+
+    Why half: a thread more than the CPUs free makes each of the small per-step products wait for
+    a descheduled thread (measured on 2 cores at a load average of 5: the default torch Elman
+    model 46K characters/s with 1 thread, 2.9K with 2; an LSTM 16K and 1.3K), while a second
+    thread on idle CPUs gains at most 1.5 times; the load average lags, and other jobs may start
+    after this one, so only a margin of idle CPUs earns a second thread."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) >= 1:
         return int(env)
     if engine == "numpy":
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    share = (cpus or 1) // (int(local) if local.isdigit() and int(local) >= 1 else 1)
-    return max(1, min(4, share))
+    local = int(local) if local.isdigit() and int(local) >= 1 else 1
+    try:
+        idle = max(0.0, cpus - os.getloadavg()[0])
+    except (OSError, AttributeError):  # no load average here: assume the CPUs idle
+        idle = float(cpus)
+    return max(1, min(4, cpus // local, int(idle / (2 * local))))
 
 
 def check(cfg: Config) -> Config:

@@ -79,7 +79,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise InputError(f"--temperature must be a positive number, got {args.temperature}")
     if args.seed < 0:
         raise InputError(f"--seed must be an integer >= 0, got {args.seed}")
-    cfg = cf.check(cf.Config(**cf.read_toml(run / "config.toml", where="")))
+    cfg = cf.check(cf.Config(**cf.read_toml(run / "config.toml", where="", machine=True)))
     settings = rundir.recorded_settings(run)
     cf.check_recorded(cfg, settings, run / "config.toml", run / "checkpoint.json")
     if not cfg.text:

@@ -92,6 +92,14 @@ def train(run: Run, progress: bool) -> int:
                 file=sys.stderr,
             )
         return 0
+    if run.writer:
+        assert cfg.threads is not None  # config.check resolved it
+        many = "s" if cfg.threads != 1 else ""
+        print(
+            f"training with {cfg.threads} CPU thread{many} for the {cfg.engine} engine's matrix "
+            "products (--threads N to choose; --resume keeps the run's)",
+            flush=True,
+        )
     if run.writer and not plots.available():
         print("loss.png is not drawn: matplotlib is missing (pip install 'tbptt[plot]')")
     with Interrupt() as interrupt, Progress(cfg, progress) as bar:
@@ -365,7 +373,7 @@ def _resume(args: argparse.Namespace) -> Run:
     given = getattr(args, "run_dir", None)
     if given is not None and Path(given).absolute() != path.absolute():
         raise InputError(f"--run-dir {given} and --resume {path}: a resumed run stays in {path}")
-    saved = cf.read_toml(path / "config.toml", where="")
+    saved = cf.read_toml(path / "config.toml", where="", machine=True)
     cfg = cf.from_args(args, saved={**saved, "run_dir": str(path)})
     settings = rundir.recorded_settings(path)
     cf.check_recorded(cfg, settings, path / "config.toml", path / "checkpoint.json")
