@@ -252,6 +252,17 @@ def test_a_schedule_edited_in_config_toml_is_refused(tmp_path, text, capsys, edi
     assert snapshot(run) == before
 
 
+def record_as_intact(run, state):
+    """Make checkpoint.json record the state file's present size and SHA-256 (as a checkpoint
+    written with it would): what the reader then finds is checked by the reader."""
+    import hashlib
+
+    meta = json.loads((run / "checkpoint.json").read_text())
+    data = state.read_bytes()
+    meta.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (run / "checkpoint.json").write_text(json.dumps(meta))
+
+
 def flip_inside_the_largest_record(path):
     """Invert 8 bytes in the middle of the largest stored record of a zip file (.npz, .pt): the
     archive's structure stays readable, the numbers are damaged."""
@@ -305,6 +316,7 @@ def test_damaged_checkpoints_never_suggest_loading_unsafely(tmp_path, text, caps
                 np.savez(fh, **{"model.A": np.array([Fraction(1, 3)], dtype=object)})
         else:
             torch.save({"format": "tbptt.torch.TBPTT/2", "lr": Fraction(1, 3)}, state)
+        record_as_intact(run, state)  # past the SHA-256, as far as the reader
         for command in (["train", "--resume", run, "--max-updates", 20], ["sample", run]):
             code, _, err = tbptt(capsys, *command)
             assert_one_line_error(code, err, state.name, "objects")

@@ -5,8 +5,9 @@ checkpointed so that a kill at any moment loses neither a checkpoint nor a metri
     vocab.json         the characters of a text task, in id order
     metrics.csv        updates, steps, characters, seconds, lr, training and validation loss, k2
     loss.png           training and validation loss against the characters (steps) seen
-    checkpoint.json    which state file is the latest, its SHA-256, the loop's counters and
-                       the settings the run computes with (config.toml is checked against them)
+    checkpoint.json    which state file is the latest, its size and SHA-256 (checked before the
+                       file is read), the loop's counters and the settings the run computes
+                       with (config.toml is checked against them)
     state-N.npz|.pt    the engine's full state after N updates
     lock               held (flock) by the one process training in the directory; deleted when
                        it ends (a link there is refused, never written through)
@@ -283,21 +284,40 @@ def load_checkpoint(run: Path, engine: Engine, k1: int, adapt: bool) -> Loop:
         raise InputError(f"{path} names {name}, which is missing")
     if adapt and loop.k2 is not None:  # --adapt-k2: the k2 in force at the save
         cast(AdaptsK2, engine).set_k2(int(_counter(loop.k2, "k2", path)))  # numpy only
-    digest = meta.get("sha256")
-    intact = digest is None or _sha256(state) == digest
+    check_intact(state, meta, path)
     try:
         engine.load(state)  # InputError when damaged or from another schedule, shape or loss
     except InputError as exc:
         said = str(exc).removeprefix(f"{state}: ")  # the library's message names the file too
         raise InputError(f"checkpoint {state} is corrupted or not from this run: {said}") from None
-    if not intact:
-        raise InputError(f"checkpoint {state} is corrupted (its SHA-256 is not {path}'s)")
     if engine.steps != loop.updates * k1:
         raise InputError(
             f"{path} says {loop.updates} updates of {k1} steps, but {name} holds "
             f"{engine.steps} steps: the two do not belong together"
         )
     return loop
+
+
+def check_intact(state: Path, meta: dict, path: Path) -> None:
+    """The state file as checkpoint.json (`path`, read as `meta`) recorded it: its size and its
+    SHA-256, checked before anything reads the file, so that a damaged or replaced one is never
+    unpickled (an earlier tbptt recorded no size: the SHA-256 alone is checked)."""
+    size = meta.get("bytes")
+    if size is not None:
+        size = int(_counter(size, "bytes", path))
+        with open_regular(state) as fh:
+            have = os.fstat(fh.fileno()).st_size
+        if have != size:
+            raise InputError(
+                f"checkpoint {state} is corrupted: it holds {have:,} bytes where {path} recorded "
+                f"{size:,} (cut short or replaced); it was not loaded"
+            )
+    digest = meta.get("sha256")
+    if digest is not None and _sha256(state) != digest:
+        raise InputError(
+            f"checkpoint {state} is corrupted: its SHA-256 is not the one {path} recorded (a "
+            "damaged or replaced file); it was not loaded"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -340,6 +360,7 @@ def save_checkpoint(
         "engine": engine.suffix,
         "state": name,
         "sha256": _sha256(run / name),
+        "bytes": (run / name).stat().st_size,
         "updates": loop.updates,
         "seconds": loop.seconds,
         "k2": loop.k2,
