@@ -285,10 +285,12 @@ def load_checkpoint(run: Path, engine: Engine, k1: int, adapt: bool) -> Loop:
     if adapt and loop.k2 is not None:  # --adapt-k2: the k2 in force at the save
         cast(AdaptsK2, engine).set_k2(int(_counter(loop.k2, "k2", path)))  # numpy only
     check_intact(state, meta, path)
-    try:
-        engine.load(state)  # InputError when damaged or from another schedule, shape or loss
+    try:  # InputError when damaged or from another schedule, model or loss
+        engine.load(state, run / "config.toml")
     except InputError as exc:
-        said = str(exc).removeprefix(f"{state}: ")  # the library's message names the file too
+        # the reader's message may name the file too: here it is named once
+        said = str(exc).replace(f"checkpoint {state}", "it").replace(str(state), "it")
+        said = said.removeprefix("it: ")
         raise InputError(f"checkpoint {state} is corrupted or not from this run: {said}") from None
     if engine.steps != loop.updates * k1:
         raise InputError(
