@@ -941,3 +941,26 @@ def test_messages_say_which_thing_is_wrong(tmp_path, text, capsys):
     assert_one_line_error(code, err, "--temperature must be a positive number, got 0")
     code, _, err = tbptt(capsys, "sample", run, "--length", -1)
     assert_one_line_error(code, err, "--length must be an integer >= 0, got -1")
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_rtrl_too_large_names_the_flags(tmp_path, text, capsys, engine):
+    """--method rtrl whose influence matrix would not fit: one line giving its size and naming
+    --method, --hidden and --batch (the flags a user can change), not the library's max_bytes;
+    no run directory."""
+    if engine == "torch":
+        pytest.importorskip("torch")
+    run = tmp_path / "run"
+    args = ["--data", text, "--engine", engine, "--method", "rtrl", "--hidden", 300]
+    code, _, err = tbptt(capsys, "train", *args, "--max-updates", 2, "--run-dir", run)
+    assert_one_line_error(code, err, "--method rtrl", "--hidden 300", "--batch 32", "GiB")
+    assert "max_bytes" not in err and not run.exists()
+
+
+def test_bias_refuses_a_negative_seed_in_one_line(capsys):
+    """`tbptt bias --seed -1` and `--data-seed -1` (numpy's seeds are >= 0): one line naming
+    the flag, not numpy's ValueError traceback."""
+    for flag in ("--seed", "--data-seed"):
+        for command in ("bias", "suggest-k"):
+            code, _, err = tbptt(capsys, command, flag, -1)
+            assert_one_line_error(code, err, f"{flag} must be an integer >= 0, got -1")

@@ -306,6 +306,10 @@ def _get(args: argparse.Namespace, name: str):
 
 
 def _model_and_data(args: argparse.Namespace) -> tuple[ElmanRNN, dict[str, Array], str]:
+    for name in ("seed", "data_seed"):  # numpy's generators take seeds >= 0
+        if getattr(args, name) < 0:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} must be an integer >= 0, got {getattr(args, name)}")
     rho = args.spectral_radius
     if not (rho > 0 and math.isfinite(rho)):
         raise InputError(f"--spectral-radius must be a positive number, got {rho}")

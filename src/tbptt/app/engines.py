@@ -443,7 +443,38 @@ def _shapes(state: dict) -> str:
 def make_engine(cfg: cf.Config, problem: Problem) -> Engine:
     if cfg.engine == "numpy" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("under torchrun, use --engine torch (the numpy engine runs one process)")
+    check_influence(cfg, problem.m)
     return NumpyEngine(cfg, problem) if cfg.engine == "numpy" else TorchEngine(cfg, problem)
+
+
+def check_influence(cfg: cf.Config, m: int) -> None:
+    """--method rtrl: refuse, naming the flags, a model whose influence matrix J = dh/dtheta
+    (streams x state entries x |theta|, with the buffers beside it: 2 copies in numpy's RTRL, 3 in
+    torch's) would exceed what the library allows by default (tbptt.methods' max_bytes), before
+    anything is built; the library would refuse it too, naming its own argument."""
+    if cfg.method != "rtrl":
+        return
+    limit = next(o.default for o in METHODS["rtrl"].options if o.name == "max_bytes")
+    assert isinstance(limit, int)
+    n, layers = cfg.hidden, cfg.layers
+    if cfg.cell == "elman":  # theta = A, B, b
+        state, theta = n, n * (n + m + int(cfg.bias))
+    else:  # Recurrent: theta = the rnn's weights and both biases of every layer
+        gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell]
+        state = layers * n * (2 if cfg.cell == "lstm" else 1)  # (h, c) of an LSTM
+        theta = sum(gates * n * ((m if k == 0 else n) + n + 2) for k in range(layers))
+    copies = 2 if cfg.engine == "numpy" else 3
+    world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.engine == "torch" else 1
+    entries = cfg.batch // max(world, 1) * state * theta  # each torchrun process: its streams
+    need = copies * entries * np.dtype(cfg.dtype).itemsize
+    if need > limit:
+        raise InputError(
+            f"--method rtrl carries the influence matrix dh/dtheta of {cfg.batch // world} "
+            f"streams x {state} state entries x {theta:,} parameters = {entries:,} numbers, "
+            f"{need / 2**30:,.1f} GiB with its buffers in {cfg.dtype}, more than the "
+            f"{limit / 2**30:g} GiB it may take: lower --hidden {n} or --batch {cfg.batch}, or "
+            "choose --method uoro or artbp"
+        )
 
 
 def memory_needed(cfg: cf.Config, m: int = 1, p: int = 1) -> tuple[int, str]:
