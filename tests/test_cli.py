@@ -964,3 +964,24 @@ def test_bias_refuses_a_negative_seed_in_one_line(capsys):
         for command in ("bias", "suggest-k"):
             code, _, err = tbptt(capsys, command, flag, -1)
             assert_one_line_error(code, err, f"{flag} must be an integer >= 0, got -1")
+
+
+def test_suggest_k_says_what_its_estimate_means(capsys):
+    """suggest-k prints each K's estimated relative bias as a percentage of the gradient's norm,
+    in words a user can act on (a bound of 79.6 is 7,960%: the truncation may miss all of the
+    gradient), never as a bare ratio that reads like a bug."""
+    import re
+
+    from tbptt.app.bias_commands import percent
+
+    code, out, err = tbptt(capsys, "suggest-k")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if re.match(r"^\s*\d+\s+\S+%", line)]
+    assert len(rows) >= 5
+    for line in rows:
+        k, value, words = re.match(r"^\s*(\d+)\s+([\d,.e+-]+)%\s+(.+)$", line).groups()
+        r = float(value.replace(",", "")) / 100
+        assert ("may miss all" in words) == (r >= 1), line
+        assert ("negligible" in words) == (r < 0.01), line
+    assert "may miss all" in rows[0] and percent(79.6) == "7,960%"
+    assert re.search(r"K = \d+, whose truncation's bias is estimated at most [\d.]+%", out)
