@@ -985,3 +985,16 @@ def test_suggest_k_says_what_its_estimate_means(capsys):
         assert ("negligible" in words) == (r < 0.01), line
     assert "may miss all" in rows[0] and percent(79.6) == "7,960%"
     assert re.search(r"K = \d+, whose truncation's bias is estimated at most [\d.]+%", out)
+
+
+def test_copy_task_prints_the_memoryless_baseline_beside_its_loss(tmp_path, capsys):
+    """The copy task's validation line gives the memoryless baseline, 10 log 8 / (T + 20) nats
+    per step (blanks, then a uniform guess among the 8 symbols), and says what it is."""
+    code, out, err = tbptt(
+        capsys, "train", "--task", "copy", "--length", 5, *TINY, "--max-updates", 10,
+        "--run-dir", tmp_path / "copy",
+    )  # fmt: skip
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("validation:"))
+    assert f"{10 * np.log(8) / (5 + 20):.4f} nats/step" in line.split("baseline")[1]
+    assert "memoryless baseline" in line and "uniform guess among the 8 symbols" in line

@@ -297,6 +297,7 @@ class Problem:
     valid: Callable[[int | None], Iterator[tuple]]
     vocab: str | None  # the characters of a text task
     unit: str  # what one loss value means
+    baseline: str | None = None  # what a network without memory reaches, said beside the loss
 
 
 def one_hot(ids: Array, V: int) -> OneHot:
@@ -367,7 +368,15 @@ def _task_problem(cfg, dtype: np.dtype) -> Problem:
         yield cast(*tasks.validation_set(make, 256, cfg.seed))
 
     unit = "nats/step" if loss == "cross_entropy" else "L2 loss/target"
-    return Problem(m, p, loss, lambda t, k: cast(*streams.chunk(t, k)), valid_chunks, None, unit)
+    baseline = None
+    if cfg.task == "copy":
+        b = tasks.copy_memory_baseline(cfg.length)
+        baseline = (
+            f"the memoryless baseline is {b:.4f} {unit} (blanks, then a uniform guess among the "
+            f"{tasks.COPY_SYMBOLS} symbols; below it the network remembers them)"
+        )
+    chunks = lambda t, k: cast(*streams.chunk(t, k))  # noqa: E731
+    return Problem(m, p, loss, chunks, valid_chunks, None, unit, baseline)
 
 
 def load_problem(cfg, vocab: str | None = None) -> Problem:

@@ -236,7 +236,8 @@ def finish(run: Run, lr: float) -> None:
         vocab = run.problem.vocab or ""
         print("sample:\n" + generate(run.engine, vocab, "", 400, 0.8, cfg.seed))
     else:
-        print(f"validation: {valid:.4f} {run.problem.unit}")
+        beside = f"; {run.problem.baseline}" if run.problem.baseline else ""
+        print(f"validation: {valid:.4f} {run.problem.unit}{beside}")
 
 
 # -- interrupts and progress -----------------------------------------------------------------------
