@@ -998,3 +998,23 @@ def test_copy_task_prints_the_memoryless_baseline_beside_its_loss(tmp_path, caps
     line = next(line for line in out.splitlines() if line.startswith("validation:"))
     assert f"{10 * np.log(8) / (5 + 20):.4f} nats/step" in line.split("baseline")[1]
     assert "memoryless baseline" in line and "uniform guess among the 8 symbols" in line
+
+
+def test_a_finished_run_says_where_its_plot_is_and_how_to_go_on(tmp_path, text, capsys):
+    """The last lines of `tbptt train` name loss.png and give the exact commands to sample and to
+    resume; both commands, run as printed, work (the resumed run trains on to the new budget)."""
+    import shlex
+
+    run = tmp_path / "my run"
+    code, out, err = tbptt(
+        capsys, "train", "--data", text, *TINY, "--max-updates", 20, "--run-dir", run
+    )
+    assert code == 0, err
+    tail = out.splitlines()[-3:]
+    assert str(run / "loss.png") in tail[0] and (run / "loss.png").is_file()
+    commands = [line.split(": ", 1)[1] for line in tail[1:]]
+    assert [shlex.split(c)[:2] for c in commands] == [["tbptt", "sample"], ["tbptt", "train"]]
+    for command in commands:
+        code, _, err = tbptt(capsys, *shlex.split(command)[1:])
+        assert code == 0, err
+    assert json.loads((run / "checkpoint.json").read_text())["updates"] == 40

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -238,6 +239,25 @@ def finish(run: Run, lr: float) -> None:
     else:
         beside = f"; {run.problem.baseline}" if run.problem.baseline else ""
         print(f"validation: {valid:.4f} {run.problem.unit}{beside}")
+    print(next_steps(run))
+
+
+def next_steps(run: Run) -> str:
+    """The last lines: where the loss curve is, and the exact commands to sample and to go on
+    (twice the budget: the budgets count the whole run)."""
+    cfg, here = run.cfg, shlex.quote(str(run.path))
+    lines = []
+    if plots.available():
+        lines.append(f"loss curve: {run.path / 'loss.png'}")
+    if cfg.text:
+        lines.append(f"sample more: tbptt sample {here} --length 500")
+    if cfg.max_updates is not None:
+        budget = f"--max-updates {2 * cfg.max_updates}"
+    else:
+        assert cfg.time_budget is not None  # config.check sets one of the two
+        budget = f"--time-budget {2 * cfg.time_budget:g}"
+    lines.append(f"train on: tbptt train --resume {here} {budget}")
+    return "\n".join(lines)
 
 
 # -- interrupts and progress -----------------------------------------------------------------------
