@@ -1018,3 +1018,20 @@ def test_a_finished_run_says_where_its_plot_is_and_how_to_go_on(tmp_path, text, 
         code, _, err = tbptt(capsys, *shlex.split(command)[1:])
         assert code == 0, err
     assert json.loads((run / "checkpoint.json").read_text())["updates"] == 40
+
+
+def test_unscaled_numbers_get_a_hint_to_standardize(tmp_path, capsys):
+    """An .npy of unscaled values (np.arange(500): mean 249.5) trains, and the output says that
+    their scale makes the L2 loss large and how to standardize them; values of order 1 (a sine)
+    get no such note."""
+    np.save(tmp_path / "ramp.npy", np.arange(500))
+    np.save(tmp_path / "sine.npy", np.sin(np.arange(500) / 10))
+    for name, hinted in (("ramp.npy", True), ("sine.npy", False)):
+        code, out, err = tbptt(
+            capsys, "train", "--data", tmp_path / name, *TINY, "--max-updates", 10,
+            "--run-dir", tmp_path / name[:4],
+        )  # fmt: skip
+        assert code == 0, err
+        assert ("standardize" in out) == hinted, out
+        if hinted:
+            assert "249.5" in out and "(x - x.mean(axis=0)) / x.std(axis=0)" in out

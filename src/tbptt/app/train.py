@@ -101,6 +101,8 @@ def train(run: Run, progress: bool) -> int:
             "products (--threads N to choose; --resume keeps the run's)",
             flush=True,
         )
+    if run.writer and run.problem.note:
+        print(run.problem.note, flush=True)
     if run.writer and not plots.available():
         print("loss.png is not drawn: matplotlib is missing (pip install 'tbptt[plot]')")
     with Interrupt() as interrupt, Progress(cfg, progress) as bar:
@@ -238,6 +240,8 @@ def finish(run: Run, lr: float) -> None:
         print("sample:\n" + generate(run.engine, vocab, "", 400, 0.8, cfg.seed))
     else:
         beside = f"; {run.problem.baseline}" if run.problem.baseline else ""
+        if run.problem.note:
+            beside += " (large because of the data's scale: see the note above)"
         print(f"validation: {valid:.4f} {run.problem.unit}{beside}")
     print(next_steps(run))
 
