@@ -34,6 +34,7 @@ def cli(*args, env=None):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     [b"play-\xf0\x9f\x8e\xad.txt", b"play-caf\xe9-\xff.txt"],

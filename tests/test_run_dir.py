@@ -153,6 +153,7 @@ def final_model(run):
     return {k: v.numpy() for k, v in model.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 def test_a_kill_before_the_first_checkpoint_json_starts_over(tmp_path, text, capsys, engine):
     """SIGKILL after the first state file is renamed into place but before the first
