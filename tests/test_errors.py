@@ -70,6 +70,30 @@ def test_bad_data_is_rejected_naming_the_argument(case, fn):
         getattr(tbptt, fn)(MODEL, **kwargs)
 
 
+def test_a_batch_first_array_is_named_as_such_where_the_shapes_tell():
+    """tbptt reads (4, 20, 3) as T = 4 steps of 20 streams: what it documents. Where another
+    argument's shape is the time-major one with T and batch swapped (a batch-first array beside a
+    time-major one), the error says "time-major (T, batch, m)" and "batch-first"; valid time-major
+    input with T < batch is accepted without a word."""
+    assert "time-major (T, batch, m)" in tbptt.gradients.__doc__
+    batch, steps = 4, 20
+    x_bf = np.zeros((batch, steps, m))  # batch-first: (batch, T, m)
+    y_tm, h0 = np.zeros((steps, batch, p)), np.zeros((batch, n))
+    for kwargs in (
+        dict(x=x_bf, y=y_tm),  # y time-major beside a batch-first x
+        dict(x=x_bf, y=np.zeros((batch, steps, p)), h0=h0),  # h0 has one row per stream
+        dict(x=x_bf, y=np.zeros((batch, steps, p)), mask=np.ones((steps, batch))),
+        dict(x=np.zeros((steps, batch, m)), y=np.zeros((batch, steps, p))),  # y batch-first
+    ):
+        with pytest.raises(ValueError) as info:
+            tbptt.gradients(MODEL, **kwargs)
+        assert "time-major (T, batch" in str(info.value) and "batch-first" in str(info.value)
+    with pytest.raises(ValueError, match=r"time-major \(T, batch, m\)"):
+        tbptt.gradients(MODEL, np.zeros((steps, batch, m + 1)), y_tm)
+    x_tm, short = np.zeros((batch, steps, m)), np.zeros((batch, steps, p))  # T=4 < batch=20
+    assert tbptt.gradients(MODEL, x_tm, short, h0=np.zeros((steps, n)))["A"].shape == (n, n)
+
+
 BAD_TARGETS = {
     "too-large": (np.full(T, p), ValueError),
     "negative": (np.full(T, -1), ValueError),

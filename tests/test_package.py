@@ -127,3 +127,57 @@ def test_contributing_names_every_file_under_src():
     listed = layout_files()
     assert not sorted(files - listed), f"not in CONTRIBUTING.md's layout: {sorted(files - listed)}"
     assert not sorted(listed - files), f"in the layout but not in src/: {sorted(listed - files)}"
+
+
+# -- the extras a page of documentation needs ------------------------------------------------------
+ROOT = SRC.parent
+
+
+def extras() -> dict[str, set[str]]:
+    """{extra: the distributions it installs} from pyproject.toml (tbptt[a,b] expanded); the
+    test and bench extras, for developers, left out."""
+    import re
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    table = table["optional-dependencies"]
+    out: dict[str, set[str]] = {}
+    for name in table:
+        if name in ("test", "bench"):
+            continue
+        todo, seen = list(table[name]), set()
+        while todo:
+            req = todo.pop()
+            ref = re.match(r"tbptt\[([\w,-]+)\]", req)
+            if ref:
+                todo += [r for e in ref.group(1).split(",") for r in table[e]]
+            else:
+                seen.add(re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower())
+        out[name] = seen
+    return out
+
+
+def test_every_page_names_the_extras_its_code_imports():
+    """Each page of docs/ (and README.md) whose code imports a package of an extra (torch,
+    accelerate, lightning, matplotlib, ...) names that extra, as pip's [extra], before its first
+    code block; and the extra exists in pyproject.toml."""
+    import re
+
+    known = extras()
+    core = {"numpy", "tbptt"} | set(sys.stdlib_module_names)
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        code = "\n".join(re.findall(r"^```python\n(.*?)^```", text, re.S | re.M))
+        modules = set(re.findall(r"^\s*(?:import|from)\s+(\w+)", code, re.M)) - core
+        head = text[: text.find("```")] if "```" in text else text
+        named = {e for group in re.findall(r"\[([\w, -]+)\]", head) for e in group.split(",")}
+        for module in sorted(modules):
+            providers = {e for e, dists in known.items() if module in dists}
+            assert providers, f"{page.name} imports {module}, which no extra installs"
+            assert providers & {e.strip() for e in named}, (
+                f"{page.name} imports {module} but names none of the extras {sorted(providers)} "
+                "before its first code block"
+            )

@@ -71,6 +71,38 @@ def test_a_second_process_on_a_training_run_is_refused(tmp_path, text):
     assert [r[0] for r in rows(run)[1:]][-1] == str(meta["updates"])
 
 
+def test_a_lock_that_is_a_link_is_never_written_through(tmp_path, text, capsys):
+    """RUN/lock replaced by a symbolic link to a user's file: `--resume` refuses in one line
+    naming the lock, and the file the link points to keeps its bytes."""
+    run = tmp_path / "run"
+    assert (
+        tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)[0] == 0
+    )
+    precious = tmp_path / "precious.txt"
+    precious.write_text("a user's file\n")
+    (run / "lock").unlink(missing_ok=True)
+    (run / "lock").symlink_to(precious)
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
+    assert_one_line_error(code, err, str(run / "lock"), "link")
+    assert precious.read_text() == "a user's file\n"
+    assert json.loads((run / "checkpoint.json").read_text())["updates"] == 10
+
+
+def test_a_finished_run_leaves_no_lock(tmp_path, text, capsys):
+    """A run that ends (finished, or refused at --resume) deletes RUN/lock: no stale lock is
+    left to puzzle a user; the next --resume takes a new one."""
+    run = tmp_path / "run"
+    assert (
+        tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)[0] == 0
+    )
+    assert not (run / "lock").exists()
+    assert tbptt(capsys, "train", "--resume", run, "--max-updates", 20)[0] == 0
+    assert not (run / "lock").exists()
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--hidden", 20)
+    assert_one_line_error(code, err, "--hidden")
+    assert not (run / "lock").exists()
+
+
 # -- a kill in the middle of a checkpoint -------------------------------------------------------
 KILLER = """
 import os, signal, sys
@@ -108,6 +140,43 @@ def test_a_kill_inside_a_checkpoint_loses_no_metrics_row(tmp_path, text, capsys,
     assert rows(cut) == rows(whole)
     for k, v in params(whole).items():
         np.testing.assert_array_equal(v, params(cut)[k])
+
+
+def final_model(run):
+    """The model's tensors in a run's latest state file (.npz or .pt), name -> numpy array."""
+    state = run / json.loads((run / "checkpoint.json").read_text())["state"]
+    if state.suffix == ".npz":
+        return params(run)
+    import torch
+
+    model = torch.load(state, weights_only=True)["model"]
+    return {k: v.numpy() for k, v in model.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_a_kill_before_the_first_checkpoint_json_starts_over(tmp_path, text, capsys, engine):
+    """SIGKILL after the first state file is renamed into place but before the first
+    checkpoint.json: `--resume` starts the run over from update 0 (the state file is a leftover
+    of an unfinished checkpoint), and ends with the parameters of a run never interrupted."""
+    if engine == "torch":
+        pytest.importorskip("torch")
+    common = ["--data", text, *TINY, "--engine", engine, "--lr-decay", "none"]
+    common += ["--max-updates", 20]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert tbptt(capsys, "train", *common, "--run-dir", whole)[0] == 0
+    argv = [str(a) for a in ("train", *common, "--run-dir", cut)]
+    killed = subprocess.run([sys.executable, "-c", KILLER, "3", *argv], timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (cut / "checkpoint.json").exists() and list(cut.glob("state-*"))
+    code, out, err = tbptt(capsys, "train", "--resume", cut, "--no-progress")
+    assert code == 0, err
+    assert "starts from the beginning" in out
+    assert rows(cut) == rows(whole)
+    a, b = final_model(whole), final_model(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_train_loss_after_a_resume_averages_the_updates_since_the_checkpoint(
@@ -163,8 +232,9 @@ def test_checkpoint_counters_are_checked(tmp_path, text, capsys, key, value, wor
     "edit", [("k1 = 5", "k1 = 4"), ("k2 = 5", "k2 = 7"), ('inject = "new"', 'inject = "window"')]
 )
 def test_a_schedule_edited_in_config_toml_is_refused(tmp_path, text, capsys, edit):
-    """The numpy engine, like the torch one, will not continue a run with another k1, k2 or
-    inject than its state was trained with."""
+    """A run will not continue with another k1, k2 or inject than its state was trained with:
+    config.toml against checkpoint.json's settings names the setting; without them (a checkpoint
+    of an earlier tbptt) the numpy engine's state, like the torch one's, names the schedule."""
     run = tmp_path / "run"
     tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)
     config = (run / "config.toml").read_text()
@@ -172,8 +242,26 @@ def test_a_schedule_edited_in_config_toml_is_refused(tmp_path, text, capsys, edi
     (run / "config.toml").write_text(config.replace(edit[0], edit[1]))
     before = snapshot(run)
     code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
+    assert_one_line_error(code, err, edit[1], str(run / "config.toml"), edit[0])
+    assert snapshot(run) == before
+    meta = json.loads((run / "checkpoint.json").read_text())
+    del meta["settings"]
+    (run / "checkpoint.json").write_text(json.dumps(meta))
+    before = snapshot(run)
+    code, _, err = tbptt(capsys, "train", "--resume", run, "--max-updates", 20)
     assert_one_line_error(code, err, "schedule", "k1=5, k2=5, inject=new")
     assert snapshot(run) == before
+
+
+def record_as_intact(run, state):
+    """Make checkpoint.json record the state file's present size and SHA-256 (as a checkpoint
+    written with it would): what the reader then finds is checked by the reader."""
+    import hashlib
+
+    meta = json.loads((run / "checkpoint.json").read_text())
+    data = state.read_bytes()
+    meta.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (run / "checkpoint.json").write_text(json.dumps(meta))
 
 
 def flip_inside_the_largest_record(path):
@@ -229,6 +317,7 @@ def test_damaged_checkpoints_never_suggest_loading_unsafely(tmp_path, text, caps
                 np.savez(fh, **{"model.A": np.array([Fraction(1, 3)], dtype=object)})
         else:
             torch.save({"format": "tbptt.torch.TBPTT/2", "lr": Fraction(1, 3)}, state)
+        record_as_intact(run, state)  # past the SHA-256, as far as the reader
         for command in (["train", "--resume", run, "--max-updates", 20], ["sample", run]):
             code, _, err = tbptt(capsys, *command)
             assert_one_line_error(code, err, state.name, "objects")
@@ -372,6 +461,38 @@ def test_a_damaged_run_file_is_named(tmp_path, text, capsys, name, content):
     assert_one_line_error(code, err, str(path))
     assert "--config" not in err
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("vocab.json", "fifo"),
+        ("vocab.json", "/dev/zero"),
+        ("checkpoint.json", "fifo"),
+        ("checkpoint.json", "/dev/zero"),
+        ("config.toml", "/dev/zero"),
+        ("state-00000010.npz", "fifo"),
+    ],
+)
+def test_a_run_file_that_is_not_a_regular_file_is_refused_not_read(
+    tmp_path, text, capsys, name, kind
+):
+    """A run file replaced by a FIFO (no writer) or by a link to /dev/zero (endless): `--resume`
+    and `sample` refuse it in one line naming the file, instead of waiting or reading forever."""
+    run = tmp_path / "run"
+    assert (
+        tbptt(capsys, "train", "--data", text, *TINY, "--max-updates", 10, "--run-dir", run)[0] == 0
+    )
+    (run / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(run / name)
+    else:
+        (run / name).symlink_to(kind)
+    for command in (["train", "--resume", run, "--max-updates", 20], ["sample", run]):
+        res = subprocess.run(
+            [*CLI, *map(str, command)], capture_output=True, text=True, timeout=120
+        )
+        assert_one_line_error(res.returncode, res.stderr, name, "not a regular file")
 
 
 def test_sample_before_the_first_checkpoint(tmp_path, text, capsys):

@@ -9,16 +9,24 @@ never a part. The file gets the mode `open()` would give a new file: 0o666 less 
 `atomic_directory`: its first files are written into a temporary folder that is renamed into place.
 
 Temporary names start with TMP_PREFIX; `remove_stale` deletes those a killed process left behind.
+
+A file tbptt reads back (a run's configuration, vocabulary, checkpoint) is opened by
+`open_regular`, which refuses what is not a regular file (a FIFO would wait forever for a writer,
+/dev/zero never ends), and read by `read_regular`, which refuses a file larger than the caller's
+bound instead of reading it whole.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
+
+from .errors import InputError
 
 TMP_PREFIX = ".tmp-"
 
@@ -109,3 +117,45 @@ def remove_stale(folder: str | os.PathLike) -> list[str]:
             entry.unlink(missing_ok=True)
         gone.append(entry.name)
     return gone
+
+
+def open_regular(path: str | os.PathLike, name: str | None = None) -> BinaryIO:
+    """Open `path` for reading in binary, if it is a regular file (a link to one is followed);
+    else an InputError naming it as `name` (default: the path). The open never blocks: a FIFO is
+    opened with O_NONBLOCK, seen by fstat, and refused."""
+    name = name or os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError(f"{name}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read it ({exc.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+        )
+        raise InputError(f"{name} is not a regular file (it is {kind}); tbptt reads only files")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str | os.PathLike, limit: int, name: str | None = None) -> bytes:
+    """The bytes of the regular file `path` (open_regular), if it holds at most `limit`; else an
+    InputError naming it as `name` (default: the path)."""
+    name = name or os.fspath(path)
+    with open_regular(path, name) as fh:
+        data = fh.read(limit + 1)  # a file that grows while it is read is bounded too
+    if len(data) > limit:
+        raise InputError(
+            f"{name} is larger than {limit // 2**20} MiB, far larger than such a file can be: "
+            "not a file tbptt wrote"
+        )
+    return data

@@ -306,6 +306,10 @@ def _get(args: argparse.Namespace, name: str):
 
 
 def _model_and_data(args: argparse.Namespace) -> tuple[ElmanRNN, dict[str, Array], str]:
+    for name in ("seed", "data_seed"):  # numpy's generators take seeds >= 0
+        if getattr(args, name) < 0:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} must be an integer >= 0, got {getattr(args, name)}")
     rho = args.spectral_radius
     if not (rho > 0 and math.isfinite(rho)):
         raise InputError(f"--spectral-radius must be a positive number, got {rho}")
@@ -525,11 +529,35 @@ def run_bias(args: argparse.Namespace) -> int:
     return 0
 
 
+def percent(r: float) -> str:
+    """A relative bias as a percentage: 79.6 -> '7,960%', 0.0905 -> '9.05%'."""
+    if not math.isfinite(r):
+        return "inf"
+    v = 100 * r
+    return f"{v:,.0f}%" if v >= 100 else f"{v:.3g}%" if v >= 0.01 else f"{v:.1e}%"
+
+
+def in_words(r: float) -> str:
+    """What an estimated relative bias (a bound on |bias| / |gradient|) means for a user."""
+    if not math.isfinite(r):
+        return "no bound: the gradient's norm has no lower bound here"
+    if r >= 1:
+        return "may miss all of the gradient: the bound exceeds the gradient itself"
+    if r >= 0.5:
+        return "may miss most of the gradient"
+    if r >= 0.1:
+        return "may miss a large part of the gradient"
+    if r >= 0.01:
+        return "may miss a small part of the gradient (under 10%)"
+    return "negligible (under 1%)"
+
+
 def _k_sentence(choice: KChoice, profile: LagProfile) -> str:
     if choice.bounded:
+        r = float(choice.rel_bias[choice.k - 1])
         return (
-            f"Suggested k2 (Aicher et al., delta = {choice.delta:g}): K = {choice.k} "
-            f"(estimated relative bias {choice.rel_bias[choice.k - 1]:.3g})."
+            f"Suggested k2 (Aicher et al., delta = {choice.delta:g}): K = {choice.k}, whose "
+            f"truncation's bias is estimated at most {percent(r)} of the gradient's norm."
         )
     if not 0 <= profile.rate < 1:
         why = f"the gradient shows no geometric decay (beta = {profile.rate:.4g})"
@@ -542,7 +570,8 @@ def _k_sentence(choice: KChoice, profile: LagProfile) -> str:
     else:
         why = f"too little decay (beta = {profile.rate:.4g} per step)"
     return (
-        f"No K up to {len(choice.rel_bias)} has an estimated relative bias <= {choice.delta:g}: "
+        f"No K up to {len(choice.rel_bias)} has an estimated relative bias <= "
+        f"{percent(choice.delta)} (--delta {choice.delta:g}): "
         f"{why}; K = {choice.k}."
     )
 
@@ -570,9 +599,10 @@ def run_suggest_k(args: argparse.Namespace) -> int:
         f"step (from lag {profile.fit_from} to {profile.max_lag})."
     )
     shown = sorted({1, 2, 4, 8, 16, 32, 64, 128, choice.k} & set(range(1, args.k_max + 1)))
-    print("   K  estimated relative bias")
+    print("   K  estimated bias, at most (relative to the gradient's norm)")
     for k in shown:
-        print(f"{k:>4}  {_num(float(choice.rel_bias[k - 1]))}")
+        r = float(choice.rel_bias[k - 1])
+        print(f"{k:>4}  {percent(r):>8}  {in_words(r)}")
     print(_k_sentence(choice, profile))
     print(choice.k)
     return 0

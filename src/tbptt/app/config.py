@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -160,11 +159,13 @@ class Config:
     )
     threads: int | None = _f(
         None,
-        "CPU threads for the matrix products (numpy's OpenBLAS, or "
-        "torch). Default: $OMP_NUM_THREADS when set; else 1 for the numpy engine, whose per-step "
-        "products are small (a second thread gains a few percent on an idle machine and loses many "
-        "times over on a busy one), and for torch the CPUs this process may use, at most 4, "
-        "shared among the processes of a torchrun job (an LSTM step is four gates wide)",
+        "CPU threads for the matrix products (numpy's OpenBLAS, or torch). Default: "
+        "$OMP_NUM_THREADS when set; else 1 for the numpy engine, whose per-step products are "
+        "small, and for torch half the CPUs idle at the start (by the load average), at least 1 "
+        "and at most 4, shared among the processes of a torchrun job: a thread more than the idle "
+        "CPUs makes every product wait for a descheduled thread (measured on a busy 2-core "
+        "machine: an LSTM 12 times slower with 2 threads than with 1). --resume keeps the run's "
+        "count",
         metavar="N",
     )
     run_dir: str | None = _f(
@@ -232,22 +233,33 @@ def _typed(name: str, value: object, where: str) -> object:
     return value
 
 
-def read_toml(path: str | Path, where: str = "--config") -> dict:
+def read_toml(path: str | Path, where: str = "--config", machine: bool = False) -> dict:
     """The fields a TOML file sets, type-checked; unknown keys are errors. Messages name the file
-    after `where` (the flag that gave it; "" for a run directory's own config.toml)."""
+    after `where` (the flag that gave it; "" for a run directory's own config.toml).
+
+    `data_bytes` (a path that is not UTF-8, percent-encoded: see write_toml) sets `data`. The
+    [machine] table (what the machine gave a run: its thread count) is read with `machine` (a
+    resumed run's own config.toml) and ignored otherwise (a new run picks its own)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib  # pyright: ignore[reportMissingImports]
+    from ..files import read_regular
+
     path = Path(path)
     where = f"{where} {path}".strip()
-    if not path.is_file():
-        raise InputError(f"{where}: no such file")
     try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
+        raw = tomllib.loads(read_regular(path, 16 << 20, where).decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{where} is not valid TOML: {exc}") from None
+    if "data_bytes" in raw:
+        encoded = raw.pop("data_bytes")
+        raw["data"] = _from_bytes_key(encoded, "data" in raw, where)
+    table = raw.pop("machine", {})
+    if not isinstance(table, dict) or not set(table) <= {"threads"}:
+        raise InputError(f"{where}: [machine] may hold threads only, got {table!r}")
+    if machine and "threads" not in raw:
+        raw.update(table)
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -257,16 +269,32 @@ def read_toml(path: str | Path, where: str = "--config") -> dict:
     return out
 
 
-# written as comments: where this run lives and what this machine gave it, not what it computes
-MACHINE = {
-    "run_dir": "this run's directory; a new run picks its own",
-    "threads": "resolved on this machine; unset, each machine picks its own",
-}
+def _from_bytes_key(value: object, both: bool, where: str) -> str:
+    """data_bytes's percent-encoded bytes as the path (undecodable bytes as surrogates, as
+    os.fsdecode gives them)."""
+    from urllib.parse import unquote_to_bytes
+
+    if both:
+        raise InputError(f"{where}: data and data_bytes both name the data; keep one")
+    if not isinstance(value, str) or not value.isascii():
+        raise InputError(f"{where}: data_bytes must be an ASCII string, got {value!r}")
+    return os.fsdecode(unquote_to_bytes(value))
+
+
+# not settings of the run: where it lives (a comment) and what this machine gave it ([machine])
+MACHINE = ("run_dir", "threads")
 
 
 def write_toml(cfg: Config, run_dir: str | Path | None = None) -> str:
     """The configuration as TOML (unset options as comments). `tbptt train --config` of it starts
-    a new run with the same settings: the run directory and the thread count stay comments."""
+    a new run with the same settings: the run directory is a comment, and the thread count this
+    machine gave the run is in a [machine] table, which --resume reads and --config ignores.
+
+    Each value is written by tomli-w (any string as valid TOML: a path outside the Basic
+    Multilingual Plane as its UTF-8); the comments around them by hand. A --data path that is not
+    UTF-8 (bytes a file system allows, decoded by Python as surrogates) has no TOML string: it is
+    written as `data_bytes`, its bytes percent-encoded as in a file: URL (%E9 for the byte 0xE9),
+    which read_toml decodes back to the same bytes."""
     lines = ["# tbptt train configuration; reuse it with: tbptt train --config config.toml"]
     values = dataclasses.asdict(cfg)
     if run_dir is not None:
@@ -274,31 +302,109 @@ def write_toml(cfg: Config, run_dir: str | Path | None = None) -> str:
     for name, value in values.items():
         if name == "clip" and value is None:
             value = 0.0  # no clipping
-        if name in MACHINE:
-            lines.append(f"# {name} = {json.dumps(value)}  ({MACHINE[name]})")
+        if name == "run_dir":
+            shown = f"{name} = (not set)" if value is None else _toml(name, value)[-1]
+            lines.append(f"# {shown}  (this run's directory; a new run picks its own)")
+        elif name == "threads":
+            continue  # [machine], at the end (a table follows the keys)
         elif value is None:
             lines.append(f"# {name} = (not set)")
-        elif isinstance(value, bool):
-            lines.append(f"{name} = {str(value).lower()}")
-        elif isinstance(value, str):
-            lines.append(f"{name} = {json.dumps(value)}")
         else:
-            lines.append(f"{name} = {value!r}")
+            lines.extend(_toml(name, value))
+    if cfg.threads is not None:
+        lines.append("")
+        lines.append(
+            "# what this machine gave the run: tbptt train --resume keeps it (unless --threads is "
+            "given), --config ignores it (each machine picks its own)"
+        )
+        lines.append("[machine]")
+        lines.extend(_toml("threads", cfg.threads))
     return "\n".join(lines) + "\n"
 
 
+def _toml(name: str, value: object) -> list[str]:
+    """`name = value` as tomli-w writes it (every string on one line, escaped), after a comment
+    for a --data path that is not UTF-8, written as `data_bytes`."""
+    try:
+        import tomli_w
+    except ImportError:
+        raise InputError(
+            "tbptt train writes config.toml with the package tomli-w: pip install 'tbptt[data]'"
+        ) from None
+    if isinstance(value, str) and not _utf8(value):
+        if name not in ("data", "run_dir"):  # the other strings are the flags' choices
+            raise InputError(f"{flag(name)} {value!r} is not UTF-8 text")
+        from urllib.parse import quote_from_bytes
+
+        encoded = quote_from_bytes(os.fsencode(value), safe="/")
+        what = "--data" if name == "data" else "the run directory"
+        why = f"# {what} is not UTF-8: its bytes, percent-encoded (%E9 is the byte 0xE9)"
+        return [why, tomli_w.dumps({f"{name}_bytes": encoded}).strip()]
+    return [tomli_w.dumps({name: value}).strip()]
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def recorded(cfg: Config) -> dict:
+    """The settings a run computes with, as checkpoint.json records them: all but the budgets and
+    reporting (RESUMABLE), the machine's (MACHINE) and --data's path (the file may move)."""
+    skip = (*RESUMABLE, *MACHINE, "data")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+
+
+def check_recorded(cfg: Config, settings: object, config: Path, checkpoint: Path) -> None:
+    """A run's config.toml (config) against the settings its checkpoint.json recorded: an edit of
+    what the run computes with (lr, clip, seed, batch, cell, hidden, dtype, optimizer, ...) is
+    one line naming the setting and the file, before any engine is built."""
+    if not isinstance(settings, dict):
+        return  # a checkpoint of an earlier tbptt, which recorded none
+    now = recorded(cfg)
+    for name, value in settings.items():
+        if name in now and now[name] != value:
+            raise InputError(
+                f"{config} sets {_shown(name, now[name])} ({flag(name)}), but this run was "
+                f"trained with {_shown(name, value)} ({checkpoint}); a resumed run keeps what it "
+                f"computes with: set it back, or start a new run with --config {config}"
+            )
+
+
+def _shown(name: str, value: object) -> str:
+    """`name = value` as config.toml writes it."""
+    if value is None:
+        return f"{name} = {0.0 if name == 'clip' else '(not set)'}"
+    return _toml(name, value)[-1]
+
+
 def default_threads(engine: str) -> int:
-    """--threads when not given: $OMP_NUM_THREADS, else 1 (numpy) or this process's share of the
-    CPUs it may use, at most 4 (torch; a torchrun job's processes on one machine share them)."""
+    """--threads when not given: $OMP_NUM_THREADS, else 1 (numpy) or, for torch, half the CPUs
+    this process may use that are idle by the 1-minute load average, at least 1 and at most 4
+    (a torchrun job's local processes share them).
+
+    Why half: a thread more than the CPUs free makes each of the small per-step products wait for
+    a descheduled thread (measured on 2 cores at a load average of 5: the default torch Elman
+    model 46K characters/s with 1 thread, 2.9K with 2; an LSTM 16K and 1.3K), while a second
+    thread on idle CPUs gains at most 1.5 times; the load average lags, and other jobs may start
+    after this one, so only a margin of idle CPUs earns a second thread."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) >= 1:
         return int(env)
     if engine == "numpy":
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    share = (cpus or 1) // (int(local) if local.isdigit() and int(local) >= 1 else 1)
-    return max(1, min(4, share))
+    local = int(local) if local.isdigit() and int(local) >= 1 else 1
+    try:
+        idle = max(0.0, cpus - os.getloadavg()[0])
+    except (OSError, AttributeError):  # no load average here: assume the CPUs idle
+        idle = float(cpus)
+    return max(1, min(4, cpus // local, int(idle / (2 * local))))
 
 
 def check(cfg: Config) -> Config:

@@ -297,6 +297,8 @@ class Problem:
     valid: Callable[[int | None], Iterator[tuple]]
     vocab: str | None  # the characters of a text task
     unit: str  # what one loss value means
+    baseline: str | None = None  # what a network without memory reaches, said beside the loss
+    note: str | None = None  # a hint about the data, said at the start and beside the loss
 
 
 def one_hot(ids: Array, V: int) -> OneHot:
@@ -340,7 +342,35 @@ def _number_problem(values: Array, cfg, dtype: np.dtype) -> Problem:
             yield x.astype(dtype), y.astype(dtype), None, None
 
     F = values.shape[1]
-    return Problem(F, F, "l2", train_chunk, valid_chunks, None, "L2 loss/step")
+    note = scale_note(values, f"--data {cfg.data}")
+    return Problem(F, F, "l2", train_chunk, valid_chunks, None, "L2 loss/step", note=note)
+
+
+SCALE = 10.0  # |mean| or standard deviation of a feature beyond which the hint is given
+
+
+def scale_note(values: Array, name: str) -> str | None:
+    """A hint when the values are far from order 1: the L2 loss squares them, while the network
+    starts near 0 (tanh units, small initial weights), so its loss starts huge and its first
+    updates go to the scale rather than the sequence. None when every feature's mean and standard
+    deviation are within SCALE."""
+    total = np.zeros(values.shape[1])
+    squares = np.zeros(values.shape[1])
+    for start in range(0, len(values), BLOCK // 8):  # a memory-mapped file a block at a time
+        block = np.asarray(values[start : start + BLOCK // 8], np.float64)
+        total += block.sum(axis=0)
+        squares += (block**2).sum(axis=0)
+    mean = total / len(values)
+    std = np.sqrt(np.maximum(squares / len(values) - mean**2, 0.0))
+    j = int(np.argmax(np.maximum(np.abs(mean), std)))
+    if max(abs(mean[j]), std[j]) <= SCALE:
+        return None
+    which = f" (feature {j})" if values.shape[1] > 1 else ""
+    return (
+        f"note: {name} holds values of mean {mean[j]:.4g} and standard deviation {std[j]:.4g}"
+        f"{which}; the L2 loss squares them, so it is large and the network spends its updates "
+        "on the scale: standardize the data first, x = (x - x.mean(axis=0)) / x.std(axis=0)"
+    )
 
 
 def _task_problem(cfg, dtype: np.dtype) -> Problem:
@@ -367,7 +397,15 @@ def _task_problem(cfg, dtype: np.dtype) -> Problem:
         yield cast(*tasks.validation_set(make, 256, cfg.seed))
 
     unit = "nats/step" if loss == "cross_entropy" else "L2 loss/target"
-    return Problem(m, p, loss, lambda t, k: cast(*streams.chunk(t, k)), valid_chunks, None, unit)
+    baseline = None
+    if cfg.task == "copy":
+        b = tasks.copy_memory_baseline(cfg.length)
+        baseline = (
+            f"the memoryless baseline is {b:.4f} {unit} (blanks, then a uniform guess among the "
+            f"{tasks.COPY_SYMBOLS} symbols; below it the network remembers them)"
+        )
+    chunks = lambda t, k: cast(*streams.chunk(t, k))  # noqa: E731
+    return Problem(m, p, loss, chunks, valid_chunks, None, unit, baseline)
 
 
 def load_problem(cfg, vocab: str | None = None) -> Problem:

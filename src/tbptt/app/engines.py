@@ -88,8 +88,10 @@ class Engine(Protocol):
         """Write the engine's full state (under torchrun a collective call; rank 0 writes)."""
         ...
 
-    def load(self, path: Path) -> None:
-        """Restore what save wrote; InputError if the file is damaged or from another run."""
+    def load(self, path: Path, config: Path | None = None) -> None:
+        """Restore what save wrote; InputError naming the file if it is damaged or from another
+        run (and naming the settings of `config`, the file they came from, when it holds
+        another model)."""
         ...
 
 
@@ -118,7 +120,8 @@ def blas_threads(n: int) -> bool:
     import re
 
     try:
-        maps = Path("/proc/self/maps").read_text()
+        # (the paths of mapped files, --data's among them, may be any bytes)
+        maps = Path("/proc/self/maps").read_text(errors="surrogateescape")
     except OSError:
         return False
     names = (
@@ -167,7 +170,7 @@ class _Driven:
     def save(self, path: Path | None) -> None:
         self.driver.save(path)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, config: Path | None = None) -> None:
         self.driver.load(path)
 
 
@@ -300,6 +303,7 @@ class TorchEngine(_Driven):
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr)
         self.loss_fn = cross_entropy_loss if problem.loss == "cross_entropy" else l2_loss
         self.method = cfg.method
+        self.settings = {"cell": cfg.cell, "hidden": n, "layers": cfg.layers, "dtype": cfg.dtype}
         self.driver: TorchTBPTT = make_torch_trainer(
             cfg.method,
             self.model,
@@ -347,11 +351,130 @@ class TorchEngine(_Driven):
     def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
         return self.launch.agree(seconds, stop)
 
+    def load(self, path: Path, config: Path | None = None) -> None:
+        """Read the file here (one line if torch cannot), check that it holds this run's model
+        (one line naming the settings that differ), then restore it; under torchrun the
+        collective load of tbptt.torch, where rank 0 reads."""
+        if self.launch.world > 1:
+            self.driver.load(path)
+            return
+        sd = read_torch_state(path)
+        saved = sd.get("model") if isinstance(sd, dict) else None
+        if isinstance(saved, dict):  # else the driver's own check names what is missing
+            self._check_model(saved, path, config or Path("config.toml"))
+        self.driver.load_state_dict(sd)
+
+    def _check_model(self, saved: dict, path: Path, config: Path) -> None:
+        """The saved model's parameters against this one's: names, shapes and dtype."""
+        ours = self.model.state_dict()
+        same = saved.keys() == ours.keys() and all(
+            getattr(saved[k], "shape", None) == v.shape for k, v in ours.items()
+        )
+        if same and all(getattr(saved[k], "dtype", None) == v.dtype for k, v in ours.items()):
+            return
+        theirs = model_settings(saved)
+        if theirs is not None:
+            differ = [k for k in self.settings if theirs[k] != self.settings[k]]
+            if differ:
+                have = ", ".join(f"{k} = {theirs[k]!r}" for k in differ).replace("'", '"')
+                want = ", ".join(f"{k} = {self.settings[k]!r}" for k in differ).replace("'", '"')
+                raise InputError(
+                    f"{path} holds another model ({have}) than {config} sets ({want}): it is "
+                    "not a state of this run"
+                )
+        raise InputError(
+            f"{path} holds another model than {config} sets "
+            f"({', '.join(f'{k} = {v!r}' for k, v in self.settings.items())}): its parameters "
+            f"are {_shapes(saved)}, this run's {_shapes(ours)}"
+        )
+
+
+def read_torch_state(path: Path) -> dict:
+    """A saved torch state, read with weights_only=True (no arbitrary unpickling) onto the CPU;
+    one line naming the file when torch cannot read it (cut short, not a checkpoint, holding
+    objects), never a suggestion to load it unsafely."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        KeyError,
+    ) as exc:
+        text = str(exc).strip()
+        why = text.splitlines()[0] if text else type(exc).__name__
+        if isinstance(exc, OSError):  # a zip archive cut short: torch's seek fails
+            why = f"cut short or unreadable: {why}"
+        if "weights_only" in text or "Weights only load failed" in text:
+            why = "it holds objects other than tensors and plain values"
+        raise InputError(f"{path} is damaged or not a tbptt checkpoint ({why})") from None
+
+
+def model_settings(saved: dict) -> dict | None:
+    """cell, hidden, layers and dtype of a saved model of the app's (tbptt.torch's ElmanRNN, or
+    Recurrent around nn.RNN, GRU or LSTM), read from its parameters; None for another module."""
+    first = next(iter(saved.values()), None)
+    dtype = str(getattr(first, "dtype", "")).removeprefix("torch.")
+    if {"A", "B", "C"} <= saved.keys():
+        return {"cell": "elman", "hidden": saved["A"].shape[0], "layers": 1, "dtype": dtype}
+    hh = saved.get("rnn.weight_hh_l0")
+    if hh is None or len(hh.shape) != 2 or hh.shape[1] == 0:
+        return None
+    gates = hh.shape[0] // hh.shape[1]
+    cell = {1: "rnn", 3: "gru", 4: "lstm"}.get(gates)
+    layers = sum(1 for k in saved if k.startswith("rnn.weight_hh_l"))
+    if cell is None:
+        return None
+    return {"cell": cell, "hidden": hh.shape[1], "layers": layers, "dtype": dtype}
+
+
+def _shapes(state: dict) -> str:
+    return ", ".join(f"{k} {tuple(getattr(v, 'shape', ()))}" for k, v in list(state.items())[:4])
+
 
 def make_engine(cfg: cf.Config, problem: Problem) -> Engine:
     if cfg.engine == "numpy" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("under torchrun, use --engine torch (the numpy engine runs one process)")
+    check_influence(cfg, problem.m)
     return NumpyEngine(cfg, problem) if cfg.engine == "numpy" else TorchEngine(cfg, problem)
+
+
+def check_influence(cfg: cf.Config, m: int) -> None:
+    """--method rtrl: refuse, naming the flags, a model whose influence matrix J = dh/dtheta
+    (streams x state entries x |theta|, with the buffers beside it: 2 copies in numpy's RTRL, 3 in
+    torch's) would exceed what the library allows by default (tbptt.methods' max_bytes), before
+    anything is built; the library would refuse it too, naming its own argument."""
+    if cfg.method != "rtrl":
+        return
+    limit = next(o.default for o in METHODS["rtrl"].options if o.name == "max_bytes")
+    assert isinstance(limit, int)
+    n, layers = cfg.hidden, cfg.layers
+    if cfg.cell == "elman":  # theta = A, B, b
+        state, theta = n, n * (n + m + int(cfg.bias))
+    else:  # Recurrent: theta = the rnn's weights and both biases of every layer
+        gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell]
+        state = layers * n * (2 if cfg.cell == "lstm" else 1)  # (h, c) of an LSTM
+        theta = sum(gates * n * ((m if k == 0 else n) + n + 2) for k in range(layers))
+    copies = 2 if cfg.engine == "numpy" else 3
+    world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.engine == "torch" else 1
+    entries = cfg.batch // max(world, 1) * state * theta  # each torchrun process: its streams
+    need = copies * entries * np.dtype(cfg.dtype).itemsize
+    if need > limit:
+        raise InputError(
+            f"--method rtrl carries the influence matrix dh/dtheta of {cfg.batch // world} "
+            f"streams x {state} state entries x {theta:,} parameters = {entries:,} numbers, "
+            f"{need / 2**30:,.1f} GiB with its buffers in {cfg.dtype}, more than the "
+            f"{limit / 2**30:g} GiB it may take: lower --hidden {n} or --batch {cfg.batch}, or "
+            "choose --method uoro or artbp"
+        )
 
 
 def memory_needed(cfg: cf.Config, m: int = 1, p: int = 1) -> tuple[int, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import NoReturn
 
@@ -70,7 +71,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_sample(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
-    if not (run / "config.toml").is_file():
+    if not os.path.lexists(run / "config.toml"):
         raise InputError(f"{run} is not a tbptt run directory (no config.toml)")
     if args.length < 0:
         raise InputError(f"--length must be an integer >= 0, got {args.length}")
@@ -78,7 +79,9 @@ def run_sample(args: argparse.Namespace) -> int:
         raise InputError(f"--temperature must be a positive number, got {args.temperature}")
     if args.seed < 0:
         raise InputError(f"--seed must be an integer >= 0, got {args.seed}")
-    cfg = cf.check(cf.Config(**cf.read_toml(run / "config.toml", where="")))
+    cfg = cf.check(cf.Config(**cf.read_toml(run / "config.toml", where="", machine=True)))
+    settings = rundir.recorded_settings(run)
+    cf.check_recorded(cfg, settings, run / "config.toml", run / "checkpoint.json")
     if not cfg.text:
         raise InputError(f"{run} was trained on --task {cfg.task}; sample needs a character model")
     vocab = rundir.read_vocab(run)

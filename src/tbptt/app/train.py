@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shlex
 import signal
 import sys
 import time
@@ -91,6 +93,16 @@ def train(run: Run, progress: bool) -> int:
                 file=sys.stderr,
             )
         return 0
+    if run.writer:
+        assert cfg.threads is not None  # config.check resolved it
+        many = "s" if cfg.threads != 1 else ""
+        print(
+            f"training with {cfg.threads} CPU thread{many} for the {cfg.engine} engine's matrix "
+            "products (--threads N to choose; --resume keeps the run's)",
+            flush=True,
+        )
+    if run.writer and run.problem.note:
+        print(run.problem.note, flush=True)
     if run.writer and not plots.available():
         print("loss.png is not drawn: matplotlib is missing (pip install 'tbptt[plot]')")
     with Interrupt() as interrupt, Progress(cfg, progress) as bar:
@@ -191,7 +203,7 @@ def record(run: Run, train_loss: float | None, valid_loss: float | None, lr: flo
 def checkpoint(run: Run, final: bool = False) -> None:
     """rundir.save_checkpoint, and loss.png at the end or every PLOT_EVERY seconds."""
     run.loop.k2 = run.engine.k2
-    rundir.save_checkpoint(run.path, run.engine, run.loop, run.rows)
+    rundir.save_checkpoint(run.path, run.engine, run.loop, run.rows, cf.recorded(run.cfg))
     run.saved = True
     due = final or time.perf_counter() - run.plotted >= PLOT_EVERY
     if run.writer and due and plots.available():
@@ -227,7 +239,29 @@ def finish(run: Run, lr: float) -> None:
         vocab = run.problem.vocab or ""
         print("sample:\n" + generate(run.engine, vocab, "", 400, 0.8, cfg.seed))
     else:
-        print(f"validation: {valid:.4f} {run.problem.unit}")
+        beside = f"; {run.problem.baseline}" if run.problem.baseline else ""
+        if run.problem.note:
+            beside += " (large because of the data's scale: see the note above)"
+        print(f"validation: {valid:.4f} {run.problem.unit}{beside}")
+    print(next_steps(run))
+
+
+def next_steps(run: Run) -> str:
+    """The last lines: where the loss curve is, and the exact commands to sample and to go on
+    (twice the budget: the budgets count the whole run)."""
+    cfg, here = run.cfg, shlex.quote(str(run.path))
+    lines = []
+    if plots.available():
+        lines.append(f"loss curve: {run.path / 'loss.png'}")
+    if cfg.text:
+        lines.append(f"sample more: tbptt sample {here} --length 500")
+    if cfg.max_updates is not None:
+        budget = f"--max-updates {2 * cfg.max_updates}"
+    else:
+        assert cfg.time_budget is not None  # config.check sets one of the two
+        budget = f"--time-budget {2 * cfg.time_budget:g}"
+    lines.append(f"train on: tbptt train --resume {here} {budget}")
+    return "\n".join(lines)
 
 
 # -- interrupts and progress -----------------------------------------------------------------------
@@ -359,13 +393,15 @@ def _resume(args: argparse.Namespace) -> Run:
     if args.config:
         raise InputError("--config and --resume exclude each other: a run keeps its config")
     path = Path(args.resume)
-    if not (path / "config.toml").is_file():
+    if not os.path.lexists(path / "config.toml"):
         raise InputError(f"--resume {path}: not a tbptt run directory (no config.toml)")
     given = getattr(args, "run_dir", None)
     if given is not None and Path(given).absolute() != path.absolute():
         raise InputError(f"--run-dir {given} and --resume {path}: a resumed run stays in {path}")
-    saved = cf.read_toml(path / "config.toml", where="")
+    saved = cf.read_toml(path / "config.toml", where="", machine=True)
     cfg = cf.from_args(args, saved={**saved, "run_dir": str(path)})
+    settings = rundir.recorded_settings(path)
+    cf.check_recorded(cfg, settings, path / "config.toml", path / "checkpoint.json")
     vocab = rundir.read_vocab(path) if cfg.text else None
     check_memory(cfg)
     problem = load_problem(cfg, vocab)
@@ -375,12 +411,15 @@ def _resume(args: argparse.Namespace) -> Run:
     try:
         if engine.rank == 0:
             rundir.clean(path)
-        if (path / "checkpoint.json").is_file() or any(path.glob("state-*")):
+        if os.path.lexists(path / "checkpoint.json"):  # (read only if a regular file)
             loop = rundir.load_checkpoint(path, engine, cfg.k1, adapt=cfg.adapt_k2 is not None)
         else:  # stopped before its first checkpoint (killed, out of memory): nothing to continue
             loop = Loop(k2=cfg.k2)
             if engine.rank == 0:
-                print(f"{path} has no checkpoint yet: its run starts from the beginning")
+                print(
+                    f"{path} has no checkpoint yet{rundir.leftovers(path)}: its run starts from "
+                    "the beginning"
+                )
         rows = rundir.read_metrics(path, loop.updates)
         if engine.rank == 0:  # a budget may have changed
             atomic_write(path / "config.toml", cf.write_toml(cfg, run_dir=path))

@@ -2,6 +2,11 @@
 
 Arrays are time-major: x is (T, m) for one stream or (T, batch, m) for a batch of streams. Inside
 the engine everything is promoted to the batched form (T, batch, ...).
+
+A batch-first array (batch, T, m), as torch.nn.LSTM(batch_first=True) takes, is read as T = batch
+steps of T streams: its shape alone cannot tell. Where another argument's shape tells (it is the
+time-major one with T and batch swapped, or h0 has a row per step rather than per stream), the
+error says that the array looks batch-first; every message about shapes names the layout.
 """
 
 from __future__ import annotations
@@ -16,6 +21,19 @@ from .functions import LOSSES
 
 Array = np.ndarray
 FLOATS = (np.float32, np.float64)
+LEAD = {1: "(T,)", 2: "(T, batch)"}  # the layout of a per-step array, one stream or a batch
+
+
+def batch_first(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """A clause for an error when `got` is the time-major shape `want` with its first two axes
+    (T and batch) swapped: the array looks batch-first."""
+    if len(got) == len(want) >= 2 and want[0] != want[1] and got == (want[1], want[0], *want[2:]):
+        return (
+            f": {name} has x's steps and streams swapped, so one of them is batch-first (batch, "
+            "T, ...) while tbptt's arrays are time-major (T, batch, ...); np.swapaxes(a, 0, 1) "
+            "turns a batch-first array a time-major"
+        )
+    return ""
 
 
 def as_float_array(name: str, value: object, dtype: np.dtype | None = None) -> Array:
@@ -102,7 +120,8 @@ def check_batch(
         maska = as_float_array("mask", mask, dtype)
         if maska.shape != lead:
             raise InputError(
-                f"mask must have shape {lead} (one weight per step), got {maska.shape}"
+                f"mask must have shape {lead}, time-major {LEAD[len(lead)]} (one weight per step), "
+                f"got {maska.shape}{batch_first('mask', maska.shape, lead)}"
             )
         maska = maska.reshape(T, batch)
     reseta = None
@@ -112,7 +131,8 @@ def check_batch(
             raise InputError(f"reset must be a bool array, got dtype {reseta.dtype}")
         if reseta.shape != lead:
             raise InputError(
-                f"reset must have shape {lead} (one flag per step), got {reseta.shape}"
+                f"reset must have shape {lead}, time-major {LEAD[len(lead)]} (one flag per step), "
+                f"got {reseta.shape}{batch_first('reset', reseta.shape, lead)}"
             )
         reseta = reseta.reshape(T, batch)
     return Batch(xa, ya, maska, reseta, single)
@@ -127,7 +147,10 @@ def _check_x(x: object, m: int, dtype: np.dtype) -> tuple[Array | OneHot, bool]:
         return OneHot.checked(x.ids[:, None] if single else x.ids, m), single
     xa = as_float_array("x", x, dtype)
     if xa.ndim not in (2, 3) or xa.shape[-1] != m:
-        raise InputError(f"x must have shape (T, {m}) or (T, batch, {m}), got {xa.shape}")
+        raise InputError(
+            f"x must have shape (T, {m}) or (T, batch, {m}), time-major (T, batch, m) with m={m} "
+            f"inputs, got {xa.shape}"
+        )
     single = xa.ndim == 2
     return (xa[:, None, :] if single else xa), single
 
@@ -144,7 +167,10 @@ def _check_y(
                 f"y must hold integer class indices for loss='cross_entropy', got dtype {ya.dtype}"
             )
         if ya.shape != lead:
-            raise InputError(f"y must have shape {lead} (one class index per step), got {ya.shape}")
+            raise InputError(
+                f"y must have shape {lead}, time-major {LEAD[len(lead)]} like x (one class index "
+                f"per step), got {ya.shape}{batch_first('y', ya.shape, lead)}"
+            )
         if ya.size and (ya.min() < 0 or ya.max() >= p):
             bad = ya.min() if ya.min() < 0 else ya.max()
             raise InputError(
@@ -154,18 +180,31 @@ def _check_y(
     ya = as_float_array("y", y, dtype)
     if ya.shape != (*lead, p):
         raise InputError(
-            f"y must have shape {(*lead, p)} like x with p={p} outputs, got {ya.shape}"
+            f"y must have shape {(*lead, p)}, time-major {LEAD[len(lead)][:-1].rstrip(',')}, p) "
+            f"like x with "
+            f"p={p} outputs, got {ya.shape}{batch_first('y', ya.shape, (*lead, p))}"
         )
     return ya.reshape(T, batch, p)
 
 
-def check_h0(h0: object, n: int, batch: int, dtype: np.dtype) -> Array:
-    """The initial state as (batch, n); None means zeros. h0 may be (n,) or (batch, n)."""
+def check_h0(h0: object, n: int, batch: int, dtype: np.dtype, T: int | None = None) -> Array:
+    """The initial state as (batch, n); None means zeros. h0 may be (n,) or (batch, n), batch
+    being x's second axis (x is time-major (T, batch, m), T given for the error's sake)."""
     if h0 is None:
         return np.zeros((batch, n), dtype)
     arr = as_float_array("h0", h0, dtype)
     if arr.shape == (n,):
         return np.broadcast_to(arr, (batch, n))
     if arr.shape != (batch, n):
-        raise InputError(f"h0 must have shape ({n},) or ({batch}, {n}), got {arr.shape}")
+        hint = ""
+        if T is not None and T != batch and arr.shape == (T, n):
+            hint = (
+                f": one row per step of x, not per stream; is x batch-first? x is read "
+                f"time-major (T, batch, m), as T={T} steps of {batch} streams "
+                "(np.swapaxes(x, 0, 1) turns a batch-first array time-major)"
+            )
+        raise InputError(
+            f"h0 must have shape ({n},) or ({batch}, {n}), one row per stream of x (time-major "
+            f"(T, batch, m)), got {arr.shape}{hint}"
+        )
     return arr

@@ -349,7 +349,7 @@ def run(model: ElmanRNN, x, y, h0, loss: str, mask, reset, *, dense: bool = Fals
     )
     if dense:
         data = dense_inputs(data, model.dtype)
-    h_init = check_h0(h0, model.n, data.x.shape[1], model.dtype)
+    h_init = check_h0(h0, model.n, data.x.shape[1], model.dtype, T=data.x.shape[0])
     traj = forward(model, data.x, h_init, data.reset)
     l, e = loss_and_error(model.g, loss, traj.z, data.y, data.mask)  # (T, batch), (T, batch, p)
     return Run(data, traj, l, e)

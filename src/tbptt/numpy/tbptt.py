@@ -60,9 +60,15 @@ def gradients(
 ) -> dict[str, Array]:
     """The gradient of L = sum_t l_t, exact (truncation=None) or the frozen TBPTT estimate.
 
+    Every array is time-major (T, batch, m): axis 0 is the step, axis 1 the stream. A
+    batch-first array (batch, T, m), as torch.nn.LSTM(batch_first=True) takes, would be read as
+    `batch` steps of T streams: turn it time-major first (np.swapaxes(x, 0, 1)). Where the shapes
+    of the arguments reveal one (y time-major beside a batch-first x, h0 with a row per step),
+    the error says so.
+
     Args:
         model: the ElmanRNN whose parameters stay fixed over the sequence.
-        x: inputs, (T, m) for one stream or (T, batch, m), or a tbptt.OneHot.
+        x: inputs, (T, m) for one stream or time-major (T, batch, m), or a tbptt.OneHot.
         y: targets, (T, p) / (T, batch, p) for loss="l2"; integer (T,) / (T, batch) for
             loss="cross_entropy" (which needs g="softmax").
         truncation: the schedule; None means exact BPTT.

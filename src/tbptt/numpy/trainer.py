@@ -147,7 +147,7 @@ class TBPTT:
             data = dense_inputs(data, model.dtype)
         T, batch = data.x.shape[:2]
         if self.h is None:
-            h0 = np.array(check_h0(self._h0_arg, model.n, batch, model.dtype))
+            h0 = np.array(check_h0(self._h0_arg, model.n, batch, model.dtype, T=T))
             self.rule.start(self, h0)  # may refuse (RTRL's size): nothing trained
             self.h0, self.h = h0, h0.copy()
         elif batch != self.batch:
