@@ -320,11 +320,11 @@ class ForwardMode(TBPTT):
         dist, comm = torch.distributed, self._comm
         for k in self._named:  # every process has the same keys: the same steps, the same model
             if k in pending:
-                comm._call(
+                comm.call(
                     "summing the contributions", dist.all_reduce, pending[k], group=comm.group
                 )
         c = torch.tensor([count], dtype=torch.float64, device=comm.device)
-        comm._call("summing the contributions", dist.all_reduce, c, group=comm.group)
+        comm.call("summing the contributions", dist.all_reduce, c, group=comm.group)
         return pending, float(c)
 
     def load_state_dict(self, sd: dict | None) -> None:

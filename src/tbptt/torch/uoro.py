@@ -110,7 +110,7 @@ class UORO(ForwardMode):
         process (one uniform number per sign, as tbptt.uoro.signs)."""
         rank, world = (0, 1) if self._comm is None else (self._comm.rank, self._comm.world)
         if not self._streams_checked:  # the signs are split by equal shares of the streams
-            ((lo, hi),) = self._comm._spread([batch], "the check of the streams per process")
+            ((lo, hi),) = self._comm.spread([batch], "the check of the streams per process")
             if lo != hi:
                 raise InputError(
                     f"UORO on several processes needs the same number of streams on each, got "
