@@ -13,7 +13,7 @@ steps as one process with all B streams (DistributedDataParallel averages, which
 mean loss; the driver's loss is a sum; with reduction="mean" the summed gradient is divided by the
 summed count). Per update there is ONE collective (an all-reduce; one per dtype and device when
 the parameters have several), after the whole window was backpropagated (all its segments, on
-either path of driver.py) and before unscaling, clipping and optimizer.step, so clipping sees the
+either path of tbptt.py) and before unscaling, clipping and optimizer.step, so clipping sees the
 global norm and every rank takes the same step. Its buffer holds the flattened gradient, a flag
 per parameter (whether it has a gradient), the loss total and count of the chunk (the mean the
 driver reports), the mean reduction's count, and one slot per rank for its step t and for the
