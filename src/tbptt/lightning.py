@@ -67,7 +67,7 @@ from .errors import InputError
 from .schedule import Truncation
 from .torch import TBPTT, l2_loss
 from .torch import state as st
-from .torch.call import outputs
+from .torch.call import outputs, takes_starts
 
 Tensor = torch.Tensor
 STATES = ("carry", "per_batch")
@@ -295,7 +295,7 @@ class TBPTTModule(L.LightningModule):
         if state is None and self.state0 is not None:
             state = self.state0
         dim = getattr(self, "state_batch_dim", None)
-        kw = {"restart": self.state0, "batch_dim": dim, "tdim": td}
+        kw = {"restart": self.state0, "batch_dim": dim, "tdim": td, "starts": takes_starts(self)}
         with torch.no_grad():
             out, state = outputs(self, x, state, reset, **kw)  # as the driver calls the module
             losses = self.loss(out, y)

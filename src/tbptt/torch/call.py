@@ -1,9 +1,13 @@
-"""The one place the torch engine calls the module on a piece of a chunk (SEMANTICS.md 6).
+"""The one place the torch engine calls the module on a piece of a chunk (SEMANTICS.md 6, 10).
 
 A piece is the steps between two boundaries of a rule's schedule, t+1..t+L. Its outputs come from
 one call of the module, module(x, state) -> (output, new_state), and one more at each step where
 some stream restarts: there the state entering the step is, for those streams, the restart state
 (state0, or zeros), a constant (6.1).
+
+A module whose forward takes the keyword `starts` takes the reset mask itself (SEMANTICS.md 10):
+it is called once per piece, module(x, state, starts=reset), from the carried state, whatever the
+resets inside (starts=None: no stream restarts in the piece); its restart state is its own.
 
 The shell's `outputs` (driver.py) comes here for feed, finish, predict and the rebuild of kept
 graphs on load, and tbptt.lightning's evaluation too: packing many episodes into one call
@@ -12,6 +16,7 @@ graphs on load, and tbptt.lightning's evaluation too: packing many episodes into
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -19,7 +24,17 @@ import torch
 from . import state as st
 
 Tensor = torch.Tensor
-Call = Callable[..., tuple[Tensor, st.State]]  # call(x, state) -> (output, state)
+Call = Callable[..., tuple[Tensor, st.State]]  # call(x, state[, starts=]) -> (output, state)
+
+
+def takes_starts(module: object) -> bool:
+    """Whether the module's forward takes the keyword `starts` (SEMANTICS.md 10)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return False
+    p = parameters.get("starts")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 def outputs(
@@ -31,13 +46,17 @@ def outputs(
     restart: st.State | None,
     batch_dim: int | None,
     tdim: int,
+    starts: bool = False,
 ) -> tuple[Tensor, st.State]:
     """The piece's outputs (time on axis tdim) and the state after it.
 
     call: one call of the module on (x, state); reset (L, batch) bool or None, on the driver's
     layout; restart: the state a stream restarts from (None: zeros); batch_dim: the module's
-    state_batch_dim (None: each state tensor's one axis of size batch).
+    state_batch_dim (None: each state tensor's one axis of size batch); starts: the module takes
+    the reset mask itself (takes_starts).
     """
+    if starts:
+        return call(x, state, starts=reset)
     L = x.shape[tdim]
     rows = reset_rows(reset, tdim)
     bounds = [0, *(r for r in rows if r > 0), L]

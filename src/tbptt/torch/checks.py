@@ -14,6 +14,7 @@ from ..errors import InputError
 from ..inputs import OneHot
 from ..schedule import Truncation
 from . import state as st
+from .call import takes_starts
 from .rule import is_rule
 
 Tensor = torch.Tensor
@@ -229,6 +230,18 @@ def check_losses(losses: object, x: Tensor) -> Tensor:
             "model's output or loss_fn's result was detached, or computed under torch.no_grad()"
         )
     return losses
+
+
+def check_starts(model: nn.Module, state0: object) -> bool:
+    """Whether the module takes the resets itself (call.takes_starts; SEMANTICS.md 10), refused
+    with a state0: such a module restarts its streams from its own initial state."""
+    starts = takes_starts(model)
+    if starts and state0 is not None:
+        raise InputError(
+            "state0 cannot be given for a module whose forward takes starts= (SEMANTICS.md 10): "
+            "it restarts its streams from its own initial state"
+        )
+    return starts
 
 
 def check_signature(new: st.State, before: object, state0: object) -> object:

@@ -52,6 +52,7 @@ from .checks import (
     check_result,
     check_saved,
     check_signature,
+    check_starts,
     check_state0,
 )
 from .modules import l2_loss
@@ -91,6 +92,8 @@ class TBPTT:
 
     Args:
         model: called as model(x, state) -> (output, new_state); state None means its zeros.
+            A forward that takes the keyword starts gets the resets itself, one call per piece:
+            model(x, state, starts=reset) (SEMANTICS.md 10; call.py).
         truncation: the schedule tbptt.Truncation(k1, k2, inject, flush), or a method's rule
             (rule.py; tbptt.torch.ARTBP, RTRL and UORO build this shell with theirs).
         optimizer: any torch.optim optimizer over the model's parameters.
@@ -165,6 +168,7 @@ class TBPTT:
         check_autocast(model, self.device, self.amp_dtype)
         self.backward_fn, self.step_fn, self.grad_hook = backward, step, grad_hook
         self.state0 = check_state0(state0, self.params, self.device)
+        self.starts = check_starts(model, self.state0)  # it takes the resets (SEMANTICS.md 10)
         self.batch_dim = getattr(model, "state_batch_dim", None)  # its states' stream axis
         # t: the steps computed so far, u_prev: the last update time (the schedule's phase),
         # skipped: the updates whose step float16 loss scaling (the GradScaler) skipped
@@ -283,6 +287,7 @@ class TBPTT:
             return self.call(xa, s, params, stream, **kw)
 
         kw = {"restart": self.state0, "batch_dim": self.batch_dim, "tdim": self.tdim}
+        kw["starts"] = self.starts
         return calls.outputs(call, x, state, reset, **kw)
 
     def losses(
@@ -311,7 +316,7 @@ class TBPTT:
     def call(
         self, x: Tensor, state, params: dict | None = None, stream: bool = True, **kw: object
     ) -> tuple[Tensor, st.State]:
-        """One call of the module (with the given parameter values; kw: its keywords), its result
+        """One call of the module (with the given parameter values; kw: starts=), its result
         checked; on the stream being trained (not predict's), the state's shapes must stay the
         same."""
         first = self._sig is None
