@@ -278,7 +278,7 @@ def test_bad_process_group_and_environment_are_clear_errors(monkeypatch) -> None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="process_group must be None"):
         w.TBPTT(model, w.tbptt.Truncation(2, 2), opt, process_group="gloo")
-    assert w.TBPTT(model, w.tbptt.Truncation(2, 2), opt, process_group=False)._comm is None
+    assert w.TBPTT(model, w.tbptt.Truncation(2, 2), opt, process_group=False).comm is None
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ValueError, match="RANK.* not set: start the processes with torchrun"):

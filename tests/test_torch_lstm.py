@@ -262,8 +262,8 @@ def test_memory_is_bounded_by_k2() -> None:
     for _ in range(4):
         for a in range(0, T, 2):
             driver.feed(x[a : a + 2], y[a : a + 2])
-            graphs = sum(s.L for s in driver._segments if s.graph is not None)
-            records = sum(s.L for s in driver._segments)
+            graphs = sum(s.L for s in driver.rule.segments if s.graph is not None)
+            records = sum(s.L for s in driver.rule.segments)
             kept.append((graphs, records))
     assert max(g for g, _ in kept) <= k2 and max(r for _, r in kept) <= k1 + k2
     assert driver.t == 4 * T

@@ -16,7 +16,11 @@ from torch import nn
 import tbptt
 from tbptt import InputError
 from tbptt.torch import ARTBP, RTRL, TBPTT, UORO, Recurrent
+from tbptt.torch.artbp import ARTBPRule
 from tbptt.torch.methods import OPTIONS, frozen_gradients, make_trainer
+from tbptt.torch.rtrl import RTRLRule
+from tbptt.torch.tbptt import TruncationRule
+from tbptt.torch.uoro import UORORule
 
 DT = torch.float64
 M, H, P, BATCH, T = 3, 4, 2, 2, 30
@@ -89,12 +93,12 @@ def test_make_trainer_and_frozen_gradients_by_name() -> None:
     x, y, mask, reset = data()
     torch.manual_seed(0)
     model = Recurrent(nn.GRU(M, H), nn.Linear(H, P)).to(DT)
-    kinds = {"tbptt": TBPTT, "rtrl": RTRL, "uoro": UORO, "artbp": ARTBP}
+    kinds = {"tbptt": TruncationRule, "rtrl": RTRLRule, "uoro": UORORule, "artbp": ARTBPRule}
     needed = {"tbptt": {"k1": 5}, "artbp": {"c": 0.5}, "uoro": {"rng": 1}, "rtrl": {}}
     for method, kind in kinds.items():
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         trainer = make_trainer(method, model, opt, **needed[method])
-        assert type(trainer) is kind
+        assert type(trainer) is TBPTT and type(trainer.rule) is kind  # one shell, the method's rule
         trainer.feed(x[:7], y[:7])
         trainer.finish()
         assert trainer.updates >= 1

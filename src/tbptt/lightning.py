@@ -67,7 +67,7 @@ from .errors import InputError
 from .schedule import Truncation
 from .torch import TBPTT, l2_loss
 from .torch import state as st
-from .torch.segments import reset_rows
+from .torch.call import outputs, takes_starts
 
 Tensor = torch.Tensor
 STATES = ("carry", "per_batch")
@@ -292,21 +292,12 @@ class TBPTTModule(L.LightningModule):
         """Run a chunk from `state` (with resets, as the driver does), no gradient: the masked
         losses (L, batch) and the final state."""
         td = 1 if self.batch_first else 0
-        L_ = x.shape[td]
         if state is None and self.state0 is not None:
             state = self.state0
-        rows = reset_rows(reset, td)
-        bounds = [0, *(r for r in rows if r > 0), L_]
-        dims = getattr(self, "state_batch_dim", None)
-        outs = []
+        dim = getattr(self, "state_batch_dim", None)
+        kw = {"restart": self.state0, "batch_dim": dim, "tdim": td, "starts": takes_starts(self)}
         with torch.no_grad():
-            for a, b in zip(bounds[:-1], bounds[1:], strict=False):
-                if a in rows and state is not None:
-                    d = None if dims is None else [int(dims)] * len(st.leaves(state))
-                    state = st.restart(state, self.state0, reset.select(td, a), d)
-                out, state = self(x.narrow(td, a, b - a), state)
-                outs.append(out)
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=td)
+            out, state = outputs(self, x, state, reset, **kw)  # as the driver calls the module
             losses = self.loss(out, y)
         if mask is not None:
             losses = losses * mask.to(losses.dtype)

@@ -292,7 +292,7 @@ register(
         summary="real-time recurrent learning: the exact influence dh/dtheta carried forward, an "
         "update every k1 steps; small models only",
         options=(K1_ONLINE, Option(name="max_bytes", default=2**30)),
-        rules={"numpy": "tbptt.numpy.rtrl:RTRLRule", "torch": "tbptt.torch.rtrl:rule"},
+        rules={"numpy": "tbptt.numpy.rtrl:RTRLRule", "torch": "tbptt.torch.rtrl:RTRLRule"},
         frozen="tbptt.numpy.rtrl:rtrl_gradients",
         memory=lambda n, m, p, o, T: float(2 * n * _theta(n, m)),  # J and its buffer
         flops=lambda n, m, p, o: (
@@ -308,7 +308,7 @@ register(
         name="uoro",
         summary="its unbiased rank-one approximation (an update every k1 steps)",
         options=(K1_ONLINE, RNG, Option(name="eps", default=1e-7)),
-        rules={"numpy": "tbptt.numpy.uoro:UORORule", "torch": "tbptt.torch.uoro:rule"},
+        rules={"numpy": "tbptt.numpy.uoro:UORORule", "torch": "tbptt.torch.uoro:UORORule"},
         frozen="tbptt.numpy.uoro:uoro_gradients",
         random=True,
         memory=lambda n, m, p, o, T: float(n + _theta(n, m)),  # s~ and theta~
@@ -333,7 +333,7 @@ register(
             Option(name="biased_max_length", default=None, flag="--max-segment"),
             *TORCH_SHELL,
         ),
-        rules={"numpy": "tbptt.numpy.artbp:ARTBPRule", "torch": "tbptt.torch.artbp:rule"},
+        rules={"numpy": "tbptt.numpy.artbp:ARTBPRule", "torch": "tbptt.torch.artbp:ARTBPRule"},
         frozen="tbptt.numpy.artbp:artbp_gradients",
         random=True,
         memory=lambda n, m, p, o, T: mean_window(o, T) * (n + m + p),  # the window's steps

@@ -14,6 +14,8 @@ from ..errors import InputError
 from ..inputs import OneHot
 from ..schedule import Truncation
 from . import state as st
+from .call import takes_starts
+from .rule import is_rule
 
 Tensor = torch.Tensor
 
@@ -33,7 +35,7 @@ def check_arguments(
     float (numpy and torch scalars accepted)."""
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(truncation, Truncation):
+    if not isinstance(truncation, Truncation) and not is_rule(truncation):
         raise InputError(f"truncation must be a tbptt.Truncation, got {type(truncation).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise InputError(
@@ -64,19 +66,11 @@ def check_arguments(
     return clip
 
 
-def check_hooks(
-    backward: object, step: object, grad_hook: object, truncation: Truncation, scaler: bool
-) -> None:
-    """The trainer hooks: callables, and backward only where the update is one backward()."""
+def check_hooks(backward: object, step: object, grad_hook: object, scaler: bool) -> None:
+    """The trainer hooks: callables (where backward= applies is the rule's to check)."""
     for name, fn in (("backward", backward), ("step", step), ("grad_hook", grad_hook)):
         if fn is not None and not callable(fn):
             raise InputError(f"{name} must be callable or None, got {fn!r}")
-    if backward is not None and truncation.k2 > truncation.k1:
-        raise InputError(
-            f"backward= applies when k2 <= k1 (here k1={truncation.k1}, k2={truncation.k2}): "
-            "with k2 > k1 the driver differentiates its kept segments itself "
-            "(torch.autograd.grad on parameter copies); use grad_hook= on the finished gradient"
-        )
     if (backward is not None or step is not None) and scaler:
         raise InputError(
             "backward= and step= cannot be combined with the driver's float16 amp (its "
@@ -236,3 +230,50 @@ def check_losses(losses: object, x: Tensor) -> Tensor:
             "model's output or loss_fn's result was detached, or computed under torch.no_grad()"
         )
     return losses
+
+
+def check_starts(model: nn.Module, state0: object) -> bool:
+    """Whether the module takes the resets itself (call.takes_starts; SEMANTICS.md 10), refused
+    with a state0: such a module restarts its streams from its own initial state."""
+    starts = takes_starts(model)
+    if starts and state0 is not None:
+        raise InputError(
+            "state0 cannot be given for a module whose forward takes starts= (SEMANTICS.md 10): "
+            "it restarts its streams from its own initial state"
+        )
+    return starts
+
+
+def check_signature(new: st.State, before: object, state0: object) -> object:
+    """The structure and shapes of the state a module returned on the stream being trained:
+    those of state0 at the first call (before None), the same as before at the others."""
+    sig = st.signature(new)
+    if before is None:
+        if state0 is not None and st.signature(state0) != sig:
+            raise InputError(
+                f"state0 has shapes {st.signature(state0)}, but the model's state has {sig}"
+            )
+    elif sig != before:
+        raise InputError(f"the model returned a state of shapes {sig}, before {before}")
+    return sig
+
+
+def check_format(sd: object, fmt: str, kind: str) -> None:
+    """A saved state of format `fmt` (from `kind`.state_dict()), or InputError."""
+    if not isinstance(sd, dict) or sd.get("format") != fmt:
+        got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
+        raise InputError(f"state must be a {fmt!r} dict from {kind}.state_dict(), got {got!r}")
+
+
+def check_saved(sd: dict, settings: dict, parts: dict) -> None:
+    """A saved state with these settings, and these parts (scheduler, scaler) present or absent
+    as here; InputError naming the first difference."""
+    for name, mine in settings.items():
+        if sd[name] != mine:
+            raise InputError(f"the saved run had {name}={sd[name]!r}, this driver {mine!r}")
+    for name, obj in parts.items():
+        if (sd[name] is None) != (obj is None):
+            raise InputError(
+                f"the saved run {'had' if sd[name] is not None else 'had no'} {name}, "
+                f"this driver {'has none' if obj is None else 'has one'}"
+            )

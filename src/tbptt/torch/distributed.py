@@ -13,7 +13,7 @@ steps as one process with all B streams (DistributedDataParallel averages, which
 mean loss; the driver's loss is a sum; with reduction="mean" the summed gradient is divided by the
 summed count). Per update there is ONE collective (an all-reduce; one per dtype and device when
 the parameters have several), after the whole window was backpropagated (all its segments, on
-either path of driver.py) and before unscaling, clipping and optimizer.step, so clipping sees the
+either path of tbptt.py) and before unscaling, clipping and optimizer.step, so clipping sees the
 global norm and every rank takes the same step. Its buffer holds the flattened gradient, a flag
 per parameter (whether it has a gradient), the loss total and count of the chunk (the mean the
 driver reports), the mean reduction's count, and one slot per rank for its step t and for the
@@ -120,7 +120,8 @@ class Comm:
             torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         )
 
-    def _call(self, what: str, fn: Callable, *args: Any, **kw: Any) -> Any:
+    def call(self, what: str, fn: Callable, *args: Any, **kw: Any) -> Any:
+        """fn(*args, **kw), a collective; its failure as a DistributedError naming `what`."""
         try:
             return fn(*args, **kw)
         except RuntimeError as exc:  # gloo, NCCL: a peer died, timed out, or called otherwise
@@ -131,18 +132,22 @@ class Comm:
                 f"({first})"
             ) from exc
 
-    def _spread(self, values: list[int], what: str) -> list[tuple[int, int]]:
+    def all_reduce(self, tensor: Tensor, what: str) -> None:
+        """tensor <- its sum over the ranks, in place."""
+        self.call(f"summing {what}", _dist().all_reduce, tensor, group=self.group)
+
+    def spread(self, values: list[int], what: str) -> list[tuple[int, int]]:
         """(min, max) over the ranks of each value: one MAX all-reduce of (v, -v)."""
         v = torch.tensor(values, dtype=torch.int64, device=self.device)
         both = torch.cat([v, -v])
-        self._call(what, _dist().all_reduce, both, op=_dist().ReduceOp.MAX, group=self.group)
+        self.call(what, _dist().all_reduce, both, op=_dist().ReduceOp.MAX, group=self.group)
         n = len(values)
         hi, lo = both[:n].tolist(), (-both[n:]).tolist()
         return list(zip(lo, hi, strict=True))
 
     def setup(self, settings: dict[str, int], tensors: list[Tensor]) -> None:
         """Check that every rank has the same settings; give all rank 0's tensor values."""
-        spread = self._spread(list(settings.values()), "the check of the driver's settings")
+        spread = self.spread(list(settings.values()), "the check of the driver's settings")
         for name, (lo, hi) in zip(settings, spread, strict=True):
             if lo != hi:
                 raise InputError(
@@ -152,7 +157,7 @@ class Comm:
         with torch.no_grad():
             for ts in _by_kind(tensors).values():
                 flat = torch.cat([t.detach().reshape(-1) for t in ts])
-                self._call(
+                self.call(
                     "the broadcast of the initial parameters",
                     _dist().broadcast,
                     flat,
@@ -195,7 +200,7 @@ class Comm:
                 slots[3 * r : 3 * r + 3] = [float(t >> 20), float(t & 0xFFFFF), float(not finite)]
                 extra += [*values, *slots]
             flat = torch.cat([*parts, torch.tensor(extra, dtype=like.dtype).to(like.device)])
-            self._call(f"the all-reduce of {what}", _dist().all_reduce, flat, group=self.group)
+            self.call(f"the all-reduce of {what}", _dist().all_reduce, flat, group=self.group)
             n = sum(p.numel() for p in ps)
             tail = flat[n:].double().tolist()
             for p, g, f in zip(ps, flat[:n].split([p.numel() for p in ps]), tail, strict=False):
@@ -223,7 +228,7 @@ class Comm:
             raise
         except Exception as exc:  # tell the others, then raise it here
             error = exc
-        ((lo, _),) = self._spread([int(error is None)], f"the barrier after {what}")
+        ((lo, _),) = self.spread([int(error is None)], f"the barrier after {what}")
         if lo != 1:
             if error is not None:
                 raise error
@@ -251,7 +256,7 @@ class Comm:
         }
         local = _cpu(local)
         parts = [None] * self.world if self.rank == 0 else None
-        self._call(
+        self.call(
             "gathering the checkpoint",
             _dist().gather_object,
             (local, dims),
@@ -267,7 +272,7 @@ class Comm:
     def broadcast(self, obj: Any, what: str) -> Any:
         """Rank 0's object on every rank."""
         box = [obj if self.rank == 0 else None]
-        self._call(
+        self.call(
             f"broadcasting {what}",
             _dist().broadcast_object_list,
             box,

@@ -1,5 +1,5 @@
-"""Online RTRL and UORO for any PyTorch recurrent module: the influence carried forward one step
-at a time with torch.func (SEMANTICS.md 8; the numpy twins: forward_online.py).
+"""What online RTRL and UORO share in the torch engine: the influence carried forward one step at
+a time with torch.func (SEMANTICS.md 8; the numpy twins: numpy/forward.py, rtrl.py, uoro.py).
 
 The module runs one step per call, module(x_t, h_{t-1}) -> (output_t, h_t). Its state, a tensor
 or a tuple of them (an LSTM's (h, c)), is one vector per stream for the influence: h in R^n,
@@ -21,10 +21,11 @@ applied every k1 steps, and at finish() (the flush of Truncation(k1, k1, flush=T
     (8.13)  theta <- optimizer(theta, sum_{t in (u_prev, u]} g_t)
 
 The influence is carried across updates (Williams and Zipser's approximation). A reset zeroes that
-stream's influence and restarts it from state0 (6.1). ForwardMode is tbptt.torch.TBPTT with the
-forward pass and the update replaced: chunks, checks, the schedule of updates, clipping, the
-scheduler, the non-finite checks, predict and several processes (one collective per update) are
-the driver's. Nothing is kept between steps but the influence, the carried state and the sum.
+stream's influence and restarts it from state0 (6.1). ForwardRule is the part of RTRL's and
+UORO's rules that tbptt.torch.TBPTT (driver.py) holds: the steps, the sum, the update, the saved
+influence; chunks, checks, the schedule of updates, clipping, the scheduler, the non-finite
+checks, predict and several processes (one collective per update) are the shell's. Nothing is
+kept between steps but the influence, the carried state and the sum.
 
 The module must be deterministic (dropout off): each step runs it several times. oneDNN's
 recurrent kernels have no forward-mode derivative, so the steps run with oneDNN off.
@@ -34,18 +35,20 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from ..errors import InputError
 from ..schedule import Truncation, Window
-from . import distributed as dd
 from . import state as st
 from .checks import check_losses
-from .driver import TBPTT, LossFn
-from .modules import l2_loss
+from .tbptt import Scheduled
+
+if TYPE_CHECKING:
+    from .rule import Shell
 
 Tensor = torch.Tensor
 
@@ -84,55 +87,41 @@ class FlatState:
         return st.tree_map(lambda _: next(it), self.template)
 
 
-def no_onednn():
-    """oneDNN off (its LSTM kernel has no forward-mode derivative nor a vmap rule); the other
-    flags untouched."""
-    return torch.backends.mkldnn.flags(
-        enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
-    )
+class ForwardRule(Scheduled):
+    """What RTRL's and UORO's rules share: steps one at a time, contributions summed, an update
+    every k1 steps (and at finish()). A rule gives _allocate (its influence at zero) and
+    _influence_step."""
 
+    name = ""  # "RTRL" or "UORO"
 
-class ForwardMode(TBPTT):
-    """What online RTRL and UORO share: steps one at a time, contributions summed, an update
-    every k1 steps. Subclasses give _allocate (the influence at zero) and _influence_step."""
-
-    NAME = ""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        k1: int = 1,
-        loss_fn: LossFn = l2_loss,
-        clip: float | None = None,
-        scheduler: object | None = None,
-        batch_first: bool = False,
-        state0: st.State | None = None,
-        process_group: object | None = None,
-        reduction: str = "sum",
-    ) -> None:
-        super().__init__(
-            model,
-            Truncation(k1, k1, inject="new", flush=True),
-            optimizer,
-            loss_fn=loss_fn,
-            clip=clip,
-            scheduler=scheduler,
-            batch_first=batch_first,
-            state0=state0,
-            process_group=process_group,
-            reduction=reduction,
-        )
+    def __init__(self, k1: int) -> None:
+        self.truncation = Truncation(k1, k1, inject="new", flush=True)
         self.k1 = self.truncation.k1
         self.influence: dict[str, Tensor] | None = None  # per stream, allocated by the first step
         self.recurrent: list[str] | None = None  # the names of theta, found by the first step
-        self._flat: FlatState | None = None
-        self._sum: dict[str, Tensor] = {}  # the contributions since the last update (8.13)
-        self._sum_count = 0.0  # their unmasked losses, for reduction="mean"
+        self.flat: FlatState | None = None
+        self.sum: dict[str, Tensor] = {}  # the contributions since the last update (8.13)
+        self.count = 0.0  # their unmasked losses, for reduction="mean"
+
+    @property
+    def format(self) -> str:
+        return f"tbptt.torch.{self.name}/1"
+
+    def __repr__(self) -> str:
+        return f"{self.name}(k1={self.k1})"
+
+    def bind(self, shell: Shell) -> None:
+        """The shell's options that a forward method cannot take."""
+        for name, given in (
+            ("amp", shell.amp_dtype is not None),
+            ("checkpoint", shell.checkpoint),
+            ("backward", shell.backward_fn is not None),
+        ):
+            if given:
+                raise InputError(f"{self.name} takes no {name}= (it runs one step at a time)")
 
     # -- what differs between RTRL and UORO ---------------------------------------------------
-    def _allocate(self, batch: int, n: int, size: int) -> dict[str, Tensor]:
+    def _allocate(self, shell: Shell, batch: int, n: int, size: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def _restart_influence(self, rows: Tensor) -> None:
@@ -140,220 +129,192 @@ class ForwardMode(TBPTT):
         for a in self.influence.values():
             a[rows] = 0
 
-    def _influence_step(self, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict) -> Tensor:
+    def _influence_step(self, shell: Shell, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict):
         """(8.16)'s second term summed over the streams, (|theta|,), and the influence advanced
         to step t. x: the step's input; v (batch, n) h_{t-1}; dl_dh (batch, n); P: the
         parameter values (detached)."""
         raise NotImplementedError
 
     # -- the step's derivatives (8.15) ----------------------------------------------------------
-    def _state_map(self, P: dict, x: Tensor):
+    def _state_map(self, shell: Shell, P: dict, x: Tensor) -> Callable[[Tensor], Tensor]:
         """v (batch, n) -> h_t (batch, n) as one batched module call with the values P."""
-        flat = self._flat
+        flat, model = self.flat, shell.model
 
         def F(v: Tensor) -> Tensor:
-            return flat.flat(functional_call(self.model, P, (x, flat.unflat(v)))[1])
+            return flat.flat(functional_call(model, P, (x, flat.unflat(v)))[1])
 
         return F
 
-    def _per_stream(self, P: dict):
+    def _per_stream(self, shell: Shell, P: dict) -> Callable:
         """(x_j, v_j, theta) -> h_t of one stream (n,), for vmap over the streams; x_j without
         its stream axis, theta the values of the names in self.recurrent."""
-        flat, axis = self._flat, 1 - self._tdim
+        flat, model, axis = self.flat, shell.model, 1 - shell.tdim
 
         def F(x: Tensor, v: Tensor, theta: dict) -> Tensor:
             state = flat.unflat(v.unsqueeze(0))
-            out = functional_call(self.model, {**P, **theta}, (x.unsqueeze(axis), state))[1]
+            out = functional_call(model, {**P, **theta}, (x.unsqueeze(axis), state))[1]
             return flat.flat(out)[0]
 
         return F
 
-    def _jvp(self, P: dict, x: Tensor, v: Tensor, tangent: Tensor) -> Tensor:
+    def _jvp(self, shell: Shell, P: dict, x: Tensor, v: Tensor, tangent: Tensor) -> Tensor:
         """(dF/dh) tangent, per stream (batch, n)."""
-        return jvp(self._state_map(P, x), (v,), (tangent,))[1]
+        return jvp(self._state_map(shell, P, x), (v,), (tangent,))[1]
 
-    def _vjp_theta(self, P: dict, x: Tensor, v: Tensor, nu: Tensor) -> list[Tensor]:
+    def _vjp_theta(self, shell: Shell, P: dict, x: Tensor, v: Tensor, nu: Tensor) -> list[Tensor]:
         """nu_j^T dF/dtheta for every stream j, one (batch, numel) tensor per parameter of theta
         (in the order of self.recurrent; not concatenated: a copy of batch x |theta|)."""
-        F, names = self._per_stream(P), self.recurrent
+        F, names = self._per_stream(shell, P), self.recurrent
         theta = {k: P[k] for k in names}
 
         def one(xj: Tensor, vj: Tensor, nuj: Tensor) -> dict:
             return vjp(lambda th: F(xj, vj, th), theta)[1](nuj)[0]
 
-        g = vmap(one, in_dims=(1 - self._tdim, 0, 0))(x, v, nu)
+        g = vmap(one, in_dims=(1 - shell.tdim, 0, 0))(x, v, nu)
         return [g[k].reshape(len(v), -1) for k in names]
 
-    def _sizes(self) -> list[int]:
+    def _sizes(self, shell: Shell) -> list[int]:
         """The entries of each parameter of theta, in order."""
-        return [self._named[k].numel() for k in self.recurrent]
+        return [shell.params[k].numel() for k in self.recurrent]
 
-    # -- the stream (driver.py's forward pass and update, replaced) -----------------------------
-    def _forward(self, x: Tensor, y: Tensor, mask: Tensor | None, reset: Tensor | None) -> None:
-        td = self._tdim
+    # -- the stream -----------------------------------------------------------------------------
+    def run(self, shell: Shell, x, y, mask, reset) -> tuple[Tensor, st.State]:
+        """The piece's steps one at a time; returns their loss sums (L,) and the state."""
+        td, state, sums = shell.tdim, shell.carried, []
         with no_onednn():
             for i in range(x.shape[td]):
                 cut = lambda a: None if a is None else a.narrow(td, i, 1)  # noqa: E731, B023
-                self._step_once(cut(x), cut(y), cut(mask), cut(reset))
+                loss, state = self._step(shell, state, cut(x), cut(y), cut(mask), cut(reset))
+                sums.append(loss)
+        return torch.stack(sums), state
 
-    def _step_once(self, x: Tensor, y: Tensor, mask: Tensor | None, reset: Tensor | None) -> None:
-        """Step t = self.t + 1 of every stream: (8.15), (8.16), the influence carried."""
-        state = self._state
+    def _step(self, shell: Shell, state, x: Tensor, y: Tensor, mask, reset):
+        """Step t of every stream from `state`: (8.15), (8.16), the influence carried. Returns
+        the step's loss sum and the state after it (detached)."""
         if state is None:  # the module's zeros, made explicit for the derivatives
             with torch.no_grad():
-                state = st.tree_map(torch.zeros_like, self._call(x, None, None)[1])
-        if self._flat is None:
-            self._flat = FlatState(state, self._dims(state))
+                state = st.tree_map(torch.zeros_like, shell.call(x, None)[1])
+        dims = shell.stream_dims(state, shell.batch)
+        if self.flat is None:
+            self.flat = FlatState(state, dims)
         if reset is not None and bool(reset.any()):  # (6.1), and no influence before step t
             row = reset.reshape(-1)
-            state = st.restart(state, self.state0, row, self._dims(state))
+            state = st.restart(state, shell.state0, row, dims)
             if self.influence is not None:
                 self._restart_influence(row)
-        v = self._flat.flat(state).detach()  # (batch, n) h_{t-1}
+        v = self.flat.flat(state).detach()  # (batch, n) h_{t-1}
         leaf = v.clone().requires_grad_()
-        out, new = self._call(x, self._flat.unflat(leaf), None)
-        losses = check_losses(self.loss_fn(out, y), x)  # (1, batch) l_t
+        out, new = shell.call(x, self.flat.unflat(leaf))
+        losses = check_losses(shell.loss_fn(out, y), x)  # (1, batch) l_t
         if mask is not None:
             losses = losses * mask.to(losses.dtype)
-        params = list(self._named.values())
+        params = list(shell.params.values())
         if self.influence is None:
-            self._start(new, params)
+            self._start(shell, new, params)
         grads = torch.autograd.grad(losses.sum(), [*params, leaf], allow_unused=True)
         dl_dh = grads[-1] if grads[-1] is not None else torch.zeros_like(v)
-        P = {k: p.detach() for k, p in self._named.items()}
+        P = {k: p.detach() for k, p in shell.params.items()}
         try:
             with warnings.catch_warnings():  # torch.func's first jvp scripts its decompositions
                 warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
-                g_theta = self._influence_step(x, v, dl_dh, P)  # (|theta|,)
+                g_theta = self._influence_step(shell, x, v, dl_dh, P)  # (|theta|,)
         except RuntimeError as exc:
             if "random operation" not in str(exc):
                 raise
             raise InputError(
-                f"{self.NAME} runs the model several times per step, so it must be deterministic, "
+                f"{self.name} runs the model several times per step, so it must be deterministic, "
                 "but it draws random numbers (dropout?): turn them off (model.eval(), dropout=0)"
             ) from None
-        for k, g in zip(self._named, grads[:-1], strict=True):
+        for k, g in zip(shell.params, grads[:-1], strict=True):
             if g is not None:
                 self._add(k, g)
-        for k, g in zip(self.recurrent, g_theta.split(self._sizes()), strict=True):
-            self._add(k, g.view_as(self._named[k]))
-        self._state = st.detach(new)
-        self.t += 1
-        self._sum_count += float(self.batch) if mask is None else float(mask.sum())
-        self._pending.append(losses.detach().sum(dtype=torch.float64))
+        for k, g in zip(self.recurrent, g_theta.split(self._sizes(shell)), strict=True):
+            self._add(k, g.view_as(shell.params[k]))
+        self.count += float(shell.batch) if mask is None else float(mask.sum())
+        return losses.detach().sum(dtype=torch.float64), st.detach(new)
 
     def _add(self, k: str, g: Tensor) -> None:
-        self._sum[k] = g.detach().clone() if k not in self._sum else self._sum[k].add_(g)
+        self.sum[k] = g.detach().clone() if k not in self.sum else self.sum[k].add_(g)
 
-    def _dims(self, state: st.State) -> list[int]:
-        return self._state_dims(state, self.batch)
-
-    def _start(self, new: st.State, params: list[Tensor]) -> None:
+    def _start(self, shell: Shell, new: st.State, params: list[Tensor]) -> None:
         """The first step: theta, the parameters h_t depends on (those its graph reaches), and
         the influence at zero."""
-        h = self._flat.flat(new)
+        h = self.flat.flat(new)
         got = torch.autograd.grad(h.sum(), params, allow_unused=True, retain_graph=True)
-        self.recurrent = [k for k, g in zip(self._named, got, strict=True) if g is not None]
+        self.recurrent = [k for k, g in zip(shell.params, got, strict=True) if g is not None]
         if not self.recurrent:
-            raise InputError(f"the model's state depends on no parameter: nothing for {self.NAME}")
-        size = sum(self._named[k].numel() for k in self.recurrent)
-        self.influence = self._allocate(self.batch, self._flat.n, size)
+            raise InputError(f"the model's state depends on no parameter: nothing for {self.name}")
+        size = sum(shell.params[k].numel() for k in self.recurrent)
+        self.influence = self._allocate(shell, shell.batch, self.flat.n, size)
 
-    def _update(self, w: Window) -> None:
-        """(8.13): the contributions since the last update, summed over the processes."""
-        n = self.updates + 1
-        if self._comm is None:
-            self._check_losses(f"update {n} (after step {w.u}) was not applied", n)
-        for k, p in self._named.items():
-            p.grad = self._sum.get(k)
-        self._sum = {}
-        mean = self.reduction == "mean"
-        count, self._sum_count = (self._sum_count if mean else 0.0), 0.0
-        if self._comm is not None:
-            count = self._sync(n, w, count)
-        if mean and count > 0:
-            for p in self._named.values():
-                if p.grad is not None:
-                    p.grad.div_(count)
-        self._step(n, w)
+    # -- the update -----------------------------------------------------------------------------
+    def gradient(self, shell: Shell, w: Window, mean: bool) -> float:
+        """(8.13): the contributions since the last update (the shell sums them over the
+        processes)."""
+        for k, p in shell.params.items():
+            p.grad = self.sum.get(k)
+        self.sum, count, self.count = {}, self.count, 0.0
+        return count if mean else 0.0
+
+    def after(self, shell: Shell, w: Window | None) -> None:
+        pass  # nothing is kept but the influence
+
+    def release(self, shell: Shell, finished: bool) -> None:
+        pass  # no tensor of the caller's is kept
 
     # -- saving ---------------------------------------------------------------------------------
-    def state_dict(self) -> dict | None:
-        """Everything needed to continue exactly, in tensors and plain values (weights_only-safe):
-        the model's, optimizer's and scheduler's state_dicts, the position, the carried state and
-        the influence of every stream, theta's names, the contributions since the last update
-        and the method's random state.
-
-        Several processes: a collective call; rank 0 gets the streams of all processes side by
-        side (and the contributions summed over them), the others None.
-        """
-        pending, count = self._pending_sum()
+    def state_dict(self, shell: Shell) -> dict:
+        """The schedule, the carried state and the influence of every stream, theta's names, the
+        contributions since the last update (with several processes: summed over them)."""
+        pending, count = self._pending_sum(shell)
         state = None
-        if self._state is not None:
-            state = {"h": self.state, "influence": dict(self.influence or {})}
-        sd = {
-            **self._common_state(),  # its scaler is None: UORO and RTRL take no amp
+        if shell.carried is not None:
+            state = {"h": shell.state, "influence": dict(self.influence or {})}
+        return {
+            **self.saved_schedule(),
             "state": state,
             "recurrent": self.recurrent,
             "pending": pending,
             "pending_count": count,
             "segments": [],
         }
-        if self._comm is None:
-            return sd
-        return self._comm.gather_streams(sd, axis=1 - self._tdim, dims=self._saved_dims(state))
 
-    def _saved_dims(self, state: dict | None) -> list[int] | None:
+    def stream_dims(self, shell: Shell, state: dict | None, batch: int) -> list[int] | None:
         """The stream axis of each tensor of a saved state: the carried state's, then 0."""
         if state is None:
             return None
-        dims = self._state_dims(state["h"], self.batch or 0)
+        dims = shell.stream_dims(state["h"], batch)
         return dims + [0] * len(st.leaves(state["influence"]))
 
-    def _pending_sum(self) -> tuple[dict[str, Tensor], float]:
+    def _pending_sum(self, shell: Shell) -> tuple[dict[str, Tensor], float]:
         """The contributions since the last update and their count; with several processes,
         summed over them (one all-reduce per tensor: saving is rare)."""
-        pending = {k: v.detach().clone() for k, v in self._sum.items()}
-        count = self._sum_count
-        if self._comm is None:
+        pending = {k: v.detach().clone() for k, v in self.sum.items()}
+        count, comm = self.count, shell.comm
+        if comm is None:
             return pending, count
-        dist, comm = torch.distributed, self._comm
-        for k in self._named:  # every process has the same keys: the same steps, the same model
+        for k in shell.params:  # every process has the same keys: the same steps, the same model
             if k in pending:
-                comm._call(
-                    "summing the contributions", dist.all_reduce, pending[k], group=comm.group
-                )
+                comm.all_reduce(pending[k], "the contributions")
         c = torch.tensor([count], dtype=torch.float64, device=comm.device)
-        comm._call("summing the contributions", dist.all_reduce, c, group=comm.group)
+        comm.all_reduce(c, "the contributions")
         return pending, float(c)
 
-    def load_state_dict(self, sd: dict | None) -> None:
-        """Restore what state_dict() returned (checked first: nothing changes if it is refused).
-
-        Several processes: a collective call; rank 0's sd is used, each process takes its share
-        of the streams, and rank 0 the contributions since the last update.
-        """
-        if self._comm is not None:
-            sd = self._comm.broadcast(sd, "the checkpoint")
-            if isinstance(sd, str):  # rank 0 could not read it: the message
-                raise InputError(sd)
-        self._check_saved(sd)
-        B, state = sd["batch"], sd["state"]
-        recurrent = sd["recurrent"]
-        if recurrent is not None and not set(recurrent) <= set(self._named):
+    def read(self, shell: Shell, sd: dict) -> Callable[[], st.State | None]:
+        """Check the saved schedule, theta's names and influence (copied into fresh tensors: a
+        refused state changes nothing); the restore."""
+        self.check_schedule(sd)
+        B, state, recurrent = sd["batch"], sd["state"], sd["recurrent"]
+        if recurrent is not None and not set(recurrent) <= set(shell.params):
             raise InputError(
-                f"the saved run's theta has parameters {recurrent}, this model {list(self._named)}"
+                f"the saved run's theta has parameters {recurrent}, this model {list(shell.params)}"
             )
-        if self._comm is not None and B is not None and state is not None:
-            dims = self._state_dims(state["h"], B) + [0] * len(st.leaves(state["influence"]))
-            sd = dd.split_streams(sd, self._comm.rank, self._comm.world, 1 - self._tdim, dims)
-            B, state = sd["batch"], sd["state"]
         influence = None
         if state is not None and state["influence"]:
             h = state["h"]
-            n = FlatState(h, self._state_dims(h, B)).n
-            size = sum(self._named[k].numel() for k in recurrent)
-            influence = self._allocate(B, n, size)
+            n = FlatState(h, shell.stream_dims(h, B)).n
+            size = sum(shell.params[k].numel() for k in recurrent)
+            influence = self._allocate(shell, B, n, size)
             for k, a in influence.items():
                 got = state["influence"].get(k)
                 if got is None or got.shape != a.shape or got.dtype != a.dtype:
@@ -362,22 +323,21 @@ class ForwardMode(TBPTT):
                         f"the saved influence {k} is {shape}; expected {(tuple(a.shape), a.dtype)}"
                     )
                 a.copy_(got)
-        self._restore_schedule(sd)
-        self.model.load_state_dict(sd["model"])
-        self.optimizer.load_state_dict(sd["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(sd["scheduler"])
-        self.t, self.u_prev, self.updates = int(sd["t"]), int(sd["u_prev"]), int(sd["updates"])
-        self.skipped = int(sd["skipped"])
-        self.batch, self.finished = B, bool(sd["finished"])
-        dev = lambda v: None if v is None else st.tree_map(lambda t: t.to(self.device), v)  # noqa: E731
-        self._state = None if state is None else dev(state["h"])
-        self._sig = None if self._state is None else st.signature(self._state)
-        self.influence, self.recurrent, self._flat = influence, recurrent, None
-        mine = self._comm is None or self._comm.rank == 0  # the sum is counted once
-        self._sum = {k: v.to(self.device).clone() for k, v in sd["pending"].items()} if mine else {}
-        self._sum_count = float(sd["pending_count"]) if mine else 0.0
-        self._pending, self._pending_from = [], self.t + 1
-        torch.set_rng_state(sd["rng"])
-        if sd["device_rng"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(sd["device_rng"], self.device)
+        mine = shell.comm is None or shell.comm.rank == 0  # the sum is counted once
+
+        def restore() -> st.State | None:
+            self.influence, self.recurrent, self.flat = influence, recurrent, None
+            device = shell.device
+            self.sum = {k: v.to(device).clone() for k, v in sd["pending"].items()} if mine else {}
+            self.count = float(sd["pending_count"]) if mine else 0.0
+            return None if state is None else st.to(state["h"], device)
+
+        return restore
+
+
+def no_onednn():
+    """oneDNN off (its LSTM kernel has no forward-mode derivative nor a vmap rule); the other
+    flags untouched."""
+    return torch.backends.mkldnn.flags(
+        enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
+    )

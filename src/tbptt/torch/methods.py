@@ -1,40 +1,36 @@
-"""The four ways to train a PyTorch recurrent module, by name: one call builds each (the numpy
-engine's twin is tbptt.methods).
-
-    method   options (defaults)                                        online trainer
-    tbptt    k1, k2 (= k1), inject ("new"), flush (True), amp, checkpoint   tbptt.torch.TBPTT
-    rtrl     k1 (1), max_bytes (1 GiB)                                  tbptt.torch.RTRL
-    uoro     k1 (1), rng, eps (1e-7)                                    tbptt.torch.UORO
-    artbp    c, b (1), rng, biased_max_length, amp, checkpoint          tbptt.torch.ARTBP
+"""The methods by name in the torch engine: one call builds each, from the table in tbptt.methods
+(its methods, their options and defaults, each engine's rule; `register` adds one). OPTIONS is
+that table as {method: its options on this engine}, amp and checkpoint included where the method
+takes them (options of the shell, tbptt.torch.TBPTT, not of the rule).
 
 make_trainer(method, model, optimizer, loss_fn=, clip=, scheduler=, batch_first=, state0=,
-process_group=, reduction=, **options) is what `tbptt train --engine torch --method` needs;
-frozen_gradients(method, model, x, y, ...) the estimate with the parameters fixed over the whole
-stream, for checking against exact BPTT. An option the method does not take is a one-line
-InputError naming the options it does take; nothing is built.
+process_group=, reduction=, **options) is what `tbptt train --engine torch --method` needs: a
+tbptt.torch.TBPTT holding the method's rule; frozen_gradients(method, model, x, y, ...) the
+estimate with the parameters fixed over the whole stream, for checking against exact BPTT. An
+option the method does not take is a one-line InputError naming the options it does take;
+nothing is built.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
-from ..methods import check_options, truncation
-from .artbp import ARTBP
-from .driver import TBPTT, LossFn
+from ..methods import OptionNames, build_rule, check_options
+from .driver import TBPTT, LossFn, shell_options
 from .modules import l2_loss
-from .rtrl import RTRL
-from .uoro import UORO
 
 Tensor = torch.Tensor
 
-OPTIONS: dict[str, tuple[str, ...]] = {
-    "tbptt": ("k1", "k2", "inject", "flush", "amp", "checkpoint"),
-    "rtrl": ("k1", "max_bytes"),
-    "uoro": ("k1", "rng", "eps"),
-    "artbp": ("c", "b", "rng", "biased_max_length", "amp", "checkpoint"),
-}
-METHODS = tuple(OPTIONS)
+OPTIONS: Mapping[str, tuple[str, ...]] = OptionNames("torch")  # {method: its options}, live
+
+
+def __getattr__(name: str) -> object:
+    if name == "METHODS":  # the methods' names, read from the table when asked
+        return tuple(OPTIONS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_trainer(
@@ -51,25 +47,11 @@ def make_trainer(
     reduction: str = "sum",
     **options,
 ) -> TBPTT:
-    """The online trainer of `method` with its options. All four are tbptt.torch.TBPTT drivers:
-    feed(x, y, mask, reset), finish(), predict, save(path), load(path), state_dict(),
-    load_state_dict(sd), model, state, t, updates."""
-    check_options(method, options, "torch")
-    common = {
-        "loss_fn": loss_fn,
-        "clip": clip,
-        "scheduler": scheduler,
-        "batch_first": batch_first,
-        "state0": state0,
-        "process_group": process_group,
-        "reduction": reduction,
-    }
-    if method == "tbptt":
-        extra = {k: options[k] for k in ("amp", "checkpoint") if k in options}
-        return TBPTT(model, truncation(options), optimizer, **common, **extra)
-    return {"rtrl": RTRL, "uoro": UORO, "artbp": ARTBP}[method](
-        model, optimizer, **common, **options
-    )
+    """The online trainer of `method` with its options: a tbptt.torch.TBPTT holding the
+    method's rule, with feed(x, y, mask, reset), finish(), predict, save(path), load(path),
+    state_dict(), load_state_dict(sd), model, state, t, updates."""
+    rule, shell = build_rule(method, options, "torch")  # shell: amp, checkpoint, if given
+    return TBPTT(model, rule, optimizer, **shell_options(locals()), **shell)
 
 
 class Summed(torch.optim.Optimizer):

@@ -1,5 +1,5 @@
 """Online RTRL for small PyTorch recurrent modules (Williams and Zipser 1989; SEMANTICS.md 8; the
-numpy twin: rtrl.py, forward_online.py).
+numpy twin: numpy/rtrl.py).
 
 Each stream carries the influence J_t = dh_t/dtheta (n x |theta|, h the flattened state: an
 LSTM's (h, c) as one vector; theta the parameters h_t depends on), zero at the start and zeroed at
@@ -19,6 +19,8 @@ first step (before anything is trained) by a one-line InputError giving the size
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.func import jacrev, vmap
@@ -26,14 +28,30 @@ from torch.func import jacrev, vmap
 from ..errors import InputError
 from ..numpy.rtrl import MAX_BYTES
 from . import state as st
-from .driver import LossFn
-from .forward import ForwardMode
+from .driver import TBPTT, LossFn, shell_options
+from .forward import ForwardRule
 from .modules import l2_loss
+
+if TYPE_CHECKING:
+    from .rule import Shell
 
 Tensor = torch.Tensor
 
 
-class RTRL(ForwardMode):
+def RTRL(  # noqa: N802  (the trainer's name)
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    k1: int = 1,
+    max_bytes: float = MAX_BYTES,
+    loss_fn: LossFn = l2_loss,
+    clip: float | None = None,
+    scheduler: object | None = None,
+    batch_first: bool = False,
+    state0: st.State | None = None,
+    process_group: object | None = None,
+    reduction: str = "sum",
+) -> TBPTT:
     """Train a small recurrent nn.Module online with RTRL, one step at a time, updating every k1
     steps (k1 = 1: Williams and Zipser's real-time learning).
 
@@ -48,68 +66,54 @@ class RTRL(ForwardMode):
             tbptt.torch.TBPTT.
 
     feed, finish, predict, save, load, state_dict, load_state_dict, state, t, updates: as
-    tbptt.torch.TBPTT. influence: {"J": (batch, n, |theta|)}; recurrent: theta's names.
+    tbptt.torch.TBPTT. Returns a tbptt.torch.TBPTT holding RTRL's rule (RTRLRule, .rule);
+    rule.influence: {"J": (batch, n, |theta|)}; rule.recurrent: theta's names.
     """
 
-    NAME = "RTRL"
-    FORMAT = "tbptt.torch.RTRL/1"
+    return TBPTT(model, RTRLRule(k1=k1, max_bytes=max_bytes), optimizer, **shell_options(locals()))
 
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        k1: int = 1,
-        max_bytes: float = MAX_BYTES,
-        loss_fn: LossFn = l2_loss,
-        clip: float | None = None,
-        scheduler: object | None = None,
-        batch_first: bool = False,
-        state0: st.State | None = None,
-        process_group: object | None = None,
-        reduction: str = "sum",
-    ) -> None:
+
+class RTRLRule(ForwardRule):
+    """RTRL's rule: J carried forward (8.3), each step's contribution (8.16) summed."""
+
+    name = "RTRL"
+
+    def __init__(self, *, k1: int = 1, max_bytes: float = MAX_BYTES) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int | float) or max_bytes <= 0:
             raise InputError(f"max_bytes must be a positive number, got {max_bytes!r}")
+        super().__init__(k1)
         self.max_bytes = max_bytes
-        known = expected_size(model)
-        if known is not None:  # told now, for one stream, when the model's structure says it
-            like = next((p for p in model.parameters() if p.is_floating_point()), None)
-            check_size(1, *known, like.dtype, like.element_size(), max_bytes)
-        super().__init__(
-            model,
-            optimizer,
-            k1=k1,
-            loss_fn=loss_fn,
-            clip=clip,
-            scheduler=scheduler,
-            batch_first=batch_first,
-            state0=state0,
-            process_group=process_group,
-            reduction=reduction,
-        )
 
-    def _allocate(self, batch: int, n: int, size: int) -> dict[str, Tensor]:
+    def bind(self, shell: Shell) -> None:
+        """A model whose J would not fit for one stream is refused now, when its structure says
+        so (expected_size)."""
+        super().bind(shell)
+        known = expected_size(shell.model)
+        if known is not None:
+            like = next((p for p in shell.model.parameters() if p.is_floating_point()), None)
+            check_size(1, *known, like.dtype, like.element_size(), self.max_bytes)
+
+    def _allocate(self, shell: Shell, batch: int, n: int, size: int) -> dict[str, Tensor]:
         """J at zero, after checking that it fits (InputError giving the size if not)."""
-        like = next(iter(self._named.values()))
+        like = next(iter(shell.params.values()))
         check_size(batch, n, size, like.dtype, like.element_size(), self.max_bytes)
         return {"J": torch.zeros(batch, n, size, dtype=like.dtype, device=like.device)}
 
-    def _influence_step(self, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict) -> Tensor:
+    def _influence_step(self, shell: Shell, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict):
         """(8.16) and (8.3) for every stream; returns the second term of (8.16) summed."""
         J = self.influence["J"]  # (batch, n, |theta|)
         batch, n, _ = J.shape
         g = torch.einsum("bs,bsp->p", dl_dh, J)  # (|theta|,)
         basis = torch.eye(n, dtype=v.dtype, device=v.device)[:, None].expand(n, batch, n)
-        Jh = vmap(lambda e: self._jvp(P, x, v, e))(basis)  # (n_in, batch, n_out)
-        F, names = self._per_stream(P), self.recurrent
+        Jh = vmap(lambda e: self._jvp(shell, P, x, v, e))(basis)  # (n_in, batch, n_out)
+        F, names = self._per_stream(shell, P), self.recurrent
         theta = {k: P[k] for k in names}
 
         def one(xj: Tensor, vj: Tensor) -> Tensor:  # dF/dtheta of one stream, (n, |theta|)
             jac = jacrev(lambda th: F(xj, vj, th))(theta)
             return torch.cat([jac[k].reshape(n, -1) for k in names], 1)
 
-        dF = vmap(one, in_dims=(1 - self._tdim, 0))(x, v)  # (batch, n, |theta|)
+        dF = vmap(one, in_dims=(1 - shell.tdim, 0))(x, v)  # (batch, n, |theta|)
         J.copy_(torch.baddbmm(dF, Jh.permute(1, 2, 0), J))  # (8.3)
         return g
 

@@ -64,10 +64,9 @@ def tree_map(fn: Callable[[Tensor], Tensor], state: State) -> State:
     return tuple(out) if isinstance(state, tuple) else out
 
 
-def tree_map2(fn: Callable[[Tensor, Tensor], Tensor], a: State, b: State) -> State:
-    """fn applied leaf by leaf to two states of the same structure."""
-    it = iter(leaves(b))
-    return tree_map(lambda t: fn(t, next(it)), a)
+def to(state: State | None, device: torch.device) -> State | None:
+    """The state's tensors on `device` (a saved state, loaded onto the CPU)."""
+    return None if state is None else tree_map(lambda t: t.to(device), state)
 
 
 def signature(state: State) -> object:
@@ -115,6 +114,16 @@ def restart(
         )
     it = iter(new)
     return tree_map(lambda _: next(it), state)
+
+
+def stream_dims(state: State | None, batch: int, declared: int | None = None) -> list[int] | None:
+    """The stream axis of each tensor of a state: `declared` (a module's state_batch_dim) for
+    every tensor, or each tensor's one axis of size batch."""
+    if state is None:
+        return None
+    if declared is not None:
+        return [int(declared)] * len(leaves(state))
+    return [batch_dim(t, batch) for t in leaves(state)]
 
 
 def batch_dim(t: Tensor, batch: int) -> int:
