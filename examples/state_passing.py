@@ -126,12 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from tbptt.app.data import batchify, corpus_split
+    from tbptt.app.data import corpus_split
 
     torch.set_num_threads(args.threads)
     train_text, valid_text = corpus_split("shakespeare", args.valid_fraction)
     V = len(train_text.vocab)
-    streams = batchify(train_text.ids(), args.batch)  # (L, batch) character ids
+    ids = train_text.ids()
+    L = len(ids) // args.batch  # stream j is the j-th contiguous part of the text
+    streams = ids[: L * args.batch].reshape(args.batch, L).T  # (L, batch) character ids
     valid = valid_text.ids()
     n, T = args.eval_sequences, args.eval_length
     starts = np.linspace(0, len(valid) - T - 1, n).astype(int)

@@ -320,7 +320,6 @@ class Counting(MinGRU):
         return super().forward(x, state, starts=starts)
 
 
-@pytest.mark.xfail(strict=True, reason="driver passes starts after the refactor")
 def test_a_module_that_takes_starts_is_called_once_per_piece_not_once_per_reset() -> None:
     """A chunk of 16 steps under TBPTT(8, 8) is two pieces: two calls, whatever the resets."""
     torch.manual_seed(4)
