@@ -245,3 +245,45 @@ def test_artbp_and_uoro_are_unbiased_on_an_lstm() -> None:
         means = G.reshape(M // 4, 4, -1).mean(axis=1)
         ratio = float(((means - exact_) ** 2).sum(axis=1).mean() / (V / 4))
         assert 0.5 < ratio < 2, (method, ratio)
+
+
+# -- the cells (cells.py) against torch.func's path -------------------------------------------
+class General(Recurrent):
+    """Recurrent as a subclass, which the cells do not take: torch.func's general path."""
+
+
+RNNS = {
+    "lstm 2 layers": lambda: nn.LSTM(2, 3, num_layers=2),
+    "gru 2 layers": lambda: nn.GRU(2, 3, num_layers=2),
+    "rnn tanh": lambda: nn.RNN(2, 3),
+    "rnn relu no bias, batch first": lambda: nn.RNN(
+        2, 3, nonlinearity="relu", bias=False, batch_first=True
+    ),
+}
+
+
+@pytest.mark.parametrize("make", RNNS.values(), ids=RNNS)
+@pytest.mark.parametrize("method, options", [("uoro", {"k1": 3, "rng": 4}), ("rtrl", {"k1": 2})])
+def test_cells_equal_the_general_path(make, method: str, options: dict) -> None:
+    """UORO and RTRL on nn.LSTM, nn.GRU, nn.RNN through the written-out cells (outer products,
+    the tangent beside the values) give the parameters of torch.func's path, with resets, masks
+    and a frozen weight (not in theta), to 1e-10."""
+    x, y, mask, reset = stream(T=10)
+    results = []
+    for cls in (Recurrent, General):
+        torch.manual_seed(0)
+        rnn = make()
+        model = cls(rnn, nn.Linear(3, 2)).to(DT)
+        rnn.weight_hh_l0.requires_grad_(False)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        batch_first = getattr(rnn, "batch_first", False)
+        driver = tbptt.torch.methods.make_trainer(
+            method, model, opt, batch_first=batch_first, **options
+        )
+        for a, z in ((0, 4), (4, 10)):
+            args = [v[a:z].transpose(0, 1) if batch_first else v[a:z] for v in (x, y, mask, reset)]
+            driver.feed(*args)
+        assert (driver.rule.cell is not None) == (cls is Recurrent)
+        driver.finish()
+        results.append({k: p.detach().clone() for k, p in model.named_parameters()})
+    assert relative(results[0], results[1]) < TOL

@@ -1,5 +1,5 @@
 """What online RTRL and UORO share in the torch engine: the influence carried forward one step at
-a time with torch.func (SEMANTICS.md 8; the numpy twins: numpy/forward.py, rtrl.py, uoro.py).
+a time (SEMANTICS.md 8; the numpy twins: numpy/forward.py, rtrl.py, uoro.py).
 
 The module runs one step per call, module(x_t, h_{t-1}) -> (output_t, h_t). Its state, a tensor
 or a tuple of them (an LSTM's (h, c)), is one vector per stream for the influence: h in R^n,
@@ -8,8 +8,9 @@ directly (found at the first step: an LSTM's, not its head's); the others, like 
 seed's model, get their gradient from step t's loss alone. Step t of stream j has
 
     (8.15)  dl_t/dh_{t-1},  dl_t/dtheta|_{h_{t-1} fixed}     one backward of the batch's losses
-            (dF/dh) v                                        torch.func.jvp (the state direction)
-            nu^T dF/dtheta                                   torch.func.vjp per stream (vmap)
+            (dF/dh) s                                        the step's own forward pass, in
+                                                             forward mode along the rule's s
+            nu^T dF/dtheta, dF/dtheta                        per stream, see below
 
 from which RTRL (rtrl.py) and UORO (uoro.py) form the step's contribution to the gradient,
 
@@ -20,14 +21,24 @@ applied every k1 steps, and at finish() (the flush of Truncation(k1, k1, flush=T
 
     (8.13)  theta <- optimizer(theta, sum_{t in (u_prev, u]} g_t)
 
+The step runs once, with its state a forward-mode dual (torch.autograd.forward_ad) whose tangent
+is the rule's direction (UORO's s~_{t-1}), giving h_t and (dF/dh) s together; one backward of
+the losses gives (8.15)'s first line. The per-stream derivatives with respect to theta need
+per-stream gradients of shared parameters. For Recurrent around nn.RNN, nn.GRU or nn.LSTM they
+are outer products of per-stream deltas and inputs (cells.py, (C.2)), from backward passes of the
+same graph to the step's pre-activations; for any other module, torch.func re-runs the step per
+stream under vmap (vjp for UORO, jacrev and jvp for RTRL).
+
 The influence is carried across updates (Williams and Zipser's approximation). A reset zeroes that
 stream's influence and restarts it from state0 (6.1). ForwardRule is the part of RTRL's and
 UORO's rules that tbptt.torch.TBPTT (driver.py) holds: the steps, the sum, the update, the saved
 influence; chunks, checks, the schedule of updates, clipping, the scheduler, the non-finite
 checks, predict and several processes (one collective per update) are the shell's. Nothing is
-kept between steps but the influence, the carried state and the sum.
+kept between steps but the influence, the carried state and the sum. On CPU a step reads what it
+checks (a reset, kappa's range) on the host, where that costs nothing; on an accelerator
+(on_device) it computes everything on the device, with no synchronisation per step.
 
-The module must be deterministic (dropout off): each step runs it several times. oneDNN's
+The module must be deterministic (dropout off): each step may run it several times. oneDNN's
 recurrent kernels have no forward-mode derivative, so the steps run with oneDNN off.
 """
 
@@ -36,14 +47,18 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, overload
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch.func import functional_call, jvp, vjp, vmap
+from torch.linalg import vector_norm
 
 from ..errors import InputError
 from ..schedule import Truncation, Window
 from . import state as st
+from .cells import Cell, OuterRows, Site, cell_for
 from .checks import check_losses
 from .tbptt import Scheduled
 
@@ -96,10 +111,41 @@ class FlatState:
         return st.tree_map(lambda _: next(it), self.template)
 
 
+@dataclass
+class Step:
+    """What a step's one forward and one backward pass give a rule (8.15)."""
+
+    x: Tensor  # the step's input
+    v: Tensor  # (batch, n) h_{t-1}
+    P: dict[str, Tensor]  # the parameter values (detached)
+    dl_dh: Tensor  # (batch, n) dl_t/dh_{t-1}
+    Js: Tensor | None  # (batch, n) (dF/dh) s along the rule's direction s (None: none given)
+    leaf: Tensor  # (batch, n) h_{t-1} as the leaf of the step's graph
+    h: Tensor  # (batch, n) h_t in the step's graph
+    sites: list[Site] | None  # the cell's pre-activations (cells.py); None: torch.func's path
+
+
+class DenseRows:
+    """nu_j^T dF/dtheta for every stream j, one (batch, numel) tensor per parameter of theta (in
+    the order of theta; not concatenated: a copy of batch x |theta|)."""
+
+    def __init__(self, parts: list[Tensor]) -> None:
+        self.parts = parts
+
+    def norm(self) -> Tensor:
+        """(batch,) ||nu_j^T dF/dtheta|| over all of theta."""
+        return torch.stack([vector_norm(a, dim=1) for a in self.parts]).square().sum(0).sqrt()
+
+    def add_to(self, blocks: list[Tensor], beta: Tensor) -> None:
+        """blocks[k] (batch, numel_k) += beta (batch, 1) * the rows of parameter k."""
+        for part, a in zip(blocks, self.parts, strict=True):
+            part.addcmul_(a, beta)
+
+
 class ForwardRule(Scheduled):
     """What RTRL's and UORO's rules share: steps one at a time, contributions summed, an update
-    every k1 steps (and at finish()). A rule gives _allocate (its influence at zero) and
-    _influence_step."""
+    every k1 steps (and at finish()). A rule gives _allocate (its influence at zero),
+    _influence_step and, for a forward-mode direction, _direction."""
 
     name = ""  # "RTRL" or "UORO"
 
@@ -109,8 +155,13 @@ class ForwardRule(Scheduled):
         self.influence: dict[str, Tensor] | None = None  # per stream, allocated by the first step
         self.recurrent: list[str] | None = None  # the names of theta, found by the first step
         self.flat: FlatState | None = None
+        self.cell: Cell | None = None  # the module's step written out (cells.py), if it has one
+        self.cell_checked = False  # whether the first step chose between the cell and torch.func
         self.sum: dict[str, Tensor] = {}  # the contributions since the last update (8.13)
-        self.count = 0.0  # their unmasked losses, for reduction="mean"
+        self.count: float | Tensor = 0.0  # their unmasked losses, for reduction="mean"
+        # True: reset checks and kappa's range computed on the device, never read on the host;
+        # None: True on an accelerator, False on CPU (where reading them costs nothing)
+        self.on_device: bool | None = None
 
     @property
     def format(self) -> str:
@@ -129,20 +180,28 @@ class ForwardRule(Scheduled):
             if given:
                 raise InputError(f"{self.name} takes no {name}= (it runs one step at a time)")
 
+    def device_side(self, shell: Shell) -> bool:
+        """Whether the step's checks stay on the device (on_device, or the device's kind)."""
+        return shell.device.type != "cpu" if self.on_device is None else self.on_device
+
     # -- what differs between RTRL and UORO ---------------------------------------------------
     def _allocate(self, shell: Shell, batch: int, n: int, size: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def _restart_influence(self, rows: Tensor) -> None:
-        """The streams `rows` (batch,) restart: no influence before this step."""
+    def _direction(self, v: Tensor) -> Tensor | None:
+        """The forward-mode tangent of h_{t-1} (batch, n) the step carries (None: none)."""
+        return None
+
+    def _restart_influence(self, rows: Tensor, device_side: bool) -> None:
+        """The streams `rows` (batch,) restart: no influence before this step (device_side: by
+        masked writes, without reading rows on the host)."""
         assert self.influence is not None  # the caller restarts an allocated influence only
         for a in self.influence.values():
-            a[rows] = 0
+            zero(a, rows, device_side)
 
-    def _influence_step(self, shell: Shell, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict):
+    def _influence_step(self, shell: Shell, step: Step) -> Tensor:
         """(8.16)'s second term summed over the streams, (|theta|,), and the influence advanced
-        to step t. x: the step's input; v (batch, n) h_{t-1}; dl_dh (batch, n); P: the
-        parameter values (detached)."""
+        to step t."""
         raise NotImplementedError
 
     # -- the step's derivatives (8.15) ----------------------------------------------------------
@@ -170,21 +229,24 @@ class ForwardRule(Scheduled):
         return F
 
     def _jvp(self, shell: Shell, P: dict, x: Tensor, v: Tensor, tangent: Tensor) -> Tensor:
-        """(dF/dh) tangent, per stream (batch, n)."""
+        """(dF/dh) tangent, per stream (batch, n), by re-running the step (torch.func.jvp)."""
         return jvp(self._state_map(shell, P, x), (v,), (tangent,))[1]
 
-    def _vjp_theta(self, shell: Shell, P: dict, x: Tensor, v: Tensor, nu: Tensor) -> list[Tensor]:
-        """nu_j^T dF/dtheta for every stream j, one (batch, numel) tensor per parameter of theta
-        (in the order of self.recurrent; not concatenated: a copy of batch x |theta|)."""
-        F, names = self._per_stream(shell, P), self.recurrent
+    def _theta_vjp(self, shell: Shell, step: Step, nu: Tensor) -> DenseRows | OuterRows:
+        """nu_j^T dF/dtheta for every stream j: the cell's outer products (C.2), or the step
+        re-run per stream (torch.func.vjp under vmap)."""
+        names = self.recurrent
         assert names is not None  # the first step (_start) found theta
-        theta = {k: P[k] for k in names}
+        if step.sites is not None:
+            return OuterRows(step.h, step.sites, nu, names)
+        F = self._per_stream(shell, step.P)
+        theta = {k: step.P[k] for k in names}
 
         def one(xj: Tensor, vj: Tensor, nuj: Tensor) -> dict:
             return vjp(lambda th: F(xj, vj, th), theta)[1](nuj)[0]
 
-        g = vmap(one, in_dims=(1 - shell.tdim, 0, 0))(x, v, nu)
-        return [g[k].reshape(len(v), -1) for k in names]
+        g = vmap(one, in_dims=(1 - shell.tdim, 0, 0))(step.x, step.v, nu)
+        return DenseRows([g[k].reshape(len(nu), -1) for k in names])
 
     def _sizes(self, shell: Shell) -> list[int]:
         """The entries of each parameter of theta, in order."""
@@ -217,27 +279,33 @@ class ForwardRule(Scheduled):
         assert dims is not None  # state is a state here (the zeros made above if it was None)
         if self.flat is None:
             self.flat = FlatState(state, dims)
-        if reset is not None and bool(reset.any()):  # (6.1), and no influence before step t
+        device_side = self.device_side(shell)
+        if reset is not None and (device_side or bool(reset.any())):  # (6.1), no influence before
             row = reset.reshape(-1)
             state = st.restart(state, shell.state0, row, dims)
             if self.influence is not None:
-                self._restart_influence(row)
+                self._restart_influence(row, device_side)
         v = self.flat.flat(state).detach()  # (batch, n) h_{t-1}
+        if not self.cell_checked:
+            self.cell, self.cell_checked = self._checked_cell(shell, x, state), True
         leaf = v.clone().requires_grad_()
-        out, new = shell.call(x, self.flat.unflat(leaf))
+        out, new, h, Js, sites = self._forward(shell, x, leaf)
         losses = check_losses(shell.loss_fn(out, y), x)  # (1, batch) l_t
         if mask is not None:
             losses = losses * mask.to(losses.dtype)
         params = list(shell.params.values())
         if self.influence is None:
-            self._start(shell, new, params)
-        grads = torch.autograd.grad(losses.sum(), [*params, leaf], allow_unused=True)
+            sites = self._start(shell, h, params, sites)
+        grads = torch.autograd.grad(
+            losses.sum(), [*params, leaf], allow_unused=True, retain_graph=sites is not None
+        )
         dl_dh = grads[-1] if grads[-1] is not None else torch.zeros_like(v)
         P = {k: p.detach() for k, p in shell.params.items()}
+        step = Step(x, v, P, dl_dh, Js, leaf, h, sites)
         try:
             with warnings.catch_warnings():  # torch.func's first jvp scripts its decompositions
                 warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
-                g_theta = self._influence_step(shell, x, v, dl_dh, P)  # (|theta|,)
+                g_theta = self._influence_step(shell, step)  # (|theta|,)
         except RuntimeError as exc:
             if "random operation" not in str(exc):
                 raise
@@ -251,24 +319,69 @@ class ForwardRule(Scheduled):
         assert self.recurrent is not None  # _start found theta at the first step
         for k, g in zip(self.recurrent, g_theta.split(self._sizes(shell)), strict=True):
             self._add(k, g.view_as(shell.params[k]))
-        self.count += float(batch) if mask is None else float(mask.sum())
+        if mask is None:
+            self.count += float(batch)
+        else:  # on the device: read at the update
+            self.count = self.count + mask.sum().to(torch.float64)
         return losses.detach().sum(dtype=torch.float64), st.detach(new)
+
+    def _forward(self, shell: Shell, x: Tensor, leaf: Tensor):
+        """The step from h_{t-1} = leaf (batch, n), run once: (output, new state, h_t (batch, n)
+        in the graph, (dF/dh) s along the rule's direction s or None, the cell's sites). The
+        cell computes the tangent itself; the module runs with its state a forward-mode dual."""
+        flat, direction = self.flat, self._direction(leaf)
+        assert flat is not None  # _step made it before the forward pass
+        if self.cell is not None:
+            s = None if direction is None else flat.unflat(direction)
+            out, new, t_new, sites = self.cell(x, flat.unflat(leaf), s)
+            Js = None if t_new is None else flat.flat(t_new)
+            return out, new, flat.flat(new), Js, sites
+        if direction is None:
+            out, new = shell.call(x, flat.unflat(leaf))
+            return out, new, flat.flat(new), None, None
+        with fwad.dual_level():
+            out, new = shell.call(x, flat.unflat(fwad.make_dual(leaf, direction)))
+            h, Js = fwad.unpack_dual(flat.flat(new))  # the values, and the tangent (dF/dh) s
+            Js = torch.zeros_like(h) if Js is None else Js.detach()  # (the live parameters')
+            out = fwad.unpack_dual(out).primal
+            new = st.tree_map(lambda t: fwad.unpack_dual(t).primal, new)
+        return out, new, h, Js, None
+
+    def _checked_cell(self, shell: Shell, x: Tensor, state: st.State) -> Cell | None:
+        """The module's cell (cells.py), if it has one that reproduces its own step here."""
+        cell = cell_for(shell.model, shell.params)
+        if cell is None:
+            return None
+        with torch.no_grad():
+            out, new = shell.call(x, state)
+            out_c, new_c, _, _ = cell(x, state)
+        tol = 1e-9 if out.dtype == torch.float64 else 1e-3
+        same = [(out, out_c), *zip(st.leaves(new), st.leaves(new_c), strict=True)]
+        if all(a.shape == b.shape and torch.allclose(a, b, tol, tol) for a, b in same):
+            return cell
+        return None
 
     def _add(self, k: str, g: Tensor) -> None:
         self.sum[k] = g.detach().clone() if k not in self.sum else self.sum[k].add_(g)
 
-    def _start(self, shell: Shell, new: st.State, params: list[Tensor]) -> None:
+    def _start(
+        self, shell: Shell, h: Tensor, params: list[Tensor], sites: list[Site] | None
+    ) -> list[Site] | None:
         """The first step: theta, the parameters h_t depends on (those its graph reaches), and
-        the influence at zero."""
-        # _step made flat just before; the first chunk set the batch
-        assert self.flat is not None and shell.batch is not None
-        h = self.flat.flat(new)
+        the influence at zero. Returns the sites, None if the cell's do not hold all of theta
+        (torch.func's path then)."""
+        assert shell.batch is not None  # the first chunk set it
         got = torch.autograd.grad(h.sum(), params, allow_unused=True, retain_graph=True)
         self.recurrent = [k for k, g in zip(shell.params, got, strict=True) if g is not None]
         if not self.recurrent:
             raise InputError(f"the model's state depends on no parameter: nothing for {self.name}")
         size = sum(shell.params[k].numel() for k in self.recurrent)
-        self.influence = self._allocate(shell, shell.batch, self.flat.n, size)
+        self.influence = self._allocate(shell, shell.batch, h.shape[1], size)
+        if sites is not None:
+            held = [k for site in sites for k, _ in site.terms]
+            if sorted(held) != sorted(self.recurrent):
+                self.cell, sites = None, None
+        return sites
 
     # -- the update -----------------------------------------------------------------------------
     def gradient(self, shell: Shell, w: Window, mean: bool) -> float:
@@ -277,7 +390,7 @@ class ForwardRule(Scheduled):
         for k, p in shell.params.items():
             p.grad = self.sum.get(k)
         self.sum, count, self.count = {}, self.count, 0.0
-        return count if mean else 0.0
+        return float(count) if mean else 0.0
 
     def after(self, shell: Shell, w: Window | None) -> None:
         pass  # nothing is kept but the influence
@@ -314,7 +427,7 @@ class ForwardRule(Scheduled):
         """The contributions since the last update and their count; with several processes,
         summed over them (one all-reduce per tensor: saving is rare)."""
         pending = {k: v.detach().clone() for k, v in self.sum.items()}
-        count, comm = self.count, shell.comm
+        count, comm = float(self.count), shell.comm
         if comm is None:
             return pending, count
         for k in shell.params:  # every process has the same keys: the same steps, the same model
@@ -355,12 +468,22 @@ class ForwardRule(Scheduled):
 
         def restore() -> st.State | None:
             self.influence, self.recurrent, self.flat = influence, recurrent, None
+            self.cell, self.cell_checked = None, False
             device = shell.device
             self.sum = {k: v.to(device).clone() for k, v in sd["pending"].items()} if mine else {}
             self.count = float(sd["pending_count"]) if mine else 0.0
             return None if state is None else st.to(state["h"], device)
 
         return restore
+
+
+def zero(a: Tensor, rows: Tensor, device_side: bool, value: float = 0.0) -> None:
+    """a[rows] = value along a's first axis (rows (batch,) bool); device_side: a masked write of
+    every row, without reading rows on the host."""
+    if device_side:
+        a.masked_fill_(rows.view(-1, *[1] * (a.dim() - 1)), value)
+    else:
+        a[rows] = value
 
 
 def no_onednn():

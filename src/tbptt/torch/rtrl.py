@@ -28,8 +28,9 @@ from torch.func import jacrev, vmap
 from ..errors import InputError
 from ..numpy.rtrl import MAX_BYTES
 from . import state as st
+from .cells import OuterJacobian
 from .driver import TBPTT, LossFn, shell_options
-from .forward import ForwardRule
+from .forward import ForwardRule, Step
 from .modules import l2_loss
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class RTRLRule(ForwardRule):
             raise InputError(f"max_bytes must be a positive number, got {max_bytes!r}")
         super().__init__(k1)
         self.max_bytes = max_bytes
+        self.spare: Tensor | None = None  # J's second buffer (the cell's path)
 
     def bind(self, shell: Shell) -> None:
         """A model whose J would not fit for one stream is refused now, when its structure says
@@ -100,16 +102,25 @@ class RTRLRule(ForwardRule):
         check_size(batch, n, size, like.dtype, like.element_size(), self.max_bytes)
         return {"J": torch.zeros(batch, n, size, dtype=like.dtype, device=like.device)}
 
-    def _influence_step(self, shell: Shell, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict):
+    def _influence_step(self, shell: Shell, step: Step) -> Tensor:
         """(8.16) and (8.3) for every stream; returns the second term of (8.16) summed."""
         assert self.influence is not None  # _start allocated it at the first step
         J = self.influence["J"]  # (batch, n, |theta|)
+        g = torch.einsum("bs,bsp->p", step.dl_dh, J)  # (|theta|,)
+        names = self.recurrent
+        assert names is not None  # the first step (_start) found theta
+        if step.sites is not None:  # (8.3) as dF/dh J_{t-1} into the spare buffer, + dF/dtheta
+            jac = OuterJacobian(step.leaf, step.h, step.sites, names)
+            spare = self.spare if self.spare is not None and self.spare.shape == J.shape else None
+            out = torch.bmm(jac.Jh, J, out=spare)  # (batch, n, |theta|)
+            jac.add_to(list(out.split(self._sizes(shell), 2)))
+            self.influence["J"], self.spare = out, J
+            return g
+        x, v, P = step.x, step.v, step.P
         batch, n, _ = J.shape
-        g = torch.einsum("bs,bsp->p", dl_dh, J)  # (|theta|,)
         basis = torch.eye(n, dtype=v.dtype, device=v.device)[:, None].expand(n, batch, n)
         Jh = vmap(lambda e: self._jvp(shell, P, x, v, e))(basis)  # (n_in, batch, n_out)
-        F, names = self._per_stream(shell, P), self.recurrent
-        assert names is not None  # the first step (_start) found theta
+        F = self._per_stream(shell, P)
         theta = {k: P[k] for k in names}
 
         def one(xj: Tensor, vj: Tensor) -> Tensor:  # dF/dtheta of one stream, (n, |theta|)

@@ -38,7 +38,7 @@ from ..numpy.uoro import EPS
 from . import draws
 from . import state as st
 from .driver import TBPTT, LossFn, shell_options
-from .forward import ForwardRule
+from .forward import ForwardRule, Step, zero
 from .modules import l2_loss
 
 if TYPE_CHECKING:
@@ -133,40 +133,59 @@ class UORORule(ForwardRule):
                 )
             self.streams_checked = True
         u = self.rng.random((world * batch, n))[rank * batch : (rank + 1) * batch]
-        return torch.from_numpy(np.where(u < 0.5, -1.0, 1.0)).to(like)
+        # non_blocking: from pageable memory the copy is staged at once, without waiting for the
+        # device's queue
+        return torch.from_numpy(np.where(u < 0.5, -1.0, 1.0)).to(like, non_blocking=True)
 
-    def _restart_influence(self, rows: Tensor) -> None:
+    def _direction(self, v: Tensor) -> Tensor:
+        """s~_{t-1}: the step's forward pass gives (dF/dh) s~_{t-1} with h_t (zero at the start)."""
+        return torch.zeros_like(v) if self.influence is None else self.influence["s"]
+
+    def _restart_influence(self, rows: Tensor, device_side: bool) -> None:
         assert self.influence is not None  # the caller restarts an allocated influence only
         for k in ("s", "theta"):
-            self.influence[k][rows] = 0
-        self.influence["kappa"][rows] = 1
+            zero(self.influence[k], rows, device_side)
+        zero(self.influence["kappa"], rows, device_side, 1.0)
 
-    def _influence_step(self, shell: Shell, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict):
+    def _influence_step(self, shell: Shell, step: Step) -> Tensor:
         """(8.5)-(8.9) for every stream; returns the first term of (8.5) summed over them.
 
         theta~ is kept as kappa Theta (a scalar kappa per stream), so that the division by rho0
-        is a scalar update and Theta changes once per step, by nu^T dF/dtheta / (rho1 kappa)."""
+        is a scalar update and Theta changes once per step, by nu^T dF/dtheta / (rho1 kappa).
+        Everything stays on the device: rho0 and rho1 are (batch,) tensors, and kappa is folded
+        into Theta where it leaves its range (read on the host only on CPU)."""
         assert self.influence is not None  # _start allocated it at the first step
+        assert step.Js is not None  # the step ran along s~_{t-1} (_direction)
         s, Theta, kappa, eps = (*(self.influence[k] for k in ("s", "theta", "kappa")), self.eps)
-        c = (dl_dh * s).sum(1)  # (batch,) dl_t/dh_{t-1} . s~_{t-1}
+        c = (step.dl_dh * s).sum(1)  # (batch,) dl_t/dh_{t-1} . s~_{t-1}
         g = (c * kappa) @ Theta  # (|theta|,) sum_j c_j theta~_j
         batch, n = s.shape
         nu = self._signs(shell, batch, n, s)  # (batch, n)
-        Js = self._jvp(shell, P, x, v, s)  # (batch, n) (dF/dh) s~_{t-1}
-        nuF = self._vjp_theta(shell, P, x, v, nu)  # (batch, numel) per parameter: nu^T dF/dtheta
-        nuF_norm = torch.stack([vector_norm(a, dim=1) for a in nuF]).square().sum(0).sqrt()
+        Js = step.Js  # (batch, n) (dF/dh) s~_{t-1}
+        nuF = self._theta_vjp(shell, step, nu)  # nu^T dF/dtheta per stream
         rho0 = ((kappa * vector_norm(Theta, dim=1) + eps) / (vector_norm(Js, dim=1) + eps)).sqrt()
-        rho1 = ((nuF_norm + eps) / (vector_norm(nu, dim=1) + eps)).sqrt()  # (8.8), (8.9)
+        rho1 = ((nuF.norm() + eps) / (vector_norm(nu, dim=1) + eps)).sqrt()  # (8.8), (8.9)
         s.copy_(rho0[:, None] * Js + rho1[:, None] * nu)  # (8.7)
         kappa.div_(rho0)  # theta~_{t-1} / rho0
         beta = (1 / (rho1 * kappa))[:, None]
-        for part, a in zip(Theta.split(self._sizes(shell), 1), nuF, strict=True):
-            part.addcmul_(a, beta)  # theta~ += nu^T dF/dtheta / rho1
-        bound = KAPPA_RANGE.get(kappa.dtype, 1e15)
-        if float(kappa.max()) > bound or float(kappa.min()) < 1 / bound:  # fold kappa in
-            Theta.mul_(kappa[:, None])
-            kappa.fill_(1)
+        blocks = list(Theta.split(self._sizes(shell), 1))  # (batch, numel) per parameter
+        nuF.add_to(blocks, beta)  # theta~ += nu^T dF/dtheta / rho1
+        self._fold(Theta, kappa, self.device_side(shell))
         return g
+
+    @staticmethod
+    def _fold(Theta: Tensor, kappa: Tensor, device_side: bool) -> None:
+        """kappa folded into Theta when it leaves its range: on the host's reading, every stream
+        (as numpy/uoro.py); device_side, the streams out of range by masked writes."""
+        bound = KAPPA_RANGE.get(kappa.dtype, 1e15)
+        if not device_side:
+            if float(kappa.max()) > bound or float(kappa.min()) < 1 / bound:
+                Theta.mul_(kappa[:, None])
+                kappa.fill_(1)
+            return
+        out = (kappa > bound) | (kappa < 1 / bound)  # (batch,)
+        Theta.mul_(torch.where(out, kappa, 1)[:, None])
+        kappa.masked_fill_(out, 1)
 
     # -- saving ---------------------------------------------------------------------------------
     def state_dict(self, shell: Shell) -> dict:
