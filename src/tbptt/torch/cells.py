@@ -1,24 +1,29 @@
 """One step of nn.RNN, nn.GRU and nn.LSTM written out, for RTRL and UORO (SEMANTICS.md 8;
-forward.py): the module's arithmetic, with the pre-activations that its weights enter kept.
+forward.py): the step's values, its tangent and its cotangents by hand, per stream.
 
 Every weight W of these modules enters a step through a pre-activation that is linear in it,
 
     (C.1)  a_j = sum_W u_{W,j} W^T + b                  stream j; u_W its input (x_t, h_{t-1}, the
                                                         layer below's h_t), b the biases
 
-so the immediate derivative of the step's state h_t along a cotangent nu, for each stream, is an
-outer product of that stream's rows:
+so the derivatives of the step with respect to theta, for each stream j, are outer products of
+that stream's rows: along a cotangent nu of the new state h_t,
 
     (C.2)  nu_j^T dF_j/dW = delta_j u_{W,j}^T,   nu_j^T dF_j/db = delta_j,
            delta_j = nu_j^T dF_j/da_j
 
-and the Jacobian of the step (RTRL) is dF_j/dW[i, (r, c)] = (dF_j/da_j)[i, r] u_{W,j}[c]. The
-per-stream derivatives the methods need then come from the one forward pass of the step and
-backward passes to its pre-activations a (elementwise, and the layers above), instead of re-running
-the step per stream under torch.func.vmap. The cell is used for Recurrent(rnn, head) with rnn an
-nn.RNN, nn.GRU or nn.LSTM of one direction, without proj_size and without active dropout, and
-only after it reproduced the module's own first step (forward.py); any other module takes
-torch.func's general path. The equations are PyTorch's (torch.nn.LSTM's documentation):
+and the Jacobian (RTRL) is dF_j/dW[i, (r, c)] = (dF_j/da_j)[i, r] u_{W,j}[c]. The batch's gradient
+of the losses is the same with nu the losses' cotangent, summed over the streams:
+dl/dW = sum_j delta_j u_{W,j}^T. So one forward pass of the step (values, and the tangent
+(dF/dh) s beside them), the head and the loss under autograd, and one backward pass written out,
+for the losses' cotangent and the rule's together (a leading axis of cotangents), give everything
+RTRL and UORO need; nothing re-runs the step per stream.
+
+The cell is used for Recurrent(rnn, head) with rnn an nn.RNN, nn.GRU or nn.LSTM of one
+direction, without proj_size and without active dropout, and only after it reproduced the
+module's own first step (forward.py); any other module takes torch.func's general path. Its
+state is the flat vector of forward.FlatState: the layers' h, then (LSTM) the layers' c. The
+equations are PyTorch's (torch.nn.LSTM's documentation), with sigma the logistic function:
 
     LSTM   (i, f, g, o) = (sigma, sigma, tanh, sigma)(a),  c_t = f c + i g,  h_t = o tanh(c_t)
     GRU    a_i = x W_ih^T + b_ih, a_h = h W_hh^T + b_hh (two pre-activations), (r, z) = sigma(a_i
@@ -28,10 +33,9 @@ torch.func's general path. The equations are PyTorch's (torch.nn.LSTM's document
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 Tensor = torch.Tensor
@@ -39,121 +43,218 @@ Tensor = torch.Tensor
 
 @dataclass
 class Site:
-    """A pre-activation a (batch, rows) of the step (C.1) and the trained parameters entering it
-    linearly: (name, u) with u (batch, cols) the input of weight `name` (detached), or
-    (name, None) for a bias."""
+    """A pre-activation (batch, rows) of the step (C.1) and the trained parameters entering it
+    linearly: (name, u) with u (batch, cols) the input of weight `name`, or (name, None) for a
+    bias (frozen ones are constants, not listed)."""
 
-    a: Tensor
+    rows: int
     terms: list[tuple[str, Tensor | None]]
 
 
+@dataclass
+class Tape:
+    """What a step keeps for its backward pass: each layer's values, and the sites."""
+
+    layers: list[tuple[Tensor, ...]] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+
+
 class Cell:
-    """module(x_t, state) of Recurrent(rnn, head) as (output, new_state, its tangent, sites): the
-    rnn's step written out (C.1), the head applied to its output as the module applies it. Given
-    a tangent of the state (the same structure), the tangent of the new state, (dF/dh) s, is
-    computed beside the values (forward mode written out: one product by W_hh per layer and
-    elementwise terms), without a graph."""
+    """The step of Recurrent(rnn, head) written out: step() for the values and the tangent,
+    vjp() for the cotangents; the head is applied by the caller (it is the module's own)."""
 
     def __init__(self, model: nn.Module, rnn: nn.RNNBase, names: dict[int, str]) -> None:
         self.model, self.rnn, self.names = model, rnn, names
         self.kind = "LSTM" if isinstance(rnn, nn.LSTM) else "GRU" if isinstance(rnn, nn.GRU) else ""
         self.relu = getattr(rnn, "nonlinearity", "tanh") == "relu"
+        self.layers, self.hidden = rnn.num_layers, rnn.hidden_size
+        self.n = self.layers * self.hidden * (2 if self.kind == "LSTM" else 1)
+        self.tdim = 1 if rnn.batch_first else 0  # x's time axis
 
-    def __call__(self, x: Tensor, state, tangent=None) -> tuple[Tensor, object, object, list]:
-        rnn, sites = self.rnn, []
-        td = 1 if rnn.batch_first else 0
-        inp, t_inp = x.select(td, 0), None  # (batch, m): the one step; x has no tangent
-        lstm = self.kind == "LSTM"
-        states = tuple(state) if lstm else (state,)  # each (layers, batch, hidden)
-        tangents = None if tangent is None else tuple(tangent) if lstm else (tangent,)
-        new, new_t = [], []
-        layer = self._lstm if lstm else self._gru if self.kind == "GRU" else self._rnn
-        for k in range(rnn.num_layers):
-            W = [getattr(rnn, f"{w}_l{k}") for w in ("weight_ih", "weight_hh")]
-            b = [getattr(rnn, f"{w}_l{k}") for w in ("bias_ih", "bias_hh")] if rnn.bias else []
-            s_k = tuple(a[k] for a in states)
-            t_k = None if tangents is None else tuple(a[k] for a in tangents)
-            got, t_got = layer(inp, s_k, t_inp, t_k, W, b, sites)
-            new.append(got)
-            new_t.append(t_got)
-            inp, t_inp = got[0], (None if t_got is None else t_got[0])
-        stacked = [torch.stack(a) for a in zip(*new, strict=True)]  # (layers, batch, hidden)
-        t_stacked = None if tangents is None else [torch.stack(a) for a in zip(*new_t, strict=True)]
-        out = inp.unsqueeze(td)  # the rnn's output: the last layer's h_t, (1, batch, hidden)
-        head = getattr(self.model, "head", None)
-        out = out if head is None else head(out)
-        if not lstm:
-            return out, stacked[0], None if t_stacked is None else t_stacked[0], sites
-        return out, tuple(stacked), None if t_stacked is None else tuple(t_stacked), sites
+    @property
+    def head(self) -> nn.Module | None:
+        return getattr(self.model, "head", None)
+
+    def weights(self, k: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """Layer k's W_ih, W_hh, b_ih, b_hh (None: no biases), as values."""
+        rnn = self.rnn
+        W_ih, W_hh = (getattr(rnn, f"{w}_l{k}").detach() for w in ("weight_ih", "weight_hh"))
+        if not rnn.bias:
+            return W_ih, W_hh, None, None
+        b_ih, b_hh = (getattr(rnn, f"{w}_l{k}").detach() for w in ("bias_ih", "bias_hh"))
+        return W_ih, W_hh, b_ih, b_hh
+
+    def _site(self, tape: Tape, k: int, rows: int, terms: list[tuple[str, Tensor | None]]):
+        """The site of a pre-activation of layer k: terms (weight kind, u), the trained ones."""
+        rnn, names = self.rnn, self.names
+        kept = []
+        for kind, u in terms:
+            p = getattr(rnn, f"{kind}_l{k}", None)
+            if p is not None and id(p) in names:
+                kept.append((names[id(p)], u))
+        tape.sites.append(Site(rows, kept))
+
+    # -- the values and the tangent -------------------------------------------------------------
+    @torch.no_grad()
+    def step(
+        self, x: Tensor, v: Tensor, s: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tape]:
+        """From h_{t-1} = v (batch, n) and x_t (x's one step): the rnn's output (batch, hidden),
+        h_t (batch, n), (dF/dh) s for a tangent s (batch, n) of h_{t-1} (None: none), the tape."""
+        L, H, lstm = self.layers, self.hidden, self.kind == "LSTM"
+        inp, t_inp, tape = x.select(self.tdim, 0), None, Tape()
+        hs, cs, ths, tcs = [], [], [], []
+        for k in range(L):
+            W = self.weights(k)
+            h0 = v[:, k * H : (k + 1) * H]
+            th0 = None if s is None else s[:, k * H : (k + 1) * H]
+            if lstm:
+                c0 = v[:, (L + k) * H : (L + k + 1) * H]
+                tc0 = None if s is None else s[:, (L + k) * H : (L + k + 1) * H]
+                h, c, th, tc = self._lstm(tape, k, W, inp, h0, c0, t_inp, th0, tc0)
+                cs.append(c)
+                tcs.append(tc)
+            elif self.kind == "GRU":
+                h, th = self._gru(tape, k, W, inp, h0, t_inp, th0)
+            else:
+                h, th = self._rnn(tape, k, W, inp, h0, t_inp, th0)
+            hs.append(h)
+            ths.append(th)
+            inp, t_inp = h, th
+        new = torch.cat(hs + cs, 1)  # (batch, n)
+        Js = None if s is None else torch.cat(ths + tcs, 1)
+        return inp, new, Js, tape
 
     @staticmethod
-    def _pre_tangent(tx: Tensor | None, th: Tensor, W: list[Tensor]) -> Tensor:
-        """The tangent of a pre-activation: th W_hh^T (+ tx W_ih^T above the first layer)."""
-        ta = th @ W[1].detach().t()
-        return ta if tx is None else ta.addmm_(tx, W[0].detach().t())
+    def _pre(W, x: Tensor, h0: Tensor, tx: Tensor | None, th0: Tensor | None):
+        """a = x W_ih^T + b_ih + h0 W_hh^T + b_hh and its tangent (th0 W_hh^T + tx W_ih^T)."""
+        a = torch.addmm(W[3], h0, W[1].t()) if W[3] is not None else h0 @ W[1].t()
+        a.addmm_(x, W[0].t())
+        if W[2] is not None:
+            a += W[2]
+        ta = None
+        if th0 is not None:
+            ta = th0 @ W[1].t()
+            if tx is not None:
+                ta.addmm_(tx, W[0].t())
+        return a, ta
 
-    def _lstm(self, x, state, tx, ts, W, b, sites):
-        """One LSTM layer: (h, c) and their tangent."""
-        h0, c0 = state
-        a = F.linear(h0, W[1], b[1] if b else None) + F.linear(x, W[0], b[0] if b else None)
-        self._site(sites, a, [(W[0], x), (W[1], h0)] + [(p, None) for p in b])
+    def _lstm(self, tape, k, W, x, h0, c0, tx, th0, tc0):
+        """One LSTM layer: h, c and their tangents."""
+        a, ta = self._pre(W, x, h0, tx, th0)
+        self._site(tape, k, a.shape[1], [("weight_ih", x), ("weight_hh", h0)] + BIASES)
         i, f, g, o = a.chunk(4, 1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
         c = f * c0 + i * g
-        tc_ = torch.tanh(c)
+        tc_ = c.tanh()
         h = o * tc_
-        if ts is None:
-            return (h, c), None
-        with torch.no_grad():
-            ti, tf, tg, to = self._pre_tangent(tx, ts[0], W).chunk(4, 1)
-            tc = (tf * f * (1 - f)) * c0 + f * ts[1] + (ti * i * (1 - i)) * g
-            tc += i * (tg * (1 - g * g))
-            th = (to * o * (1 - o)) * tc_ + o * (1 - tc_ * tc_) * tc
-        return (h, c), (th, tc)
+        tape.layers.append((i, f, g, o, c0, tc_))
+        if ta is None:
+            return h, c, None, None
+        ti, tf, tg, to = ta.chunk(4, 1)
+        tc = (tf * f * (1 - f)) * c0 + (ti * i * (1 - i)) * g + i * (tg * (1 - g * g))
+        assert tc0 is not None  # a tangent of h comes with one of c
+        tc += f * tc0
+        th = (to * o * (1 - o)) * tc_ + o * (1 - tc_ * tc_) * tc
+        return h, c, th, tc
 
-    def _gru(self, x, state, tx, ts, W, b, sites):
-        """One GRU layer: (h,) and its tangent."""
-        (h0,) = state
-        a_i = F.linear(x, W[0], b[0] if b else None)  # (batch, 3 hidden)
-        a_h = F.linear(h0, W[1], b[1] if b else None)
-        self._site(sites, a_i, [(W[0], x)] + [(p, None) for p in b[:1]])
-        self._site(sites, a_h, [(W[1], h0)] + [(p, None) for p in b[1:]])
+    def _gru(self, tape, k, W, x, h0, tx, th0):
+        """One GRU layer: h and its tangent."""
+        a_i = torch.addmm(W[2], x, W[0].t()) if W[2] is not None else x @ W[0].t()
+        a_h = torch.addmm(W[3], h0, W[1].t()) if W[3] is not None else h0 @ W[1].t()
+        self._site(tape, k, a_i.shape[1], [("weight_ih", x), ("bias_ih", None)])
+        self._site(tape, k, a_h.shape[1], [("weight_hh", h0), ("bias_hh", None)])
         ir, iz, i_n = a_i.chunk(3, 1)
         hr, hz, h_n = a_h.chunk(3, 1)
-        r, z = torch.sigmoid(hr + ir), torch.sigmoid(hz + iz)
-        n = torch.tanh(i_n + h_n * r)
+        r, z = (hr + ir).sigmoid_(), (hz + iz).sigmoid_()
+        n = (i_n + h_n * r).tanh_()
         h = (h0 - n) * z + n
-        if ts is None:
-            return (h,), None
-        with torch.no_grad():
-            tr_h, tz_h, tn_h = (ts[0] @ W[1].detach().t()).chunk(3, 1)
-            tr_i, tz_i, tn_i = (0, 0, 0) if tx is None else (tx @ W[0].detach().t()).chunk(3, 1)
-            tr = r * (1 - r) * (tr_h + tr_i)
-            tz = z * (1 - z) * (tz_h + tz_i)
-            tn = (1 - n * n) * (tn_i + tn_h * r + h_n * tr)
-            th = (ts[0] - tn) * z + (h0 - n) * tz + tn
-        return (h,), (th,)
+        tape.layers.append((r, z, n, h_n, h0))
+        if th0 is None:
+            return h, None
+        tr, tz, tn = (th0 @ W[1].t()).chunk(3, 1)
+        if tx is not None:
+            ti = (tx @ W[0].t()).chunk(3, 1)
+            tr, tz, tn_i = tr + ti[0], tz + ti[1], ti[2]
+        else:
+            tn_i = 0
+        tr = r * (1 - r) * tr
+        tz = z * (1 - z) * tz
+        tn = (1 - n * n) * (tn_i + tn * r + h_n * tr)
+        return h, (th0 - tn) * z + (h0 - n) * tz + tn
 
-    def _rnn(self, x, state, tx, ts, W, b, sites):
-        """One layer of nn.RNN (tanh or relu): (h,) and its tangent."""
-        (h0,) = state
-        a = F.linear(h0, W[1], b[1] if b else None) + F.linear(x, W[0], b[0] if b else None)
-        self._site(sites, a, [(W[0], x), (W[1], h0)] + [(p, None) for p in b])
-        h = torch.relu(a) if self.relu else torch.tanh(a)
-        if ts is None:
-            return (h,), None
-        with torch.no_grad():
-            ta = self._pre_tangent(tx, ts[0], W)
-            th = ta * (a > 0) if self.relu else ta * (1 - h * h)
-        return (h,), (th,)
+    def _rnn(self, tape, k, W, x, h0, tx, th0):
+        """One layer of nn.RNN (tanh or relu): h and its tangent."""
+        a, ta = self._pre(W, x, h0, tx, th0)
+        self._site(tape, k, a.shape[1], [("weight_ih", x), ("weight_hh", h0)] + BIASES)
+        h = a.relu() if self.relu else a.tanh()
+        dh = (a > 0).to(a.dtype) if self.relu else 1 - h * h  # f'(a)
+        tape.layers.append((dh,))
+        return h, None if ta is None else ta * dh
 
-    def _site(self, sites: list[Site], a: Tensor, terms: list[tuple[Tensor, Tensor | None]]):
-        """The site of a, with the trained parameters among terms (frozen ones are constants;
-        none: no site)."""
-        names = self.names
-        kept = [(names[id(p)], u if u is None else u.detach()) for p, u in terms if id(p) in names]
-        if kept:
-            sites.append(Site(a, kept))
+    # -- the cotangents -------------------------------------------------------------------------
+    @torch.no_grad()
+    def vjp(
+        self, tape: Tape, cot: Tensor, top: Tensor | None = None
+    ) -> tuple[list[Tensor], Tensor]:
+        """Cotangents (K, batch, n) of h_t, and (K, batch, hidden) of the rnn's output (None:
+        zero), pulled back through the step: each site's delta (K, batch, rows) (C.2) and the
+        cotangents of h_{t-1} (K, batch, n)."""
+        L, H, lstm = self.layers, self.hidden, self.kind == "LSTM"
+        deltas: list[Tensor] = []
+        dh0s: list[Tensor | None] = [None] * L
+        dc0s: list[Tensor | None] = [None] * L
+        above = top  # the cotangent of layer k's h from the layers above (and the output)
+        for k in range(L - 1, -1, -1):
+            W = self.weights(k)
+            gh = cot[..., k * H : (k + 1) * H]
+            gh = gh if above is None else gh + above
+            if lstm:
+                gc = cot[..., (L + k) * H : (L + k + 1) * H]
+                da, dc0s[k] = self._lstm_back(tape.layers[k], gh, gc)
+                dh0, dx, got = da @ W[1], (da @ W[0] if k else None), [da]
+            elif self.kind == "GRU":
+                da_i, da_h, dh0 = self._gru_back(tape.layers[k], gh)
+                dh0 = dh0 + da_h @ W[1]
+                dx, got = (da_i @ W[0] if k else None), [da_i, da_h]
+            else:
+                da = gh * tape.layers[k][0]
+                dh0, dx, got = da @ W[1], (da @ W[0] if k else None), [da]
+            deltas[:0] = got
+            dh0s[k], above = dh0, dx
+        return deltas, torch.cat(dh0s + (dc0s if lstm else []), -1)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _lstm_back(saved, gh: Tensor, gc: Tensor) -> tuple[Tensor, Tensor]:
+        """An LSTM layer's pre-activation cotangent and c_{t-1}'s, from h_t's and c_t's."""
+        i, f, g, o, c0, tc_ = saved
+        gc = gc + gh * o * (1 - tc_ * tc_)
+        gi, gf, gg, go = gc * g, gc * c0, gc * i, gh * tc_
+        da = torch.cat((gi * i * (1 - i), gf * f * (1 - f), gg * (1 - g * g), go * o * (1 - o)), -1)
+        return da, gc * f
+
+    @staticmethod
+    def _gru_back(saved, gh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A GRU layer's two pre-activation cotangents, and h_{t-1}'s direct one (through z)."""
+        r, z, n, h_n, h0 = saved
+        gz, gn = gh * (h0 - n), gh * (1 - z)
+        gan = gn * (1 - n * n)  # of n's pre-activation a_i,n + r a_h,n
+        gr = gan * h_n
+        gar, gaz = gr * r * (1 - r), gz * z * (1 - z)
+        return torch.cat((gar, gaz, gan), -1), torch.cat((gar, gaz, gan * r), -1), gh * z
+
+    @staticmethod
+    def param_grads(tape: Tape, deltas: list[Tensor]) -> dict[str, Tensor]:
+        """The batch's gradient of each trained parameter from the sites' deltas (batch, rows)
+        of one cotangent, summed over the streams: delta^T u, and delta for a bias."""
+        out = {}
+        for site, d in zip(tape.sites, deltas, strict=True):
+            for k, u in site.terms:
+                out[k] = d.sum(0) if u is None else d.t() @ u
+        return out
+
+
+BIASES: list[tuple[str, Tensor | None]] = [("bias_ih", None), ("bias_hh", None)]
 
 
 def cell_for(model: nn.Module, params: dict[str, Tensor]) -> Cell | None:
@@ -174,14 +275,15 @@ def cell_for(model: nn.Module, params: dict[str, Tensor]) -> Cell | None:
     weights = [getattr(rnn, f"{w}_l{k}", None) for k in range(rnn.num_layers) for w in kinds]
     if not all(isinstance(w, nn.Parameter) for w in weights):
         return None  # a parametrization (weight_norm, ...) computes its weights
-    names = {id(p): k for k, p in params.items()}
-    return Cell(model, rnn, names)
+    return Cell(model, rnn, {id(p): k for k, p in params.items()})
 
 
-def _terms(sites: list[Site], grads: tuple, names: list[str]) -> list[tuple[Tensor, Tensor | None]]:
-    """(the gradient at a parameter's pre-activation, its input u or None) for each parameter of
+def _terms(
+    sites: list[Site], deltas: list[Tensor], names: list[str]
+) -> list[tuple[Tensor, Tensor | None]]:
+    """(delta at the parameter's pre-activation, its input u or None) for each parameter of
     theta, in the order of names."""
-    by_name = {k: (g, u) for site, g in zip(sites, grads, strict=True) for k, u in site.terms}
+    by_name = {k: (d, u) for site, d in zip(sites, deltas, strict=True) for k, u in site.terms}
     return [by_name[k] for k in names]
 
 
@@ -189,16 +291,17 @@ class OuterRows:
     """nu_j^T dF/dtheta for every stream j as outer products (C.2): per parameter of theta,
     delta (batch, rows) and its input u (batch, cols), or None for a bias. Never formed whole."""
 
-    def __init__(self, h: Tensor, sites: list[Site], nu: Tensor, names: list[str]) -> None:
-        deltas = torch.autograd.grad(h, [s.a for s in sites], nu)  # (batch, rows) each
+    def __init__(self, sites: list[Site], deltas: list[Tensor], names: list[str]) -> None:
         self.terms = _terms(sites, deltas, names)
 
     def norm(self) -> Tensor:
         """(batch,) ||nu_j^T dF/dtheta||: ||delta u^T||^2 = ||delta||^2 ||u||^2."""
-        total = torch.zeros((), dtype=self.terms[0][0].dtype, device=self.terms[0][0].device)
+        total = None
         for delta, u in self.terms:
             d2 = (delta * delta).sum(1)
-            total = total + (d2 if u is None else d2 * (u * u).sum(1))
+            d2 = d2 if u is None else d2 * (u * u).sum(1)
+            total = d2 if total is None else total + d2
+        assert total is not None  # theta is not empty
         return total.sqrt()
 
     def add_to(self, blocks: list[Tensor], beta: Tensor) -> None:
@@ -212,19 +315,11 @@ class OuterRows:
 
 
 class OuterJacobian:
-    """The step's Jacobians for every stream j from one backward pass per state entry (batched):
-    dF_j/dh (batch, n, n), and dF_j/dtheta as outer products (C.2), per parameter of theta
-    (dF_j/da_j (batch, n, rows), u (batch, cols) or None). dF/dtheta is never formed alone."""
+    """dF_j/dtheta for every stream j as outer products (C.2): per parameter of theta,
+    dF_j/da_j (batch, n, rows) and u (batch, cols), or None for a bias. Never formed alone."""
 
-    def __init__(self, leaf: Tensor, h: Tensor, sites: list[Site], names: list[str]) -> None:
-        batch, n = h.shape
-        basis = torch.eye(n, dtype=h.dtype, device=h.device)[:, None].expand(n, batch, n)
-        got = torch.autograd.grad(
-            h, [leaf, *(s.a for s in sites)], basis, is_grads_batched=True, allow_unused=True
-        )  # each (n_out, batch, ...)
-        Jh = torch.zeros_like(basis) if got[0] is None else got[0]
-        self.Jh = Jh.permute(1, 0, 2)  # (batch, n_out, n_in)
-        self.terms = _terms(sites, tuple(g.permute(1, 0, 2) for g in got[1:]), names)
+    def __init__(self, sites: list[Site], Da: list[Tensor], names: list[str]) -> None:
+        self.terms = _terms(sites, Da, names)
 
     def add_to(self, blocks: list[Tensor]) -> None:
         """blocks[k] (batch, n, numel_k) += dF/dtheta's columns of parameter k."""

@@ -58,7 +58,7 @@ from torch.linalg import vector_norm
 from ..errors import InputError
 from ..schedule import Truncation, Window
 from . import state as st
-from .cells import Cell, OuterRows, Site, cell_for
+from .cells import Cell, OuterRows, Tape, cell_for
 from .checks import check_losses
 from .tbptt import Scheduled
 
@@ -120,9 +120,12 @@ class Step:
     P: dict[str, Tensor]  # the parameter values (detached)
     dl_dh: Tensor  # (batch, n) dl_t/dh_{t-1}
     Js: Tensor | None  # (batch, n) (dF/dh) s along the rule's direction s (None: none given)
-    leaf: Tensor  # (batch, n) h_{t-1} as the leaf of the step's graph
-    h: Tensor  # (batch, n) h_t in the step's graph
-    sites: list[Site] | None  # the cell's pre-activations (cells.py); None: torch.func's path
+    cot: Tensor | None  # (K, batch, n) the rule's cotangents of h_t (_cotangents)
+    # the cell's path (cells.py): the tape, and the cotangents pulled back through the step:
+    # each site's delta (K, batch, rows) and h_{t-1}'s (K, batch, n)
+    tape: Tape | None = None
+    deltas: list[Tensor] | None = None
+    dv: Tensor | None = None
 
 
 class DenseRows:
@@ -189,7 +192,12 @@ class ForwardRule(Scheduled):
         raise NotImplementedError
 
     def _direction(self, v: Tensor) -> Tensor | None:
-        """The forward-mode tangent of h_{t-1} (batch, n) the step carries (None: none)."""
+        """The tangent of h_{t-1} (batch, n) the step carries forward (None: none)."""
+        return None
+
+    def _cotangents(self, shell: Shell, v: Tensor) -> Tensor | None:
+        """The cotangents of h_t (K, batch, n) the step pulls back on the cell's path, besides
+        the losses' (None: none)."""
         return None
 
     def _restart_influence(self, rows: Tensor, device_side: bool) -> None:
@@ -237,8 +245,9 @@ class ForwardRule(Scheduled):
         re-run per stream (torch.func.vjp under vmap)."""
         names = self.recurrent
         assert names is not None  # the first step (_start) found theta
-        if step.sites is not None:
-            return OuterRows(step.h, step.sites, nu, names)
+        if step.tape is not None:  # the step's own backward pass pulled nu back (cot)
+            assert step.deltas is not None  # with the tape
+            return OuterRows(step.tape.sites, [d[0] for d in step.deltas], names)
         F = self._per_stream(shell, step.P)
         theta = {k: step.P[k] for k in names}
 
@@ -288,20 +297,9 @@ class ForwardRule(Scheduled):
         v = self.flat.flat(state).detach()  # (batch, n) h_{t-1}
         if not self.cell_checked:
             self.cell, self.cell_checked = self._checked_cell(shell, x, state), True
-        leaf = v.clone().requires_grad_()
-        out, new, h, Js, sites = self._forward(shell, x, leaf)
-        losses = check_losses(shell.loss_fn(out, y), x)  # (1, batch) l_t
-        if mask is not None:
-            losses = losses * mask.to(losses.dtype)
-        params = list(shell.params.values())
-        if self.influence is None:
-            sites = self._start(shell, h, params, sites)
-        grads = torch.autograd.grad(
-            losses.sum(), [*params, leaf], allow_unused=True, retain_graph=sites is not None
-        )
-        dl_dh = grads[-1] if grads[-1] is not None else torch.zeros_like(v)
-        P = {k: p.detach() for k, p in shell.params.items()}
-        step = Step(x, v, P, dl_dh, Js, leaf, h, sites)
+        cot = self._cotangents(shell, v)
+        passes = self._module_pass if self.cell is None else self._cell_pass
+        losses, new, grads, step = passes(shell, x, y, mask, v, cot)
         try:
             with warnings.catch_warnings():  # torch.func's first jvp scripts its decompositions
                 warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
@@ -313,9 +311,8 @@ class ForwardRule(Scheduled):
                 f"{self.name} runs the model several times per step, so it must be deterministic, "
                 "but it draws random numbers (dropout?): turn them off (model.eval(), dropout=0)"
             ) from None
-        for k, g in zip(shell.params, grads[:-1], strict=True):
-            if g is not None:
-                self._add(k, g)
+        for k, g in grads.items():
+            self._add(k, g)
         assert self.recurrent is not None  # _start found theta at the first step
         for k, g in zip(self.recurrent, g_theta.split(self._sizes(shell)), strict=True):
             self._add(k, g.view_as(shell.params[k]))
@@ -325,38 +322,80 @@ class ForwardRule(Scheduled):
             self.count = self.count + mask.sum().to(torch.float64)
         return losses.detach().sum(dtype=torch.float64), st.detach(new)
 
-    def _forward(self, shell: Shell, x: Tensor, leaf: Tensor):
-        """The step from h_{t-1} = leaf (batch, n), run once: (output, new state, h_t (batch, n)
-        in the graph, (dF/dh) s along the rule's direction s or None, the cell's sites). The
-        cell computes the tangent itself; the module runs with its state a forward-mode dual."""
-        flat, direction = self.flat, self._direction(leaf)
+    def _masked(self, shell: Shell, out: Tensor, y: Tensor, x: Tensor, mask) -> Tensor:
+        """The step's losses l_t (1, batch), masked."""
+        losses = check_losses(shell.loss_fn(out, y), x)
+        return losses if mask is None else losses * mask.to(losses.dtype)
+
+    def _module_pass(self, shell: Shell, x: Tensor, y: Tensor, mask, v: Tensor, cot):
+        """The module's step from h_{t-1} = v (batch, n), run once, with its state a forward-mode
+        dual along the rule's direction s; one backward of the losses. Returns the losses, the
+        new state, dl/dtheta by name, and the Step."""
+        flat, direction = self.flat, self._direction(v)
         assert flat is not None  # _step made it before the forward pass
-        if self.cell is not None:
-            s = None if direction is None else flat.unflat(direction)
-            out, new, t_new, sites = self.cell(x, flat.unflat(leaf), s)
-            Js = None if t_new is None else flat.flat(t_new)
-            return out, new, flat.flat(new), Js, sites
+        leaf = v.clone().requires_grad_()
         if direction is None:
             out, new = shell.call(x, flat.unflat(leaf))
-            return out, new, flat.flat(new), None, None
-        with fwad.dual_level():
-            out, new = shell.call(x, flat.unflat(fwad.make_dual(leaf, direction)))
-            h, Js = fwad.unpack_dual(flat.flat(new))  # the values, and the tangent (dF/dh) s
-            Js = torch.zeros_like(h) if Js is None else Js.detach()  # (the live parameters')
-            out = fwad.unpack_dual(out).primal
-            new = st.tree_map(lambda t: fwad.unpack_dual(t).primal, new)
-        return out, new, h, Js, None
+            h, Js = flat.flat(new), None
+        else:
+            with fwad.dual_level():
+                out, new = shell.call(x, flat.unflat(fwad.make_dual(leaf, direction)))
+                h, Js = fwad.unpack_dual(flat.flat(new))  # the values, and (dF/dh) s
+                Js = torch.zeros_like(h) if Js is None else Js.detach()  # (the live parameters')
+                out = fwad.unpack_dual(out).primal
+                new = st.tree_map(lambda t: fwad.unpack_dual(t).primal, new)
+        losses = self._masked(shell, out, y, x, mask)
+        params = list(shell.params.values())
+        if self.influence is None:  # theta: the parameters h_t depends on (its graph reaches)
+            got = torch.autograd.grad(h.sum(), params, allow_unused=True, retain_graph=True)
+            self._start(shell, [k for k, g in zip(shell.params, got, strict=True) if g is not None])
+        got = torch.autograd.grad(losses.sum(), [*params, leaf], allow_unused=True)
+        dl_dh = got[-1] if got[-1] is not None else torch.zeros_like(v)
+        grads = {k: g for k, g in zip(shell.params, got[:-1], strict=True) if g is not None}
+        P = {k: p.detach() for k, p in shell.params.items()}
+        return losses, new, grads, Step(x, v, P, dl_dh, Js, cot)
+
+    def _cell_pass(self, shell: Shell, x: Tensor, y: Tensor, mask, v: Tensor, cot):
+        """The cell's step from h_{t-1} = v (batch, n) with its tangent along the rule's direction
+        s; the head and the loss under autograd; the cell's backward pass of the losses' cotangent
+        and the rule's `cot` together (cells.py). Returns as _module_pass."""
+        cell, flat = self.cell, self.flat
+        assert cell is not None and flat is not None  # _step chose the cell, made flat
+        top, h, Js, tape = cell.step(x, v, self._direction(v))
+        leaf = top.requires_grad_()  # (batch, hidden) the rnn's output
+        out = leaf.unsqueeze(cell.tdim)
+        out = out if cell.head is None else cell.head(out)
+        losses = self._masked(shell, out, y, x, mask)
+        if self.influence is None:  # theta: the parameters the cell's sites hold
+            held = {k for site in tape.sites for k, _ in site.terms}
+            self._start(shell, [k for k in shell.params if k in held])
+        params = list(shell.params.values())
+        got = torch.autograd.grad(losses.sum(), [*params, leaf], allow_unused=True)
+        grads = {k: g for k, g in zip(shell.params, got[:-1], strict=True) if g is not None}
+        top_cot = (torch.zeros_like(top) if got[-1] is None else got[-1])[None]  # (1, batch, H)
+        every = v.new_zeros(1, *v.shape)  # h_t's cotangents: the losses' reach it by the output
+        if cot is not None:  # the rule's cotangents ride along (their output's cotangent: 0)
+            top_cot = torch.cat([top_cot, top_cot.new_zeros(len(cot), *top.shape)])
+            every = torch.cat([every, cot])
+        deltas, dv = cell.vjp(tape, every, top_cot)
+        grads.update(cell.param_grads(tape, [d[0] for d in deltas]))
+        P = {k: p.detach() for k, p in shell.params.items()}
+        step = Step(x, v, P, dv[0], Js, cot, tape, [d[1:] for d in deltas], dv[1:])
+        return losses, flat.unflat(h), grads, step
 
     def _checked_cell(self, shell: Shell, x: Tensor, state: st.State) -> Cell | None:
         """The module's cell (cells.py), if it has one that reproduces its own step here."""
-        cell = cell_for(shell.model, shell.params)
-        if cell is None:
+        cell, flat = cell_for(shell.model, shell.params), self.flat
+        assert flat is not None  # _step made it
+        if cell is None or cell.n != flat.n:
             return None
         with torch.no_grad():
             out, new = shell.call(x, state)
-            out_c, new_c, _, _ = cell(x, state)
+            top, h, _, _ = cell.step(x, flat.flat(state))
+            top = top.unsqueeze(cell.tdim)
+            out_c = top if cell.head is None else cell.head(top)
         tol = 1e-9 if out.dtype == torch.float64 else 1e-3
-        same = [(out, out_c), *zip(st.leaves(new), st.leaves(new_c), strict=True)]
+        same = [(out, out_c), (flat.flat(new), h)]
         if all(a.shape == b.shape and torch.allclose(a, b, tol, tol) for a, b in same):
             return cell
         return None
@@ -364,24 +403,15 @@ class ForwardRule(Scheduled):
     def _add(self, k: str, g: Tensor) -> None:
         self.sum[k] = g.detach().clone() if k not in self.sum else self.sum[k].add_(g)
 
-    def _start(
-        self, shell: Shell, h: Tensor, params: list[Tensor], sites: list[Site] | None
-    ) -> list[Site] | None:
-        """The first step: theta, the parameters h_t depends on (those its graph reaches), and
-        the influence at zero. Returns the sites, None if the cell's do not hold all of theta
-        (torch.func's path then)."""
-        assert shell.batch is not None  # the first chunk set it
-        got = torch.autograd.grad(h.sum(), params, allow_unused=True, retain_graph=True)
-        self.recurrent = [k for k, g in zip(shell.params, got, strict=True) if g is not None]
-        if not self.recurrent:
+    def _start(self, shell: Shell, recurrent: list[str]) -> None:
+        """The first step: theta (the parameters h_t depends on, in the shell's order), and the
+        influence at zero."""
+        assert shell.batch is not None and self.flat is not None  # the first chunk, _step
+        if not recurrent:
             raise InputError(f"the model's state depends on no parameter: nothing for {self.name}")
-        size = sum(shell.params[k].numel() for k in self.recurrent)
-        self.influence = self._allocate(shell, shell.batch, h.shape[1], size)
-        if sites is not None:
-            held = [k for site in sites for k, _ in site.terms]
-            if sorted(held) != sorted(self.recurrent):
-                self.cell, sites = None, None
-        return sites
+        self.recurrent = recurrent
+        size = sum(shell.params[k].numel() for k in recurrent)
+        self.influence = self._allocate(shell, shell.batch, self.flat.n, size)
 
     # -- the update -----------------------------------------------------------------------------
     def gradient(self, shell: Shell, w: Window, mean: bool) -> float:

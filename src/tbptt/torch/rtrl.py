@@ -96,6 +96,13 @@ class RTRLRule(ForwardRule):
             assert like is not None  # the shell has parameters that require grad: floating ones
             check_size(1, *known, like.dtype, like.element_size(), self.max_bytes)
 
+    def _cotangents(self, shell: Shell, v: Tensor) -> Tensor | None:
+        """On the cell's path, the basis of h_t (n, batch, n): the Jacobians dF/dh, dF/da."""
+        if self.cell is None:
+            return None
+        batch, n = v.shape
+        return torch.eye(n, dtype=v.dtype, device=v.device)[:, None].expand(n, batch, n)
+
     def _allocate(self, shell: Shell, batch: int, n: int, size: int) -> dict[str, Tensor]:
         """J at zero, after checking that it fits (InputError giving the size if not)."""
         like = next(iter(shell.params.values()))
@@ -109,10 +116,13 @@ class RTRLRule(ForwardRule):
         g = torch.einsum("bs,bsp->p", step.dl_dh, J)  # (|theta|,)
         names = self.recurrent
         assert names is not None  # the first step (_start) found theta
-        if step.sites is not None:  # (8.3) as dF/dh J_{t-1} into the spare buffer, + dF/dtheta
-            jac = OuterJacobian(step.leaf, step.h, step.sites, names)
+        if step.tape is not None:  # (8.3) as dF/dh J_{t-1} into the spare buffer, + dF/dtheta
+            assert step.deltas is not None and step.dv is not None  # with the tape
+            Jh = step.dv.permute(1, 0, 2)  # (batch, n_out, n_in): the basis pulled back
+            Da = [d.permute(1, 0, 2) for d in step.deltas]  # (batch, n, rows) per site
+            jac = OuterJacobian(step.tape.sites, Da, names)
             spare = self.spare if self.spare is not None and self.spare.shape == J.shape else None
-            out = torch.bmm(jac.Jh, J, out=spare)  # (batch, n, |theta|)
+            out = torch.bmm(Jh, J, out=spare)  # (batch, n, |theta|)
             jac.add_to(list(out.split(self._sizes(shell), 2)))
             self.influence["J"], self.spare = out, J
             return g

@@ -100,6 +100,7 @@ class UORORule(ForwardRule):
         self.rng, self.fresh, self.eps = as_generator(rng), rng is None, float(eps)
         super().__init__(k1)
         self.streams_checked = False
+        self.norm: Tensor | None = None  # ||Theta_t|| (batch,), from the last step's update
 
     def bind(self, shell: Shell) -> None:
         super().bind(shell)
@@ -141,11 +142,18 @@ class UORORule(ForwardRule):
         """s~_{t-1}: the step's forward pass gives (dF/dh) s~_{t-1} with h_t (zero at the start)."""
         return torch.zeros_like(v) if self.influence is None else self.influence["s"]
 
+    def _cotangents(self, shell: Shell, v: Tensor) -> Tensor:
+        """nu_t (1, batch, n) (8.6): the cell's backward pass pulls it back with the losses'."""
+        batch, n = v.shape
+        return self._signs(shell, batch, n, v)[None]
+
     def _restart_influence(self, rows: Tensor, device_side: bool) -> None:
         assert self.influence is not None  # the caller restarts an allocated influence only
         for k in ("s", "theta"):
             zero(self.influence[k], rows, device_side)
         zero(self.influence["kappa"], rows, device_side, 1.0)
+        if self.norm is not None:
+            zero(self.norm, rows, device_side)
 
     def _influence_step(self, shell: Shell, step: Step) -> Tensor:
         """(8.5)-(8.9) for every stream; returns the first term of (8.5) summed over them.
@@ -157,21 +165,34 @@ class UORORule(ForwardRule):
         assert self.influence is not None  # _start allocated it at the first step
         assert step.Js is not None  # the step ran along s~_{t-1} (_direction)
         s, Theta, kappa, eps = (*(self.influence[k] for k in ("s", "theta", "kappa")), self.eps)
+        norm = self._theta_norm(Theta)  # (batch,) ||Theta_{t-1}||
         c = (step.dl_dh * s).sum(1)  # (batch,) dl_t/dh_{t-1} . s~_{t-1}
-        g = (c * kappa) @ Theta  # (|theta|,) sum_j c_j theta~_j
-        batch, n = s.shape
-        nu = self._signs(shell, batch, n, s)  # (batch, n)
+        w = c * kappa  # (batch,) c_j kappa_j: sum_j c_j theta~_j = w Theta
+        assert step.cot is not None  # _cotangents drew nu_t
+        nu = step.cot[0]  # (batch, n)
         Js = step.Js  # (batch, n) (dF/dh) s~_{t-1}
         nuF = self._theta_vjp(shell, step, nu)  # nu^T dF/dtheta per stream
-        rho0 = ((kappa * vector_norm(Theta, dim=1) + eps) / (vector_norm(Js, dim=1) + eps)).sqrt()
+        rho0 = ((kappa * norm + eps) / (vector_norm(Js, dim=1) + eps)).sqrt()
         rho1 = ((nuF.norm() + eps) / (vector_norm(nu, dim=1) + eps)).sqrt()  # (8.8), (8.9)
         s.copy_(rho0[:, None] * Js + rho1[:, None] * nu)  # (8.7)
         kappa.div_(rho0)  # theta~_{t-1} / rho0
         beta = (1 / (rho1 * kappa))[:, None]
+        # the passes over Theta one after the other, while it is in the cache: the first term
+        # of (8.5), the update, the fold, and ||Theta_t|| for the next step's rho0
+        g = w @ Theta  # (|theta|,) sum_j c_j theta~_j
         blocks = list(Theta.split(self._sizes(shell), 1))  # (batch, numel) per parameter
         nuF.add_to(blocks, beta)  # theta~ += nu^T dF/dtheta / rho1
         self._fold(Theta, kappa, self.device_side(shell))
+        self.norm = vector_norm(Theta, dim=1)
         return g
+
+    def _theta_norm(self, Theta: Tensor) -> Tensor:
+        """||Theta_{t-1}|| (batch,): kept from the previous step (computed after its update);
+        computed now after a load or at the first step."""
+        norm = self.norm
+        if norm is None or norm.shape != Theta.shape[:1]:
+            norm = self.norm = vector_norm(Theta, dim=1)
+        return norm
 
     @staticmethod
     def _fold(Theta: Tensor, kappa: Tensor, device_side: bool) -> None:
@@ -208,6 +229,7 @@ class UORORule(ForwardRule):
 
         def restore_both() -> st.State | None:
             self.rng.bit_generator.state = rng
+            self.norm = None  # of the restored Theta, at the next step
             return restore()
 
         return restore_both
