@@ -326,12 +326,11 @@ def evaluate(agent: Agent, args, episodes: int, seed: int) -> np.ndarray:
 
 
 # -- the run -----------------------------------------------------------------------------------
-def train(args, log=print) -> dict:
-    """Trains until the target or the budget; returns the agent, the history and the result."""
+def setup(args) -> tuple[gym.vector.VectorEnv, Agent, torch.optim.Optimizer, Carry]:
+    """The seeded environments, agent, optimizer and the carry before the first rollout."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)  # the minibatches' shuffling
     envs = gym.vector.SyncVectorEnv(
         [make_env(args)] * args.num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
@@ -339,7 +338,13 @@ def train(args, log=print) -> dict:
     n_actions = int(envs.single_action_space.n)
     agent = Agent(envs.single_observation_space.shape[0], n_actions, args.hidden)
     opt = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5)
-    carry = Carry(o, np.ones(args.num_envs, bool), None, np.zeros(args.num_envs))
+    return envs, agent, opt, Carry(o, np.ones(args.num_envs, bool), None, np.zeros(args.num_envs))
+
+
+def train(args, log=print) -> dict:
+    """Trains until the target or the budget; returns the agent, the history and the result."""
+    envs, agent, opt, carry = setup(args)
+    gen = torch.Generator().manual_seed(args.seed)  # the minibatches' shuffling
     batch = args.num_envs * args.num_steps
     updates = args.total_steps // batch
     hist = {"steps": [], "train": [], "eval_steps": [], "eval": []}
@@ -372,7 +377,7 @@ def train(args, log=print) -> dict:
         f"{'solved' if solved else 'not solved'} after {steps} env steps, {seconds:.1f} s; "
         f"confirmation: {args.final_episodes} episodes, {final.mean():.2f} +- {final.std():.2f}"
     )
-    ok = solved and final.mean() >= args.target
+    ok = bool(solved and final.mean() >= args.target)
     return {"agent": agent, "hist": hist, "steps": steps, "final": final, "ok": ok, "s": seconds}
 
 
