@@ -1,7 +1,8 @@
-"""Truncation made visible in RL: a BPTT length L < D cannot learn a memory of D steps; L >= D does.
+"""Truncation made visible in RL: recurrent PPO on a memory of D steps, BPTT lengths L <, = D.
 
-    python examples/ppo_truncation.py                          the table and plot of docs/rl.md
+    python examples/ppo_truncation.py --json runs.json           the table and figure of docs/rl.md
     python examples/ppo_truncation.py --lags 16 --lengths 8 16 --seeds 1
+    python examples/ppo_truncation.py --replot runs.json [figure.png]   the figure again
 
 The task is examples/ppo_recurrent.py's recall of lag D: a cue at an episode's first step, asked
 for at its last, step D - 1 (+1 for naming it, -1 otherwise; a memoryless policy scores 0). The
@@ -9,14 +10,15 @@ agent is that file's PPO, unchanged, trained through rl.Segments of length L: ea
 into segments of L steps counted from its first step, each segment starts from the state the
 collector stored, and no gradient crosses a segment's start. With L >= D the cue and the question
 share a segment, and the gradient from the answer reaches the step that saw the cue. With L < D
-they never do: the state that would carry the cue gets no gradient asking it to. Every run has
-the same budget and stopping rule as the example (--total-steps, 10 greedy episodes every 2
-updates reaching 0.9 stops it, then 100 fresh episodes). L >= D all give the same segments (an
-episode is exactly D steps), so only L = D is run for them. --refresh-states adds, for the
-largest D and the largest L < D, the runs whose segments start from states recomputed with the
-current parameters (rl.states): exact values, the same cut gradient.
+it never does: the cue can be used only as far as the network keeps it without being taught to.
+Every run has the example's budget and stopping rule (--total-steps; 10 greedy episodes every 2
+updates reaching 0.9 stop it; then 100 fresh episodes must reach 0.9 too). L >= D all give the
+same segments (an episode is exactly D steps), so only L = D is run for them.
+--refresh-states adds, for the largest D and the largest L < D, the runs whose segments start from
+states recomputed with the current parameters (rl.states): exact values, the same cut gradient.
 
-Prints one line per run as it ends, then a Markdown table; writes the plot (--plot).
+Prints one line per run as it ends, then a Markdown table; the figure (--plot) shows, for each
+D and L, how many runs have solved the task by each number of environment steps.
 """
 
 from __future__ import annotations
@@ -95,56 +97,60 @@ def main(argv: list[str] | None = None) -> int:
             f"{', '.join(str(r['steps']) for r in rs)} | "
             f"{returns} |"
         )
+    records = []
+    for (D, L, refresh, seed), res in runs.items():
+        records.append({"D": D, "L": L, "refresh": refresh, "seed": seed})
+        records[-1] |= {k: res[k] for k in ("hist", "steps", "ok", "s")}
+        records[-1]["final"] = res["final"].tolist()
     if args.json:
         with open(args.json, "w") as fh:
-            out = []
-            for (D, L, refresh, seed), res in runs.items():
-                out.append({"D": D, "L": L, "refresh": refresh, "seed": seed})
-                out[-1] |= {k: res[k] for k in ("hist", "steps", "ok", "s")}
-                out[-1]["final"] = res["final"].tolist()
-            json.dump(out, fh)
+            json.dump(records, fh)
     if args.plot:
-        plot(runs, cells, args)
+        plot(records, args.plot, args.total_steps)
     return 0
 
 
-def plot(runs: dict, cells: list, args) -> None:
+def plot(records: list[dict], path: str, budget: int) -> None:
+    """For each D, the runs of each L that have solved the task by each number of env steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(args.lags), figsize=(5 * len(args.lags), 3.6), squeeze=False)
-    colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(args.lengths) + 1))
-    for ax, D in zip(axes[0], args.lags, strict=True):
-        for D_, L, refresh in cells:
-            if D_ != D:
-                continue
-            color = colors[sorted(args.lengths).index(L)] if L in args.lengths else colors[-1]
-            label = f"L = {L}" + (" (refreshed states)" if refresh else "")
-            for i, s in enumerate(args.seeds):
-                h = runs[D, L, refresh, s]["hist"]
-                ax.plot(
-                    h["eval_steps"],
-                    h["eval"],
-                    color=color,
-                    ls="--" if refresh else "-",
-                    marker="o",
-                    ms=2,
-                    lw=1.2,
-                    alpha=0.8,
-                    label=label if i == 0 else None,
-                )
-        ax.set_title(f"recall of lag D = {D}")
+    lags = sorted({r["D"] for r in records})
+    fig, axes = plt.subplots(1, len(lags), figsize=(5 * len(lags), 3.6), squeeze=False)
+    for ax, D in zip(axes[0], lags, strict=True):
+        cells = sorted({(r["L"], r["refresh"]) for r in records if r["D"] == D})
+        colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(cells)))
+        for (L, refresh), color in zip(cells, colors, strict=True):
+            rs = [r for r in records if (r["D"], r["L"], r["refresh"]) == (D, L, refresh)]
+            done = sorted(r["steps"] for r in rs if r["ok"])
+            x = [0, *[v for v in done for _ in (0, 1)], budget]
+            y = [0, *[n + d for n in range(len(done)) for d in (0, 1)], len(done)]
+            label = f"L = {L}" + (" (and any L >= D)" if L >= D else "")
+            label += ", refreshed states" if refresh else ""
+            ax.plot(x, y, color=color, ls="--" if refresh else "-", lw=1.8, label=label)
+        ax.set_title(f"recall of lag D = {D}: {len(rs)} seeds per L", fontsize=10)
         ax.set_xlabel("environment steps")
-        ax.set_ylabel("greedy return (10 episodes)")
-        ax.set_ylim(-1.05, 1.05)
+        ax.set_ylabel("runs solved (100 greedy episodes >= 0.9)")
+        ax.set_yticks(range(len(rs) + 1))
+        ax.set_xlim(0, budget)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle("recurrent PPO, BPTT length L (rl.Segments' length), 3 seeds each", fontsize=10)
+    fig.suptitle("recurrent PPO with a GRU, BPTT length L (rl.Segments' length)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def replot(argv: list[str]) -> int:
+    """python examples/ppo_truncation.py --replot RUNS.json [PLOT.png]: the figure again."""
+    with open(argv[0]) as fh:
+        records = json.load(fh)
+    plot(records, argv[1] if len(argv) > 1 else FIGURE, max(r["steps"] for r in records))
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--replot"]:
+        raise SystemExit(replot(sys.argv[2:]))
     raise SystemExit(main())
