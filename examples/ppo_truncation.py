@@ -118,7 +118,7 @@ def plot(records: list[dict], path: str, budget: int) -> None:
     import matplotlib.pyplot as plt
 
     lags = sorted({r["D"] for r in records})
-    fig, axes = plt.subplots(1, len(lags), figsize=(5 * len(lags), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(lags), figsize=(5 * len(lags), 4.6), squeeze=False)
     for ax, D in zip(axes[0], lags, strict=True):
         cells = sorted({(r["L"], r["refresh"]) for r in records if r["D"] == D})
         colors = plt.cm.viridis(np.linspace(0.0, 0.85, len(cells)))
@@ -135,7 +135,7 @@ def plot(records: list[dict], path: str, budget: int) -> None:
         ax.set_ylabel("runs solved (100 greedy episodes >= 0.9)")
         ax.set_yticks(range(len(rs) + 1))
         ax.set_xlim(0, budget)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.suptitle("recurrent PPO with a GRU, BPTT length L (rl.Segments' length)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
