@@ -10,9 +10,19 @@ l2_loss and SGD, on a stream of random data fed in chunks of 4 k1 steps. Per rep
                 applied to the state between two calls)
     artbp k/2   b = k / 2, c = 1/2: windows of mean length k, segments of k / 2 steps
     uoro        tbptt.torch.UORO with k1 = k, on a shorter stream (UORO steps one at a time)
+    hand step   the per-step hand-written loop of the same module on the same stream: forward of
+                one step, loss, backward, SGD step, the state detached after every step (what
+                UORO is priced against: issue 28, goal UORO <= 3x; UORO needs one forward-mode
+                pass more than this loop, so about 2x is its limit)
     rtrl        tbptt.torch.RTRL with k1 = k on a small LSTM (n = 16, batch 8), against TBPTT on
                 the same small model; at the benchmark size RTRL's J (batch x 2n x |theta|)
                 would need gigabytes and is refused
+    rtrl model  RTRL's cost model: the influence update (8.3) J_t = (dF/dh) J_{t-1} + dF/dtheta
+                is a batched GEMM of 2 B n^2 |theta| flops, plus 2 B n |theta| for dF/dtheta's
+                outer products and 2 B n |theta| for (dl/dh) J_{t-1}; the case times that GEMM
+                (torch.bmm into a kept buffer, J's shapes) once per step, giving the GEMM rate
+                measured at these shapes, and the model is the flops at that rate (issue 28,
+                goal RTRL <= 1.5x its model)
 
 Each figure is a ratio of times per step measured side by side (common.interleave). Targets:
 ARTBP within 1.2x of TBPTT with the same mean window length, and of TBPTT with the same segments
@@ -28,8 +38,8 @@ from __future__ import annotations
 from common import Group, Row, fmt_ms, interleave, load
 from torch_driver import BATCH, K1, M, N, P
 
-ARTBP_TARGET = 1.2
-STREAM, UORO_STREAM, SMALL_N, SMALL_BATCH = 512, 32, 16, 8
+ARTBP_TARGET, UORO_TARGET, RTRL_TARGET = 1.2, 3.0, 1.5
+STREAM, UORO_STREAM, SMALL_N, SMALL_BATCH = 512, 64, 16, 8
 
 
 def run(quick: bool, reps: int | None, threads: int) -> Group:
@@ -40,7 +50,7 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
     try:
         import torch
 
-        from tbptt.torch import Recurrent
+        from tbptt.torch import Recurrent, l2_loss
         from tbptt.torch.methods import make_trainer
     except ImportError as exc:
         group.skipped = f"tbptt.torch is not available ({exc})"
@@ -67,6 +77,31 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
 
         return go
 
+    def hand_step(steps: int, n: int = N, batch: int = BATCH):
+        def go():
+            torch.manual_seed(0)
+            net = Recurrent(torch.nn.LSTM(M, n), torch.nn.Linear(n, P))
+            opt = torch.optim.SGD(net.parameters(), lr=1e-4)
+            state = None
+            for i in range(steps):
+                out, state = net(xs[i : i + 1, :batch], state)
+                loss = l2_loss(out, ys[i : i + 1, :batch]).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                state = tuple(s.detach() for s in state)
+
+        return go
+
+    n_small, theta_small = 2 * SMALL_N, 4 * SMALL_N * (M + SMALL_N + 2)  # J: (batch, n, |theta|)
+    Jh = torch.randn(SMALL_BATCH, n_small, n_small, generator=gen)
+    J = torch.randn(SMALL_BATCH, n_small, theta_small, generator=gen)
+    spare = torch.empty_like(J)
+
+    def rtrl_model():
+        for _ in range(uoro_stream):
+            torch.bmm(Jh, J, out=spare)
+
     steps = {
         "tbptt": stream,
         "tbptt 2k": stream,
@@ -74,8 +109,10 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         "artbp": stream,
         "artbp k/2": stream,
         "uoro": uoro_stream,
+        "hand step": uoro_stream,
         "tbptt small": stream,
         "rtrl small": uoro_stream,
+        "rtrl model": uoro_stream,
     }
     small = {"n": SMALL_N, "batch": SMALL_BATCH}
     cases = {
@@ -85,8 +122,10 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         "artbp": case("artbp", stream, c=0.5, b=K1, rng=0),
         "artbp k/2": case("artbp", stream, c=0.5, b=K1 // 2, rng=0),
         "uoro": case("uoro", uoro_stream, k1=K1, rng=0),
+        "hand step": hand_step(uoro_stream),
         "tbptt small": case("tbptt", stream, k1=K1, **small),
         "rtrl small": case("rtrl", uoro_stream, k1=K1, **small),
+        "rtrl model": rtrl_model,
     }
     try:
         t = interleave(cases, reps=reps)
@@ -106,11 +145,16 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         return fmt_ms(t.median(name) / steps[name]) + " per step"
 
     size = f"LSTM({M}, {N}) + Linear({N}, {P}), batch {BATCH}"
+    gemm = 2 * SMALL_BATCH * n_small**2 * theta_small  # flops of the influence GEMM per step
+    flops = gemm + 4 * SMALL_BATCH * n_small * theta_small  # + dF/dtheta, + (dl/dh) J
+    rate = gemm / (t.median("rtrl model") / steps["rtrl model"]) / 1e9
     group.notes.append(
         f"{size}, chunks of {chunk} steps; TBPTT({K1}, {K1}) {ms('tbptt')}, ARTBP(c=1/2, "
         f"b={K1}) {ms('artbp')}, "
-        f"UORO {ms('uoro')} (stream of {uoro_stream} steps); small model LSTM({M}, {SMALL_N}), "
-        f"batch {SMALL_BATCH}: TBPTT {ms('tbptt small')}, RTRL {ms('rtrl small')}; "
+        f"UORO {ms('uoro')}, the per-step hand loop {ms('hand step')} (streams of {uoro_stream} "
+        f"steps); small model LSTM({M}, {SMALL_N}), batch {SMALL_BATCH}: TBPTT "
+        f"{ms('tbptt small')}, RTRL {ms('rtrl small')}, its influence GEMM {ms('rtrl model')} "
+        f"({rate:.1f} GFLOP/s); {threads} thread(s); "
         f"{t.contention()}."
     )
     for name, ref, what in (
@@ -142,6 +186,20 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
             f"({K1 // 2}, {K1 // 2}) / TBPTT({K1}, {K1}) is {calls:.2f}x",
         )
     )
+    r, lo, hi = per_step("uoro", "hand step")
+    group.rows.append(
+        Row(
+            f"UORO (k1={K1}) / the per-step hand loop (forward, loss, backward, SGD step, "
+            "state detached every step), time per step",
+            r,
+            "x",
+            f"<= {UORO_TARGET}x",
+            r <= UORO_TARGET,
+            f"per-repetition range {lo:.2f}-{hi:.2f}; the step once with its tangent, one "
+            f"backward pass for both cotangents, three passes over theta~ ({BATCH} x |theta| "
+            "entries) per step",
+        )
+    )
     r, lo, hi = per_step("uoro", "tbptt")
     group.rows.append(
         Row(
@@ -150,8 +208,23 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
             "x",
             "",
             None,
-            f"per-repetition range {lo:.2f}-{hi:.2f}; one module step at a time, and two "
-            f"passes over theta~ ({BATCH} x |theta| entries) per step",
+            f"per-repetition range {lo:.2f}-{hi:.2f}; no target: TBPTT runs a window of "
+            f"{K1} steps in one module call",
+        )
+    )
+    model = (t.median("rtrl model") / steps["rtrl model"]) * flops / gemm  # seconds per step
+    r = t.paired(lambda rep: rep["rtrl small"] / steps["rtrl small"] / model)
+    each = [a / steps["rtrl small"] / model for a in t.times["rtrl small"]]
+    group.rows.append(
+        Row(
+            f"RTRL (k1={K1}) / its cost model (the influence update's flops at the GEMM rate "
+            f"measured at J's shapes), time per step, LSTM({M}, {SMALL_N}), batch {SMALL_BATCH}",
+            r,
+            "x",
+            f"<= {RTRL_TARGET}x",
+            r <= RTRL_TARGET,
+            f"per-repetition range {min(each):.2f}-{max(each):.2f}; {flops / 1e6:.1f} MFLOP per "
+            f"step at {rate:.1f} GFLOP/s: {fmt_ms(model)} per step",
         )
     )
     r, lo, hi = per_step("rtrl small", "tbptt small")
@@ -165,7 +238,8 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
             "x",
             "",
             None,
-            f"per-repetition range {lo:.2f}-{hi:.2f}; at the benchmark size J would need "
+            f"per-repetition range {lo:.2f}-{hi:.2f}; no target (TBPTT runs a window in one "
+            f"call); at the benchmark size J would need "
             f"{need:.1f} GiB (refused)",
         )
     )

@@ -69,7 +69,9 @@ class Cell:
         self.relu = getattr(rnn, "nonlinearity", "tanh") == "relu"
         self.layers, self.hidden = rnn.num_layers, rnn.hidden_size
         self.n = self.layers * self.hidden * (2 if self.kind == "LSTM" else 1)
+        self.n_top = self.layers * self.hidden  # the output, the last layer's h: h_t[n_top - H:]
         self.tdim = 1 if rnn.batch_first else 0  # x's time axis
+        self._blocks: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     @property
     def head(self) -> nn.Module | None:
@@ -140,23 +142,43 @@ class Cell:
         return a, ta
 
     def _lstm(self, tape, k, W, x, h0, c0, tx, th0, tc0):
-        """One LSTM layer: h, c and their tangents."""
+        """One LSTM layer: h, c and their tangents.
+
+        With act = (i, f, g, o) and act' its elementwise derivative, the step keeps
+        Q = (g, c_{t-1}, i, tanh c_t) act' (batch, 4 hidden), f and dh_t/dc_t = o (1 - tanh^2 c_t):
+        the tangent is tq = ta Q, tc = tq_i + tq_f + tq_g + f tc_{t-1}, th = tq_o + dh/dc tc, and
+        the backward pass (_lstm_back) da = (gc', gc', gc', gh) Q with gc' = gc + gh dh/dc."""
         a, ta = self._pre(W, x, h0, tx, th0)
         self._site(tape, k, a.shape[1], [("weight_ih", x), ("weight_hh", h0)] + BIASES)
+        H = self.hidden
+        a[:, : 2 * H].sigmoid_()  # act in place of a: i, f
+        a[:, 2 * H : 3 * H].tanh_()  # g
+        a[:, 3 * H :].sigmoid_()  # o
         i, f, g, o = a.chunk(4, 1)
-        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-        c = f * c0 + i * g
+        c = torch.addcmul(f * c0, i, g)
         tc_ = c.tanh()
         h = o * tc_
-        tape.layers.append((i, f, g, o, c0, tc_))
+        dh_dc = torch.addcmul(o, h, tc_, value=-1)  # o (1 - tanh^2 c)
+        # act' = (1 - act)(act + b), b = 1 on g's block: s (1 - s) for sigma, 1 - g^2 for tanh
+        Q = torch.cat((g, c0, i, tc_), 1).mul_((1 - a).mul_(a + self._tanh_block(a)))
+        tape.layers.append((f, Q, dh_dc))
         if ta is None:
             return h, c, None, None
-        ti, tf, tg, to = ta.chunk(4, 1)
-        tc = (tf * f * (1 - f)) * c0 + (ti * i * (1 - i)) * g + i * (tg * (1 - g * g))
         assert tc0 is not None  # a tangent of h comes with one of c
-        tc += f * tc0
-        th = (to * o * (1 - o)) * tc_ + o * (1 - tc_ * tc_) * tc
+        tq = ta.mul_(Q)
+        tc = tq[:, : 3 * H].view(-1, 3, H).sum(1).addcmul_(f, tc0)
+        th = torch.addcmul(tq[:, 3 * H :], dh_dc, tc)
         return h, c, th, tc
+
+    def _tanh_block(self, like: Tensor) -> Tensor:
+        """(4 hidden,): 1 on the block of g (tanh), 0 elsewhere (kept per dtype and device)."""
+        b = self._blocks.get((like.dtype, like.device))
+        if b is None:
+            H = self.hidden
+            b = torch.zeros(4 * H, dtype=like.dtype, device=like.device)
+            b[2 * H : 3 * H] = 1
+            self._blocks[(like.dtype, like.device)] = b
+        return b
 
     def _gru(self, tape, k, W, x, h0, tx, th0):
         """One GRU layer: h and its tangent."""
@@ -227,11 +249,9 @@ class Cell:
     @staticmethod
     def _lstm_back(saved, gh: Tensor, gc: Tensor) -> tuple[Tensor, Tensor]:
         """An LSTM layer's pre-activation cotangent and c_{t-1}'s, from h_t's and c_t's."""
-        i, f, g, o, c0, tc_ = saved
-        gc = gc + gh * o * (1 - tc_ * tc_)
-        gi, gf, gg, go = gc * g, gc * c0, gc * i, gh * tc_
-        da = torch.cat((gi * i * (1 - i), gf * f * (1 - f), gg * (1 - g * g), go * o * (1 - o)), -1)
-        return da, gc * f
+        f, Q, dh_dc = saved
+        gc = torch.addcmul(gc, gh, dh_dc)
+        return torch.cat((gc, gc, gc, gh), -1).mul_(Q), gc * f
 
     @staticmethod
     def _gru_back(saved, gh: Tensor) -> tuple[Tensor, Tensor, Tensor]:

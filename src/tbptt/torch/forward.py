@@ -372,12 +372,15 @@ class ForwardRule(Scheduled):
         params = list(shell.params.values())
         got = torch.autograd.grad(losses.sum(), [*params, leaf], allow_unused=True)
         grads = {k: g for k, g in zip(shell.params, got[:-1], strict=True) if g is not None}
-        top_cot = (torch.zeros_like(top) if got[-1] is None else got[-1])[None]  # (1, batch, H)
-        every = v.new_zeros(1, *v.shape)  # h_t's cotangents: the losses' reach it by the output
-        if cot is not None:  # the rule's cotangents ride along (their output's cotangent: 0)
-            top_cot = torch.cat([top_cot, top_cot.new_zeros(len(cot), *top.shape)])
-            every = torch.cat([every, cot])
-        deltas, dv = cell.vjp(tape, every, top_cot)
+        # h_t's cotangents: the losses' first (they reach h_t by the output, the last layer's
+        # h), then the rule's
+        K = 1 if cot is None else 1 + len(cot)
+        every = v.new_zeros(K, *v.shape)
+        if cot is not None:
+            every[1:] = cot
+        if got[-1] is not None:
+            every[0, :, cell.n_top - top.shape[1] : cell.n_top] = got[-1]
+        deltas, dv = cell.vjp(tape, every)
         grads.update(cell.param_grads(tape, [d[0] for d in deltas]))
         P = {k: p.detach() for k, p in shell.params.items()}
         step = Step(x, v, P, dv[0], Js, cot, tape, [d[1:] for d in deltas], dv[1:])
