@@ -53,10 +53,13 @@ class Site:
 
 @dataclass
 class Tape:
-    """What a step keeps for its backward pass: each layer's values, and the sites."""
+    """What a step keeps for its backward pass: each layer's values, the sites, the weights."""
 
     layers: list[tuple[Tensor, ...]] = field(default_factory=list)
     sites: list[Site] = field(default_factory=list)
+    weights: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None]] = field(
+        default_factory=list
+    )  # each layer's (W_ih, W_hh, b_ih, b_hh) as the step used them
 
 
 class Cell:
@@ -72,6 +75,7 @@ class Cell:
         self.n_top = self.layers * self.hidden  # the output, the last layer's h: h_t[n_top - H:]
         self.tdim = 1 if rnn.batch_first else 0  # x's time axis
         self._blocks: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._trained: dict[tuple[int, str], str | None] = {}  # (layer, kind): theta's name
 
     @property
     def head(self) -> nn.Module | None:
@@ -87,13 +91,16 @@ class Cell:
         return W_ih, W_hh, b_ih, b_hh
 
     def _site(self, tape: Tape, k: int, rows: int, terms: list[tuple[str, Tensor | None]]):
-        """The site of a pre-activation of layer k: terms (weight kind, u), the trained ones."""
-        rnn, names = self.rnn, self.names
+        """The site of a pre-activation of layer k: terms (weight kind, u), the trained ones
+        (their names found once per layer and kind)."""
         kept = []
         for kind, u in terms:
-            p = getattr(rnn, f"{kind}_l{k}", None)
-            if p is not None and id(p) in names:
-                kept.append((names[id(p)], u))
+            name = self._trained.get((k, kind), False)
+            if name is False:
+                p = getattr(self.rnn, f"{kind}_l{k}", None)
+                name = self._trained[(k, kind)] = None if p is None else self.names.get(id(p))
+            if name is not None:
+                kept.append((name, u))
         tape.sites.append(Site(rows, kept))
 
     # -- the values and the tangent -------------------------------------------------------------
@@ -108,6 +115,7 @@ class Cell:
         hs, cs, ths, tcs = [], [], [], []
         for k in range(L):
             W = self.weights(k)
+            tape.weights.append(W)
             h0 = v[:, k * H : (k + 1) * H]
             th0 = None if s is None else s[:, k * H : (k + 1) * H]
             if lstm:
@@ -228,7 +236,7 @@ class Cell:
         dc0s: list[Tensor | None] = [None] * L
         above = top  # the cotangent of layer k's h from the layers above (and the output)
         for k in range(L - 1, -1, -1):
-            W = self.weights(k)
+            W = tape.weights[k]
             gh = cot[..., k * H : (k + 1) * H]
             gh = gh if above is None else gh + above
             if lstm:

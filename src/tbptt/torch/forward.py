@@ -382,8 +382,8 @@ class ForwardRule(Scheduled):
             every[0, :, cell.n_top - top.shape[1] : cell.n_top] = got[-1]
         deltas, dv = cell.vjp(tape, every)
         grads.update(cell.param_grads(tape, [d[0] for d in deltas]))
-        P = {k: p.detach() for k, p in shell.params.items()}
-        step = Step(x, v, P, dv[0], Js, cot, tape, [d[1:] for d in deltas], dv[1:])
+        # no parameter values (P): only torch.func's path re-runs the step with them
+        step = Step(x, v, {}, dv[0], Js, cot, tape, [d[1:] for d in deltas], dv[1:])
         return losses, flat.unflat(h), grads, step
 
     def _checked_cell(self, shell: Shell, x: Tensor, state: st.State) -> Cell | None:
