@@ -301,9 +301,12 @@ class ForwardRule(Scheduled):
         passes = self._module_pass if self.cell is None else self._cell_pass
         losses, new, grads, step = passes(shell, x, y, mask, v, cot)
         try:
-            with warnings.catch_warnings():  # torch.func's first jvp scripts its decompositions
-                warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
+            if step.tape is not None:  # the cell's path: no torch.func
                 g_theta = self._influence_step(shell, step)  # (|theta|,)
+            else:
+                with warnings.catch_warnings():  # torch.func's first jvp scripts decompositions
+                    warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
+                    g_theta = self._influence_step(shell, step)
         except RuntimeError as exc:
             if "random operation" not in str(exc):
                 raise

@@ -200,7 +200,8 @@ class UORORule(ForwardRule):
         (as numpy/uoro.py); device_side, the streams out of range by masked writes."""
         bound = KAPPA_RANGE.get(kappa.dtype, 1e15)
         if not device_side:
-            if float(kappa.max()) > bound or float(kappa.min()) < 1 / bound:
+            lo, hi = torch.aminmax(kappa)
+            if float(hi) > bound or float(lo) < 1 / bound:
                 Theta.mul_(kappa[:, None])
                 kappa.fill_(1)
             return
