@@ -268,33 +268,46 @@ class ForwardRule(Scheduled):
     ) -> tuple[Tensor, st.State]:
         """The piece's steps one at a time; returns their loss sums (L,) and the state."""
         td, state, sums = shell.tdim, shell.carried, []
+        v = None  # the state as (batch, n), carried between the cell's steps instead of state
         with no_onednn():
             for i in range(x.shape[td]):
                 x_i, y_i = _step_of(x, td, i), _step_of(y, td, i)
                 mask_i, reset_i = _step_of(mask, td, i), _step_of(reset, td, i)
-                loss, state = self._step(shell, state, x_i, y_i, mask_i, reset_i)
+                loss, state, v = self._step(shell, state, v, x_i, y_i, mask_i, reset_i)
                 sums.append(loss)
+        if v is not None:
+            assert self.flat is not None  # the steps made it
+            state = self.flat.unflat(v)
         return torch.stack(sums), state
 
-    def _step(self, shell: Shell, state, x: Tensor, y: Tensor, mask, reset):
-        """Step t of every stream from `state`: (8.15), (8.16), the influence carried. Returns
-        the step's loss sum and the state after it (detached)."""
+    def _step(self, shell: Shell, state, v: Tensor | None, x: Tensor, y: Tensor, mask, reset):
+        """Step t of every stream from `state`, or from v (batch, n) when given (the cell's
+        path, between its steps): (8.15), (8.16), the influence carried. Returns the step's loss
+        sum and the state after it (detached): (loss, None, h_t (batch, n)) on the cell's path,
+        (loss, state, None) on torch.func's."""
         batch = shell.batch
         assert batch is not None  # the first chunk set it before any step
-        if state is None:  # the module's zeros, made explicit for the derivatives
-            with torch.no_grad():
-                state = st.tree_map(torch.zeros_like, shell.call(x, None)[1])
-        dims = shell.stream_dims(state, batch)
-        assert dims is not None  # state is a state here (the zeros made above if it was None)
-        if self.flat is None:
-            self.flat = FlatState(state, dims)
         device_side = self.device_side(shell)
-        if reset is not None and (device_side or bool(reset.any())):  # (6.1), no influence before
-            row = reset.reshape(-1)
-            state = st.restart(state, shell.state0, row, dims)
-            if self.influence is not None:
-                self._restart_influence(row, device_side)
-        v = self.flat.flat(state).detach()  # (batch, n) h_{t-1}
+        restart = reset is not None and (device_side or bool(reset.any()))
+        if v is not None and restart:  # the state itself, to restart it (6.1)
+            assert self.flat is not None  # the step that gave v made it
+            state, v = self.flat.unflat(v), None
+        if v is None:
+            if state is None:  # the module's zeros, made explicit for the derivatives
+                with torch.no_grad():
+                    state = st.tree_map(torch.zeros_like, shell.call(x, None)[1])
+            dims = shell.stream_dims(state, batch)
+            assert dims is not None  # state is a state here (zeros made above if it was None)
+            if self.flat is None:
+                self.flat = FlatState(state, dims)
+            if restart:  # (6.1), no influence before
+                assert reset is not None  # restart says so
+                row = reset.reshape(-1)
+                state = st.restart(state, shell.state0, row, dims)
+                if self.influence is not None:
+                    self._restart_influence(row, device_side)
+            v = self.flat.flat(state).detach()  # (batch, n) h_{t-1}
+        assert self.flat is not None  # made above, or by the step that gave v
         if not self.cell_checked:
             self.cell, self.cell_checked = self._checked_cell(shell, x, state), True
         cot = self._cotangents(shell, v)
@@ -323,7 +336,10 @@ class ForwardRule(Scheduled):
             self.count += float(batch)
         else:  # on the device: read at the update
             self.count = self.count + mask.sum().to(torch.float64)
-        return losses.detach().sum(dtype=torch.float64), st.detach(new)
+        loss = losses.detach().sum(dtype=torch.float64)
+        if step.tape is not None:  # the cell's new state, (batch, n) without a graph
+            return loss, None, new
+        return loss, st.detach(new), None
 
     def _masked(self, shell: Shell, out: Tensor, y: Tensor, x: Tensor, mask) -> Tensor:
         """The step's losses l_t (1, batch), masked."""
@@ -361,7 +377,8 @@ class ForwardRule(Scheduled):
     def _cell_pass(self, shell: Shell, x: Tensor, y: Tensor, mask, v: Tensor, cot):
         """The cell's step from h_{t-1} = v (batch, n) with its tangent along the rule's direction
         s; the head and the loss under autograd; the cell's backward pass of the losses' cotangent
-        and the rule's `cot` together (cells.py). Returns as _module_pass."""
+        and the rule's `cot` together (cells.py). Returns as _module_pass, with the new state
+        as h_t (batch, n)."""
         cell, flat = self.cell, self.flat
         assert cell is not None and flat is not None  # _step chose the cell, made flat
         top, h, Js, tape = cell.step(x, v, self._direction(v))
@@ -387,7 +404,7 @@ class ForwardRule(Scheduled):
         grads.update(cell.param_grads(tape, [d[0] for d in deltas]))
         # no parameter values (P): only torch.func's path re-runs the step with them
         step = Step(x, v, {}, dv[0], Js, cot, tape, [d[1:] for d in deltas], dv[1:])
-        return losses, flat.unflat(h), grads, step
+        return losses, h, grads, step
 
     def _checked_cell(self, shell: Shell, x: Tensor, state: st.State) -> Cell | None:
         """The module's cell (cells.py), if it has one that reproduces its own step here."""
