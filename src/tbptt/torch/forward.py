@@ -24,10 +24,13 @@ applied every k1 steps, and at finish() (the flush of Truncation(k1, k1, flush=T
 The step runs once, with its state a forward-mode dual (torch.autograd.forward_ad) whose tangent
 is the rule's direction (UORO's s~_{t-1}), giving h_t and (dF/dh) s together; one backward of
 the losses gives (8.15)'s first line. The per-stream derivatives with respect to theta need
-per-stream gradients of shared parameters. For Recurrent around nn.RNN, nn.GRU or nn.LSTM they
-are outer products of per-stream deltas and inputs (cells.py, (C.2)), from backward passes of the
-same graph to the step's pre-activations; for any other module, torch.func re-runs the step per
-stream under vmap (vjp for UORO, jacrev and jvp for RTRL).
+per-stream gradients of shared parameters. For Recurrent around nn.RNN, nn.GRU or nn.LSTM the
+step is written out (cells.py): its values and tangent in one pass, and one backward pass, also
+written out, of the losses' cotangent and the rule's cotangents together (UORO's nu_t, RTRL's
+basis of h_t), giving dl/dh_{t-1}, dF/dh and the per-stream derivatives as outer products of
+deltas and inputs ((C.2)); the state is carried as (batch, n) between the steps of a piece. For
+any other module, torch.func re-runs the step per stream under vmap (vjp for UORO, jacrev and
+jvp for RTRL).
 
 The influence is carried across updates (Williams and Zipser's approximation). A reset zeroes that
 stream's influence and restarts it from state0 (6.1). ForwardRule is the part of RTRL's and

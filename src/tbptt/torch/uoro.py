@@ -7,8 +7,8 @@ parameters h_t depends on; both zero at the start and zeroed at a reset). Step t
 derivatives of forward.py (8.15):
 
     (8.5)  contribution   (dl_t/dh_{t-1} . s~_{t-1}) theta~_{t-1} + dl_t/dtheta|_{h_{t-1} fixed}
-    (8.6)  nu_t in {-1, +1}^n fresh signs;  nu_t^T dF/dtheta   torch.func.vjp, per stream (vmap)
-    (8.7)  s~_t = rho0 (dF/dh) s~_{t-1} + rho1 nu_t            (dF/dh) s~_{t-1}: torch.func.jvp
+    (8.6)  nu_t in {-1, +1}^n fresh signs;  nu_t^T dF/dtheta   per stream (forward.py)
+    (8.7)  s~_t = rho0 (dF/dh) s~_{t-1} + rho1 nu_t            (dF/dh) s~_{t-1}: with the step
            theta~_t = theta~_{t-1} / rho0 + nu_t^T dF/dtheta / rho1
     (8.8)  rho0 = sqrt((||theta~_{t-1}|| + eps) / (||(dF/dh) s~_{t-1}|| + eps))
     (8.9)  rho1 = sqrt((||nu_t^T dF/dtheta|| + eps) / (||nu_t|| + eps)),   eps = 1e-7
@@ -18,8 +18,11 @@ theta~ is kept as kappa Theta with a scalar kappa per stream (as numpy/uoro.py d
 division by rho0 is then a scalar update, Theta changes by one pass per step, and kappa is folded
 into Theta when it leaves a safe range.
 The signs are drawn from a numpy Generator as tbptt.UORO draws them (draws.py): a seed gives the
-numpy engine's signs for the seed's model. Cost per step and stream: the module's step about
-four times (forward, backward, a jvp, a vjp per stream) and O(|theta| + n) for s~ and theta~.
+numpy engine's signs for the seed's model. Cost per step: for Recurrent around nn.RNN, nn.GRU or
+nn.LSTM (cells.py), the step once with its tangent beside it and one backward pass for the
+losses' cotangent and nu_t together, plus three passes over Theta (batch x |theta|: the first
+term of (8.5), the update, ||Theta_t|| for the next rho0); for any other module, torch.func's
+vjp per stream (vmap) on top of the step with its state a forward-mode dual.
 """
 
 from __future__ import annotations
