@@ -45,11 +45,12 @@ from ..numpy.artbp import Cuts, Probability
 from ..schedule import Truncation, Window
 from . import draws
 from . import state as st
-from .driver import TBPTT, LossFn, shell_options
-from .modules import l2_loss
+from .driver import TBPTT, SegmentOptions, passed_on
 from .segments import Segments
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's from Python 3.11
+
     from .rule import Shell
 
 Tensor = torch.Tensor
@@ -77,15 +78,7 @@ def ARTBP(  # noqa: N802  (the trainer's name)
     b: int = 1,
     rng: int | np.random.Generator | None = None,
     biased_max_length: int | None = None,
-    loss_fn: LossFn = l2_loss,
-    clip: float | None = None,
-    scheduler: object | None = None,
-    batch_first: bool = False,
-    amp: bool | torch.dtype = False,
-    checkpoint: bool = False,
-    state0: st.State | None = None,
-    process_group: object | None = None,
-    reduction: str = "sum",
+    **options: Unpack[SegmentOptions],
 ) -> TBPTT:
     """Train a recurrent nn.Module online with ARTBP (Tallec and Ollivier 2017): an update at
     every random cut, the gradient compensated across the boundaries that were not cut.
@@ -111,7 +104,7 @@ def ARTBP(  # noqa: N802  (the trainer's name)
     """
 
     schedule = ARTBPRule(c=c, b=b, rng=rng, biased_max_length=biased_max_length)
-    return TBPTT(model, schedule, optimizer, **shell_options(locals()))
+    return TBPTT(model, schedule, optimizer, **passed_on("ARTBP", options, SegmentOptions))
 
 
 class ARTBPRule:

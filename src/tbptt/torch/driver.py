@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from typing import Protocol
+from typing import Any, Protocol, TypedDict
 
 import torch
 from torch import nn
@@ -62,11 +62,23 @@ from .tbptt import TruncationRule
 
 Tensor = torch.Tensor
 LossFn = Callable[[Tensor, Tensor], Tensor]
-__all__ = ["SHELL_OPTIONS", "TBPTT", "LossFn", "Rule", "Shell", "read", "shell_options"]
+__all__ = [
+    "SHELL_OPTIONS",
+    "TBPTT",
+    "ForwardOptions",
+    "LossFn",
+    "Rule",
+    "SegmentOptions",
+    "Shell",
+    "passed_on",
+    "read",
+    "shell_options",
+]
 
 # The shell's options besides model, truncation (or rule) and optimizer, as TBPTT's Args document
-# them. The methods' factories (ARTBP, RTRL, UORO) take some of them, with the same names and
-# defaults, and pass them on with shell_options(locals()).
+# them. The methods' factories (ARTBP, RTRL, UORO) take those of ForwardOptions or SegmentOptions
+# below as **options and pass them on (passed_on); make_trainer picks them from its keywords
+# (shell_options).
 SHELL_OPTIONS = (
     "loss_fn",
     "clip",
@@ -95,6 +107,36 @@ class Scheduler(Protocol):
 def shell_options(keywords: dict) -> dict:
     """The shell's options among a factory's keywords (SHELL_OPTIONS), to pass on to TBPTT."""
     return {k: v for k, v in keywords.items() if k in SHELL_OPTIONS}
+
+
+class ForwardOptions(TypedDict, total=False):
+    """The shell's options that the factories of the forward-mode methods (tbptt.torch.RTRL,
+    UORO) pass on, each as TBPTT's Args document it, with TBPTT's defaults."""
+
+    loss_fn: LossFn
+    clip: float | None
+    scheduler: Scheduler | None
+    batch_first: bool
+    state0: st.State | None
+    process_group: object | None
+    reduction: str
+
+
+class SegmentOptions(ForwardOptions, total=False):
+    """ForwardOptions and the two of a method that keeps segments (tbptt.torch.ARTBP)."""
+
+    amp: bool | torch.dtype
+    checkpoint: bool
+
+
+def passed_on(factory: str, options: Mapping[str, object], takes: type) -> dict[str, Any]:
+    """A factory's **options, after a TypeError (Python's own message) for a keyword that is not
+    one of `takes` (a TypedDict above)."""
+    known = takes.__optional_keys__  # type: ignore[attr-defined]
+    for name in options:
+        if name not in known:
+            raise TypeError(f"{factory}() got an unexpected keyword argument {name!r}")
+    return dict(options)
 
 
 class TBPTT:
