@@ -299,7 +299,7 @@ class TBPTT:
             return self.call(xa, s, params, stream, **kw)
 
         kw = {"restart": self.state0, "batch_dim": self.batch_dim, "tdim": self.tdim}
-        kw["starts"] = self.starts
+        kw["starts"], kw["packed"] = self.starts, calls.packable(self.model)
         return calls.outputs(call, x, state, reset, **kw)
 
     def losses(
@@ -330,7 +330,7 @@ class TBPTT:
     ) -> tuple[Tensor, st.State]:
         """One call of the module (with the given parameter values; kw: starts=), its result
         checked; on the stream being trained (not predict's), the state's shapes must stay the
-        same."""
+        same on the calls of all its streams (call.py checks the packed calls on fewer)."""
         first = self._sig is None
         try:
             with self._autocast():
@@ -346,7 +346,7 @@ class TBPTT:
                 ) from exc
             raise
         out, new = check_result(res, x)
-        if stream:
+        if stream and self.batch in (None, x.shape[1 - self.tdim]):
             self._sig = check_signature(new, self._sig, self.state0)
         return out, new
 
