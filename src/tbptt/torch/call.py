@@ -10,17 +10,17 @@ rebuild of kept graphs on load, and tbptt.lightning's evaluation too. Three ways
               carried state, whatever the resets inside (starts=None: none); its restart state
               is its own (the shell refuses a state0 for it)
     packed    any other module, when some stream resets after the piece's first step: each
-              stream cut at its resets, the pieces run in a few calls on the streams still
-              running (packing.run: at most floor(log2 L) + 1 calls for the pieces that start
-              from a given state, however many streams and resets), their states gathered and
-              scattered along each state tensor's batch axis
+              stream cut at its resets, the pieces run side by side as rows of a few calls
+              (packing.run: at most floor(log2 L) + 1 calls, however many streams and resets),
+              their states gathered and scattered along each state tensor's batch axis
     split     a module that is not packable (packable(): batch statistics): one call on all
               streams, and one more at each step where some stream resets (the call before
               packing, kept for such modules)
 
 A piece without a reset after its first step is one call on all streams in each way, bit for bit
-the same. Packed calls run on B' <= B streams, so the shell checks the state's shapes on calls of
-all B streams, and `outputs` checks each packed call's state against the state it was given.
+the same. A packed call's batch is the pieces of its round (fewer or more rows than streams), so
+the shell checks the state's shapes on calls of the batch's size, and `outputs` checks every
+packed call's state against the state it was given.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def takes_starts(module: object) -> bool:
 
 
 def packable(module: nn.Module) -> bool:
-    """Whether a call of the module on some of the streams gives those streams' rows of a call on
-    all of them (no batch statistics), so that packing may run its pieces on fewer streams.
+    """Whether each row of a call depends on that row's input and state only (no batch
+    statistics), so that packing may run pieces of the streams side by side as the rows of a call.
 
     The module's attribute `packable` when it has one (False keeps the per-reset split); else
     True unless it holds a batch-norm layer (nn.BatchNorm1d, 2d, 3d, SyncBatchNorm) in training
@@ -83,8 +83,8 @@ def outputs(
     call: one call of the module on (x, state); reset (L, batch) bool or None, on the driver's
     layout; restart: the state a stream restarts from (None: zeros); batch_dim: the module's
     state_batch_dim (None: each state tensor's one axis of size batch); starts: the module takes
-    the reset mask itself (takes_starts); packed: the pieces of the streams may run on fewer
-    streams (packable), else the per-reset split.
+    the reset mask itself (takes_starts); packed: the pieces of the streams may run as the rows
+    of a few calls (packable), else the per-reset split.
     """
     if starts:
         return call(x, state, starts=reset)
@@ -106,8 +106,8 @@ def outputs(
 
 
 def _same_shapes(call: Call) -> Call:
-    """call, checking the protocol on the calls packing makes on some of the streams: a state of
-    the structure and shapes of the state given (the shell checks the calls on all of them)."""
+    """call, checking the protocol on the calls packing makes: a state of the structure and
+    shapes of the state given."""
 
     def checked(x: Tensor, h: st.State | None) -> tuple[Tensor, st.State]:
         out, new = call(x, h)

@@ -330,7 +330,7 @@ class TBPTT:
     ) -> tuple[Tensor, st.State]:
         """One call of the module (with the given parameter values; kw: starts=), its result
         checked; on the stream being trained (not predict's), the state's shapes must stay the
-        same on the calls of all its streams (call.py checks the packed calls on fewer)."""
+        same on the calls of all its streams (call.py checks the packed calls)."""
         first = self._sig is None
         try:
             with self._autocast():
