@@ -219,10 +219,13 @@ def check_call(
             raise InputError(
                 f"x must be integer token ids of shape (T, batch), got {x.dtype} {tuple(x.shape)}"
             )
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= width):
+        try:
+            lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+        except RuntimeError:  # under torch.func.vmap (RTRL's and UORO's per-stream calls), which
+            lo, hi = 0, 0  # reads no value: the embedding's own lookup refuses a bad id there
+        if lo < 0 or hi >= width:
             raise InputError(
-                f"x must hold token ids in 0..{width - 1}, got values from {int(x.min())} to "
-                f"{int(x.max())}"
+                f"x must hold token ids in 0..{width - 1}, got values from {lo} to {hi}"
             )
     elif x.dim() != 3 or x.shape[-1] != width or x.dtype != dtype:
         raise InputError(
