@@ -14,8 +14,9 @@ case times one forward and backward of the same loss, sum(W * head(out)) with fi
             no burn-in, the stored states from rl.states(..., at=segs.stored) (not timed)
 
 The driver with resets (issue 25, item 4): tbptt.torch.TBPTT(Recurrent(nn.LSTM(4, 64),
-Linear(64, 2)), Truncation(32, 32), SGD) fed one chunk of T = 128 steps of N streams (8 and 64)
-with resets ~ Bernoulli(1 / 20), so one feed is four updates. Three drivers, side by side:
+Linear(64, 2)), Truncation(32, 32), SGD, reduction="mean") fed one chunk of T = 128 steps of N
+streams (8 and 64) with resets ~ Bernoulli(1 / 20), so one feed is four updates. Three drivers,
+side by side:
 
     split     the module marked packable = False: the call before packing, split at every step
               where some stream resets, all streams in every call (what the driver did before)
@@ -122,7 +123,8 @@ def driver_setting(N: int) -> tuple[dict, str]:
         if name == "split":
             model.packable = False  # call.py: the per-reset split, as before packing
         trunc = tbptt.Truncation(DRIVER_K, DRIVER_K)
-        driver = TBPTT(model, trunc, torch.optim.SGD(model.parameters(), lr=1e-3))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # the mean: stable over many feeds
+        driver = TBPTT(model, trunc, opt, reduction="mean")
         r = None if name == "none" else reset
         cases[name] = lambda d=driver, r=r: d.feed(x, y, reset=r)
     rows = int(reset.any(1).sum())
