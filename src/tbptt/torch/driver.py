@@ -103,7 +103,10 @@ class TBPTT:
     Args:
         model: called as model(x, state) -> (output, new_state); state None means its zeros.
             A forward that takes the keyword starts gets the resets itself, one call per piece:
-            model(x, state, starts=reset) (SEMANTICS.md 10; call.py).
+            model(x, state, starts=reset) (SEMANTICS.md 10; call.py). Any other module's resets
+            run packed, its streams' pieces as the rows of a few calls, unless it is not packable
+            (an attribute packable = False, or a batch-norm layer in training mode:
+            call.packable), whose calls are split at the resets instead.
         truncation: the schedule tbptt.Truncation(k1, k2, inject, flush), or a method's rule
             (rule.py; tbptt.torch.ARTBP, RTRL and UORO build this shell with theirs).
         optimizer: any torch.optim optimizer over the model's parameters.
