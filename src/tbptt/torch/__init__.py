@@ -9,7 +9,10 @@
     driver.save(path)                          # everything needed to continue exactly
 
 The module protocol is module(x_chunk, state) -> (output_chunk, new_state), state a tensor or any
-nesting of tuples, lists and dicts of tensors, None meaning the module's zeros. The schedule is
+nesting of tuples, lists and dicts of tensors, None meaning the module's zeros; optional: the
+keyword starts (the module takes the resets itself), the attributes state_batch_dim and
+packable (False: the rows of a call depend on its batch, so resets split the call instead of
+packing it; call.py). The schedule is
 tbptt.Truncation, the same object as the numpy engine's, and the online update follows the
 canonical rule of SEMANTICS.md 5. TBPTT (driver.py) is the one trainer: a shell holding a rule
 (rule.py), TBPTT's own for a Truncation (tbptt.py, segments.py). Other systems' training loops as

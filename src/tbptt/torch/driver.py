@@ -145,7 +145,10 @@ class TBPTT:
     Args:
         model: called as model(x, state) -> (output, new_state); state None means its zeros.
             A forward that takes the keyword starts gets the resets itself, one call per piece:
-            model(x, state, starts=reset) (SEMANTICS.md 10; call.py).
+            model(x, state, starts=reset) (SEMANTICS.md 10; call.py). Any other module's resets
+            run packed, its streams' pieces as the rows of a few calls, unless it is not packable
+            (an attribute packable = False, or a batch-norm layer in training mode:
+            call.packable), whose calls are split at the resets instead.
         truncation: the schedule tbptt.Truncation(k1, k2, inject, flush), or a method's rule
             (rule.py; tbptt.torch.ARTBP, RTRL and UORO build this shell with theirs).
         optimizer: any torch.optim optimizer over the model's parameters.
@@ -341,7 +344,7 @@ class TBPTT:
             return self.call(xa, s, params, stream, **kw)
 
         kw = {"restart": self.state0, "batch_dim": self.batch_dim, "tdim": self.tdim}
-        kw["starts"] = self.starts
+        kw["starts"], kw["packed"] = self.starts, calls.packable(self.model)
         return calls.outputs(call, x, state, reset, **kw)
 
     def losses(
@@ -372,7 +375,7 @@ class TBPTT:
     ) -> tuple[Tensor, st.State]:
         """One call of the module (with the given parameter values; kw: starts=), its result
         checked; on the stream being trained (not predict's), the state's shapes must stay the
-        same."""
+        same on the calls of all its streams (call.py checks the packed calls)."""
         first = self._sig is None
         try:
             with self._autocast():
@@ -388,7 +391,7 @@ class TBPTT:
                 ) from exc
             raise
         out, new = check_result(res, x)
-        if stream:
+        if stream and self.batch in (None, x.shape[1 - self.tdim]):
             self._sig = check_signature(new, self._sig, self.state0)
         return out, new
 

@@ -26,7 +26,7 @@ are index_select / index_copy (their backward scatters and gathers the same rows
 
 What a call must allow: out_r rows depend only on their own stream's rows of x_r and h_r (no
 batch statistics), and a call over steps a..c equals a call over a..b followed by b..c from its
-final state. The driver assumes the same when it splits a chunk at its resets; torch's nn.RNN,
+final state. The driver asks the same when it packs a chunk's resets (call.py); torch's nn.RNN,
 nn.GRU, nn.LSTM, tbptt.torch.ElmanRNN and Recurrent around them satisfy it. run(..., packed=False)
 keeps the batch of the collector instead: one call per step on all streams (the per-step path).
 """
