@@ -68,6 +68,18 @@ def check_arguments(
     return clip
 
 
+def check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> None:
+    """An optimizer that holds at least one of the model's trainable parameters (some may be left
+    out: frozen layers); one over another model's parameters would leave this one unchanged."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in params.values()):
+        raise InputError(
+            f"optimizer ({type(optimizer).__name__}) holds none of the model's {len(params)} "
+            "trainable parameters, so its steps would never change the model: build it over "
+            "this model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=...)"
+        )
+
+
 def check_hooks(backward: object, step: object, grad_hook: object, scaler: bool) -> None:
     """The trainer hooks: callables (where backward= applies is the rule's to check)."""
     for name, fn in (("backward", backward), ("step", step), ("grad_hook", grad_hook)):

@@ -50,6 +50,7 @@ from .checks import (
     check_format,
     check_hooks,
     check_losses,
+    check_optimizer,
     check_result,
     check_saved,
     check_signature,
@@ -169,6 +170,7 @@ class TBPTT:
         }
         if not self.params:
             raise InputError("model has no parameters that require grad: nothing to train")
+        check_optimizer(optimizer, self.params)
         rule = TruncationRule(truncation) if isinstance(truncation, Truncation) else truncation
         self.model, self.rule, self.optimizer = model, rule, optimizer
         self.loss_fn, self.clip, self.scheduler = loss_fn, clip, scheduler

@@ -1,0 +1,56 @@
+"""Misuse of the torch engine that used to train silently wrong, or end in torch's own error, is
+refused in one line naming the argument (issue 24, B and D3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tbptt
+from tbptt.torch import ARTBP, RTRL, TBPTT, UORO, Recurrent
+
+DT = torch.float64
+
+
+def gru(batch_first: bool = False) -> Recurrent:
+    torch.manual_seed(0)
+    return Recurrent(nn.GRU(3, 4, batch_first=batch_first), nn.Linear(4, 2)).to(DT)
+
+
+def chunk(L: int = 6, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(L, batch, 3, generator=gen, dtype=DT)
+    return x, torch.randn(L, batch, 2, generator=gen, dtype=DT)
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+# -- B1: the optimizer ---------------------------------------------------------------------------
+FACTORIES = {
+    "TBPTT": lambda m, opt: TBPTT(m, tbptt.Truncation(2, 4), opt),
+    "ARTBP": lambda m, opt: ARTBP(m, opt, c=0.5, rng=0),
+    "RTRL": lambda m, opt: RTRL(m, opt, k1=2),
+    "UORO": lambda m, opt: UORO(m, opt, k1=2, rng=0),
+}
+
+
+@pytest.mark.parametrize("method", FACTORIES)
+def test_an_optimizer_over_another_models_parameters_is_refused(method: str) -> None:
+    """An optimizer holding none of the model's trainable parameters is refused, naming it."""
+    model, other = gru(), gru()
+    with pytest.raises(tbptt.InputError, match=r"optimizer \(SGD\) holds none of the model's"):
+        FACTORIES[method](model, sgd(other))
+
+
+def test_an_optimizer_over_some_of_the_parameters_trains_them() -> None:
+    """Frozen layers stay legitimate: an optimizer over the head alone trains the head."""
+    model = gru()
+    head = [p.detach().clone() for p in model.head.parameters()]
+    rnn = [p.detach().clone() for p in model.rnn.parameters()]
+    d = TBPTT(model, tbptt.Truncation(2, 2), sgd(model.head))
+    d.feed(*chunk())
+    assert all(not torch.equal(a, p) for a, p in zip(head, model.head.parameters(), strict=True))
+    assert all(torch.equal(a, p) for a, p in zip(rnn, model.rnn.parameters(), strict=True))
