@@ -54,3 +54,38 @@ def test_an_optimizer_over_some_of_the_parameters_trains_them() -> None:
     d.feed(*chunk())
     assert all(not torch.equal(a, p) for a, p in zip(head, model.head.parameters(), strict=True))
     assert all(torch.equal(a, p) for a, p in zip(rnn, model.rnn.parameters(), strict=True))
+
+
+# -- B6: batch_first -----------------------------------------------------------------------------
+class Plain(nn.Module):
+    """A user's module around an nn.GRU (not a tbptt.torch.Recurrent), nested one level deeper."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.body = nn.ModuleDict({"gru": nn.GRU(3, 4, batch_first=batch_first)})
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, h):
+        out, h = self.body["gru"](x, h)
+        return self.head(out), h
+
+
+@pytest.mark.parametrize("layer_first", [True, False])
+def test_a_nested_rnn_of_the_other_layout_is_refused(layer_first: bool) -> None:
+    """A nested nn.GRU whose batch_first differs from the driver's is refused, naming it."""
+    model = Plain(layer_first).to(DT)
+    with pytest.raises(tbptt.InputError, match=rf"body\.gru \(GRU\) has batch_first={layer_first}"):
+        TBPTT(model, tbptt.Truncation(5, 5), sgd(model), batch_first=not layer_first)
+
+
+@pytest.mark.parametrize("layer_first", [True, False])
+def test_a_nested_rnn_of_the_same_layout_counts_every_step(layer_first: bool) -> None:
+    """With the layouts matching, 5 streams in chunks of 25 steps make 1000 steps in 8 chunks."""
+    model = Plain(layer_first).to(DT)
+    d = TBPTT(model, tbptt.Truncation(25, 25), sgd(model), batch_first=layer_first)
+    x, y = torch.zeros(25, 5, 3, dtype=DT), torch.zeros(25, 5, 2, dtype=DT)
+    if layer_first:
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+    for _ in range(40):
+        d.feed(x, y)
+    assert (d.t, d.updates) == (1000, 40)

@@ -65,6 +65,15 @@ def check_arguments(
         raise InputError(
             f"batch_first={batch_first} but the model has batch_first={declared}; pass the same"
         )
+    for name, layer in model.named_modules():  # a recurrent layer at any depth reads the layout
+        if isinstance(layer, nn.RNNBase) and layer.batch_first != batch_first:
+            raise InputError(
+                f"batch_first={batch_first} but the model's {name or 'module'} "
+                f"({type(layer).__name__}) has batch_first={layer.batch_first}: it would read "
+                f"the chunks' {'time' if batch_first else 'stream'} axis as its steps; pass "
+                f"batch_first={layer.batch_first} to the driver, or build the layer with "
+                f"batch_first={batch_first}"
+            )
     return clip
 
 
