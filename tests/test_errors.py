@@ -53,6 +53,7 @@ BAD_DATA = {
     "h0-strings": (dict(h0=np.full(n, "a")), TypeError, "h0"),
     "mask-shape": (dict(mask=np.ones(T + 1)), ValueError, "mask"),
     "mask-nan": (dict(mask=with_value(np.ones(T), (0,), np.nan)), ValueError, "mask"),
+    "mask-negative": (dict(mask=with_value(np.ones(T), (3,), -1.0)), ValueError, "mask"),
     "reset-shape": (dict(reset=np.zeros((T, 2), bool)), ValueError, "reset"),
     "reset-dtype": (dict(reset=np.zeros(T)), TypeError, "reset"),
     "loss-name": (dict(loss="mse"), ValueError, "loss"),
@@ -241,7 +242,9 @@ def test_bad_trainer_arguments(case):
         make()
 
 
-@pytest.mark.parametrize("case", ["x-features", "x-nan", "y-inf", "mask-shape", "reset-dtype"])
+@pytest.mark.parametrize(
+    "case", ["x-features", "x-nan", "y-inf", "mask-shape", "mask-negative", "reset-dtype"]
+)
 def test_online_feed_checks_data(case):
     """feed() validates each chunk like gradients() does."""
     kwargs, exc, arg = BAD_DATA[case]

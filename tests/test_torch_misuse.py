@@ -89,3 +89,25 @@ def test_a_nested_rnn_of_the_same_layout_counts_every_step(layer_first: bool) ->
     for _ in range(40):
         d.feed(x, y)
     assert (d.t, d.updates) == (1000, 40)
+
+
+# -- B2: mask weights ----------------------------------------------------------------------------
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_mask_weight_negative_or_not_finite_is_refused(weight: float, batch_first: bool) -> None:
+    """A mask weight < 0 or non-finite is refused naming mask, the weight, its step and stream."""
+    model = gru(batch_first)
+    d = TBPTT(model, tbptt.Truncation(2, 2), sgd(model), batch_first=batch_first)
+    x, y = chunk()
+    mask = torch.ones(6, 2, dtype=DT)
+    mask[4, 1] = weight
+    if batch_first:
+        x, y, mask = x.transpose(0, 1), y.transpose(0, 1), mask.T
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        tbptt.InputError,
+        match=rf"mask must hold finite weights >= 0.*got {weight}"
+        r" at step 4, stream 1",
+    ):
+        d.feed(x, y, mask)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -123,6 +123,12 @@ def check_batch(
                 f"mask must have shape {lead}, time-major {LEAD[len(lead)]} (one weight per step), "
                 f"got {maska.shape}{batch_first('mask', maska.shape, lead)}"
             )
+        if (maska < 0).any():
+            bad = tuple(int(i) for i in np.argwhere(maska < 0)[0])
+            raise InputError(
+                f"mask must hold finite weights >= 0 (0 switches a loss off), got "
+                f"{maska[bad]} at index {bad}"
+            )
         maska = maska.reshape(T, batch)
     reseta = None
     if reset is not None:

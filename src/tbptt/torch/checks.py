@@ -224,6 +224,23 @@ def check_chunk(
     return x, y, mask, reset, lead[0 if batch_first else 1]
 
 
+def mask_total(mask: Tensor, batch_first: bool) -> float:
+    """The sum of the mask's weights (one sync, the one feed makes for the chunk's count), each
+    weight checked finite and >= 0: a negative weight would make training climb its loss."""
+    if not mask.numel():
+        return 0.0
+    total, low = torch.stack([mask.sum(dtype=torch.float64), mask.amin().double()]).tolist()
+    if math.isfinite(total) and math.isfinite(low) and low >= 0:
+        return total
+    w = mask.double()
+    bad = tuple(int(i) for i in torch.nonzero(~(torch.isfinite(w) & (w >= 0)))[0])
+    t, j = bad[::-1] if batch_first else bad
+    raise InputError(
+        f"mask must hold finite weights >= 0 (0 switches a loss off), got {w[bad].item()} at "
+        f"step {t}, stream {j} of the chunk"
+    )
+
+
 def _tensor(a: object, name: str, device: torch.device) -> Tensor:
     try:
         return torch.as_tensor(a).detach().to(device)

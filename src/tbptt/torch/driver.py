@@ -56,6 +56,7 @@ from .checks import (
     check_signature,
     check_starts,
     check_state0,
+    mask_total,
 )
 from .modules import l2_loss
 from .rule import Rule, Shell
@@ -238,6 +239,7 @@ class TBPTT:
                 f"the stream was finished; create a new {rule.name} to train on another"
             )
         x, y, mask, reset, batch = check_chunk(x, y, mask, reset, self.device, self.batch_first)
+        weights = None if mask is None else mask_total(mask, self.batch_first)  # (one sync)
         if self.batch is None:
             self.batch = batch
         elif batch != self.batch:
@@ -246,7 +248,7 @@ class TBPTT:
                 f"{self.batch}; the streams of a batch go on together, so the size cannot change"
             )
         T = x.shape[self.tdim]
-        count = float(T * self.batch) if mask is None else float(mask.sum())
+        count = float(T * self.batch) if weights is None else weights
         self._chunk_total, self._chunk_count, self._chunk_local = 0.0, count, count
         start = 0
         while start < T:  # pieces end where the rule says; chunk ends are free
