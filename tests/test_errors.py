@@ -414,3 +414,21 @@ def test_load_of_python_objects_never_suggests_allow_pickle(tmp_path):
     with pytest.raises(tbptt.InputError, match="objects") as info:
         TBPTT(MODEL.copy(), Truncation(2, 3), SGD()).load(path)
     assert str(path) in str(info.value) and "allow_pickle" not in str(info.value)
+
+
+def test_a_nan_target_at_a_masked_step_is_ignored():
+    """y NaN where the mask is 0 is accepted and ignored (the gradient of y = 0 there); NaN where
+    the mask is not 0 stays an error naming y."""
+    y = np.arange(T * p, dtype=np.float64).reshape(T, p) / 10
+    mask = np.array([1.0, 0.0, 1.0, 0.0, 1.0])
+    nan = y.copy()
+    nan[mask == 0] = np.nan
+    got = tbptt.gradients(MODEL, X + 0.5, nan, mask=mask)
+    want = tbptt.gradients(MODEL, X + 0.5, y, mask=mask)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-14)
+    trainer = TBPTT(MODEL, Truncation(2, 3), SGD())
+    trainer.feed(X + 0.5, nan, mask=mask)
+    nan[2, 1] = np.nan
+    with pytest.raises(ValueError, match=names("y")):
+        trainer.feed(X, nan, mask=mask)

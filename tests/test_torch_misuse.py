@@ -111,3 +111,46 @@ def test_a_mask_weight_negative_or_not_finite_is_refused(weight: float, batch_fi
     ):
         d.feed(x, y, mask)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+# -- B5: masked steps are ignored ----------------------------------------------------------------
+def train(method: str, x, y, mask, loss_fn=tbptt.torch.l2_loss, p: int = 2) -> list[torch.Tensor]:
+    """The parameters after `method` trained on two chunks (x, y, mask) of 4 steps, and finish."""
+    torch.manual_seed(0)
+    model = Recurrent(nn.GRU(3, 4), nn.Linear(4, p)).to(DT)
+    d = FACTORIES[method](model, sgd(model))
+    d.loss_fn = loss_fn
+    for a in (slice(0, 4), slice(4, 8)):
+        d.feed(x[a], y[a], mask[a])
+    d.finish()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method", ["TBPTT", "ARTBP"])
+def test_a_nan_target_at_a_masked_step_is_ignored(method: str) -> None:
+    """NaN targets where the mask is 0 train as any other target there: not at all."""
+    x, y = chunk(L=8, seed=1)
+    mask = torch.ones(8, 2, dtype=DT)
+    mask[3, 0] = mask[6, 1] = 0.0
+    nan = y.clone()
+    nan[mask == 0] = float("nan")
+    for a, b in zip(train(method, x, nan, mask), train(method, x, y, mask), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    nan[2, 1, 0] = float("nan")  # where the mask is 1, a NaN target is still an error
+    with pytest.raises((tbptt.InputError, tbptt.NonFiniteError)):
+        train(method, x, nan, mask)
+
+
+@pytest.mark.parametrize("method", ["TBPTT", "ARTBP"])
+def test_an_out_of_range_class_at_a_masked_step_is_ignored(method: str) -> None:
+    """Cross-entropy: a class -1 (padding) where the mask is 0 trains as class 0 there."""
+    x, _ = chunk(L=8, seed=2)
+    y = torch.randint(0, 3, (8, 2), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(8, 2, dtype=DT)
+    mask[5, 0] = mask[7, 1] = 0.0
+    pad = torch.where(mask > 0, y, -1)
+    ce = tbptt.torch.cross_entropy_loss
+    for a, b in zip(
+        train(method, x, pad, mask, ce, 3), train(method, x, y, mask, ce, 3), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -58,7 +58,7 @@ from .checks import (
     check_state0,
     mask_total,
 )
-from .modules import l2_loss
+from .modules import kept_targets, l2_loss, masked
 from .rule import Rule, Shell
 from .tbptt import TruncationRule
 
@@ -319,11 +319,8 @@ class TBPTT:
     def _losses(self, x, y, mask, reset, state, params) -> tuple[Tensor, st.State]:
         out, state = self.outputs(x, state, reset, params)
         with self._autocast():
-            losses = self.loss_fn(out, y)
-        losses = check_losses(losses, x)
-        if mask is not None:
-            losses = losses * mask.to(losses.dtype)
-        return losses, state
+            losses = self.loss_fn(out, kept_targets(y, mask))
+        return masked(check_losses(losses, x), mask), state
 
     def _autocast(self):
         dtype = self.amp_dtype

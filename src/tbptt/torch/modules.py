@@ -76,6 +76,24 @@ def cross_entropy_loss(logits: Tensor, y: Tensor) -> Tensor:
     ).view(lead)
 
 
+def kept_targets(y: Tensor, mask: Tensor | None) -> Tensor:
+    """y with the targets of the masked steps (weight 0) set to 0: they are never read, so a NaN
+    or an out-of-range class there reaches neither the loss nor its gradient. mask like y's first
+    two axes, or None."""
+    if mask is None:
+        return y
+    keep = (mask > 0).view(*mask.shape, *(1,) * (y.dim() - mask.dim()))
+    return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def masked(losses: Tensor, mask: Tensor | None) -> Tensor:
+    """The weighted losses w_t l_t, with the masked steps (w_t = 0) selected out, not multiplied
+    by 0 (which keeps a NaN)."""
+    if mask is None:
+        return losses
+    return torch.where(mask > 0, losses * mask.to(losses.dtype), 0.0)
+
+
 class ElmanRNN(nn.Module):
     """The seed's model h_t = f(A h_{t-1} + B x_t + b), yhat_t = g(C h_t + c) (SEMANTICS.md 1).
 
