@@ -126,7 +126,7 @@ def train(method: str, x, y, mask, loss_fn=tbptt.torch.l2_loss, p: int = 2) -> l
     return [p.detach() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("method", ["TBPTT", "ARTBP"])
+@pytest.mark.parametrize("method", FACTORIES)
 def test_a_nan_target_at_a_masked_step_is_ignored(method: str) -> None:
     """NaN targets where the mask is 0 train as any other target there: not at all."""
     x, y = chunk(L=8, seed=1)
@@ -141,7 +141,7 @@ def test_a_nan_target_at_a_masked_step_is_ignored(method: str) -> None:
         train(method, x, nan, mask)
 
 
-@pytest.mark.parametrize("method", ["TBPTT", "ARTBP"])
+@pytest.mark.parametrize("method", FACTORIES)
 def test_an_out_of_range_class_at_a_masked_step_is_ignored(method: str) -> None:
     """Cross-entropy: a class -1 (padding) where the mask is 0 trains as class 0 there."""
     x, _ = chunk(L=8, seed=2)

@@ -45,6 +45,7 @@ from ..errors import InputError
 from ..schedule import Truncation, Window
 from . import state as st
 from .checks import check_losses
+from .modules import kept_targets, masked
 from .tbptt import Scheduled
 
 if TYPE_CHECKING:
@@ -225,9 +226,7 @@ class ForwardRule(Scheduled):
         v = self.flat.flat(state).detach()  # (batch, n) h_{t-1}
         leaf = v.clone().requires_grad_()
         out, new = shell.call(x, self.flat.unflat(leaf))
-        losses = check_losses(shell.loss_fn(out, y), x)  # (1, batch) l_t
-        if mask is not None:
-            losses = losses * mask.to(losses.dtype)
+        losses = masked(check_losses(shell.loss_fn(out, kept_targets(y, mask)), x), mask)  # l_t
         params = list(shell.params.values())
         if self.influence is None:
             self._start(shell, new, params)
