@@ -154,3 +154,50 @@ def test_an_out_of_range_class_at_a_masked_step_is_ignored(method: str) -> None:
         train(method, x, pad, mask, ce, 3), train(method, x, y, mask, ce, 3), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+# -- B3: a state cut from the state given --------------------------------------------------------
+class Detaching(nn.Module):
+    """An nn.GRU whose forward returns its new state detached: every gradient across calls cut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru, self.head = nn.GRU(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x, h):
+        out, h = self.gru(x, h)
+        return self.head(out), h.detach()
+
+
+DETACHED = {
+    **FACTORIES,
+    "TBPTT(3, 3)": lambda m, opt: TBPTT(m, tbptt.Truncation(3, 3), opt),
+    "TBPTT(4, 2)": lambda m, opt: TBPTT(m, tbptt.Truncation(4, 2, inject="window"), opt),
+    "TBPTT(2, 4) checkpoint": lambda m, opt: TBPTT(m, tbptt.Truncation(2, 4), opt, checkpoint=True),
+}
+
+
+@pytest.mark.parametrize("method", DETACHED)
+def test_a_module_returning_a_detached_state_is_refused(method: str) -> None:
+    """A module whose returned state is detached is refused in one line naming the module."""
+    torch.manual_seed(0)
+    model = Detaching().to(DT)
+    d = DETACHED[method](model, sgd(model))
+    x, y = chunk(L=8)
+    with pytest.raises(tbptt.InputError, match=r"^model Detaching returned a state cut from") as e:
+        for t in range(8):  # one step per chunk: every step its own module call
+            d.feed(x[t : t + 1], y[t : t + 1])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", DETACHED)
+def test_a_module_returning_an_attached_state_trains(method: str) -> None:
+    """The same module returning its state attached trains through every method."""
+    torch.manual_seed(0)
+    model = gru()
+    d = DETACHED[method](model, sgd(model))
+    x, y = chunk(L=8)
+    for t in range(8):
+        d.feed(x[t : t + 1], y[t : t + 1])
+    d.finish()
+    assert d.t == 8 and d.updates >= 1

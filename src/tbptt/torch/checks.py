@@ -285,6 +285,24 @@ def check_losses(losses: object, x: Tensor) -> Tensor:
     return losses
 
 
+def check_linked(model: nn.Module, state: st.State, new: st.State) -> bool:
+    """Whether the state a module returned was checked to be a differentiable function of the
+    state it was given (SEMANTICS.md 6): False while the given state carries no gradient (nothing
+    to tell); InputError, naming the module, if a returned tensor was cut from it (detached)."""
+    if not any(t.requires_grad for t in st.leaves(state)):
+        return False
+    cut = [k for k, t in enumerate(st.leaves(new)) if st.differentiable(t) and not t.requires_grad]
+    if cut:
+        n = len(st.leaves(new))
+        raise InputError(
+            f"model {type(model).__name__} returned a state cut from the state it was given "
+            f"(tensor {cut[0]} of {n} has no gradient: detached?), so no gradient would cross its "
+            "calls; the protocol needs new_state to be a differentiable function of state: "
+            "return it attached (the driver truncates where the schedule says)"
+        )
+    return True
+
+
 def check_starts(model: nn.Module, state0: object) -> bool:
     """Whether the module takes the resets itself (call.takes_starts; SEMANTICS.md 10), refused
     with a state0: such a module restarts its streams from its own initial state."""

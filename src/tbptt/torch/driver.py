@@ -49,6 +49,7 @@ from .checks import (
     check_chunk,
     check_format,
     check_hooks,
+    check_linked,
     check_losses,
     check_optimizer,
     check_result,
@@ -192,6 +193,7 @@ class TBPTT:
         self.finished, self.last_grad_norm = False, None
         self.carried: st.State | None = self.state0  # the carried state, attached to the last graph
         self._sig: object = None  # the state's structure and shapes, fixed by the first call
+        self._linked = False  # the module's state was seen to depend on the state given (once)
         self._pending: list[Tensor] = []  # loss sums not yet checked for finiteness
         self._pending_from = 1
         self._chunk_total = self._chunk_count = self._chunk_local = 0.0
@@ -311,6 +313,9 @@ class TBPTT:
     ) -> tuple[Tensor, st.State]:
         """A piece from `state`: its masked losses l_t (L, batch) and the state after it; with
         checkpoint, as a torch.utils.checkpoint (recomputed during backward)."""
+        if not self._linked and state is not None and torch.is_grad_enabled():
+            if not any(t.requires_grad for t in st.leaves(state)):  # once: a leaf copy, for the
+                state = st.as_leaf(state)  # check of the state returned (call), the same values
         args = (x, y, mask, reset, state, params)
         if checkpoint:
             return torch_checkpoint(self._losses, *args, use_reentrant=False)
@@ -349,6 +354,8 @@ class TBPTT:
         out, new = check_result(res, x)
         if stream:
             self._sig = check_signature(new, self._sig, self.state0)
+            if not self._linked and torch.is_grad_enabled() and state is not None:
+                self._linked = check_linked(self.model, state, new)
         return out, new
 
     def stream_dims(self, state: st.State | None, batch: int) -> list[int] | None:
