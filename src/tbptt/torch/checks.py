@@ -289,6 +289,8 @@ def check_linked(model: nn.Module, state: st.State, new: st.State) -> bool:
     """Whether the state a module returned was checked to be a differentiable function of the
     state it was given (SEMANTICS.md 6): False while the given state carries no gradient (nothing
     to tell); InputError, naming the module, if a returned tensor was cut from it (detached)."""
+    if not any(st.differentiable(t) for t in st.leaves(state)):
+        return True  # a state of integers carries no gradient: nothing to check
     if not any(t.requires_grad for t in st.leaves(state)):
         return False
     cut = [k for k, t in enumerate(st.leaves(new)) if st.differentiable(t) and not t.requires_grad]
