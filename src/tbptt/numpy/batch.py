@@ -56,9 +56,9 @@ def as_float_array(
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        if keep is not None:  # the masked steps' values are never read: 0 there
+        if keep is not None and arr.shape[: keep.ndim] == keep.shape:  # masked steps: never
             keep = keep.reshape(keep.shape + (1,) * (arr.ndim - keep.ndim))
-            arr = np.where(keep, arr, arr.dtype.type(0))
+            arr = np.where(keep, arr, arr.dtype.type(0))  # read, 0 there
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise InputError(
@@ -201,8 +201,7 @@ def _check_y(
                 f"y holds class index {int(bad)}, expected 0 <= y < {p} (the model's p)"
             )
         return ya.reshape(T, batch).astype(np.intp, copy=False)
-    ok = keep is not None and np.shape(y)[: len(lead)] == lead
-    ya = as_float_array("y", y, dtype, keep if ok else None)
+    ya = as_float_array("y", y, dtype, keep)
     if ya.shape != (*lead, p):
         raise InputError(
             f"y must have shape {(*lead, p)}, time-major {LEAD[len(lead)][:-1].rstrip(',')}, p) "
