@@ -201,3 +201,77 @@ def test_a_module_returning_an_attached_state_trains(method: str) -> None:
         d.feed(x[t : t + 1], y[t : t + 1])
     d.finish()
     assert d.t == 8 and d.updates >= 1
+
+
+# -- B4: load, all or nothing --------------------------------------------------------------------
+def trainer(method: str, cell=nn.GRU, hidden: int = 4, optim=torch.optim.SGD) -> TBPTT:
+    """A `method` trainer of cell(3, hidden) and a head, fed three chunks of 3 steps."""
+    torch.manual_seed(0)
+    model = Recurrent(cell(3, hidden), nn.Linear(hidden, 2)).to(DT)
+    d = FACTORIES[method](model, optim(model.parameters(), lr=0.05))
+    x, y = chunk(L=9, seed=3)
+    for a in range(0, 9, 3):
+        d.feed(x[a : a + 3], y[a : a + 3])
+    return d
+
+
+def without(sd: dict, *path: str) -> dict:
+    """A copy of the saved state sd with the key at `path` removed."""
+    out = dict(sd)
+    inner = out
+    for k in path[:-1]:
+        inner[k] = dict(inner[k])
+        inner = inner[k]
+    del inner[path[-1]]
+    return out
+
+
+REFUSED = {  # the state of another trainer, or an incomplete one, and what the error says
+    "hidden size": (lambda m: trainer(m, hidden=5).state_dict(), r"rnn\.weight_ih_l0 has shape"),
+    "cell": (
+        lambda m: trainer(m, cell=nn.LSTM).state_dict(),
+        r"shape \(16, 3\), this Recurrent's \(12, 3\) \(another cell",
+    ),
+    "Adam": (
+        lambda m: trainer(m, optim=torch.optim.Adam).state_dict(),
+        r"the saved run's optimizer is Adam, this driver's SGD",
+    ),
+    "Adam, an older file": (
+        lambda m: without(trainer(m, optim=torch.optim.Adam).state_dict(), "optimizer_class"),
+        r"the saved optimizer has the settings .*betas.* which this SGD does not",
+    ),
+    "model key": (
+        lambda m: without(trainer(m).state_dict(), "model", "head.bias"),
+        r"the saved model does not fit this Recurrent: it lacks head\.bias",
+    ),
+    "optimizer": (
+        lambda m: without(trainer(m).state_dict(), "optimizer"),
+        r"the saved state is incomplete: it has no optimizer",
+    ),
+    "rule's part": (
+        lambda m: without(trainer(m).state_dict(), "state"),
+        r"the saved state is incomplete: it has no 'state'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+@pytest.mark.parametrize("method", ["TBPTT", "ARTBP", "UORO"])  # RTRL's part is UORO's
+def test_a_refused_load_changes_nothing(method: str, case: str) -> None:
+    """Another hidden size, cell or optimizer, or an incomplete state, is refused (one line) before
+    anything is written: the trainer then continues exactly as its twin that was never asked."""
+    make, match = REFUSED[case]
+    sd = make(method)
+    d, twin = trainer(method), trainer(method)
+    with pytest.raises(tbptt.InputError, match=match) as e:
+        d.load_state_dict(sd)
+    assert "\n" not in str(e.value)
+    x, y = chunk(L=6, seed=4)
+    for t in (d, twin):
+        t.feed(x, y)
+        t.finish()
+    assert (d.t, d.updates) == (twin.t, twin.updates) == (15, twin.updates)
+    for a, b in zip(d.model.parameters(), twin.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    sa, sb = d.optimizer.state_dict(), twin.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()

@@ -329,24 +329,3 @@ def check_signature(new: st.State, before: object, state0: object) -> object:
     elif sig != before:
         raise InputError(f"the model returned a state of shapes {sig}, before {before}")
     return sig
-
-
-def check_format(sd: object, fmt: str, kind: str) -> None:
-    """A saved state of format `fmt` (from `kind`.state_dict()), or InputError."""
-    if not isinstance(sd, dict) or sd.get("format") != fmt:
-        got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
-        raise InputError(f"state must be a {fmt!r} dict from {kind}.state_dict(), got {got!r}")
-
-
-def check_saved(sd: dict, settings: dict, parts: dict) -> None:
-    """A saved state with these settings, and these parts (scheduler, scaler) present or absent
-    as here; InputError naming the first difference."""
-    for name, mine in settings.items():
-        if sd[name] != mine:
-            raise InputError(f"the saved run had {name}={sd[name]!r}, this driver {mine!r}")
-    for name, obj in parts.items():
-        if (sd[name] is None) != (obj is None):
-            raise InputError(
-                f"the saved run {'had' if sd[name] is not None else 'had no'} {name}, "
-                f"this driver {'has none' if obj is None else 'has one'}"
-            )

@@ -47,13 +47,11 @@ from .checks import (
     check_arguments,
     check_autocast,
     check_chunk,
-    check_format,
     check_hooks,
     check_linked,
     check_losses,
     check_optimizer,
     check_result,
-    check_saved,
     check_signature,
     check_starts,
     check_state0,
@@ -61,6 +59,14 @@ from .checks import (
 )
 from .modules import kept_targets, l2_loss, masked
 from .rule import Rule, Shell
+from .saved import (
+    check_counters,
+    check_format,
+    check_model_state,
+    check_optimizer_state,
+    check_saved,
+    optimizer_kind,
+)
 from .tbptt import TruncationRule
 
 Tensor = torch.Tensor
@@ -469,6 +475,7 @@ class TBPTT:
             "finished": self.finished,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": optimizer_kind(self.optimizer),
             "scheduler": None if sched is None else sched.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": torch.get_rng_state(),
@@ -481,8 +488,9 @@ class TBPTT:
         return self.comm.gather_streams(sd, axis=1 - self.tdim, dims=dims)
 
     def load_state_dict(self, sd: dict | str | None) -> None:
-        """Restore what state_dict() returned, after checking it (InputError, and nothing has
-        changed, if it comes from another kind of trainer or other settings).
+        """Restore what state_dict() returned, after checking all of it (saved.py, the rule's
+        read): InputError, and nothing has changed, if it comes from another kind of trainer,
+        other settings, another model or optimizer, or is incomplete.
 
         Several processes: a collective call; rank 0's sd is used, each process takes its share
         of the streams (any number of processes that divides them). A str (load's: rank 0 could
@@ -498,9 +506,16 @@ class TBPTT:
             B = sd["batch"]
             dims = None if B is None else self.rule.stream_dims(self, sd["state"], B)
             sd = dd.split_streams(sd, self.comm.rank, self.comm.world, 1 - self.tdim, dims)
-        restore = self.rule.read(self, sd)  # checks the rule's part, changing nothing
+        # everything is checked (saved.py) before anything is written: all or nothing
+        check_model_state(self.model, sd["model"])
+        try:
+            restore = self.rule.read(self, sd)  # checks the rule's part, changing nothing
+        except KeyError as exc:
+            raise InputError(f"the saved state is incomplete: it has no {exc}") from None
         settings = {"batch_first": self.batch_first, "reduction": self.reduction}
         check_saved(sd, settings, {"scheduler": self.scheduler, "scaler": self.scaler})
+        check_optimizer_state(self.optimizer, sd["optimizer"], sd.get("optimizer_class"))
+        check_counters(sd)
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         if self.scheduler is not None:
