@@ -275,3 +275,18 @@ def test_a_refused_load_changes_nothing(method: str, case: str) -> None:
         assert torch.equal(a, b)
     sa, sb = d.optimizer.state_dict(), twin.optimizer.state_dict()
     assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+
+
+@pytest.mark.parametrize("method", ["RTRL", "UORO"])
+def test_a_forward_state_without_its_contributions_is_refused_before_any_write(method) -> None:
+    """RTRL's and UORO's saved part without the contributions since the last update is refused
+    before anything is written."""
+    sd = without(trainer(method).state_dict(), "pending")
+    d, twin = trainer(method), trainer(method)
+    with pytest.raises(
+        tbptt.InputError, match=r"the saved state is incomplete: it has no 'pending'"
+    ):
+        d.load_state_dict(sd)
+    for a, b in zip(d.model.parameters(), twin.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert (d.t, d.updates, len(d.rule.sum)) == (twin.t, twin.updates, len(twin.rule.sum))

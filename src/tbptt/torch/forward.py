@@ -328,6 +328,7 @@ class ForwardRule(Scheduled):
         refused state changes nothing); the restore."""
         self.check_schedule(sd)
         B, state, recurrent = sd["batch"], sd["state"], sd["recurrent"]
+        pending, pending_count = dict(sd["pending"]), float(sd["pending_count"])
         if recurrent is not None and not set(recurrent) <= set(shell.params):
             raise InputError(
                 f"the saved run's theta has parameters {recurrent}, this model {list(shell.params)}"
@@ -355,8 +356,8 @@ class ForwardRule(Scheduled):
         def restore() -> st.State | None:
             self.influence, self.recurrent, self.flat = influence, recurrent, None
             device = shell.device
-            self.sum = {k: v.to(device).clone() for k, v in sd["pending"].items()} if mine else {}
-            self.count = float(sd["pending_count"]) if mine else 0.0
+            self.sum = {k: v.to(device).clone() for k, v in pending.items()} if mine else {}
+            self.count = pending_count if mine else 0.0
             return None if state is None else st.to(state["h"], device)
 
         return restore
