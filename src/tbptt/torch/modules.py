@@ -174,6 +174,12 @@ class ElmanRNN(nn.Module):
         want = "(L, batch) integer ids" if ids else f"(L, batch, {self.m})"
         if x.dim() != (2 if ids else 3) or (not ids and x.shape[-1] != self.m):
             raise InputError(f"x must have shape {want}, got {tuple(x.shape)}")
+        if not ids and x.dtype != self.A.dtype:
+            got, name = (str(d).removeprefix("torch.") for d in (x.dtype, self.A.dtype))
+            raise InputError(
+                f"x is {got}, but this ElmanRNN's parameters are {name}: convert one of them "
+                f"(x.to(torch.{name}), or model.to(torch.{got})); the input is never cast"
+            )
         L, batch = x.shape[:2]
         if h is None:
             h = self.A.new_zeros(batch, self.n)
@@ -255,7 +261,8 @@ class Recurrent(nn.Module):
 
     Args:
         rnn: a module called as rnn(x, state) -> (output, new_state); nn.RNN, nn.GRU and nn.LSTM
-            (any layers, directions, proj_size, batch_first) are checked against their state shape.
+            (any layers, directions, proj_size, batch_first) are checked against their input
+            (its width and dtype: never cast) and their state shape.
         head: applied to the rnn's output (e.g. nn.Linear(hidden, p)); None means the identity.
 
     State None means zeros (the rnn's own default). nn.RNN and nn.GRU carry h, nn.LSTM (h, c), each
@@ -280,10 +287,30 @@ class Recurrent(nn.Module):
         return getattr(self.rnn, "batch_first", None)
 
     def forward(self, x: Tensor, state: object = None) -> tuple[Tensor, object]:
+        x = self._input(x)
         if state is not None and isinstance(self.rnn, nn.RNNBase):
             self._check_state(x, state)
         out, new_state = self.rnn(x, state)
         return (out if self.head is None else self.head(out)), new_state
+
+    def _input(self, x: Tensor) -> Tensor:
+        """What the rnn reads: the width and dtype checked (an nn.RNNBase's), never cast."""
+        rnn = self.rnn
+        if isinstance(rnn, nn.RNNBase) and x.is_floating_point():
+            if x.shape[-1] != rnn.input_size:
+                raise InputError(
+                    f"x has {x.shape[-1]} features per step, but the "
+                    f"{type(rnn).__name__} takes input_size={rnn.input_size}"
+                )
+            want = _dtype(rnn)
+            if want is not None and x.dtype != want:
+                got, name = str(x.dtype).removeprefix("torch."), str(want).removeprefix("torch.")
+                raise InputError(
+                    f"x is {got}, but the {type(rnn).__name__}'s parameters are {name}: "
+                    f"convert one of them (x.to(torch.{name}), or model.to(torch.{got})); the "
+                    "input is never cast"
+                )
+        return x
 
     def _check_state(self, x: Tensor, state: object) -> None:
         rnn = self.rnn
@@ -308,3 +335,8 @@ class Recurrent(nn.Module):
                     f"state must be a tensor of shape {want} for this {type(rnn).__name__}, "
                     f"got {got}"
                 )
+
+
+def _dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating parameter (None: it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
