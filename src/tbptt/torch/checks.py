@@ -174,17 +174,36 @@ def check_state0(
 
 @overload
 def check_chunk(
-    x: object, y: None, mask: object, reset: object, device: torch.device, batch_first: bool
+    x: object,
+    y: None,
+    mask: object,
+    reset: object,
+    device: torch.device,
+    batch_first: bool,
+    onehot: torch.dtype | None = None,
 ) -> tuple[Tensor, None, Tensor | None, Tensor | None, int]: ...
 @overload
 def check_chunk(
-    x: object, y: object, mask: object, reset: object, device: torch.device, batch_first: bool
+    x: object,
+    y: object,
+    mask: object,
+    reset: object,
+    device: torch.device,
+    batch_first: bool,
+    onehot: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]: ...
 def check_chunk(
-    x: object, y: object, mask: object, reset: object, device: torch.device, batch_first: bool
+    x: object,
+    y: object,
+    mask: object,
+    reset: object,
+    device: torch.device,
+    batch_first: bool,
+    onehot: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, int]:
     """x, y, mask, reset as tensors on the model's device (y None: None), and the chunk's batch
-    size.
+    size. A tbptt.OneHot x reaches the module as its ids, or as its one-hot rows of dtype
+    `onehot` when given (a module without an embedding: takes_ids False).
 
     A floating x of two axes is one stream, (L, m), as torch.nn.RNN reads unbatched input: it
     gets a batch axis of 1, and so do y, mask and reset. (Integer inputs of two axes are token
@@ -192,9 +211,13 @@ def check_chunk(
     beyond the call (TBPTT.feed).
     """
     lead_name = "(batch, L)" if batch_first else "(L, batch)"
+    dense = isinstance(x, OneHot) and onehot is not None
+    width = x.m if isinstance(x, OneHot) else 0
     if isinstance(x, OneHot):  # integer inputs reach the module as their ids (L, batch)
         x = x.ids
     x = _tensor(x, "x", device)
+    if dense:  # or as their one-hot rows (L, batch, m)
+        x = torch.nn.functional.one_hot(x.long(), width).to(onehot)
     y = None if y is None else _tensor(y, "y", device)
     mask = None if mask is None else _tensor(mask, "mask", device)
     reset = None if reset is None else _tensor(reset, "reset", device)

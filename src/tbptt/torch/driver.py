@@ -192,6 +192,9 @@ class TBPTT:
         self.state0 = check_state0(state0, self.params, self.device)
         self.starts = check_starts(model, self.state0)  # it takes the resets (SEMANTICS.md 10)
         self.batch_dim = getattr(model, "state_batch_dim", None)  # its states' stream axis
+        dtypes = [p.dtype for p in self.params.values() if p.is_floating_point()]
+        dense = dtypes and not getattr(model, "takes_ids", True)  # OneHot: one-hot rows
+        self.onehot = dtypes[0] if dense else None  # (a Recurrent without an embedding)
         # t: the steps computed so far, u_prev: the last update time (the schedule's phase),
         # skipped: the updates whose step float16 loss scaling (the GradScaler) skipped
         self.t = self.u_prev = self.updates = self.skipped = 0
@@ -246,7 +249,9 @@ class TBPTT:
             raise RuntimeError(
                 f"the stream was finished; create a new {rule.name} to train on another"
             )
-        x, y, mask, reset, batch = check_chunk(x, y, mask, reset, self.device, self.batch_first)
+        x, y, mask, reset, batch = check_chunk(
+            x, y, mask, reset, self.device, self.batch_first, self.onehot
+        )
         weights = None if mask is None else mask_total(mask, self.batch_first)  # (one sync)
         if self.batch is None:
             self.batch = batch
@@ -294,7 +299,9 @@ class TBPTT:
         zeros), restarting stream j from state0 where reset[t, j], as training does (6.1). No
         gradient, nothing kept; the stream being trained is not touched. Returns (output, state).
         """
-        x, _, _, reset, _ = check_chunk(x, None, None, reset, self.device, self.batch_first)
+        x, _, _, reset, _ = check_chunk(
+            x, None, None, reset, self.device, self.batch_first, self.onehot
+        )
         state = self.state0 if state is None else state
         with torch.no_grad():
             out, state = self.outputs(x, state, reset, stream=False)

@@ -257,25 +257,40 @@ class ElmanRNN(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """module(x, state) -> (head(rnn_out), new_state) for nn.RNN, nn.GRU, nn.LSTM and the like.
+    """module(x, state) -> (head(rnn(embedding(x), state).output), new_state) for nn.RNN, nn.GRU,
+    nn.LSTM and the like.
 
     Args:
         rnn: a module called as rnn(x, state) -> (output, new_state); nn.RNN, nn.GRU and nn.LSTM
             (any layers, directions, proj_size, batch_first) are checked against their input
             (its width and dtype: never cast) and their state shape.
         head: applied to the rnn's output (e.g. nn.Linear(hidden, p)); None means the identity.
+        embedding: an nn.Embedding(vocabulary, rnn input size): x is then integer ids (L, batch)
+            ((batch, L) when the rnn is batch_first), looked up before the rnn. Trained in place
+            like the rnn and the head. Without it, integer ids are refused, and a tbptt.OneHot
+            chunk is fed as its one-hot rows.
 
     State None means zeros (the rnn's own default). nn.RNN and nn.GRU carry h, nn.LSTM (h, c), each
     (layers * directions, batch, hidden), batch on axis 1 even when batch_first.
     """
 
-    def __init__(self, rnn: nn.Module, head: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        rnn: nn.Module,
+        head: nn.Module | None = None,
+        *,
+        embedding: nn.Embedding | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(rnn, nn.Module):
             raise InputError(f"rnn must be an nn.Module, got {type(rnn).__name__}")
         if head is not None and not isinstance(head, nn.Module):
             raise InputError(f"head must be an nn.Module or None, got {type(head).__name__}")
-        self.rnn, self.head = rnn, head
+        if embedding is not None and not isinstance(embedding, nn.Embedding):
+            raise InputError(
+                f"embedding must be an nn.Embedding or None, got {type(embedding).__name__}"
+            )
+        self.rnn, self.head, self.embedding = rnn, head, embedding
         if isinstance(rnn, nn.RNNBase):
             self.state_batch_dim = 1
         elif hasattr(rnn, "state_batch_dim"):
@@ -286,6 +301,12 @@ class Recurrent(nn.Module):
         """The rnn's layout when it declares one."""
         return getattr(self.rnn, "batch_first", None)
 
+    @property
+    def takes_ids(self) -> bool:
+        """Whether x is integer ids (with an embedding); the driver feeds a tbptt.OneHot chunk to
+        a Recurrent without one as its one-hot rows."""
+        return self.embedding is not None
+
     def forward(self, x: Tensor, state: object = None) -> tuple[Tensor, object]:
         x = self._input(x)
         if state is not None and isinstance(self.rnn, nn.RNNBase):
@@ -293,26 +314,49 @@ class Recurrent(nn.Module):
         out, new_state = self.rnn(x, state)
         return (out if self.head is None else self.head(out)), new_state
 
-    def _input(self, x: Tensor) -> Tensor:
-        """What the rnn reads: the width and dtype checked (an nn.RNNBase's), never cast."""
-        rnn = self.rnn
-        if isinstance(rnn, nn.RNNBase) and x.is_floating_point():
+    def _input(self, given: Tensor | OneHot) -> Tensor:
+        """What the rnn reads: ids looked up in the embedding; the width and dtype checked (an
+        nn.RNNBase's), never cast."""
+        rnn, emb = self.rnn, self.embedding
+        x = given if not isinstance(given, OneHot) else self._onehot(given)
+        if x.dtype in IDS:
+            if emb is None:
+                raise InputError(
+                    f"x holds integer ids ({str(x.dtype).removeprefix('torch.')}), but this "
+                    "Recurrent has no embedding to look them up: pass embedding=nn.Embedding("
+                    "vocabulary, input_size) to Recurrent (or feed floating inputs)"
+                )
+            if x.dim() != 2:
+                lead = "(batch, L)" if self.batch_first else "(L, batch)"
+                raise InputError(f"x must be integer ids of shape {lead}, got {tuple(x.shape)}")
+            x = emb(x)  # (L, batch, E) or (batch, L, E)
+        if isinstance(rnn, nn.RNNBase):
+            what = "the embedding's output" if emb is not None else "x"
             if x.shape[-1] != rnn.input_size:
                 raise InputError(
-                    f"x has {x.shape[-1]} features per step, but the "
+                    f"{what} has {x.shape[-1]} features per step, but the "
                     f"{type(rnn).__name__} takes input_size={rnn.input_size}"
                 )
             want = _dtype(rnn)
             if want is not None and x.dtype != want:
                 got, name = str(x.dtype).removeprefix("torch."), str(want).removeprefix("torch.")
                 raise InputError(
-                    f"x is {got}, but the {type(rnn).__name__}'s parameters are {name}: "
+                    f"{what} is {got}, but the {type(rnn).__name__}'s parameters are {name}: "
                     f"convert one of them (x.to(torch.{name}), or model.to(torch.{got})); the "
                     "input is never cast"
                 )
         return x
 
+    def _onehot(self, x: OneHot) -> Tensor:
+        """A OneHot given to the module itself: its ids for the embedding, else its one-hot rows
+        (what the driver feeds)."""
+        ids = torch.as_tensor(x.ids, device=next(self.parameters()).device)
+        if self.embedding is not None:
+            return ids
+        return F.one_hot(ids, x.m).to(_dtype(self.rnn) or torch.float32)
+
     def _check_state(self, x: Tensor, state: object) -> None:
+        """The state against the rnn and x, the input the rnn reads (embedded)."""
         rnn = self.rnn
         assert isinstance(rnn, nn.RNNBase)  # forward checks the state of an nn.RNNBase only
         batch = x.shape[0 if rnn.batch_first else 1] if x.dim() == 3 else None
