@@ -290,3 +290,32 @@ def test_a_forward_state_without_its_contributions_is_refused_before_any_write(m
     for a, b in zip(d.model.parameters(), twin.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert (d.t, d.updates, len(d.rule.sum)) == (twin.t, twin.updates, len(twin.rule.sum))
+
+
+# -- D3: one line naming the argument ------------------------------------------------------------
+@pytest.mark.parametrize("bad", [3, -1, -100])
+def test_a_class_out_of_range_names_y(bad: int) -> None:
+    """cross_entropy_loss with a class outside [0, p) (torch's ignored -100 included) at an
+    unmasked step: an InputError naming y, the class and the range."""
+    torch.manual_seed(0)
+    model = Recurrent(nn.GRU(3, 4), nn.Linear(4, 3)).to(DT)
+    d = TBPTT(model, tbptt.Truncation(2, 2), sgd(model), loss_fn=tbptt.torch.cross_entropy_loss)
+    y = torch.zeros(6, 2, dtype=torch.long)
+    y[4, 1] = bad
+    with pytest.raises(tbptt.InputError, match=rf"^y holds the class {bad}, expected 0 <= y < 3"):
+        d.feed(chunk()[0], y)
+
+
+def test_ids_out_of_range_name_x() -> None:
+    """Ids outside the inputs of an ElmanRNN, or the vocabulary of an embedding: an InputError
+    naming x, the id and the range."""
+    net = tbptt.torch.ElmanRNN(n=4, m=5, p=2, dtype=DT)
+    d = TBPTT(net, tbptt.Truncation(2, 2), sgd(net))
+    ids = torch.tensor([[0, 1], [2, 7], [4, 3]])
+    with pytest.raises(tbptt.InputError, match=r"^x holds the id 7, expected 0 <= id < m = 5"):
+        d.feed(ids, torch.zeros(3, 2, 2, dtype=DT))
+    torch.manual_seed(0)
+    model = Recurrent(nn.GRU(3, 4), nn.Linear(4, 2), embedding=nn.Embedding(5, 3)).to(DT)
+    d = TBPTT(model, tbptt.Truncation(2, 2), sgd(model))
+    with pytest.raises(tbptt.InputError, match=r"^x holds the id 7, expected 0 <= id < 5"):
+        d.feed(ids, torch.zeros(3, 2, 2, dtype=DT))

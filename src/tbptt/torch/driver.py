@@ -357,6 +357,8 @@ class TBPTT:
                     res = self.model(x, state, **kw)
                 else:
                     res = functional_call(self.model, params, (x, state), kw or None)
+        except InputError:  # the module's own check of its input (a TypeError too): as it is
+            raise
         except TypeError as exc:
             if first:
                 raise InputError(

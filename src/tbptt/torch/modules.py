@@ -47,6 +47,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 OUTPUTS = (*ACTIVATIONS, "softmax")
 FUSED = ("tanh", "relu")  # the f that torch's RNN kernel runs (nn.RNN's nonlinearity)
 IDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+NO_INDEX = -(2**63)  # cross_entropy_loss's ignore_index: no class is ignored (torch's is -100)
 
 
 def l2_loss(output: Tensor, y: Tensor) -> Tensor:
@@ -71,9 +72,20 @@ def cross_entropy_loss(logits: Tensor, y: Tensor) -> Tensor:
             f"y must hold integer class indices of shape {tuple(logits.shape[:-1])} (the logits' "
             f"shape without the class axis) for cross_entropy_loss, got {y.dtype} {tuple(lead)}"
         )
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
-    ).view(lead)
+    p = logits.shape[-1]
+    try:  # every class is read: no ignore_index (torch's -100) silently drops a step's loss;
+        # a masked step's class is set to 0 by the driver, whatever it was
+        losses = F.cross_entropy(
+            logits.reshape(-1, p), y.reshape(-1), reduction="none", ignore_index=NO_INDEX
+        )
+    except IndexError:  # torch's check of the classes
+        bad = y[(y < 0) | (y >= p)]
+        got = int(bad[0]) if bad.numel() else "a class"
+        raise InputError(
+            f"y holds the class {got}, expected 0 <= y < {p} (the logits' classes) for "
+            "cross_entropy_loss"
+        ) from None
+    return losses.view(lead)
 
 
 def kept_targets(y: Tensor, mask: Tensor | None) -> Tensor:
@@ -190,7 +202,7 @@ class ElmanRNN(nn.Module):
             H, h = self._fused(x, h)
         else:
             if ids:
-                Bx = F.embedding(x.long(), self.B.T)  # (L, batch, n): column ids_t of B, every t
+                Bx = columns(self.B, x)  # (L, batch, n): column ids_t of B, every t
                 if self.b is not None:
                     Bx = Bx + self.b
             else:
@@ -329,7 +341,7 @@ class Recurrent(nn.Module):
             if x.dim() != 2:
                 lead = "(batch, L)" if self.batch_first else "(L, batch)"
                 raise InputError(f"x must be integer ids of shape {lead}, got {tuple(x.shape)}")
-            x = emb(x)  # (L, batch, E) or (batch, L, E)
+            x = lookup(emb, x)  # (L, batch, E) or (batch, L, E)
         if isinstance(rnn, nn.RNNBase):
             what = "the embedding's output" if emb is not None else "x"
             if x.shape[-1] != rnn.input_size:
@@ -384,3 +396,28 @@ class Recurrent(nn.Module):
 def _dtype(module: nn.Module) -> torch.dtype | None:
     """The dtype of a module's first floating parameter (None: it has none)."""
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def lookup(embedding: nn.Embedding, ids: Tensor) -> Tensor:
+    """embedding(ids), an id out of range an InputError naming it (found after torch's check)."""
+    try:
+        return embedding(ids)
+    except IndexError:
+        n = embedding.num_embeddings
+        bad = ids[(ids < 0) | (ids >= n)]
+        got = int(bad[0]) if bad.numel() else "an id"
+        raise InputError(
+            f"x holds the id {got}, expected 0 <= id < {n} (the embedding's num_embeddings)"
+        ) from None
+
+
+def columns(B: Tensor, ids: Tensor) -> Tensor:
+    """B x_t for one-hot x_t given by its id: column ids_t of B (F.embedding of B^T); an id out of
+    range an InputError naming it (found after torch's check)."""
+    try:
+        return F.embedding(ids.long(), B.T)
+    except IndexError:
+        m = B.shape[1]
+        bad = ids[(ids < 0) | (ids >= m)]
+        got = int(bad[0]) if bad.numel() else "an id"
+        raise InputError(f"x holds the id {got}, expected 0 <= id < m = {m} (the inputs)") from None
