@@ -277,11 +277,12 @@ def test_online_batch_size_change_raises(first, second):
 
 
 def test_online_feed_after_finish_raises():
-    """Once finished, a trainer refuses more data."""
+    """Once finished, a trainer refuses more data: an InputError (not a RuntimeError) naming
+    feed after finish()."""
     trainer = TBPTT(MODEL, Truncation(2, 3), SGD())
     trainer.feed(X, Y)
     trainer.finish()
-    with pytest.raises(RuntimeError, match="finish"):
+    with pytest.raises(tbptt.InputError, match=r"^feed after finish\(\): the stream was finished"):
         trainer.feed(X, Y)
 
 

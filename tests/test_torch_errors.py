@@ -207,7 +207,7 @@ def test_bad_chunks() -> None:
         bad.feed(x, y)
     d.feed(x, y)
     d.finish()
-    with pytest.raises(RuntimeError, match="the stream was finished"):
+    with pytest.raises(tbptt.InputError, match=r"^feed after finish\(\): the stream was finished"):
         d.feed(x, y)
 
 
