@@ -139,8 +139,8 @@ class TBPTT:
         """
         if self.finished:
             raise InputError(
-                f"feed after finish(): the stream was finished; create a new {self.rule.name} to train on "
-                "another"
+                "feed after finish(): the stream was finished; create a new "
+                f"{self.rule.name} to train on another"
             )
         model = self.model
         data = check_chunk(model, self.loss, x, y, mask, reset)

@@ -247,8 +247,8 @@ class TBPTT:
         rule = self.rule
         if self.finished:
             raise InputError(
-                f"feed after finish(): the stream was finished; create a new {rule.name} to train on "
-                "another"
+                "feed after finish(): the stream was finished; create a new "
+                f"{rule.name} to train on another"
             )
         x, y, mask, reset, batch = check_chunk(
             x, y, mask, reset, self.device, self.batch_first, self.onehot
