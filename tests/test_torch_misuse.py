@@ -319,3 +319,101 @@ def test_ids_out_of_range_name_x() -> None:
     d = TBPTT(model, tbptt.Truncation(2, 2), sgd(model))
     with pytest.raises(tbptt.InputError, match=r"^x holds the id 7, expected 0 <= id < 5"):
         d.feed(ids, torch.zeros(3, 2, 2, dtype=DT))
+
+
+@pytest.mark.parametrize("method", FACTORIES)
+@pytest.mark.parametrize(("name", "value"), [("x", float("nan")), ("y", float("inf"))])
+def test_a_non_finite_input_is_named_not_a_non_finite_loss(method: str, name: str, value) -> None:
+    """A NaN or an infinity in x, or in y at a step that is not masked: an InputError naming the
+    argument, the value, its step and stream (not NonFiniteError's "the loss became non-finite"),
+    with every method; no update uses the steps from there on."""
+    model = gru()
+    d = FACTORIES[method](model, sgd(model))
+    x, y = chunk()
+    (x if name == "x" else y)[4, 1, 0] = value
+    with pytest.raises(
+        tbptt.InputError, match=rf"^{name} must be finite, got {value} at step 4, stream 1 of"
+    ) as info:
+        d.feed(x, y)
+    assert "the input, not the training" in str(info.value)
+    assert not isinstance(info.value, tbptt.NonFiniteError)
+    if method != "ARTBP":  # updates every 2 steps: those before step 4 (0-based) only
+        twin = gru()
+        FACTORIES[method](twin, sgd(twin)).feed(*(a[:4] for a in chunk()))
+        assert all(
+            torch.equal(a, p) for a, p in zip(twin.parameters(), model.parameters(), strict=True)
+        )
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_a_nan_in_a_streams_values_is_named_as_the_input(engine: str) -> None:
+    """A NaN in one sequence of a Streams, read as chunks and fed: an InputError naming x, on
+    both engines (numpy checks x when fed, torch once the loss is non-finite)."""
+    import numpy as np
+
+    from tbptt.streams import Streams, from_arrays
+
+    gen = np.random.default_rng(0)
+    xs = [gen.standard_normal((9, 3)) for _ in range(2)]
+    ys = [gen.standard_normal((9, 2)) for _ in range(2)]
+    xs[1][5, 2] = np.nan
+    s = Streams(from_arrays(xs, ys), 2)
+    if engine == "numpy":
+        d = tbptt.TBPTT(tbptt.ElmanRNN.init(n=4, m=3, p=2), tbptt.Truncation(2, 2), tbptt.SGD())
+    else:
+        model = gru()
+        d = TBPTT(model, tbptt.Truncation(2, 2), sgd(model))
+    with pytest.raises(tbptt.InputError, match=r"^x must be finite, got nan at"):
+        for i in range(s.chunks(3)):
+            x, y, mask, reset = s.chunk(i, 3)
+            if engine == "torch":
+                x, y = torch.from_numpy(x), torch.from_numpy(y)
+                mask = None if mask is None else torch.from_numpy(mask)
+                reset = None if reset is None else torch.from_numpy(reset)
+            d.feed(x, y, mask, reset)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_loss_of_the_wrong_shape_quotes_the_users_chunk(batch_first: bool) -> None:
+    """loss_fn returning another shape: the error quotes the chunk x as the user gave it, (6, 2, 3)
+    or (2, 6, 3) batch_first, beside the piece the driver called it on."""
+    model = gru(batch_first)
+    d = TBPTT(
+        model, tbptt.Truncation(2, 2), sgd(model), batch_first=batch_first,
+        loss_fn=lambda out, y: ((out - y) ** 2).sum(-1)[..., :1],
+    )  # fmt: skip
+    x, y = chunk()
+    if batch_first:
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+    shape, lead = (r"\(2, 6, 3\)", r"\(2, 6\)") if batch_first else (r"\(6, 2, 3\)", r"\(6, 2\)")
+    with pytest.raises(tbptt.InputError, match=rf"{lead} for the chunk x of shape {shape}"):
+        d.feed(x, y)
+
+
+def test_state0_of_another_batch_names_state0() -> None:
+    """state0 with another number of streams than the first chunk: an InputError naming state0,
+    for a Recurrent (its declared stream axis) and a module that declares none."""
+    model = gru()
+    d = TBPTT(model, tbptt.Truncation(2, 2), sgd(model), state0=torch.zeros(1, 3, 4, dtype=DT))
+    with pytest.raises(tbptt.InputError, match=r"^state0 has shape \(1, 3, 4\), but x has 2 str"):
+        d.feed(*chunk())
+
+    class Free(nn.Module):  # h (batch, 4), no state_batch_dim
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.GRUCell(3, 4, dtype=DT)
+            self.out = nn.Linear(4, 2, dtype=DT)
+
+        def forward(self, x, h):
+            outs = []
+            for t in range(x.shape[0]):
+                h = self.cell(x[t], h)
+                outs.append(self.out(h))
+            return torch.stack(outs), h
+
+    net = Free()
+    d = TBPTT(net, tbptt.Truncation(2, 2), sgd(net), state0=torch.zeros(5, 4, dtype=DT))
+    with pytest.raises(tbptt.InputError, match=r"^state0 has shape \(5, 4\), but x has 2 streams"):
+        d.feed(*chunk())
+    d = TBPTT(net, tbptt.Truncation(2, 2), sgd(net), state0=torch.zeros(2, 4, dtype=DT))
+    d.feed(*chunk())  # the right batch trains

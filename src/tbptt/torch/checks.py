@@ -172,6 +172,25 @@ def check_state0(
     return st.tree_map(lambda s: s.detach().to(device), state0)
 
 
+def check_state0_batch(state0: st.State | None, batch: int, declared: int | None) -> None:
+    """state0 holds one state per stream of the first chunk: `batch` along its stream axis (the
+    module's state_batch_dim, else some axis), or InputError naming state0."""
+    for k, t in enumerate(st.leaves(state0) if state0 is not None else []):
+        if declared is not None:
+            ok = -t.dim() <= declared < t.dim() and t.shape[declared] == batch
+            where = f"axis {declared} (the module's state_batch_dim)"
+        else:
+            ok = batch in t.shape
+            where = "one axis"
+        if not ok:
+            n = len(st.leaves(state0))
+            which = "state0" if n == 1 else f"state0's tensor {k} of {n}"
+            raise InputError(
+                f"{which} has shape {tuple(t.shape)}, but x has {batch} streams (batch): state0 "
+                f"must hold one state per stream, {batch} along {where}"
+            )
+
+
 @overload
 def check_chunk(
     x: object,
@@ -264,6 +283,26 @@ def mask_total(mask: Tensor, batch_first: bool) -> float:
     )
 
 
+def nonfinite_input(x: Tensor, y: Tensor, mask: Tensor | None, tdim: int) -> str | None:
+    """Where x, or y at a step that is not masked, holds a NaN or an infinity: a line naming the
+    argument, the value and its step and stream in the chunk (None: both finite). Looked at only
+    once a loss is non-finite, so a finite chunk costs nothing."""
+    for name, a in (("x", x), ("y", y)):
+        if not a.is_floating_point():
+            continue
+        bad = ~torch.isfinite(a)
+        if name == "y" and mask is not None:  # a masked target is never read (B5)
+            bad &= (mask > 0).view(*mask.shape, *(1,) * (a.dim() - mask.dim()))
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+            t, j = (idx[1], idx[0]) if tdim else (idx[0], idx[1])
+            return (
+                f"{name} must be finite, got {a[idx].item()} at step {t}, stream {j} of the chunk "
+                f"(index {idx}): the input, not the training, made the loss non-finite"
+            )
+    return None
+
+
 def _tensor(a: object, name: str, device: torch.device) -> Tensor:
     try:
         return torch.as_tensor(a).detach().to(device)
@@ -289,14 +328,28 @@ def check_result(res: object, x: Tensor) -> tuple[Tensor, st.State]:
     return out, new
 
 
-def check_losses(losses: object, x: Tensor) -> Tensor:
+def check_losses(
+    losses: object, x: Tensor, chunk: tuple[int, ...] | None = None, tdim: int = 0
+) -> Tensor:
     """loss_fn's result: floating per-step, per-stream losses shaped like x's first two axes,
-    attached to the graph when gradients are being recorded."""
+    attached to the graph when gradients are being recorded. x: the piece the loss was called
+    on; chunk: the shape of the caller's chunk it is part of (the error quotes both), tdim: the
+    time axis."""
     want = tuple(x.shape[:2])
     if not isinstance(losses, Tensor) or tuple(losses.shape) != want:
         got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        lead = "(batch, L)" if tdim else "(L, batch)"
+        where = f"{want}"
+        if chunk is not None and tuple(chunk[:2]) != want:
+            where = (
+                f"{tuple(chunk[:2])} for the chunk x of shape {chunk}; the driver calls it on "
+                f"pieces of the chunk, here {x.shape[tdim]} of its {chunk[tdim]} steps: {want}"
+            )
+        elif chunk is not None:
+            where = f"{want} for the chunk x of shape {chunk}"
         raise InputError(
-            f"loss_fn must return per-step, per-stream losses of shape {want}, got {got}"
+            f"loss_fn must return per-step, per-stream losses shaped like x's first two axes "
+            f"{lead}, {where}; got {got}"
         )
     if not losses.is_floating_point():
         raise InputError(f"loss_fn must return floating-point losses, got dtype {losses.dtype}")

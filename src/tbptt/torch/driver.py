@@ -55,7 +55,9 @@ from .checks import (
     check_signature,
     check_starts,
     check_state0,
+    check_state0_batch,
     mask_total,
+    nonfinite_input,
 )
 from .modules import kept_targets, l2_loss, masked
 from .rule import Rule, Shell
@@ -199,6 +201,8 @@ class TBPTT:
         # skipped: the updates whose step float16 loss scaling (the GradScaler) skipped
         self.t = self.u_prev = self.updates = self.skipped = 0
         self.batch: int | None = None  # streams, fixed by the first chunk
+        self.chunk: tuple[int, ...] | None = None  # the shape of the chunk x being fed
+        self._fed: tuple[Tensor, Tensor, Tensor | None] | None = None  # its x, y, mask
         self.finished, self.last_grad_norm = False, None
         self.carried: st.State | None = self.state0  # the carried state, attached to the last graph
         self._sig: object = None  # the state's structure and shapes, fixed by the first call
@@ -255,12 +259,25 @@ class TBPTT:
         )
         weights = None if mask is None else mask_total(mask, self.batch_first)  # (one sync)
         if self.batch is None:
+            check_state0_batch(self.state0, batch, self.batch_dim)
             self.batch = batch
         elif batch != self.batch:
             raise InputError(
                 f"x has {batch} streams (batch size), but this stream was started with "
                 f"{self.batch}; the streams of a batch go on together, so the size cannot change"
             )
+        try:
+            self.chunk, self._fed = tuple(x.shape), (x, y, mask)
+            return self._feed(x, y, mask, reset, weights)
+        finally:
+            self.chunk = self._fed = None
+
+    def _feed(
+        self, x: Tensor, y: Tensor, mask: Tensor | None, reset: Tensor | None, weights: float | None
+    ) -> float:
+        """feed's pieces and updates, on a checked chunk (weights: the mask's total)."""
+        rule = self.rule
+        assert self.batch is not None  # fixed by feed
         T = x.shape[self.tdim]
         count = float(T * self.batch) if weights is None else weights
         self._chunk_total, self._chunk_count, self._chunk_local = 0.0, count, count
@@ -339,7 +356,7 @@ class TBPTT:
         out, state = self.outputs(x, state, reset, params)
         with self._autocast():
             losses = self.loss_fn(out, kept_targets(y, mask))
-        return masked(check_losses(losses, x), mask), state
+        return masked(check_losses(losses, x, self.chunk, self.tdim), mask), state
 
     def _autocast(self):
         dtype = self.amp_dtype
@@ -439,6 +456,12 @@ class TBPTT:
                     f"steps {first}..{self.t} are {value}; no checkpoint holds these values",
                     self.u_prev,
                     self.updates,
+                )
+            bad = None if self._fed is None or here else nonfinite_input(*self._fed, self.tdim)
+            if bad is not None:  # the input, not the training: say so
+                raise InputError(
+                    f"{bad}; the losses of steps {first}..{self.t} are {value}; {what}; updates "
+                    f"so far: {self.updates}"
                 )
             raise NonFiniteError(
                 f"the loss became non-finite ({value}) in steps {first}..{self.t}; {what}; the "

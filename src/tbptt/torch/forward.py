@@ -226,7 +226,10 @@ class ForwardRule(Scheduled):
         v = self.flat.flat(state).detach()  # (batch, n) h_{t-1}
         leaf = v.clone().requires_grad_()
         out, new = shell.call(x, self.flat.unflat(leaf))
-        losses = masked(check_losses(shell.loss_fn(out, kept_targets(y, mask)), x), mask)  # l_t
+        losses = masked(
+            check_losses(shell.loss_fn(out, kept_targets(y, mask)), x, shell.chunk, shell.tdim),
+            mask,
+        )  # l_t
         params = list(shell.params.values())
         if self.influence is None:
             self._start(shell, new, params)
