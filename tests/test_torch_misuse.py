@@ -277,6 +277,24 @@ def test_a_refused_load_changes_nothing(method: str, case: str) -> None:
     assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
 
 
+@pytest.mark.parametrize("case", ["hidden size", "cell", "Adam"])
+def test_a_refused_load_from_a_file_changes_nothing(case: str, tmp_path) -> None:
+    """driver.load(path) of a file saved by another trainer (another hidden size, cell or
+    optimizer) is refused in one line before anything is written, as load_state_dict is."""
+    other = {"hidden size": {"hidden": 5}, "cell": {"cell": nn.LSTM}}.get(case, {})
+    if case == "Adam":
+        other = {"optim": torch.optim.Adam}
+    trainer("TBPTT", **other).save(tmp_path / "other.pt")
+    d, twin = trainer("TBPTT"), trainer("TBPTT")
+    with pytest.raises(tbptt.InputError, match=REFUSED[case][1]) as e:
+        d.load(tmp_path / "other.pt")
+    assert "\n" not in str(e.value)
+    assert (d.t, d.updates) == (twin.t, twin.updates)
+    for a, b in zip(d.model.parameters(), twin.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert d.optimizer.state_dict()["state"].keys() == twin.optimizer.state_dict()["state"].keys()
+
+
 @pytest.mark.parametrize("method", ["RTRL", "UORO"])
 def test_a_forward_state_without_its_contributions_is_refused_before_any_write(method) -> None:
     """RTRL's and UORO's saved part without the contributions since the last update is refused
