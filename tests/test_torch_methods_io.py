@@ -191,9 +191,8 @@ def test_load_refuses_another_method_other_settings_and_damage(tmp_path) -> None
         (make("artbp-callable"), "artbp.pt", "the saved run had c=0.3, this driver 'callable'"),
         (make("rtrl"), "uoro.pt", "state must be a 'tbptt.torch.RTRL/1' dict"),
     ]
-    other = make_trainer(
-        "uoro", make("uoro").model, torch.optim.SGD([torch.zeros(1)]), k1=3, eps=1e-3
-    )
+    model = make("uoro").model
+    other = make_trainer("uoro", model, torch.optim.SGD(model.parameters()), k1=3, eps=1e-3)
     cases.append((other, "uoro.pt", "the saved run had eps=1e-07, this driver 0.001"))
     (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 not a zip")
     cases.append((make("uoro"), "bad.pt", "damaged"))

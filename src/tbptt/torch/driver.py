@@ -47,17 +47,28 @@ from .checks import (
     check_arguments,
     check_autocast,
     check_chunk,
-    check_format,
     check_hooks,
+    check_linked,
     check_losses,
+    check_optimizer,
     check_result,
-    check_saved,
     check_signature,
     check_starts,
     check_state0,
+    check_state0_batch,
+    mask_total,
+    nonfinite_input,
 )
-from .modules import l2_loss
+from .modules import kept_targets, l2_loss, masked
 from .rule import Rule, Shell
+from .saved import (
+    check_counters,
+    check_format,
+    check_model_state,
+    check_optimizer_state,
+    check_saved,
+    optimizer_kind,
+)
 from .tbptt import TruncationRule
 
 Tensor = torch.Tensor
@@ -214,6 +225,7 @@ class TBPTT:
         }
         if not self.params:
             raise InputError("model has no parameters that require grad: nothing to train")
+        check_optimizer(optimizer, self.params)
         rule = TruncationRule(truncation) if isinstance(truncation, Truncation) else truncation
         self.model, self.rule, self.optimizer = model, rule, optimizer
         self.loss_fn, self.clip, self.scheduler = loss_fn, clip, scheduler
@@ -227,13 +239,19 @@ class TBPTT:
         self.state0 = check_state0(state0, self.params, self.device)
         self.starts = check_starts(model, self.state0)  # it takes the resets (SEMANTICS.md 10)
         self.batch_dim = getattr(model, "state_batch_dim", None)  # its states' stream axis
+        dtypes = [p.dtype for p in self.params.values() if p.is_floating_point()]
+        dense = dtypes and not getattr(model, "takes_ids", True)  # OneHot: one-hot rows
+        self.onehot = dtypes[0] if dense else None  # (a Recurrent without an embedding)
         # t: the steps computed so far, u_prev: the last update time (the schedule's phase),
         # skipped: the updates whose step float16 loss scaling (the GradScaler) skipped
         self.t = self.u_prev = self.updates = self.skipped = 0
         self.batch: int | None = None  # streams, fixed by the first chunk
+        self.chunk: tuple[int, ...] | None = None  # the shape of the chunk x being fed
+        self._fed: tuple[Tensor, Tensor, Tensor | None] | None = None  # its x, y, mask
         self.finished, self.last_grad_norm = False, None
         self.carried: st.State | None = self.state0  # the carried state, attached to the last graph
         self._sig: object = None  # the state's structure and shapes, fixed by the first call
+        self._linked = False  # the module's state was seen to depend on the state given (once)
         self._pending: list[Tensor] = []  # loss sums not yet checked for finiteness
         self._pending_from = 1
         self._chunk_total = self._chunk_count = self._chunk_local = 0.0
@@ -277,19 +295,36 @@ class TBPTT:
         """
         rule = self.rule
         if self.finished:
-            raise RuntimeError(
-                f"the stream was finished; create a new {rule.name} to train on another"
+            raise InputError(
+                "feed after finish(): the stream was finished; create a new "
+                f"{rule.name} to train on another"
             )
-        x, y, mask, reset, batch = check_chunk(x, y, mask, reset, self.device, self.batch_first)
+        x, y, mask, reset, batch = check_chunk(
+            x, y, mask, reset, self.device, self.batch_first, self.onehot
+        )
+        weights = None if mask is None else mask_total(mask, self.batch_first)  # (one sync)
         if self.batch is None:
+            check_state0_batch(self.state0, batch, self.batch_dim)
             self.batch = batch
         elif batch != self.batch:
             raise InputError(
                 f"x has {batch} streams (batch size), but this stream was started with "
                 f"{self.batch}; the streams of a batch go on together, so the size cannot change"
             )
+        try:
+            self.chunk, self._fed = tuple(x.shape), (x, y, mask)
+            return self._feed(x, y, mask, reset, weights)
+        finally:
+            self.chunk = self._fed = None
+
+    def _feed(
+        self, x: Tensor, y: Tensor, mask: Tensor | None, reset: Tensor | None, weights: float | None
+    ) -> float:
+        """feed's pieces and updates, on a checked chunk (weights: the mask's total)."""
+        rule = self.rule
+        assert self.batch is not None  # fixed by feed
         T = x.shape[self.tdim]
-        count = float(T * self.batch) if mask is None else float(mask.sum())
+        count = float(T * self.batch) if weights is None else weights
         self._chunk_total, self._chunk_count, self._chunk_local = 0.0, count, count
         start = 0
         while start < T:  # pieces end where the rule says; chunk ends are free
@@ -327,7 +362,9 @@ class TBPTT:
         zeros), restarting stream j from state0 where reset[t, j], as training does (6.1). No
         gradient, nothing kept; the stream being trained is not touched. Returns (output, state).
         """
-        x, _, _, reset, _ = check_chunk(x, None, None, reset, self.device, self.batch_first)
+        x, _, _, reset, _ = check_chunk(
+            x, None, None, reset, self.device, self.batch_first, self.onehot
+        )
         state = self.state0 if state is None else state
         with torch.no_grad():
             out, state = self.outputs(x, state, reset, stream=False)
@@ -352,6 +389,9 @@ class TBPTT:
     ) -> tuple[Tensor, st.State]:
         """A piece from `state`: its masked losses l_t (L, batch) and the state after it; with
         checkpoint, as a torch.utils.checkpoint (recomputed during backward)."""
+        if not self._linked and state is not None and torch.is_grad_enabled():
+            if not any(t.requires_grad for t in st.leaves(state)):  # once: a leaf copy, for the
+                state = st.as_leaf(state)  # check of the state returned (call), the same values
         args = (x, y, mask, reset, state, params)
         if checkpoint:
             return torch_checkpoint(self._losses, *args, use_reentrant=False)
@@ -360,11 +400,8 @@ class TBPTT:
     def _losses(self, x, y, mask, reset, state, params) -> tuple[Tensor, st.State]:
         out, state = self.outputs(x, state, reset, params)
         with self._autocast():
-            losses = self.loss_fn(out, y)
-        losses = check_losses(losses, x)
-        if mask is not None:
-            losses = losses * mask.to(losses.dtype)
-        return losses, state
+            losses = self.loss_fn(out, kept_targets(y, mask))
+        return masked(check_losses(losses, x, self.chunk, self.tdim), mask), state
 
     def _autocast(self):
         dtype = self.amp_dtype
@@ -383,6 +420,8 @@ class TBPTT:
                     res = self.model(x, state, **kw)
                 else:
                     res = functional_call(self.model, params, (x, state), kw or None)
+        except InputError:  # the module's own check of its input (a TypeError too): as it is
+            raise
         except TypeError as exc:
             if first:
                 raise InputError(
@@ -393,6 +432,8 @@ class TBPTT:
         out, new = check_result(res, x)
         if stream and self.batch in (None, x.shape[1 - self.tdim]):
             self._sig = check_signature(new, self._sig, self.state0)
+            if not self._linked and torch.is_grad_enabled() and state is not None:
+                self._linked = check_linked(self.model, state, new)
         return out, new
 
     def stream_dims(self, state: st.State | None, batch: int) -> list[int] | None:
@@ -461,6 +502,12 @@ class TBPTT:
                     self.u_prev,
                     self.updates,
                 )
+            bad = None if self._fed is None or here else nonfinite_input(*self._fed, self.tdim)
+            if bad is not None:  # the input, not the training: say so
+                raise InputError(
+                    f"{bad}; the losses of steps {first}..{self.t} are {value}; {what}; updates "
+                    f"so far: {self.updates}"
+                )
             raise NonFiniteError(
                 f"the loss became non-finite ({value}) in steps {first}..{self.t}; {what}; the "
                 f"parameters are untouched (updates so far: {self.updates})",
@@ -506,6 +553,7 @@ class TBPTT:
             "finished": self.finished,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": optimizer_kind(self.optimizer),
             "scheduler": None if sched is None else sched.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": torch.get_rng_state(),
@@ -518,8 +566,9 @@ class TBPTT:
         return self.comm.gather_streams(sd, axis=1 - self.tdim, dims=dims)
 
     def load_state_dict(self, sd: dict | str | None) -> None:
-        """Restore what state_dict() returned, after checking it (InputError, and nothing has
-        changed, if it comes from another kind of trainer or other settings).
+        """Restore what state_dict() returned, after checking all of it (saved.py, the rule's
+        read): InputError, and nothing has changed, if it comes from another kind of trainer,
+        other settings, another model or optimizer, or is incomplete.
 
         Several processes: a collective call; rank 0's sd is used, each process takes its share
         of the streams (any number of processes that divides them). A str (load's: rank 0 could
@@ -535,9 +584,16 @@ class TBPTT:
             B = sd["batch"]
             dims = None if B is None else self.rule.stream_dims(self, sd["state"], B)
             sd = dd.split_streams(sd, self.comm.rank, self.comm.world, 1 - self.tdim, dims)
-        restore = self.rule.read(self, sd)  # checks the rule's part, changing nothing
+        # everything is checked (saved.py) before anything is written: all or nothing
+        check_model_state(self.model, sd["model"])
+        try:
+            restore = self.rule.read(self, sd)  # checks the rule's part, changing nothing
+        except KeyError as exc:
+            raise InputError(f"the saved state is incomplete: it has no {exc}") from None
         settings = {"batch_first": self.batch_first, "reduction": self.reduction}
         check_saved(sd, settings, {"scheduler": self.scheduler, "scaler": self.scaler})
+        check_optimizer_state(self.optimizer, sd["optimizer"], sd.get("optimizer_class"))
+        check_counters(sd)
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         if self.scheduler is not None:

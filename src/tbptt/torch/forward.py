@@ -45,6 +45,7 @@ from ..errors import InputError
 from ..schedule import Truncation, Window
 from . import state as st
 from .checks import check_losses
+from .modules import kept_targets, masked
 from .tbptt import Scheduled
 
 if TYPE_CHECKING:
@@ -225,9 +226,10 @@ class ForwardRule(Scheduled):
         v = self.flat.flat(state).detach()  # (batch, n) h_{t-1}
         leaf = v.clone().requires_grad_()
         out, new = shell.call(x, self.flat.unflat(leaf))
-        losses = check_losses(shell.loss_fn(out, y), x)  # (1, batch) l_t
-        if mask is not None:
-            losses = losses * mask.to(losses.dtype)
+        losses = masked(
+            check_losses(shell.loss_fn(out, kept_targets(y, mask)), x, shell.chunk, shell.tdim),
+            mask,
+        )  # l_t
         params = list(shell.params.values())
         if self.influence is None:
             self._start(shell, new, params)
@@ -329,6 +331,7 @@ class ForwardRule(Scheduled):
         refused state changes nothing); the restore."""
         self.check_schedule(sd)
         B, state, recurrent = sd["batch"], sd["state"], sd["recurrent"]
+        pending, pending_count = dict(sd["pending"]), float(sd["pending_count"])
         if recurrent is not None and not set(recurrent) <= set(shell.params):
             raise InputError(
                 f"the saved run's theta has parameters {recurrent}, this model {list(shell.params)}"
@@ -356,8 +359,8 @@ class ForwardRule(Scheduled):
         def restore() -> st.State | None:
             self.influence, self.recurrent, self.flat = influence, recurrent, None
             device = shell.device
-            self.sum = {k: v.to(device).clone() for k, v in sd["pending"].items()} if mine else {}
-            self.count = float(sd["pending_count"]) if mine else 0.0
+            self.sum = {k: v.to(device).clone() for k, v in pending.items()} if mine else {}
+            self.count = pending_count if mine else 0.0
             return None if state is None else st.to(state["h"], device)
 
         return restore
