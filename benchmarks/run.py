@@ -37,6 +37,7 @@ GROUPS = {  # name: (module, what it measures)
     "lightning": ("lightning_overhead", "tbptt.lightning's time per update against the driver"),
     "rl": ("rl", "tbptt.torch.rl's rollout layouts against the per-step masked loop and the limit"),
     "scan": ("scan", "minGRU and LRU scans against their floors, nn.GRU and step loops"),
+    "gpu": ("gpu", "the torch engine on CUDA: driver, rollouts, scans, UORO, engines (or skipped)"),
     "avx2": (
         "avx2",
         "issue 17's batch-1, integer-input and torch-engine rows with AVX2-only settings",
@@ -105,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--groups",
+        "--group",
         default=",".join(GROUPS),
         help="comma-separated groups to run, from: " + ", ".join(GROUPS) + " (default: all)",
     )
