@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import bptt
 import rl
@@ -268,6 +268,8 @@ def run(
 
     torch.set_num_threads(threads)
     sizes = TINY if tiny or os.environ.get(TINY_ENV) == "1" else FULL
+    if quick and sizes is FULL:
+        sizes = replace(FULL, stream=td.STREAM // 2)  # as the torch group's --quick
     reps = reps or (3 if quick else 9)
     group.notes.append(
         f"{device_note(device)}; {reps} interleaved repetitions, {threads} CPU threads."
