@@ -73,21 +73,27 @@ def graph_bytes(forward) -> int:
     return sum(seen.values())
 
 
-def setting(cell: str, N: int, mean: int) -> tuple[dict, str]:
-    """The four cases' forwards (each returns the loss) for one setting, and what it holds."""
+def setting(
+    cell: str, N: int, mean: int, device: str = "cpu", steps: int = T, hidden: int = H
+) -> tuple[dict, str]:
+    """The four cases' forwards (each returns the loss) for one setting, and what it holds.
+
+    The module and the rollout are made on the CPU (the same values on every device), then moved
+    to `device`; the gpu group (gpu.py) passes its device, and its test fewer steps and units.
+    """
     import torch
     from torch import nn
 
     from tbptt.torch import rl
 
     torch.manual_seed(0)
-    rnn = getattr(nn, cell)(M, H)
-    head = nn.Linear(H, P)
+    rnn = getattr(nn, cell)(M, hidden).to(device)
+    head = nn.Linear(hidden, P).to(device)
     g = torch.Generator().manual_seed(N + mean)
-    x = torch.randn(T, N, M, generator=g)  # (T, N, m)
-    starts = torch.rand(T, N, generator=g) < 1.0 / mean  # (T, N)
-    W = torch.randn(T, N, P, generator=g)
-    z = torch.zeros(1, N, H)
+    x = torch.randn(steps, N, M, generator=g).to(device)  # (T, N, m)
+    starts = (torch.rand(steps, N, generator=g) < 1.0 / mean).to(device)  # (T, N)
+    W = torch.randn(steps, N, P, generator=g).to(device)
+    z = torch.zeros(1, N, hidden, device=device)
     state0 = (z, z.clone()) if cell == "LSTM" else z
     segs = rl.Segments(starts)
     states = rl.states(rnn, x, starts, state0, at=segs.stored)
