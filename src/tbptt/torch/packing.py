@@ -29,6 +29,8 @@ batch statistics), and a call over steps a..c equals a call over a..b followed b
 final state. The driver assumes the same when it splits a chunk at its resets; torch's nn.RNN,
 nn.GRU, nn.LSTM, tbptt.torch.ElmanRNN and Recurrent around them satisfy it. run(..., packed=False)
 keeps the batch of the collector instead: one call per step on all streams (the per-step path).
+A single-layer nn.GRU (bare or in Recurrent) is called through gru.py's gru_call: the same
+equations with a backward of its own, on the module's parameters.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 
 from ..errors import InputError
 from . import state as st
+from .gru import gru_call
 from .rounds import rounds
 
 Tensor = torch.Tensor
@@ -102,6 +105,7 @@ def run(
 
     Returns (out (T, N, ...) with its graph, final state with its graph).
     """
+    call = gru_call(call)  # a single-layer nn.GRU: its sequence with its own backward
     T, N = (x.shape[0], x.shape[1]) if time_dim == 0 else (x.shape[1], x.shape[0])
     s = np.zeros((T, N), bool) if starts is None else starts.detach().cpu().numpy()
     s = s if time_dim == 0 else s.T  # (T, N)
@@ -297,6 +301,7 @@ def execute(
     ends: every piece's final state, batch S (a padded piece's is not its own: need_end says
     which are read).
     """
+    call = gru_call(call)
     T, N = (x.shape[0], x.shape[1]) if time_dim == 0 else (x.shape[1], x.shape[0])
     xflat = x.reshape(T * N, *x.shape[2:])  # row t N + n (time-major) or n T + t
     S, G = pieces.env.size, int((pieces.prev < 0).sum())
