@@ -14,10 +14,10 @@ weight_hh_l0 (3H, H), x_t (B, m), h_t (B, H), biases zero when bias=False:
     (g.5)  h_t = (1 - z_t) n_t + z_t h_{t-1} = n_t + z_t (h_{t-1} - n_t)
 
 The forward saves r, z, n and gh_n of every step (r, z, gh_n in one (T, B, 3, H) buffer, r and z
-overwriting their pre-activations [gi_r + b_hr, gi_z + b_hz] + W_hh h in place). The backward walks the steps in reverse with
-dh_t = dy_t + (the gradient reaching h_t from step t + 1), dh_T adding the final state's gradient.
-Writing the step's gate-gradients as dh_t times coefficients that do not depend on dh (computed
-for all steps at once, before the walk):
+overwriting their pre-activations [gi_r + b_hr, gi_z + b_hz] + W_hh h in place). The backward
+walks the steps in reverse with dh_t = dy_t + (the gradient reaching h_t from step t + 1), dh_T
+adding the final state's gradient. The step's gate gradients are dh_t times coefficients that do
+not depend on dh:
 
     (g.6)  C_n = (1 - z) (1 - n^2),   C_r = C_n gh_n r (1 - r),
            C_z = (h_{t-1} - n) z (1 - z) = (h_t - n) (1 - z)          by (g.5)
