@@ -343,9 +343,13 @@ def execute(
         where += [p.ravel() for p in pos]  # output rows; a padded tail's go to row out[2]
     if out is None:
         return None, cur
-    y = torch.cat(rows) if len(rows) > 1 else rows[0]
-    full = y.new_zeros(out[2] + 1, *y.shape[1:])  # and a last row for the padded tails
-    return full.index_copy(0, as_index(np.concatenate(where), device), y)[: out[2]], cur
+    y = torch.cat(rows) if len(rows) > 1 else rows[0]  # (rows, ...)
+    dst = np.concatenate(where)
+    keep = np.flatnonzero(dst < out[2])  # not a padded tail's
+    if keep.size < dst.size:
+        y, dst = y.index_select(0, as_index(keep, device)), dst[keep]
+    # in place on new zeros: no copy of the (size, ...) tensor, and its backward only gathers
+    return y.new_zeros(out[2], *y.shape[1:]).index_copy_(0, as_index(dst, device), y), cur
 
 
 def as_index(a: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
