@@ -198,14 +198,15 @@ def gru_call(call: Call) -> Call:
     rnn = call.rnn if type(call) is Recurrent else call
     if type(rnn) is not nn.GRU or rnn.num_layers != 1 or rnn.bidirectional:
         return call
+    cell: nn.GRU = rnn
     module, head = cast(nn.Module, call), call.head if type(call) is Recurrent else None
 
     def fast(x: Tensor, state: Any) -> tuple[Tensor, Any]:
         if not (torch.is_grad_enabled() and x.dim() == 3 and x.shape[0] > 0) or _hooked(
-            module, rnn
+            module, cell
         ):
             return module(x, state)
-        y, h = gru(rnn, x, state)
+        y, h = gru(cell, x, state)
         return (y if head is None else head(y)), h
 
     return fast
