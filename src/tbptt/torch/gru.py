@@ -196,9 +196,11 @@ def gru_call(call: Call) -> Call:
     """call itself, or for an nn.GRU (bare or in Recurrent) that GRUSequence computes exactly, a
     function that uses it whenever autograd records and the module has no hooks."""
     rnn = call.rnn if type(call) is Recurrent else call
-    if type(rnn) is not nn.GRU or rnn.num_layers != 1 or rnn.bidirectional:
+    if not isinstance(rnn, nn.GRU) or type(rnn) is not nn.GRU:  # a subclass may change forward
         return call
-    cell: nn.GRU = rnn
+    if rnn.num_layers != 1 or rnn.bidirectional:
+        return call
+    cell = rnn
     module, head = cast(nn.Module, call), call.head if type(call) is Recurrent else None
 
     def fast(x: Tensor, state: Any) -> tuple[Tensor, Any]:
