@@ -126,6 +126,8 @@ def test_dispatch_only_where_it_is_exact() -> None:
     assert uses_sequence(nn.GRU(M, H).to(DT), x)
     assert uses_sequence(Recurrent(nn.GRU(M, H), nn.Linear(H, 2)).to(DT), x)
     assert not uses_sequence(nn.GRU(M, H).to(DT), x, grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_sequence(nn.GRU(M, H), x.float())
     assert not uses_sequence(nn.GRU(M, H, num_layers=2).to(DT), x)
     assert not uses_sequence(nn.LSTM(M, H).to(DT), x)
 

@@ -41,9 +41,9 @@ with X (T B, m), H_prev (T B, H) = [h_0, h_1, .., h_{T-1}] and dgi, dgh (T B, 3H
 
 gru_call(module) is how rl and packing call a module on a round: for an nn.GRU of exactly that
 class (or tbptt.torch.Recurrent around one) with one layer, one direction and no hooks, while
-autograd records, it runs GRUSequence on the module's own parameters (weight_ih_l0, ...), so
-their .grad is what nn.GRU's would be; anything else (no gradient: the fused kernel is faster
-then) calls the module itself.
+autograd records (and autocast is off), it runs GRUSequence on the module's own parameters
+(weight_ih_l0, ...), so their .grad is what nn.GRU's would be; anything else (no gradient: torch's
+own kernel is faster then) calls the module itself.
 """
 
 from __future__ import annotations
@@ -204,8 +204,10 @@ def gru_call(call: Call) -> Call:
     module, head = cast(nn.Module, call), call.head if type(call) is Recurrent else None
 
     def fast(x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        if not (torch.is_grad_enabled() and x.dim() == 3 and x.shape[0] > 0) or _hooked(
-            module, cell
+        if (
+            not (torch.is_grad_enabled() and x.dim() == 3 and x.shape[0] > 0)
+            or torch.is_autocast_enabled(x.device.type)  # nn.GRU's own casts apply
+            or _hooked(module, cell)
         ):
             return module(x, state)
         y, h = gru(cell, x, state)
