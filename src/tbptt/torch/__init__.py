@@ -20,8 +20,9 @@ the driver's arguments (schedule, reduction, restarts): presets.py. The unbiased
 truncation (SEMANTICS.md 8) on the same protocol, each a TBPTT holding its rule: ARTBP
 (artbp.py), UORO (uoro.py) and RTRL (rtrl.py, small modules; forward.py), all four by name in
 methods.py. Rollouts for recurrent reinforcement learning (SEMANTICS.md 9): rl.py, packed by
-packing.py. Linear recurrences as one scan per chunk, taking the resets themselves
-(SEMANTICS.md 10): MinGRU, LRU and linear_scan (scan.py), ScanLM (scan_lm.py).
+packing.py, a single-layer nn.GRU's rounds with a backward of their own (gru.py). Linear
+recurrences as one scan per chunk, taking the resets themselves (SEMANTICS.md 10): MinGRU, LRU
+and linear_scan (scan.py), ScanLM (scan_lm.py).
 """
 
 from . import methods, presets, rl
