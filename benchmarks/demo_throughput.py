@@ -19,8 +19,19 @@ stream: batch * steps / seconds. Data preparation is done before timing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-from common import Group, Row, compiled_loops, interleave, load, numba_off, set_blas_threads
+from common import (
+    Group,
+    Row,
+    Timings,
+    compiled_loops,
+    interleave,
+    load,
+    numba_off,
+    set_blas_threads,
+)
 
 import tbptt
 from tbptt.numpy import fast
@@ -88,6 +99,175 @@ def demo_chunks(cfg: dict, steps: int) -> tuple[list[tuple], int, str]:
         return chunks, V, f"random characters ({type(exc).__name__}: {exc})"
 
 
+@dataclass
+class Demo:
+    """The demo's model and its chunks, prepared before timing, as every case reads them."""
+
+    cfg: dict
+    chunks: list  # (x one-hot, y ids, reset) per k1 steps
+    V: int  # the vocabulary
+    trunc: tbptt.Truncation
+    model0: tbptt.ElmanRNN  # the initial model every case starts from
+    id_chunks: list  # the same chunks as tbptt.OneHot ids
+    tchunks: list  # the same chunks as torch tensors
+
+    @property
+    def tdtype(self):
+        import torch
+
+        return torch.float32 if np.dtype(self.cfg["dtype"]) == np.float32 else torch.float64
+
+
+def prepare(cfg: dict, chunks: list, V: int) -> Demo:
+    """The initial model, and the chunks as ids and as tensors too."""
+    import torch
+
+    model0 = tbptt.ElmanRNN.init(
+        n=cfg["hidden"],
+        m=V,
+        p=V,
+        bias=cfg["bias"],
+        f=cfg["activation"],
+        g="softmax",
+        dtype=np.dtype(cfg["dtype"]),
+        seed=0,
+    )
+    trunc = tbptt.Truncation(cfg["k1"], cfg["k2"], inject=cfg["inject"])
+    # integer inputs: the same chunks as ids (tbptt.OneHot), prepared before timing
+    id_chunks = [(tbptt.OneHot(x.argmax(-1), V), y, r) for x, y, r in chunks]
+    tchunks = [
+        (
+            torch.from_numpy(x),
+            torch.from_numpy(np.asarray(y, np.int64)),
+            None if r is None else torch.from_numpy(r),
+        )
+        for x, y, r in chunks
+    ]
+    return Demo(cfg, chunks, V, trunc, model0, id_chunks, tchunks)
+
+
+def numpy_case(d: Demo, ids: bool = False):
+    """tbptt.TBPTT on the demo's model, fed the one-hot chunks (or the ids); returns the model."""
+    cfg = d.cfg
+
+    def go():
+        t = tbptt.TBPTT(
+            d.model0.copy(), d.trunc, tbptt.Adam(lr=cfg["lr"]), loss="cross_entropy",
+            clip=cfg["clip"],
+        )  # fmt: skip
+        for x, y, reset in d.id_chunks if ids else d.chunks:
+            t.feed(x, y, reset=reset)
+        return t.model
+
+    return go
+
+
+def plain_torch_case(d: Demo):
+    """The word_language_model loop on nn.RNN + nn.Linear (module docstring)."""
+    import torch
+
+    cfg, V, n, tdtype = d.cfg, d.V, d.cfg["hidden"], d.tdtype
+
+    def go():
+        torch.manual_seed(0)
+        rnn = torch.nn.RNN(V, n, nonlinearity=cfg["activation"], bias=cfg["bias"], dtype=tdtype)
+        decoder = torch.nn.Linear(n, V, bias=cfg["bias"], dtype=tdtype)
+        params = list(rnn.parameters()) + list(decoder.parameters())
+        opt = torch.optim.Adam(params, lr=cfg["lr"])
+        criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+        hidden = None
+        for x, y, reset in d.tchunks:
+            if hidden is not None:
+                hidden = hidden.detach()  # repackage_hidden: no backprop into the last chunk
+                if reset is not None and bool(reset[0].any()):
+                    hidden = torch.where(reset[0][None, :, None], 0.0, hidden)
+            opt.zero_grad()
+            out, hidden = rnn(x, hidden)  # (k, batch, n)
+            loss = criterion(decoder(out).view(-1, V), y.view(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
+            opt.step()
+
+    return go
+
+
+def torch_engine_case(d: Demo):
+    """tbptt.torch.TBPTT on tbptt.torch.ElmanRNN, the same model (ImportError without it)."""
+    import torch
+
+    from tbptt.torch import TBPTT, ElmanRNN, cross_entropy_loss
+
+    def go():
+        net = ElmanRNN.from_numpy(d.model0)
+        t = TBPTT(
+            net,
+            d.trunc,
+            torch.optim.Adam(net.parameters(), lr=d.cfg["lr"]),
+            loss_fn=cross_entropy_loss,
+            clip=d.cfg["clip"],
+        )
+        for x, y, reset in d.tchunks:
+            t.feed(x, y, reset=reset)
+
+    return go
+
+
+def cases(d: Demo, group: Group) -> dict:
+    """The cases to time; a note in group when tbptt.torch is missing."""
+    out = {
+        "numpy engine": numpy_case(d),
+        "numpy engine, integer inputs": numpy_case(d, ids=True),
+        "plain torch": plain_torch_case(d),
+    }
+    if fast.compiled() is not None:  # the integer inputs' scatter-add without numba
+        out["numpy engine, integer inputs, numpy scatter"] = numba_off(numpy_case(d, ids=True))
+    try:
+        out["torch engine"] = torch_engine_case(d)
+    except ImportError as exc:
+        group.notes.append(f"tbptt.torch not measured: {exc}.")
+    return out
+
+
+def agreement(d: Demo) -> float:
+    """Largest relative difference of the parameters trained from ids and from one-hot rows."""
+    by_ids, by_rows = numpy_case(d, ids=True)(), numpy_case(d)()
+    return max(
+        float(np.abs(a - b).max() / np.abs(b).max())
+        for a, b in zip(by_ids.params.values(), by_rows.params.values(), strict=True)
+    )
+
+
+def ratio(
+    t: Timings, slow: str, fast_: str, name: str, target: float | None, sense: str = "", note=""
+) -> Row:
+    """slow / fast_ against `target` (None: no target), its per-repetition range in the note."""
+    r, (lo, hi) = t.ratio(slow, fast_), t.spread(slow, fast_)
+    met = None if target is None else (r >= target if sense == ">=" else r <= target)
+    shown = "" if target is None else f"{sense} {target}x"
+    return Row(name, r, "x", shown, met, f"per-repetition range {lo:.2f}-{hi:.2f}{note}")
+
+
+def rows(t: Timings, names: list[str], chars: int, same: float) -> list[Row]:
+    """Characters per second of every case, then the ratios."""
+    out = [
+        Row(f"{k}: characters per second", chars / t.median(k), "chars/s", "", None) for k in names
+    ]
+    for name in [k for k in names if k.startswith("numpy engine, integer")]:
+        label = f"numpy engine: one-hot products time / {name[14:]} time"
+        if name == "numpy engine, integer inputs":
+            note = f"; parameters after the run agree to {same:.1e} (relative)"
+            out.append(ratio(t, "numpy engine", name, label, ONEHOT_TARGET, ">=", note))
+        else:
+            out.append(ratio(t, "numpy engine", name, label, None))
+    if "torch engine" in names:
+        label = "torch engine (tbptt.torch.ElmanRNN under the driver) time / plain torch loop time"
+        out.append(ratio(t, "torch engine", "plain torch", label, TORCH_TARGET, "<="))
+    for name in ("numpy engine", "torch engine"):
+        if name in names:
+            out.append(ratio(t, "plain torch", name, f"plain torch loop time / {name} time", None))
+    return out
+
+
 def run(quick: bool, reps: int | None, threads: int) -> Group:
     import torch
 
@@ -100,142 +280,18 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
     reps = reps or (3 if quick else 15)
     steps = cfg["k1"] * (8 if quick else 24)
     chunks, V, data = demo_chunks(cfg, steps)
-    n, batch = cfg["hidden"], cfg["batch"]
-    dtype = np.dtype(cfg["dtype"])
-    tdtype = torch.float32 if dtype == np.float32 else torch.float64
-    trunc = tbptt.Truncation(cfg["k1"], cfg["k2"], inject=cfg["inject"])
+    d = prepare(cfg, chunks, V)
     group.notes.append(
-        f"Configuration ({source}): Elman {cfg['activation']}, hidden {n}, vocabulary {V}, "
-        f"batch {batch}, {trunc.describe()}, Adam lr {cfg['lr']}, clip {cfg['clip']}, "
-        f"{cfg['dtype']}, {demo_threads} thread(s) as the demo runs (numpy and torch alike); "
-        f"data: {data}; {steps} steps per timed run."
+        f"Configuration ({source}): Elman {cfg['activation']}, hidden {cfg['hidden']}, "
+        f"vocabulary {V}, batch {cfg['batch']}, {d.trunc.describe()}, Adam lr {cfg['lr']}, clip "
+        f"{cfg['clip']}, {cfg['dtype']}, {demo_threads} thread(s) as the demo runs (numpy and "
+        f"torch alike); data: {data}; {steps} steps per timed run."
     )
-    model0 = tbptt.ElmanRNN.init(
-        n=n, m=V, p=V, bias=cfg["bias"], f=cfg["activation"], g="softmax", dtype=dtype, seed=0
-    )
-
-    def numpy_engine(inputs=chunks):
-        d = tbptt.TBPTT(
-            model0.copy(), trunc, tbptt.Adam(lr=cfg["lr"]), loss="cross_entropy", clip=cfg["clip"]
-        )
-        for x, y, reset in inputs:
-            d.feed(x, y, reset=reset)
-        return d.model
-
-    # integer inputs: the same chunks as ids (tbptt.OneHot), prepared before timing
-    id_chunks = [(tbptt.OneHot(x.argmax(-1), V), y, r) for x, y, r in chunks]
-    same = max(
-        float(np.abs(a - b).max() / np.abs(b).max())
-        for a, b in zip(
-            numpy_engine(id_chunks).params.values(), numpy_engine().params.values(), strict=True
-        )
-    )
-
-    tchunks = [
-        (
-            torch.from_numpy(x),
-            torch.from_numpy(np.asarray(y, np.int64)),
-            None if r is None else torch.from_numpy(r),
-        )
-        for x, y, r in chunks
-    ]
-
-    def plain_torch():
-        torch.manual_seed(0)
-        rnn = torch.nn.RNN(V, n, nonlinearity=cfg["activation"], bias=cfg["bias"], dtype=tdtype)
-        decoder = torch.nn.Linear(n, V, bias=cfg["bias"], dtype=tdtype)
-        params = list(rnn.parameters()) + list(decoder.parameters())
-        opt = torch.optim.Adam(params, lr=cfg["lr"])
-        criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-        hidden = None
-        for x, y, reset in tchunks:
-            if hidden is not None:
-                hidden = hidden.detach()  # repackage_hidden: no backprop into the last chunk
-                if reset is not None and bool(reset[0].any()):
-                    hidden = torch.where(reset[0][None, :, None], 0.0, hidden)
-            opt.zero_grad()
-            out, hidden = rnn(x, hidden)  # (k, batch, n)
-            loss = criterion(decoder(out).view(-1, V), y.view(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
-            opt.step()
-
-    cases = {
-        "numpy engine": numpy_engine,
-        "numpy engine, integer inputs": lambda: numpy_engine(id_chunks),
-        "plain torch": plain_torch,
-    }
-    if fast.compiled() is not None:  # the integer inputs' scatter-add without numba
-        cases["numpy engine, integer inputs, numpy scatter"] = numba_off(
-            lambda: numpy_engine(id_chunks)
-        )
-    try:
-        from tbptt.torch import TBPTT, ElmanRNN, cross_entropy_loss
-
-        def torch_engine():
-            net = ElmanRNN.from_numpy(model0)
-            d = TBPTT(
-                net,
-                trunc,
-                torch.optim.Adam(net.parameters(), lr=cfg["lr"]),
-                loss_fn=cross_entropy_loss,
-                clip=cfg["clip"],
-            )
-            for x, y, reset in tchunks:
-                d.feed(x, y, reset=reset)
-
-        cases["torch engine"] = torch_engine
-    except ImportError as exc:
-        group.notes.append(f"tbptt.torch not measured: {exc}.")
-    t = interleave(cases, reps=reps)
+    same = agreement(d)
+    fns = cases(d, group)
+    t = interleave(fns, reps=reps)
     group.notes.append(f"{t.contention()}; {reps} repetitions; {compiled_loops()}.")
-    chars = batch * steps
-    for name in cases:
-        group.rows.append(
-            Row(f"{name}: characters per second", chars / t.median(name), "chars/s", "", None)
-        )
-    for name in [k for k in cases if k.startswith("numpy engine, integer")]:
-        r = t.ratio("numpy engine", name)
-        lo, hi = t.spread("numpy engine", name)
-        target = name == "numpy engine, integer inputs"
-        group.rows.append(
-            Row(
-                f"numpy engine: one-hot products time / {name[14:]} time",
-                r,
-                "x",
-                f">= {ONEHOT_TARGET}x" if target else "",
-                r >= ONEHOT_TARGET if target else None,
-                f"per-repetition range {lo:.2f}-{hi:.2f}"
-                + (f"; parameters after the run agree to {same:.1e} (relative)" if target else ""),
-            )
-        )
-    if "torch engine" in cases:
-        r = t.ratio("torch engine", "plain torch")
-        lo, hi = t.spread("torch engine", "plain torch")
-        group.rows.append(
-            Row(
-                "torch engine (tbptt.torch.ElmanRNN under the driver) time / plain torch loop time",
-                r,
-                "x",
-                f"<= {TORCH_TARGET}x",
-                r <= TORCH_TARGET,
-                f"per-repetition range {lo:.2f}-{hi:.2f}",
-            )
-        )
-    for name in ("numpy engine", "torch engine"):
-        if name in cases:
-            r = t.ratio("plain torch", name)
-            lo, hi = t.spread("plain torch", name)
-            group.rows.append(
-                Row(
-                    f"plain torch loop time / {name} time",
-                    r,
-                    "x",
-                    "",
-                    None,
-                    f"per-repetition range {lo:.2f}-{hi:.2f}",
-                )
-            )
+    group.rows += rows(t, list(fns), cfg["batch"] * steps, same)
     set_blas_threads(threads)
     torch.set_num_threads(threads)
     group.load_after = load()

@@ -29,44 +29,60 @@ from common import QUIET, Group, Row, load
 
 M, N, P, BATCH, K1, CHUNK = 32, 128, 32, 32, 32, 128
 TARGET = 1.10
+CASES = {"k2=k1": (K1, False), "k2=4k1": (4 * K1, False), "k2=k1 + logger, bar": (K1, True)}
 
 
-def run(quick: bool, reps: int | None, threads: int) -> Group:
-    group = Group("tbptt.lightning: time per update against the driver alone", load_before=load())
+def missing() -> str | None:
+    """Why the group cannot run (lightning or tbptt's parts not importable), or None."""
     try:
-        import lightning as L
-        import torch
-        from torch import nn
+        import lightning  # noqa: F401
+        import torch  # noqa: F401
 
-        import tbptt
-        from tbptt.lightning import TBPTTModule
-        from tbptt.streams import Streams, from_arrays
-        from tbptt.torch import TBPTT, Recurrent, l2_loss
-        from tbptt.torch.streams import StreamDataset, StreamLoader
+        import tbptt.lightning  # noqa: F401
+        import tbptt.streams  # noqa: F401
+        import tbptt.torch.streams  # noqa: F401
     except ImportError as exc:
-        group.skipped = f"lightning is not installed ({exc}): pip install 'tbptt[lightning]'"
-        group.load_after = load()
-        return group
-    import warnings
+        return f"lightning is not installed ({exc}): pip install 'tbptt[lightning]'"
+    return None
 
+
+def make_streams(chunks: int):
+    """One recording of random data, `chunks` chunks of CHUNK steps for each of BATCH streams."""
     import numpy as np
 
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(threads)
-    reps = reps or (3 if quick else 7)
-    chunks = 8 if quick else 16
+    from tbptt.streams import Streams, from_arrays
+
     rng = np.random.default_rng(0)
     T = chunks * CHUNK * BATCH
     xs = rng.standard_normal((T, M)).astype(np.float32)
     ys = rng.standard_normal((T, P)).astype(np.float32)
-    streams = Streams(from_arrays([xs], [ys]), BATCH, layout="split")  # one recording, 32 streams
+    return Streams(from_arrays([xs], [ys]), BATCH, layout="split")  # one recording, 32 streams
 
-    def loader():
-        return StreamLoader(StreamDataset(streams, CHUNK))
 
-    def network():
-        torch.manual_seed(0)
-        return Recurrent(nn.LSTM(M, N), nn.Linear(N, P))
+def loader(streams):
+    from tbptt.torch.streams import StreamDataset, StreamLoader
+
+    return StreamLoader(StreamDataset(streams, CHUNK))
+
+
+def network():
+    import torch
+    from torch import nn
+
+    from tbptt.torch import Recurrent
+
+    torch.manual_seed(0)
+    return Recurrent(nn.LSTM(M, N), nn.Linear(N, P))
+
+
+def classes(streams) -> tuple[type, type]:
+    """The TBPTTModule under test, and the callback timing it against the driver alone."""
+    import lightning as L
+    import torch
+
+    import tbptt
+    from tbptt.lightning import TBPTTModule
+    from tbptt.torch import TBPTT, l2_loss
 
     class Net(TBPTTModule):
         def __init__(self, k2: int):
@@ -86,7 +102,7 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
             net = network()
             self.ref = TBPTT(net, tbptt.Truncation(K1, k2), torch.optim.SGD(net.parameters(),
                              lr=1e-4), loss_fn=l2_loss)  # fmt: skip
-            self.batches = iter(loader())
+            self.batches = iter(loader(streams))
             self.light, self.alone, self.start, self.inside = [], [], None, 0.0
 
         def _close(self, now: float, i: int) -> None:
@@ -109,39 +125,53 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         def on_train_epoch_end(self, trainer, module) -> None:
             self._close(time.perf_counter(), 2)
 
-    def fit(k2: int, extras: bool = False) -> tuple[float, float]:
-        """One lockstep run: (Lightning seconds, driver seconds) over batches 1..chunks-1."""
-        clock = Lockstep(k2)
-        with tempfile.TemporaryDirectory() as tmp:
-            kw = dict(logger=False, enable_progress_bar=False)
-            if extras:
-                kw = dict(logger=L.pytorch.loggers.CSVLogger(tmp), enable_progress_bar=True)
-            trainer = L.Trainer(
-                accelerator="cpu", devices=1, max_epochs=1, enable_checkpointing=False,
-                enable_model_summary=False, default_root_dir=tmp, callbacks=[clock], **kw,
-            )  # fmt: skip
-            out, err = sys.stdout, sys.stderr
-            sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (the bar's output)
-            try:
-                trainer.fit(Net(k2), loader())
-            finally:
-                sys.stdout.close()
-                sys.stdout, sys.stderr = out, err
-        assert len(clock.light) == len(clock.alone) == chunks - 1
-        for a, b in zip(trainer.lightning_module.net.parameters(), clock.ref.model.parameters(),
-                        strict=True):  # fmt: skip
-            assert torch.equal(a, b), "Lightning and the driver alone trained differently"
-        return sum(clock.light), sum(clock.alone)
+    return Net, Lockstep
 
-    cases = {"k2=k1": (K1, False), "k2=4k1": (4 * K1, False), "k2=k1 + logger, bar": (K1, True)}
-    got: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
-    for k2, extras in cases.values():
-        fit(k2, extras)  # warm-up
+
+def fit(kinds, streams, chunks: int, k2: int, extras: bool = False) -> tuple[float, float]:
+    """One lockstep run: (Lightning seconds, driver seconds) over batches 1..chunks-1."""
+    import lightning as L
+    import torch
+
+    Net, Lockstep = kinds
+    clock = Lockstep(k2)
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = dict(logger=False, enable_progress_bar=False)
+        if extras:
+            kw = dict(logger=L.pytorch.loggers.CSVLogger(tmp), enable_progress_bar=True)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_epochs=1, enable_checkpointing=False,
+            enable_model_summary=False, default_root_dir=tmp, callbacks=[clock], **kw,
+        )  # fmt: skip
+        out, err = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115  (the bar's output)
+        try:
+            trainer.fit(Net(k2), loader(streams))
+        finally:
+            sys.stdout.close()
+            sys.stdout, sys.stderr = out, err
+    assert len(clock.light) == len(clock.alone) == chunks - 1
+    for a, b in zip(trainer.lightning_module.net.parameters(), clock.ref.model.parameters(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b), "Lightning and the driver alone trained differently"
+    return sum(clock.light), sum(clock.alone)
+
+
+def measure(kinds, streams, chunks: int, reps: int) -> dict[str, list[tuple[float, float]]]:
+    """Every case once as warm-up, then `reps` repetitions, each in a rotated order."""
+    got: dict[str, list[tuple[float, float]]] = {name: [] for name in CASES}
+    for k2, extras in CASES.values():
+        fit(kinds, streams, chunks, k2, extras)  # warm-up
     for r in range(reps):
-        names = list(cases)
+        names = list(CASES)
         for name in names[r % len(names) :] + names[: r % len(names)]:
             QUIET.wait()
-            got[name].append(fit(*cases[name]))
+            got[name].append(fit(kinds, streams, chunks, *CASES[name]))
+    return got
+
+
+def describe(got: dict, chunks: int, reps: int) -> str:
+    """The setting and the medians per update, for the notes."""
     updates = (chunks - 1) * CHUNK // K1
     per_update = {
         name: (
@@ -150,7 +180,7 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         )
         for name, v in got.items()
     }  # fmt: skip
-    group.notes.append(
+    return (
         f"Recurrent(nn.LSTM({M}, {N}), nn.Linear({N}, {P})), batch {BATCH}, k1={K1}, SGD, "
         f"{chunks} chunks of {CHUNK} steps; Lightning and the driver alone in lockstep on the same "
         f"batches (module docstring), {reps} repetitions of {updates} updates each; medians per "
@@ -161,12 +191,17 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
         )
         + ". Every run also checks that both trained the same parameters (torch.equal)."
     )
-    for name, (_, extras) in cases.items():
+
+
+def rows(got: dict) -> list[Row]:
+    """Each case's median ratio of Lightning's time to the driver's."""
+    out = []
+    for name, (_, extras) in CASES.items():
         ratios = [a / b for a, b in got[name]]
         r = statistics.median(ratios)
         label = f"{name}: Lightning time per update / driver alone"
         target = "" if extras else f"<= {TARGET}x"
-        group.rows.append(
+        out.append(
             Row(
                 label,
                 r,
@@ -176,5 +211,27 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
                 f"per-repetition range {min(ratios):.3f}-{max(ratios):.3f}",
             )  # fmt: skip
         )
+    return out
+
+
+def run(quick: bool, reps: int | None, threads: int) -> Group:
+    group = Group("tbptt.lightning: time per update against the driver alone", load_before=load())
+    why = missing()
+    if why is not None:
+        group.skipped = why
+        group.load_after = load()
+        return group
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    reps = reps or (3 if quick else 7)
+    chunks = 8 if quick else 16
+    streams = make_streams(chunks)
+    got = measure(classes(streams), streams, chunks, reps)
+    group.notes.append(describe(got, chunks, reps))
+    group.rows += rows(got)
     group.load_after = load()
     return group

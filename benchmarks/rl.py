@@ -13,6 +13,18 @@ case times one forward and backward of the same loss, sum(W * head(out)) with fi
     segs    Segments(starts).run(rnn, x, states) over all segments: layout 9(b), no length cap,
             no burn-in, the stored states from rl.states(..., at=segs.stored) (not timed)
 
+The driver with resets (issue 25, item 4): tbptt.torch.TBPTT(Recurrent(nn.LSTM(4, 64),
+Linear(64, 2)), Truncation(32, 32), SGD, reduction="mean") fed one chunk of T = 128 steps of N
+streams (8 and 64) with resets ~ Bernoulli(1 / 20), so one feed is four updates. Three drivers,
+side by side:
+
+    split     the module marked packable = False: the call before packing, split at every step
+              where some stream resets, all streams in every call (what the driver did before)
+    packed    the driver as it is: each stream cut at its resets, the pieces packed (call.py)
+    none      the same chunk fed without resets: one call per piece, the floor
+
+Target: packed faster than split (split / packed > 1) in both settings.
+
 Targets (issue 25): unroll and segs within 2.5x of the limit in every setting; at least 5x faster
 than the loop with 8 environments and 1.5x with 64. Memory: the bytes the autograd graph holds
 after the forward (the distinct storages of the tensors saved for backward, counted with
@@ -61,21 +73,27 @@ def graph_bytes(forward) -> int:
     return sum(seen.values())
 
 
-def setting(cell: str, N: int, mean: int) -> tuple[dict, str]:
-    """The four cases' forwards (each returns the loss) for one setting, and what it holds."""
+def setting(
+    cell: str, N: int, mean: int, device: str = "cpu", steps: int = T, hidden: int = H
+) -> tuple[dict, str]:
+    """The four cases' forwards (each returns the loss) for one setting, and what it holds.
+
+    The module and the rollout are made on the CPU (the same values on every device), then moved
+    to `device`; the gpu group (gpu.py) passes its device, and its test fewer steps and units.
+    """
     import torch
     from torch import nn
 
     from tbptt.torch import rl
 
     torch.manual_seed(0)
-    rnn = getattr(nn, cell)(M, H)
-    head = nn.Linear(H, P)
+    rnn = getattr(nn, cell)(M, hidden).to(device)
+    head = nn.Linear(hidden, P).to(device)
     g = torch.Generator().manual_seed(N + mean)
-    x = torch.randn(T, N, M, generator=g)  # (T, N, m)
-    starts = torch.rand(T, N, generator=g) < 1.0 / mean  # (T, N)
-    W = torch.randn(T, N, P, generator=g)
-    z = torch.zeros(1, N, H)
+    x = torch.randn(steps, N, M, generator=g).to(device)  # (T, N, m)
+    starts = (torch.rand(steps, N, generator=g) < 1.0 / mean).to(device)  # (T, N)
+    W = torch.randn(steps, N, P, generator=g).to(device)
+    z = torch.zeros(1, N, hidden, device=device)
     state0 = (z, z.clone()) if cell == "LSTM" else z
     segs = rl.Segments(starts)
     states = rl.states(rnn, x, starts, state0, at=segs.stored)
@@ -87,6 +105,36 @@ def setting(cell: str, N: int, mean: int) -> tuple[dict, str]:
         "segs": lambda: (Wb * head(segs.run(rnn, x, states))).sum(),
     }
     return forwards, f"{int(starts.sum())} starts, {len(segs)} segments"
+
+
+DRIVER_K, DRIVER_MEAN = 32, 20
+
+
+def driver_setting(N: int) -> tuple[dict, str]:
+    """The driver's three cases (each one feed of a 128-step chunk) for N streams."""
+    import torch
+    from torch import nn
+
+    import tbptt
+    from tbptt.torch import TBPTT, Recurrent
+
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(T, N, M, generator=g)  # (T, N, m)
+    y = torch.randn(T, N, P, generator=g)
+    reset = torch.rand(T, N, generator=g) < 1.0 / DRIVER_MEAN  # (T, N)
+    cases = {}
+    for name in ("split", "packed", "none"):
+        torch.manual_seed(0)
+        model = Recurrent(nn.LSTM(M, H), nn.Linear(H, P))
+        if name == "split":
+            model.packable = False  # call.py: the per-reset split, as before packing
+        trunc = tbptt.Truncation(DRIVER_K, DRIVER_K)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # the mean: stable over many feeds
+        driver = TBPTT(model, trunc, opt, reduction="mean")
+        r = None if name == "none" else reset
+        cases[name] = lambda d=driver, r=r: d.feed(x, y, reset=r)
+    rows = int(reset.any(1).sum())
+    return cases, f"{int(reset.sum())} resets on {rows} of {T} steps"
 
 
 def ratio_row(t, name: str, slow: str, fast: str, target: float, sense: str, note: str) -> Row:
@@ -134,6 +182,22 @@ def run(quick: bool, reps: int | None, threads: int) -> Group:
             ]
         group.notes.append(
             f"{label}: limit / loop {t.ratio('limit', 'loop'):.2f}; {t.contention()}"
+        )
+    for N in (8, 64):
+        cases, info = driver_setting(N)
+        try:
+            t = interleave(cases, reps=reps)
+        except Exception as exc:  # the code under test is moving: report, do not crash the suite
+            group.notes.append(f"driver N={N}: {type(exc).__name__}: {exc}")
+            continue
+        label = f"driver LSTM N={N} mean episode {DRIVER_MEAN}, TBPTT({DRIVER_K}, {DRIVER_K})"
+        note = f"{info}; medians split {fmt_ms(t.median('split'))}, packed "
+        note += f"{fmt_ms(t.median('packed'))}, no resets {fmt_ms(t.median('none'))}"
+        group.rows.append(
+            ratio_row(t, f"{label}: split / packed", "split", "packed", 1.0, ">=", note)
+        )
+        group.notes.append(
+            f"{label}: packed / no resets {t.ratio('packed', 'none'):.2f}; {t.contention()}"
         )
     group.load_after = load()
     return group

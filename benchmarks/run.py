@@ -37,6 +37,7 @@ GROUPS = {  # name: (module, what it measures)
     "lightning": ("lightning_overhead", "tbptt.lightning's time per update against the driver"),
     "rl": ("rl", "tbptt.torch.rl's rollout layouts against the per-step masked loop and the limit"),
     "scan": ("scan", "minGRU and LRU scans against their floors, nn.GRU and step loops"),
+    "gpu": ("gpu", "the torch engine on CUDA: driver, rollouts, scans, UORO, engines (or skipped)"),
     "avx2": (
         "avx2",
         "issue 17's batch-1, integer-input and torch-engine rows with AVX2-only settings",
@@ -89,6 +90,21 @@ The `avx2` group repeats issue 17's rows in a child process with every library h
 
 Targets are checked here and reported, never asserted in tests. The benchmarks live in
 `benchmarks/` (one file per group; `python benchmarks/run.py --help`).
+
+## The GPU group
+
+`python benchmarks/run.py --group gpu` measures the torch engine on a CUDA device
+(`benchmarks/gpu.py`, issue 28): the driver against the hand-written loops on nn.LSTM (k1 = k2,
+and the forum's snippet with k2 = 4 k1 > k1), rollouts packed by `tbptt.torch.rl` against the
+per-step masked loop, `tbptt.torch.MinGRU` and `LRU` against `nn.GRU`, UORO against a plain
+per-step loop, and the torch engine against the numpy engine at batch 64. It runs the CPU groups'
+cases with the device as a parameter, each case followed by `torch.cuda.synchronize()`, and is
+sized to finish within five minutes on a GPU. Its rows join the Results table with the CPU groups'
+targets beside them; the issues set none for a GPU. Without CUDA the group says it is skipping
+(so `make bench` here skips it). **No GPU figures exist yet**: no machine these figures came from
+has had a GPU. `TBPTT_BENCH_DEVICE=cpu` runs the group on the CPU anyway, and
+`TBPTT_BENCH_TINY=1` with tiny sizes, as its test does (tests/test_bench_gpu.py); those figures
+are not GPU figures.
 """
 
 
@@ -105,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--groups",
+        "--group",
         default=",".join(GROUPS),
         help="comma-separated groups to run, from: " + ", ".join(GROUPS) + " (default: all)",
     )

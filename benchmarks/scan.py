@@ -40,14 +40,21 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def cases(torch, F, layers) -> dict:
-    """The seven cases, each forward + backward of one chunk."""
+def cases(
+    torch, F, layers, device: str = "cpu", steps: int = T, batch: int = BATCH, width: int = H
+) -> dict:
+    """The seven cases, each forward + backward of one chunk.
+
+    The layers and the chunk are made on the CPU (the same values on every device), then moved
+    to `device`; the gpu group (gpu.py) passes its device, and its test smaller sizes.
+    """
     MinGRU, LRU = layers
+    T, H = steps, width
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(T, BATCH, H, generator=gen).requires_grad_()  # (T, batch, H)
-    gy = torch.randn(T, BATCH, H, generator=gen)  # the gradient a layer above passes down
+    x = torch.randn(T, batch, H, generator=gen).to(device).requires_grad_()  # (T, batch, H)
+    gy = torch.randn(T, batch, H, generator=gen).to(device)  # what a layer above passes down
     torch.manual_seed(0)
-    mingru, lru, gru = MinGRU(H, H), LRU(H, H), torch.nn.GRU(H, H)
+    mingru, lru, gru = (layer.to(device) for layer in (MinGRU(H, H), LRU(H, H), torch.nn.GRU(H, H)))
 
     def run(layer):
         return lambda: layer(x)[0].backward(gy)

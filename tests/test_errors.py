@@ -53,6 +53,7 @@ BAD_DATA = {
     "h0-strings": (dict(h0=np.full(n, "a")), TypeError, "h0"),
     "mask-shape": (dict(mask=np.ones(T + 1)), ValueError, "mask"),
     "mask-nan": (dict(mask=with_value(np.ones(T), (0,), np.nan)), ValueError, "mask"),
+    "mask-negative": (dict(mask=with_value(np.ones(T), (3,), -1.0)), ValueError, "mask"),
     "reset-shape": (dict(reset=np.zeros((T, 2), bool)), ValueError, "reset"),
     "reset-dtype": (dict(reset=np.zeros(T)), TypeError, "reset"),
     "loss-name": (dict(loss="mse"), ValueError, "loss"),
@@ -241,7 +242,9 @@ def test_bad_trainer_arguments(case):
         make()
 
 
-@pytest.mark.parametrize("case", ["x-features", "x-nan", "y-inf", "mask-shape", "reset-dtype"])
+@pytest.mark.parametrize(
+    "case", ["x-features", "x-nan", "y-inf", "mask-shape", "mask-negative", "reset-dtype"]
+)
 def test_online_feed_checks_data(case):
     """feed() validates each chunk like gradients() does."""
     kwargs, exc, arg = BAD_DATA[case]
@@ -274,11 +277,12 @@ def test_online_batch_size_change_raises(first, second):
 
 
 def test_online_feed_after_finish_raises():
-    """Once finished, a trainer refuses more data."""
+    """Once finished, a trainer refuses more data: an InputError (not a RuntimeError) naming
+    feed after finish()."""
     trainer = TBPTT(MODEL, Truncation(2, 3), SGD())
     trainer.feed(X, Y)
     trainer.finish()
-    with pytest.raises(RuntimeError, match="finish"):
+    with pytest.raises(tbptt.InputError, match=r"^feed after finish\(\): the stream was finished"):
         trainer.feed(X, Y)
 
 
@@ -411,3 +415,21 @@ def test_load_of_python_objects_never_suggests_allow_pickle(tmp_path):
     with pytest.raises(tbptt.InputError, match="objects") as info:
         TBPTT(MODEL.copy(), Truncation(2, 3), SGD()).load(path)
     assert str(path) in str(info.value) and "allow_pickle" not in str(info.value)
+
+
+def test_a_nan_target_at_a_masked_step_is_ignored():
+    """y NaN where the mask is 0 is accepted and ignored (the gradient of y = 0 there); NaN where
+    the mask is not 0 stays an error naming y."""
+    y = np.arange(T * p, dtype=np.float64).reshape(T, p) / 10
+    mask = np.array([1.0, 0.0, 1.0, 0.0, 1.0])
+    nan = y.copy()
+    nan[mask == 0] = np.nan
+    got = tbptt.gradients(MODEL, X + 0.5, nan, mask=mask)
+    want = tbptt.gradients(MODEL, X + 0.5, y, mask=mask)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-14)
+    trainer = TBPTT(MODEL, Truncation(2, 3), SGD())
+    trainer.feed(X + 0.5, nan, mask=mask)
+    nan[2, 1] = np.nan
+    with pytest.raises(ValueError, match=names("y")):
+        trainer.feed(X, nan, mask=mask)

@@ -68,3 +68,28 @@ def test_remove_stale_deletes_what_a_killed_writer_left(tmp_path):
         f"{TMP_PREFIX}state-1.npz-abc",
     ]
     assert os.listdir(tmp_path) == ["state-1.npz"]
+
+
+def test_a_missing_folder_names_the_path_given(tmp_path, monkeypatch):
+    """Writing into a folder that does not exist: an InputError naming the path as given (not the
+    temporary name), on both engines' save; nothing is created."""
+    import numpy as np
+    import torch
+
+    import tbptt
+    import tbptt.torch
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(tbptt.InputError, match=r"^path 'missing/a\.txt': its folder .*missing "):
+        atomic_write("missing/a.txt", b"x")
+    trainer = tbptt.TBPTT(tbptt.ElmanRNN.init(n=3, m=2, p=1), tbptt.Truncation(2, 2), tbptt.SGD())
+    trainer.feed(np.zeros((4, 2)), np.zeros((4, 1)))
+    with pytest.raises(tbptt.InputError, match=r"^path 'nowhere/ck\.npz': its folder") as err:
+        trainer.save("nowhere/ck.npz")
+    assert TMP_PREFIX not in str(err.value)
+    net = tbptt.torch.ElmanRNN(n=3, m=2, p=1)
+    d = tbptt.torch.TBPTT(net, tbptt.Truncation(2, 2), torch.optim.SGD(net.parameters(), lr=0.1))
+    with pytest.raises(tbptt.InputError, match=r"^path 'nowhere/ck\.pt': its folder") as err:
+        d.save("nowhere/ck.pt")
+    assert TMP_PREFIX not in str(err.value)
+    assert os.listdir(tmp_path) == []

@@ -4,6 +4,7 @@ schedulers, max_steps, logging, precision, and the driver's hooks in a plain Lig
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from tbptt.lightning import TBPTTModule  # noqa: E402
 from tbptt.streams import Streams, from_arrays  # noqa: E402
-from tbptt.torch import TBPTT, Recurrent, l2_loss  # noqa: E402
+from tbptt.torch import TBPTT, MinGRU, Recurrent, l2_loss  # noqa: E402
 from tbptt.torch.streams import StreamDataset, StreamLoader  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice on workers
@@ -348,3 +349,86 @@ def test_bad_settings_are_input_errors():
                 Net(tbptt.Truncation(2, 4)),
                 torch.utils.data.DataLoader([torch.zeros(3)], batch_size=None),
             )
+
+
+class ScanNet(TBPTTModule):
+    """A MinGRU and a linear head whose forward takes starts (SEMANTICS.md 10); counts its calls
+    and records the mask of each (None where the piece has no reset)."""
+
+    def __init__(self, trunc, **kw):
+        super().__init__(trunc, **kw)
+        torch.manual_seed(0)
+        self.net = ScanHead()
+        self.calls: list[tuple[int, torch.Tensor | None]] = []
+
+    def forward(self, x, state, *, starts=None):
+        self.calls.append((x.shape[0], None if starts is None else starts.clone()))
+        return self.net(x, state, starts=starts)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class ScanHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = MinGRU(2, 5, dtype=torch.float64), nn.Linear(5, 1).double()
+
+    def forward(self, x, state, starts=None):
+        h, state = self.rnn(x, state, starts=starts)
+        return self.head(h), state
+
+
+class SplitHead(nn.Module):
+    """The reference: the same layers without the keyword, not packable, so the driver splits
+    each call at the resets and restarts the state from zeros in between (call.py's split)."""
+
+    packable = False
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, state):
+        return self.inner(x, state)
+
+
+@pytest.mark.parametrize("k1, k2", [(4, 4), (2, 4)])  # chained; overlapping (recomputed windows)
+def test_a_module_taking_starts_gets_the_pieces_mask_once_per_piece(k1, k2):
+    """Under the Trainer, a module whose forward takes starts is called once per piece of the
+    schedule with the whole piece's reset mask (training and validation), as often as on the
+    same batches without resets; it trains as the per-reset split calls of the driver alone
+    (1e-12, float64)."""
+    trunc = tbptt.Truncation(k1, k2)
+    batches = list(loader())
+    assert sum(int(b[3] is not None and bool(b[3][1:].any())) for b in batches) >= 2
+    module = ScanNet(trunc)
+    ref = SplitHead(copy.deepcopy(module.net))
+    trainer(max_epochs=1).fit(module, loader(), val_dataloaders=loader(length=5))
+    n_val = len(list(loader(5)))
+    training, validation = module.calls[:-n_val], module.calls[-n_val:]
+
+    plain = ScanNet(trunc)  # the same batches without resets: the calls the schedule needs
+    driver = TBPTT(plain, trunc, torch.optim.SGD(plain.parameters(), lr=0.05))
+    for x, y, mask, _ in batches:
+        driver.feed(x, y, mask)
+    assert [n for n, _ in training] == [n for n, _ in plain.calls]
+    assert all(s is None for _, s in plain.calls)
+
+    def mask(n, s):  # None: no reset in the piece
+        return torch.zeros(n, 4, dtype=torch.bool) if s is None else s
+
+    val = list(loader(5))
+    assert [n for n, _ in validation] == [b[0].shape[0] for b in val]  # one call per batch
+    for (n, s), b in zip(validation, val, strict=True):
+        assert torch.equal(mask(n, s), mask(n, b[3]))
+    if k1 == k2 == 4:  # one piece per batch: each call's mask is the batch's reset
+        assert len(training) == len(batches)
+        for (n, s), b in zip(training, batches, strict=True):
+            assert torch.equal(mask(n, s), mask(n, b[3]))
+
+    alone = TBPTT(ref, trunc, torch.optim.SGD(ref.parameters(), lr=0.05))
+    for batch in batches:
+        alone.feed(*batch)
+    for (name, a), b in zip(module.net.named_parameters(), ref.inner.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)

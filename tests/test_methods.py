@@ -245,6 +245,82 @@ class WholeWindows:
         return int(state["u_prev"]), lambda: None
 
 
+class TorchWholeWindows:
+    """The same toy method as a rule of the torch shell (tbptt.torch.rule.Rule): pieces end every
+    k steps; each update runs the window's steps again from the state it started with, with the
+    live parameters, and backpropagates their losses in one backward() (what TBPTT(k, k) with
+    flush computes from its kept graphs). Uses only the shell's public view."""
+
+    name = "WholeWindows"
+    format = "test.TorchWholeWindows/1"
+
+    def __init__(self, *, k: int) -> None:
+        self.truncation = Truncation(k, k, flush=True)
+        self.pieces: list[tuple] = []  # (x, y, mask, reset) of the window's steps
+        self.start = None  # the state the window started from, detached
+
+    def bind(self, shell) -> None:
+        pass
+
+    def settings(self, shell) -> dict[str, int]:
+        return {"k": self.truncation.k1}
+
+    def boundary(self, shell) -> int:
+        return self.truncation.next_update(shell.t)
+
+    def run(self, shell, x, y, mask, reset):
+        import torch
+
+        if not self.pieces:
+            self.start = shell.state
+        self.pieces.append(tuple(v if v is None else v.clone() for v in (x, y, mask, reset)))
+        with torch.no_grad():
+            losses, state = shell.losses(x, y, mask, reset, shell.carried)
+        return losses.sum(dtype=torch.float64), state
+
+    def due(self, shell):
+        tr = self.truncation
+        return tr.window(shell.t, shell.u_prev) if tr.is_update(shell.t) else None
+
+    def final(self, shell):
+        return self.truncation.flush_window(shell.t)
+
+    def gradient(self, shell, w, mean: bool) -> float:
+        import torch
+
+        def cat(i: int):
+            parts = [p[i] for p in self.pieces]
+            return None if parts[0] is None else torch.cat(parts, dim=shell.tdim)
+
+        x, y, mask, reset = (cat(i) for i in range(4))
+        losses, _ = shell.losses(x, y, mask, reset, self.start)
+        shell.backward(losses.sum())
+        if not mean:
+            return 0.0
+        return float(mask.sum()) if mask is not None else float(losses.numel())
+
+    def after(self, shell, w) -> None:
+        if w is not None:
+            self.pieces, self.start = [], None
+
+    def release(self, shell, finished: bool) -> None:
+        if finished:
+            self.pieces, self.start = [], None
+
+    def state_dict(self, shell) -> dict:
+        return {"state": shell.state, "segments": [], "pieces": self.pieces, "start": self.start}
+
+    def stream_dims(self, shell, state, batch: int):
+        return shell.stream_dims(state, batch)
+
+    def read(self, shell, sd: dict):
+        def restore():
+            self.pieces, self.start = list(sd["pieces"]), sd["start"]
+            return sd["state"]
+
+        return restore
+
+
 @pytest.fixture
 def toy_method():
     """The toy method in the table for one test, then out of it."""
@@ -255,7 +331,7 @@ def toy_method():
             name="whole",
             summary="toy: exact gradients of disjoint windows of k steps",
             options=(Option(name="k", flag="--whole-k"),),
-            rules={"numpy": WholeWindows},
+            rules={"numpy": WholeWindows, "torch": TorchWholeWindows},
             memory=lambda n, m, p, o, T: float(o["k"] * (n + m + p)),
             flops=lambda n, m, p, o: 0.0,
         )
@@ -286,3 +362,52 @@ def test_a_toy_method_trains_through_the_extension_point(toy_method) -> None:
         make_trainer(toy_method, P.model.copy(), Adam(), c=0.1)
     assert Row(toy_method, {"k": 4}).label() == "whole(k=4)"
     assert memory(Row(toy_method, {"k": 4}), P.model, 23) == 4 * (P.model.n + P.model.m + 2)
+
+
+def test_a_toy_method_trains_with_the_torch_shell(toy_method) -> None:
+    """The same toy method, by name through tbptt.torch's make_trainer, trains any nn.Module with
+    the torch shell (resets and a mask included; the mean reduction; clipping; Adam) and equals
+    tbptt.torch.TBPTT(k, k) with flush, its independent reference (1e-12); saved mid-window and
+    loaded into a fresh trainer, it goes on as the uninterrupted run."""
+    torch = pytest.importorskip("torch")
+    from tbptt.torch.methods import make_trainer as torch_trainer
+
+    torch.manual_seed(0)
+    net = torch.nn.GRU(3, 5).double()
+    model = tbptt.torch.Recurrent(net, torch.nn.Linear(5, 2).double())
+    T, batch = 23, 4
+    x = torch.randn(T, batch, 3, dtype=torch.float64)
+    y = torch.randn(T, batch, 2, dtype=torch.float64)
+    mask = (torch.rand(T, batch) < 0.8).double()
+    reset = torch.rand(T, batch) < 0.1
+
+    def trainer(kind: str):
+        m = __import__("copy").deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=0.01)
+        if kind == "toy":
+            return torch_trainer(toy_method, m, opt, clip=1.0, reduction="mean", k=4)
+        tr = Truncation(4, 4, flush=True)
+        return tbptt.torch.TBPTT(m, tr, opt, clip=1.0, reduction="mean")
+
+    toy, ref = trainer("toy"), trainer("ref")
+    cuts = ((0, 5), (5, 6), (6, 17), (17, 23))
+    for d in (toy, ref):
+        for a, b in cuts:
+            d.feed(x[a:b], y[a:b], mask=mask[a:b], reset=reset[a:b])
+        d.finish()
+    assert toy.updates == ref.updates == 6
+    for (name, p), q in zip(toy.model.named_parameters(), ref.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+
+    whole, first = trainer("toy"), trainer("toy")
+    for d, parts in ((whole, cuts), (first, cuts[:2])):
+        for a, b in parts:
+            d.feed(x[a:b], y[a:b], mask=mask[a:b], reset=reset[a:b])
+    second = trainer("toy")
+    second.load_state_dict(first.state_dict())
+    for a, b in cuts[2:]:
+        second.feed(x[a:b], y[a:b], mask=mask[a:b], reset=reset[a:b])
+    for d in (whole, second):
+        d.finish()
+    for p, q in zip(second.model.parameters(), whole.model.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -21,14 +21,15 @@ from hypothesis import strategies as hs
 from torch import nn
 
 from tbptt import InputError
-from tbptt.torch import ElmanRNN, Recurrent, rl
+from tbptt.torch import ElmanRNN, MinGRU, Recurrent, ScanLM, rl
 from tbptt.torch.packing import run as packed_run
 from tbptt.torch.rounds import rounds
 
 DT = torch.float64
 M, H, P = 3, 5, 2
 T, N = 11, 4
-KINDS = ["rnn", "gru", "lstm", "bare_lstm", "elman", "elman_sigmoid", "user"]
+KINDS = ["rnn", "gru", "lstm", "bare_lstm", "elman", "elman_sigmoid", "user", "mingru", "lru_lm"]
+STARTS = ("mingru", "lru_lm")  # modules that take the starts themselves (SEMANTICS.md 10)
 
 
 class Leaky(nn.Module):
@@ -62,12 +63,18 @@ def make(kind: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
     if kind.startswith("elman"):
         m = ElmanRNN(n=H, m=M, p=P, f="sigmoid" if kind.endswith("sigmoid") else "tanh", seed=1)
         return m.to(DT), m.to(DT)
+    if kind == "mingru":
+        m = MinGRU(M, H, dtype=DT)
+        return m, m
+    if kind == "lru_lm":  # two LRU blocks on an input projection: complex states, a tuple
+        m = ScanLM("lru", M, H, P, num_layers=2, tokens=False, dtype=DT)
+        return m, m
     m = Leaky().to(DT)
     return m, m
 
 
 def batch_axis(kind: str) -> int:
-    return 0 if kind.startswith("elman") or kind == "user" else 1
+    return 0 if kind.startswith("elman") or kind in ("user", *STARTS) else 1
 
 
 def h_init_ref(kind: str, model: nn.Module) -> object:
@@ -79,6 +86,10 @@ def h_init_ref(kind: str, model: nn.Module) -> object:
         return torch.zeros(1, H, dtype=DT)
     if kind == "user":
         return {"h": model.h0[None].clone()}
+    if kind == "mingru":
+        return torch.zeros(1, H, dtype=DT)
+    if kind == "lru_lm":
+        return (torch.zeros(1, H, dtype=torch.complex128),) * 2
     return z
 
 
@@ -127,7 +138,7 @@ def random_state(kind: str, model: nn.Module, lead: tuple[int, ...], N: int, see
     def rand(t: torch.Tensor) -> torch.Tensor:
         shape = list(t.shape)
         shape[d] = N
-        return 0.5 * torch.randn(*lead, *shape, generator=g, dtype=DT)
+        return 0.5 * torch.randn(*lead, *shape, generator=g, dtype=t.dtype)  # complex: the LRU
 
     return tmap(rand, one)
 
@@ -264,7 +275,7 @@ def test_segments_in_shuffled_minibatches_equal_the_reference(kind, length, burn
     assert sorted(torch.cat(batches).tolist()) == list(range(len(segs)))
     for idx in batches:
         y = segs.run(model, x, states, idx)  # (L, S', P)
-        assert y.shape == (segs.L, idx.numel(), H if kind == "bare_lstm" else P)
+        assert y.shape == (segs.L, idx.numel(), H if kind in ("bare_lstm", "mingru") else P)
         W = torch.randn(y.shape, generator=g, dtype=DT)  # weighs the padding too
         loss_ref = 0
         for j, s in enumerate(idx.tolist()):
@@ -290,12 +301,13 @@ def test_segments_without_cuts_equal_unroll() -> None:
     close(grads(model, x, (segs.gather(W) * y).sum()), grads(model, x, (W * y_a).sum()))
 
 
-def test_padding_and_other_steps_are_inert() -> None:
+@pytest.mark.parametrize("kind", ["gru", "mingru"])
+def test_padding_and_other_steps_are_inert(kind: str) -> None:
     """NaN in x outside a minibatch's segments and burn-ins changes no output or gradient;
     gather puts zeros on the padding whatever the buffer holds."""
-    model, _ = make("gru", seed=4)
+    model, _ = make(kind, seed=4)
     x, starts = rollout(seed=6)
-    states = random_state("gru", model, (T,), N, seed=1)
+    states = random_state(kind, model, (T,), N, seed=1)
     segs = rl.Segments(starts, length=4, burn_in=2)
     idx = torch.tensor([5, 0, 9])
     plan = ref_plan(starts, 4, 2)
@@ -322,7 +334,7 @@ def test_padding_and_other_steps_are_inert() -> None:
 # -- states and acting ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["lstm", "elman", "user"])
+@pytest.mark.parametrize("kind", ["lstm", "elman", "user", "lru_lm"])
 def test_states_and_acting_follow_the_reference(kind: str) -> None:
     """rl.states is the state before every step of 9(a); at= fills exactly the steps asked for;
     rl.restart in a collection loop (9(c)) gives the same states."""
@@ -410,6 +422,47 @@ def test_calls_grow_with_neither_environments_nor_episode_starts(kind: str) -> N
         calls.clear()
         rl.unroll(model, x, starts, packed=False)
         assert len(calls) == Tl
+
+
+def test_a_module_that_takes_starts_is_called_once_per_piece() -> None:
+    """MinGRU takes the starts: unroll calls it once (once per BPTT window with k), Segments.run
+    once for a minibatch (once more for burn-ins of one length), for 2 environments without starts
+    and 16 with many; outputs, final states and gradients equal the per-step reference."""
+    Tl = 40
+    for Nl, p in ((2, 0.0), (16, 0.3)):
+        model = MinGRU(M, H, dtype=DT)
+        calls = count(model)
+        g = torch.Generator().manual_seed(Nl)
+        x = torch.randn(Tl, Nl, M, dtype=DT, generator=g).requires_grad_()
+        starts = torch.rand(Tl, Nl, generator=g) < p
+        for k in (None, 7):
+            calls.clear()
+            y, final = rl.unroll(model, x, starts, k=k)
+            assert len(calls) == math.ceil(Tl / (k or Tl))
+            y_ref, final_ref = ref_unroll("mingru", model, x, starts, None, k)
+            close(y, y_ref)
+            close(final, final_ref)
+            W = torch.randn(y.shape, generator=g, dtype=DT)
+            close(grads(model, x, (W * y).sum()), grads(model, x, (W * y_ref).sum()))
+        for burn_in, want in ((0, 1), (4, 2)):
+            segs = rl.Segments(starts, length=16, burn_in=burn_in)
+            states = rl.states(model, x.detach(), starts, at=segs.stored)
+            idx = next(segs.minibatches(5, generator=g))
+            calls.clear()
+            y = segs.run(model, x, states, idx)  # (L, S', H)
+            plan = ref_plan(starts, 16, burn_in)
+            warm = any(plan[s][3] < plan[s][1] for s in idx.tolist())
+            assert len(calls) == (want if warm else 1)
+            assert warm or Nl > 2 or burn_in == 0  # 2 environments without starts: burn-ins
+            W = torch.randn(y.shape, generator=g, dtype=DT)
+            loss_ref = 0
+            for j, s in enumerate(idx.tolist()):
+                n, t0, t1, tb = plan[s]
+                y_s = ref_segment("mingru", model, x, starts, states, n, t0, t1, tb)
+                close(y[: t1 - t0 + 1, j], y_s)
+                assert (y[t1 - t0 + 1 :, j] == 0).all()
+                loss_ref = loss_ref + (W[: t1 - t0 + 1, j] * y_s).sum()
+            close(grads(model, x, (W * y).sum()), grads(model, x, loss_ref))
 
 
 # -- the packing core as the driver will call it ----------------------------------------------
@@ -529,4 +582,18 @@ def test_bad_input_is_one_input_error_naming_the_argument_before_any_call() -> N
     for name, fn in cases:
         with pytest.raises(InputError, match=rf"\b{name}\b"):
             fn()
+    assert not calls
+
+
+def test_a_module_that_takes_starts_gets_its_bad_states_named_before_any_call() -> None:
+    """state0 for another N and states of another T, for a module that takes starts (rl checks
+    their batch and time axes itself, not by calling for h_init): InputError naming them."""
+    model = MinGRU(M, H, dtype=DT)
+    calls = count(model)
+    x, starts = rollout()
+    segs = rl.Segments(starts, length=3)
+    with pytest.raises(InputError, match=r"state0 must hold the module's state for N=4"):
+        rl.unroll(model, x, starts, torch.zeros(N + 1, H, dtype=DT))
+    with pytest.raises(InputError, match=r"states must hold a time axis of 11 steps"):
+        segs.run(model, x, torch.zeros(T - 1, N, H, dtype=DT))
     assert not calls

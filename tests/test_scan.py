@@ -384,12 +384,31 @@ X = torch.zeros(5, BATCH, M, dtype=DT)
         (LR, X, torch.zeros(BATCH, H, dtype=DT), None, r"torch.complex128.*got torch.float64"),
         (LR, X, torch.zeros(BATCH, H, dtype=torch.complex64), None, r"got torch.complex64"),
         (LR, X, torch.zeros(1, H, dtype=torch.complex128), None, r"\(3, 4\).*got .*\(1, 4\)"),
+        (LR, X, torch.zeros(H, dtype=torch.complex128), None, r"state must be .*got .*\(4,\)"),
+        (LR, torch.zeros(5, BATCH, M - 1, dtype=DT), None, None, r"x must be .*\(T, batch, 3\)"),
+        (LR, X, None, torch.zeros(5, BATCH, dtype=torch.long), r"starts must be a bool tensor"),
+        (LR, X, None, torch.zeros(4, BATCH, dtype=torch.bool), r"starts must have shape \(5, 3\)"),
+        (MG, X, None, torch.zeros(5, dtype=torch.bool), r"starts must have shape .*got \(5,\)"),
+        (MG, X, None, torch.zeros(5, 1, dtype=torch.bool), r"starts must have shape .*\(5, 1\)"),
     ],
 )
 def test_bad_input_is_one_input_error_naming_the_argument(module, x, state, starts, words):
-    """Wrong widths, shapes that would broadcast, dtypes: InputError before torch runs."""
-    with pytest.raises(InputError, match=words):
+    """Wrong widths, shapes that would broadcast, dtypes: one InputError, raised before torch
+    runs (no operator dispatched: the check reads shapes and dtypes only)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ran: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ran.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops, pytest.raises(InputError, match=words):
         call(module, x, state, starts)
+    assert ops.ran == []
 
 
 def test_scan_lm_bad_state_and_ids() -> None:

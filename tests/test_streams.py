@@ -3,6 +3,7 @@ lazy reading, and the numpy engine fed from them."""
 
 from __future__ import annotations
 
+import re
 import tracemalloc
 
 import numpy as np
@@ -309,3 +310,19 @@ def test_an_unreadable_npy_file_is_named(tmp_path):
     bad.write_text("not an array")
     with pytest.raises(tbptt.InputError, match="bad.npy is not a readable .npy array"):
         from_npy([bad])
+
+
+@pytest.mark.parametrize("targets", [False, True])
+def test_a_ragged_nested_list_names_the_sequence(targets):
+    """A sequence given as a nested list whose items have different lengths: an InputError naming
+    the sequence's index (not numpy's ValueError about an inhomogeneous shape)."""
+    good, ragged_list = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], [[0.0, 1.0], [2.0], [4.0, 5.0]]
+    if targets:
+        make = lambda: from_arrays([np.zeros((3, 2))] * 2, [good, ragged_list])  # noqa: E731
+        name = "targets[1]"
+    else:
+        make = lambda: Streams([good, good, ragged_list], 2)  # noqa: E731
+        name = "sequences[2]"
+    with pytest.raises(tbptt.InputError, match=rf"^{re.escape(name)} is ragged: its items must"):
+        make()
+    assert len(Streams([good, good], 2).chunk(0, 2)[0]) == 2  # nested lists that are not ragged

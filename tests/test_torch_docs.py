@@ -12,9 +12,11 @@ DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "torch.md")
 
 
 def example() -> tuple[str, str]:
-    """The first python block of the page and the indented block after the word 'prints'."""
+    """The python block of the page's section "Example: a 2-layer LSTM on a stream" (after the
+    recipe, which tests/test_docs.py runs) and the indented block after the word 'prints'."""
     with open(DOC, encoding="utf-8") as fh:
         text = fh.read()
+    text = text[text.index("## Example: a 2-layer LSTM on a stream") :]
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     after = text[text.index("```", text.index("```python") + 3) :]
     printed = re.search(r"\nprints\n\n((?:    .*\n)+)", after).group(1)

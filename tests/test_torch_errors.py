@@ -32,8 +32,18 @@ def driver(model: nn.Module | None = None, trunc=None, **kw) -> TBPTT:
 
 
 def test_state0_of_the_wrong_shape() -> None:
-    """An nn.LSTM state0 whose shapes do not match says which shapes it expected."""
+    """An nn.LSTM state0 of another batch names state0 and the chunk's streams (issue 24 D3); of
+    the right batch but other sizes, the module says which shapes it expected."""
     bad = (torch.zeros(2, 3, 4, dtype=DT), torch.zeros(2, 3, 4, dtype=DT))  # batch 3, data has 2
+    d = driver(state0=bad)
+    with pytest.raises(
+        tbptt.InputError,
+        match=r"^state0's tensor 0 of 2 has shape \(2, 3, 4\), but x has 2 streams \(batch\): "
+        r"state0 must hold one state per stream, 2 along axis 1",
+    ):
+        d.feed(*chunk())
+    assert d.batch is None and d.t == 0  # nothing ran: the next chunk starts the stream
+    bad = (torch.zeros(2, 2, 5, dtype=DT), torch.zeros(2, 2, 5, dtype=DT))  # hidden 5, not 4
     d = driver(state0=bad)
     with pytest.raises(
         ValueError, match=r"state must be \(h, c\) of shapes \(\(2, 2, 4\), \(2, 2, 4\)\)"
@@ -108,16 +118,17 @@ def test_module_that_breaks_the_protocol(module: nn.Module, message: str) -> Non
 
 
 def test_non_finite_loss_names_the_update_and_leaves_parameters() -> None:
-    """A NaN target: NonFiniteError with the update number; the parameters keep their values."""
+    """A finite target whose loss overflows: NonFiniteError with the update number; the
+    parameters keep their values. (A NaN target is the input's fault: an InputError naming y.)"""
     d = driver(trunc=tbptt.Truncation(3, 3))
     x, y = chunk(12)
     d.feed(x[:6], y[:6])  # updates 1 and 2
     before = [p.detach().clone() for p in d.model.parameters()]
     y = y.clone()
-    y[7, 1, 0] = float("nan")
+    y[7, 1, 0] = 1e200
     with pytest.raises(
         tbptt.NonFiniteError,
-        match=r"non-finite \(nan\) in steps 7\.\.9; update 3 \(after step 9\) was not applied",
+        match=r"non-finite \(inf\) in steps 7\.\.9; update 3 \(after step 9\) was not applied",
     ) as info:
         d.feed(x[6:], y[6:])
     assert info.value.update == 3 and info.value.step == 9
@@ -202,12 +213,14 @@ def test_bad_chunks() -> None:
     bad = driver(loss_fn=lambda out, y: ((out - y) ** 2).sum())
     with pytest.raises(
         ValueError,
-        match=r"loss_fn must return per-step, per-stream losses of shape \(1, 2\), got \(\)",
+        match=r"loss_fn must return per-step, per-stream losses shaped like x's first two axes "
+        r"\(L, batch\), \(6, 2\) for the chunk x of shape \(6, 2, 3\); the driver calls it on "
+        r"pieces of the chunk, here 1 of its 6 steps: \(1, 2\); got \(\)",
     ):
         bad.feed(x, y)
     d.feed(x, y)
     d.finish()
-    with pytest.raises(RuntimeError, match="the stream was finished"):
+    with pytest.raises(tbptt.InputError, match=r"^feed after finish\(\): the stream was finished"):
         d.feed(x, y)
 
 

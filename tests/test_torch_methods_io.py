@@ -191,9 +191,8 @@ def test_load_refuses_another_method_other_settings_and_damage(tmp_path) -> None
         (make("artbp-callable"), "artbp.pt", "the saved run had c=0.3, this driver 'callable'"),
         (make("rtrl"), "uoro.pt", "state must be a 'tbptt.torch.RTRL/1' dict"),
     ]
-    other = make_trainer(
-        "uoro", make("uoro").model, torch.optim.SGD([torch.zeros(1)]), k1=3, eps=1e-3
-    )
+    model = make("uoro").model
+    other = make_trainer("uoro", model, torch.optim.SGD(model.parameters()), k1=3, eps=1e-3)
     cases.append((other, "uoro.pt", "the saved run had eps=1e-07, this driver 0.001"))
     (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 not a zip")
     cases.append((make("uoro"), "bad.pt", "damaged"))
@@ -215,3 +214,25 @@ def test_uoro_draws_do_not_depend_on_the_chunks() -> None:
         for a, b in zip(results[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert np.isfinite(results[0][0].numpy()).all()
+
+
+@pytest.mark.parametrize("factory", [RTRL, UORO, ARTBP])
+def test_the_factories_pass_the_shells_options_on(factory) -> None:
+    """Each factory hands the shell's options it takes (one documented list, driver.py's
+    ForwardOptions or SegmentOptions) to the shell as TBPTT would hold them, and refuses any other
+    keyword as Python refuses an unknown one."""
+    model = Recurrent(nn.GRU(2, 3, batch_first=True), nn.Linear(3, 1))
+    extra = {"c": 0.5, "rng": 0} if factory is ARTBP else {"rng": 0} if factory is UORO else {}
+    sched_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(sched_opt, 1)
+    given = {"clip": 2.5, "reduction": "mean", "batch_first": True, "scheduler": sched}
+    d = factory(model, sched_opt, **extra, **given)
+    held = (d.clip, d.reduction, d.batch_first, d.scheduler)
+    assert held == (2.5, "mean", True, sched)
+    if factory is ARTBP:
+        assert factory(model, sched_opt, c=0.5, checkpoint=True, batch_first=True).checkpoint
+    else:  # amp and checkpoint apply to kept segments only
+        with pytest.raises(TypeError, match=rf"^{factory.__name__}\(\) got an unexpected keyword "):
+            factory(model, sched_opt, checkpoint=True, batch_first=True)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'clipp'"):
+        factory(model, sched_opt, **extra, clipp=1.0)

@@ -49,7 +49,10 @@ class StartsElman(nn.Module):
 
 
 class Split(nn.Module):
-    """The same module without the keyword: the driver splits its call at the resets."""
+    """The same module without the keyword, not packable: the driver splits its call at the
+    resets (call.py's split, which the earlier versions made for every module)."""
+
+    packable = False
 
     def __init__(self, inner: StartsElman) -> None:
         super().__init__()

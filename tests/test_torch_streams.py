@@ -164,3 +164,19 @@ def test_a_state_from_another_layout_is_refused():
     sd = StreamLoader(StreamDataset(streams(), 3)).state_dict()
     with pytest.raises(tbptt.InputError, match="the saved loader read"):
         StreamLoader(StreamDataset(streams(), 4)).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("position", [-1, 1.5, "2", None, True, 99])
+def test_a_position_out_of_range_or_not_an_integer_is_refused(position):
+    """load_state_dict with a position of -1 (which would read as the epoch's last chunk), a
+    non-integer, or one past the epoch's chunks: an InputError naming the position and its range;
+    the loader keeps its own."""
+    loader = StreamLoader(StreamDataset(streams(), 3))
+    sd = {**loader.state_dict(), "position": position}
+    n = loader.state_dict()["chunks"]
+    with pytest.raises(tbptt.InputError, match=rf"^sd's position must be an integer 0\.\.{n} "):
+        loader.load_state_dict(sd)
+    assert loader.position == 0 and loader._resume == 0
+    ok = {**loader.state_dict(), "position": n}  # at the epoch's end: the next one begins
+    loader.load_state_dict(ok)
+    assert loader._resume == 0

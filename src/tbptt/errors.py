@@ -7,6 +7,9 @@
     NonFiniteError   training produced a NaN or an infinity (SEMANTICS.md 6); the parameters keep
                      their last finite values. A FloatingPointError, not an InputError: the input
                      was valid, the optimisation diverged.
+    DistributedError a collective of several processes failed: another process died, or did not
+                     answer within the process group's timeout (tbptt.torch.distributed). A
+                     RuntimeError; the command line prints it as one line, exit status 1.
 
 Any other exception is a bug in tbptt or in the caller's own code and keeps its traceback.
 """
@@ -28,3 +31,7 @@ class NonFiniteError(FloatingPointError):
         super().__init__(message)
         self.step = step
         self.update = update
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another process died, or did not answer within the timeout."""

@@ -64,11 +64,22 @@ def atomic_write(path: str | os.PathLike, content: Content) -> None:
     """Write `content` (bytes, str as UTF-8, or a function writing to a binary file) to `path`.
 
     The file appears whole or not at all (module docstring); on any error the temporary file is
-    removed and the target is left as it was.
+    removed and the target is left as it was. A folder that does not exist is an InputError, and
+    any other failure to create the file an OSError, naming the path given (never the temporary
+    name).
     """
-    path = os.path.abspath(os.fspath(path))
+    given = os.fspath(path)
+    path = os.path.abspath(given)
     folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{name}-")
+    if not os.path.isdir(folder):
+        raise InputError(
+            f"path {given!r}: its folder {folder} does not exist (or is not a folder); create it "
+            "first"
+        )
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{name}-")
+    except OSError as exc:  # permissions, a full disk, a read-only file system
+        raise OSError(exc.errno, f"cannot write {given!r}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             _fill(fh, content)

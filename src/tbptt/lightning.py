@@ -67,7 +67,7 @@ from .errors import InputError
 from .schedule import Truncation
 from .torch import TBPTT, l2_loss
 from .torch import state as st
-from .torch.call import outputs, takes_starts
+from .torch.call import outputs, packable, takes_starts
 
 Tensor = torch.Tensor
 STATES = ("carry", "per_batch")
@@ -296,6 +296,7 @@ class TBPTTModule(L.LightningModule):
             state = self.state0
         dim = getattr(self, "state_batch_dim", None)
         kw = {"restart": self.state0, "batch_dim": dim, "tdim": td, "starts": takes_starts(self)}
+        kw["packed"] = packable(self)  # many resets in a few calls, as the driver (call.py)
         with torch.no_grad():
             out, state = outputs(self, x, state, reset, **kw)  # as the driver calls the module
             losses = self.loss(out, y)

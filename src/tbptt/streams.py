@@ -135,7 +135,7 @@ def from_arrays(
         raise InputError(
             f"sequences must be a non-empty list of arrays, got {type(sequences).__name__}"
         )
-    xs = [np.asarray(s) if not isinstance(s, np.ndarray) else s for s in sequences]
+    xs = [_array("sequences", i, s) for i, s in enumerate(sequences)]
     ys = None
     if targets is not None:
         if not isinstance(targets, list | tuple) or len(targets) != len(xs):
@@ -143,7 +143,7 @@ def from_arrays(
             raise InputError(
                 f"targets must be a list of {len(xs)} arrays like sequences, got {got}"
             )
-        ys = [np.asarray(t) if not isinstance(t, np.ndarray) else t for t in targets]
+        ys = [_array("targets", i, t) for i, t in enumerate(targets)]
     _check_items("sequences", xs)
     if ys is not None:
         _check_items("targets", ys)
@@ -160,6 +160,20 @@ def from_arrays(
     return Sequences(
         [len(x) for x in xs], lambda i, a, b: xs[i][a:b], whole=lambda i: xs[i], name="sequences"
     )
+
+
+def _array(name: str, i: int, a: object) -> Array:
+    """Sequence i as an array (not copied when it is one); a ragged nested list (items of
+    different lengths) an InputError naming its index."""
+    if isinstance(a, np.ndarray):
+        return a
+    try:
+        return np.asarray(a)
+    except ValueError as exc:  # numpy: "inhomogeneous shape after 1 dimensions"
+        raise InputError(
+            f"{name}[{i}] is ragged: its items must all have the same shape (one array per "
+            f"sequence, its time axis first); numpy says: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _check_items(name: str, arrays: list[Array]) -> None:

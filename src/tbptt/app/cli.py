@@ -9,8 +9,9 @@
 A subcommand module defines `add_<name>_arguments(parser)` and `run_<name>(args) -> int`, and
 imports torch, matplotlib or tqdm only inside the functions that need them. Bad input is a
 tbptt.InputError, raised where the input is read (the library's checks, the configuration, the
-files): it becomes one line on stderr and exit status 2. Any other exception is a bug and keeps
-its traceback.
+files): it becomes one line on stderr and exit status 2. A tbptt.errors.DistributedError (under
+torchrun, another process died or stopped answering) becomes one line and exit status 1. Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import InputError
+from ..errors import DistributedError, InputError
 
 # (command, module, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
@@ -106,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:
         print(f"tbptt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except DistributedError as exc:  # under torchrun: another process died or stopped answering
+        print(f"tbptt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"tbptt {args.command}: interrupted", file=sys.stderr)
         return 130

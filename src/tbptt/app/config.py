@@ -23,6 +23,7 @@ from ..methods import METHODS, build_rule
 from .flags import as_flags
 
 TEXT_TASKS = ("shakespeare", "stdlib", "text")
+SCAN_CELLS = ("mingru", "lru")  # tbptt.torch.ScanLM's cells: linear recurrences, one scan a call
 TASKS = (*TEXT_TASKS, "numbers", "adding", "copy")
 # fields a resumed run may change: how long it goes on and how it reports, not what it computes
 RESUMABLE = ("time_budget", "max_updates", "eval_every", "checkpoint_every", "threads")
@@ -69,11 +70,22 @@ class Config:
     cell: str = _f(
         "elman",
         "elman: the seed's h = f(A h + B x + b), y = g(C h + c), on both "
-        "engines; rnn, gru, lstm: torch.nn's cells, on --engine torch",
-        ("elman", "rnn", "gru", "lstm"),
+        "engines; rnn, gru, lstm: torch.nn's cells, on --engine torch; mingru, lru: "
+        "tbptt.torch.ScanLM, residual blocks of minGRU or LRU scans (docs/scan.md), on --engine "
+        "torch",
+        ("elman", "rnn", "gru", "lstm", *SCAN_CELLS),
     )
-    hidden: int = _f(256, "units per layer (n)", metavar="N")
-    layers: int = _f(1, "stacked recurrent layers (torch cells only)", metavar="N")
+    hidden: int = _f(
+        256, "units per layer (n); mingru, lru: the width of the residual stream", metavar="N"
+    )
+    layers: int | None = _f(
+        None,
+        "stacked recurrent layers (torch cells only); mingru, lru: residual blocks, each a scan "
+        "and a GLU. Default: 1 for rnn, gru and lstm, 2 for mingru and lru (one block of "
+        "element-wise recurrences mixes its units only through the GLU after its scan; a second "
+        "scan reads the mixed units, as ScanLM's own default)",
+        metavar="N",
+    )
     activation: str = _f("tanh", "f of the elman cell", ("tanh", "sigmoid", "relu", "identity"))
     bias: bool = _f(True, "the optional biases b and c of the elman cell")
     spectral_radius: float | None = _f(
@@ -89,7 +101,8 @@ class Config:
         "tbptt",
         "how each update's gradient is computed: "
         + "; ".join(f"{m.name}, {m.summary}" for m in METHODS.values())
-        + ". All run on both engines, with every --cell",
+        + ". All run on both engines, with every --cell but lru, whose complex state rtrl and "
+        "uoro do not carry",
         tuple(METHODS),
     )
     k1: int = _f(
@@ -129,7 +142,7 @@ class Config:
     optimizer: str = _f("adam", "the optimizer", ("adam", "sgd"))
     lr: float | None = _f(
         None,
-        "learning rate. Default: 6e-3 for the elman cell, 4e-3 for rnn, gru and lstm",
+        "learning rate. Default: 6e-3 for the elman cell, 4e-3 for rnn, gru, lstm, mingru and lru",
         metavar="LR",
     )
     lr_decay: str = _f(
@@ -443,6 +456,8 @@ def _check_engine(cfg: Config) -> None:
     """What only the torch engine has; the defaults of --lr and --threads."""
     if cfg.lr is None:
         cfg.lr = 6e-3 if cfg.cell == "elman" else 4e-3
+    if cfg.layers is None:
+        cfg.layers = 2 if cfg.cell in SCAN_CELLS else 1
     if cfg.engine == "numpy" and cfg.cell != "elman":
         raise InputError(f"--cell {cfg.cell} needs --engine torch (numpy has the elman cell only)")
     if cfg.engine == "numpy" and cfg.layers != 1:
@@ -456,7 +471,13 @@ def _check_engine(cfg: Config) -> None:
                 raise InputError(f"{name} applies to --cell elman, not --cell {cfg.cell}")
     elif cfg.layers != 1:
         raise InputError(
-            f"--layers {cfg.layers} needs --cell rnn, gru or lstm (elman has one layer)"
+            f"--layers {cfg.layers} needs --cell rnn, gru, lstm, mingru or lru (elman has one "
+            "layer)"
+        )
+    if cfg.cell == "lru" and cfg.method in ("rtrl", "uoro"):
+        raise InputError(
+            f"--method {cfg.method} carries a real state's influence, and --cell lru's state is "
+            "complex: choose --method tbptt or artbp, or --cell mingru"
         )
     if cfg.engine == "torch" and importlib.util.find_spec("torch") is None:
         raise InputError("--engine torch needs PyTorch: pip install 'tbptt[torch]'")

@@ -5,9 +5,10 @@ directory (rundir.py) ask of an engine; both engines implement all of it, so non
 know which engine it holds:
 
     NumpyEngine   tbptt.TBPTT on the seed's ElmanRNN (float32 or float64)
-    TorchEngine   tbptt.torch's TBPTT, RTRL, UORO or ARTBP on its ElmanRNN, or on torch.nn's
-                  RNN, GRU or LSTM with a linear head; under torchrun each process takes its
-                  share of the streams
+    TorchEngine   tbptt.torch's TBPTT, RTRL, UORO or ARTBP on its ElmanRNN, on torch.nn's RNN,
+                  GRU or LSTM with a linear head, or on a ScanLM of minGRU or LRU blocks (token
+                  ids into its embedding, or vectors into its input projection); under torchrun
+                  each process takes its share of the streams
 
 torch is imported only inside TorchEngine, so this module needs numpy only. `make_engine(cfg,
 problem)` builds the one --engine asks for.
@@ -269,7 +270,7 @@ class TorchEngine(_Driven):
         import torch
         from torch import nn
 
-        from ..torch import ElmanRNN, Recurrent, cross_entropy_loss, l2_loss
+        from ..torch import ElmanRNN, Recurrent, ScanLM, cross_entropy_loss, l2_loss
         from ..torch.distributed import init_from_env
         from ..torch.methods import make_trainer as make_torch_trainer
 
@@ -279,11 +280,13 @@ class TorchEngine(_Driven):
         self.rank, self.streams = self.launch.rank, self.launch.streams(cfg.batch)
         self.torch, self.device = torch, self.launch.device
         assert cfg.lr is not None and cfg.threads is not None  # config.check resolved them
+        assert cfg.layers is not None  # config.check resolved it
         torch.set_num_threads(cfg.threads)
         self.dtype, self.np_dtype = getattr(torch, cfg.dtype), np.dtype(cfg.dtype)
         torch.manual_seed(cfg.seed)
         m, p, n = problem.m, problem.p, cfg.hidden
-        self.ids = cfg.cell == "elman"  # integer inputs (tbptt.OneHot) as ids, B x_t looked up
+        # integer inputs (tbptt.OneHot) as ids: B x_t looked up, or ScanLM's embedding
+        self.ids = cfg.cell in ("elman", *cf.SCAN_CELLS)
         if cfg.cell == "elman":
             g = "softmax" if problem.loss == "cross_entropy" else "identity"
             elman = ElmanRNN(n=n, m=m, p=p, bias=cfg.bias, f=cfg.activation, g=g, seed=cfg.seed)
@@ -292,6 +295,8 @@ class TorchEngine(_Driven):
                     radius = torch.linalg.eigvals(elman.A.double()).abs().max()
                     elman.A.mul_(cfg.spectral_radius / max(float(radius), 1e-12))
             model = elman
+        elif cfg.cell in cf.SCAN_CELLS:  # text: ids into the embedding; else an input projection
+            model = ScanLM(cfg.cell, m, n, p, num_layers=cfg.layers, tokens=cfg.text)
         else:
             rnn = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cfg.cell]
             model = Recurrent(rnn(m, n, num_layers=cfg.layers), nn.Linear(n, p))
@@ -419,12 +424,18 @@ def read_torch_state(path: Path) -> dict:
 
 
 def model_settings(saved: dict) -> dict | None:
-    """cell, hidden, layers and dtype of a saved model of the app's (tbptt.torch's ElmanRNN, or
-    Recurrent around nn.RNN, GRU or LSTM), read from its parameters; None for another module."""
+    """cell, hidden, layers and dtype of a saved model of the app's (tbptt.torch's ElmanRNN,
+    Recurrent around nn.RNN, GRU or LSTM, or ScanLM), read from its parameters; None for another
+    module."""
     first = next(iter(saved.values()), None)
     dtype = str(getattr(first, "dtype", "")).removeprefix("torch.")
     if {"A", "B", "C"} <= saved.keys():
         return {"cell": "elman", "hidden": saved["A"].shape[0], "layers": 1, "dtype": dtype}
+    norm = saved.get("blocks.0.norm.weight")  # ScanLM: (d,), its blocks' mix the cell
+    if norm is not None and len(norm.shape) == 1:
+        cell = "mingru" if "blocks.0.mix.linear_z.weight" in saved else "lru"
+        layers = sum(1 for k in saved if k.startswith("blocks.") and k.endswith(".norm.weight"))
+        return {"cell": cell, "hidden": norm.shape[0], "layers": layers, "dtype": dtype}
     hh = saved.get("rnn.weight_hh_l0")
     if hh is None or len(hh.shape) != 2 or hh.shape[1] == 0:
         return None
@@ -436,6 +447,19 @@ def model_settings(saved: dict) -> dict | None:
     return {"cell": cell, "hidden": hh.shape[1], "layers": layers, "dtype": dtype}
 
 
+def scan_sizes(cell: str, m: int, p: int, d: int, layers: int, tokens: bool) -> tuple[int, int]:
+    """The parameters of tbptt.torch.ScanLM(cell, m, d, p, num_layers=layers, tokens=tokens)
+    (expand 2, state size d) and the real numbers of its state per stream (the LRU's complex h
+    counts twice), written out from its layers."""
+    embed = m * d if tokens else m * d + d  # nn.Embedding(m, d), or nn.Linear(m, d)
+    if cell == "mingru":
+        mix, state = 2 * (d * d + d), d  # linear_z, linear_h
+    else:
+        mix, state = 3 * d + 4 * d * d + d, 2 * d  # nu, theta, gamma; B, C (re, im); D
+    block = 2 * 2 * d + mix + (d * 4 * d + 4 * d) + (2 * d * d + d)  # norms, mix, ff_in, ff_out
+    return embed + layers * block + 2 * d + d * p + p, layers * state
+
+
 def _shapes(state: dict) -> str:
     return ", ".join(f"{k} {tuple(getattr(v, 'shape', ()))}" for k, v in list(state.items())[:4])
 
@@ -443,11 +467,11 @@ def _shapes(state: dict) -> str:
 def make_engine(cfg: cf.Config, problem: Problem) -> Engine:
     if cfg.engine == "numpy" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("under torchrun, use --engine torch (the numpy engine runs one process)")
-    check_influence(cfg, problem.m)
+    check_influence(cfg, problem.m, problem.p)
     return NumpyEngine(cfg, problem) if cfg.engine == "numpy" else TorchEngine(cfg, problem)
 
 
-def check_influence(cfg: cf.Config, m: int) -> None:
+def check_influence(cfg: cf.Config, m: int, p: int = 1) -> None:
     """--method rtrl: refuse, naming the flags, a model whose influence matrix J = dh/dtheta
     (streams x state entries x |theta|, with the buffers beside it: 2 copies in numpy's RTRL, 3 in
     torch's) would exceed what the library allows by default (tbptt.methods' max_bytes), before
@@ -457,8 +481,11 @@ def check_influence(cfg: cf.Config, m: int) -> None:
     limit = next(o.default for o in METHODS["rtrl"].options if o.name == "max_bytes")
     assert isinstance(limit, int)
     n, layers = cfg.hidden, cfg.layers
+    assert layers is not None  # config.check resolved it
     if cfg.cell == "elman":  # theta = A, B, b
         state, theta = n, n * (n + m + int(cfg.bias))
+    elif cfg.cell in cf.SCAN_CELLS:  # every parameter of the ScanLM (its head's included)
+        theta, state = scan_sizes(cfg.cell, m, p, n, layers, cfg.text)
     else:  # Recurrent: theta = the rnn's weights and both biases of every layer
         gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell]
         state = layers * n * (2 if cfg.cell == "lstm" else 1)  # (h, c) of an LSTM
@@ -486,9 +513,16 @@ def memory_needed(cfg: cf.Config, m: int = 1, p: int = 1) -> tuple[int, str]:
     n, B = cfg.hidden, cfg.batch
     # steps held at once: the next window and the steps since the update (no more than the run's)
     kept = cfg.k1 + min(cfg.k2, cfg.max_updates * cfg.k1 if cfg.max_updates else cfg.k2)
+    assert cfg.layers is not None  # config.check resolved it
     if cfg.cell == "elman":
         params = n * n + n * m + p * n + n + p
         per_step = B * (m + 3 * n + 2 * p)  # x_t, h_t, f'(a_t), r_t, e_t, z_t
+    elif cfg.cell in cf.SCAN_CELLS:
+        params, _ = scan_sizes(cfg.cell, m, p, n, cfg.layers, cfg.text)
+        # per block: its two norms' inputs, the scan's gates and states (the LRU's complex b and
+        # h), the GLU's input and product (expand 2): what autograd keeps of a step
+        mix = 3 * n if cfg.cell == "mingru" else 5 * n
+        per_step = B * ((1 if cfg.text else m) + 2 * p + cfg.layers * (4 * n + 6 * n + mix))
     else:
         gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell]
         params = gates * n * (m + n + 2) * cfg.layers + p * (n + 1)

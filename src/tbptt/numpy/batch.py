@@ -36,8 +36,11 @@ def batch_first(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> str:
     return ""
 
 
-def as_float_array(name: str, value: object, dtype: np.dtype | None = None) -> Array:
-    """A real, finite array; converted to dtype (the model's) when given."""
+def as_float_array(
+    name: str, value: object, dtype: np.dtype | None = None, keep: Array | None = None
+) -> Array:
+    """A real, finite array; converted to dtype (the model's) when given. keep: a bool array over
+    the leading axes, where the entries must be finite (the others are set to 0: masked steps)."""
     try:
         arr = np.asarray(value)
     except Exception as exc:  # ragged lists and the like
@@ -52,6 +55,10 @@ def as_float_array(name: str, value: object, dtype: np.dtype | None = None) -> A
         raise InputError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if dtype is not None:
         arr = arr.astype(dtype, copy=False)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        if keep is not None and arr.shape[: keep.ndim] == keep.shape:  # masked steps: never
+            keep = keep.reshape(keep.shape + (1,) * (arr.ndim - keep.ndim))
+            arr = np.where(keep, arr, arr.dtype.type(0))  # read, 0 there
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise InputError(
@@ -114,7 +121,6 @@ def check_batch(
     xa, single = _check_x(x, m, dtype)
     T, batch, _ = xa.shape
     lead = (T,) if single else (T, batch)
-    ya = _check_y(y, lead, batch, p, dtype, loss)
     maska = None
     if mask is not None:
         maska = as_float_array("mask", mask, dtype)
@@ -123,6 +129,15 @@ def check_batch(
                 f"mask must have shape {lead}, time-major {LEAD[len(lead)]} (one weight per step), "
                 f"got {maska.shape}{batch_first('mask', maska.shape, lead)}"
             )
+        if (maska < 0).any():
+            bad = tuple(int(i) for i in np.argwhere(maska < 0)[0])
+            raise InputError(
+                f"mask must hold finite weights >= 0 (0 switches a loss off), got "
+                f"{maska[bad]} at index {bad}"
+            )
+    keep = None if maska is None else maska > 0  # the steps whose targets are read
+    ya = _check_y(y, lead, batch, p, dtype, loss, keep)
+    if maska is not None:
         maska = maska.reshape(T, batch)
     reseta = None
     if reset is not None:
@@ -156,9 +171,16 @@ def _check_x(x: object, m: int, dtype: np.dtype) -> tuple[Array | OneHot, bool]:
 
 
 def _check_y(
-    y: object, lead: tuple[int, ...], batch: int, p: int, dtype: np.dtype, loss: str
+    y: object,
+    lead: tuple[int, ...],
+    batch: int,
+    p: int,
+    dtype: np.dtype,
+    loss: str,
+    keep: Array | None = None,
 ) -> Array:
-    """y as (T, batch) class indices for cross-entropy, (T, batch, p) targets for L2."""
+    """y as (T, batch) class indices for cross-entropy, (T, batch, p) targets for L2. keep (lead):
+    the unmasked steps; a masked step's target is never read (0 there, whatever it was)."""
     T = lead[0]
     if loss == "cross_entropy":
         ya = np.asarray(y)
@@ -171,13 +193,15 @@ def _check_y(
                 f"y must have shape {lead}, time-major {LEAD[len(lead)]} like x (one class index "
                 f"per step), got {ya.shape}{batch_first('y', ya.shape, lead)}"
             )
+        if keep is not None and keep.shape == ya.shape:
+            ya = np.where(keep, ya, 0)
         if ya.size and (ya.min() < 0 or ya.max() >= p):
             bad = ya.min() if ya.min() < 0 else ya.max()
             raise InputError(
                 f"y holds class index {int(bad)}, expected 0 <= y < {p} (the model's p)"
             )
         return ya.reshape(T, batch).astype(np.intp, copy=False)
-    ya = as_float_array("y", y, dtype)
+    ya = as_float_array("y", y, dtype, keep)
     if ya.shape != (*lead, p):
         raise InputError(
             f"y must have shape {(*lead, p)}, time-major {LEAD[len(lead)][:-1].rstrip(',')}, p) "

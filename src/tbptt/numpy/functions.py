@@ -95,7 +95,8 @@ def loss_and_error(
     """Per-step losses l_t (T, batch) and their errors e_t = dl_t/dz_t (T, batch, p).
 
     z: (T, batch, p). y: (T, batch, p) for "l2", integer (T, batch) for "cross_entropy".
-    mask: (T, batch) of 0/1 weights or None; a masked step has l_t = 0 and e_t = 0.
+    mask: (T, batch) of weights >= 0 or None; a masked step (weight 0) has l_t = 0 and e_t = 0,
+    selected (whatever its target held), the others are weighted.
     """
     if loss == "cross_entropy":
         logp = log_softmax(z)  # (T, batch, p)
@@ -114,6 +115,7 @@ def loss_and_error(
         else:
             e = r * ACTIVATIONS[g].grad(yhat)  # (2.1)
     if mask is not None:
-        l = l * mask
-        e = e * mask[..., None]
+        keep = mask > 0
+        l = np.where(keep, l * mask, 0.0)
+        e = np.where(keep[..., None], e * mask[..., None], 0.0)
     return l, e

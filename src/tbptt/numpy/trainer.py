@@ -138,8 +138,9 @@ class TBPTT:
         with the parameters in force at each step.
         """
         if self.finished:
-            raise RuntimeError(
-                f"the stream was finished; create a new {self.rule.name} to train on another"
+            raise InputError(
+                "feed after finish(): the stream was finished; create a new "
+                f"{self.rule.name} to train on another"
             )
         model = self.model
         data = check_chunk(model, self.loss, x, y, mask, reset)

@@ -9,7 +9,10 @@
     driver.save(path)                          # everything needed to continue exactly
 
 The module protocol is module(x_chunk, state) -> (output_chunk, new_state), state a tensor or any
-nesting of tuples, lists and dicts of tensors, None meaning the module's zeros. The schedule is
+nesting of tuples, lists and dicts of tensors, None meaning the module's zeros; optional: the
+keyword starts (the module takes the resets itself), the attributes state_batch_dim and
+packable (False: the rows of a call depend on its batch, so resets split the call instead of
+packing it; call.py). The schedule is
 tbptt.Truncation, the same object as the numpy engine's, and the online update follows the
 canonical rule of SEMANTICS.md 5. TBPTT (driver.py) is the one trainer: a shell holding a rule
 (rule.py), TBPTT's own for a Truncation (tbptt.py, segments.py). Other systems' training loops as
@@ -17,8 +20,9 @@ the driver's arguments (schedule, reduction, restarts): presets.py. The unbiased
 truncation (SEMANTICS.md 8) on the same protocol, each a TBPTT holding its rule: ARTBP
 (artbp.py), UORO (uoro.py) and RTRL (rtrl.py, small modules; forward.py), all four by name in
 methods.py. Rollouts for recurrent reinforcement learning (SEMANTICS.md 9): rl.py, packed by
-packing.py. Linear recurrences as one scan per chunk, taking the resets themselves
-(SEMANTICS.md 10): MinGRU, LRU and linear_scan (scan.py), ScanLM (scan_lm.py).
+packing.py, a single-layer nn.GRU's rounds with a backward of their own (gru.py). Linear
+recurrences as one scan per chunk, taking the resets themselves (SEMANTICS.md 10): MinGRU, LRU
+and linear_scan (scan.py), ScanLM (scan_lm.py).
 """
 
 from . import methods, presets, rl

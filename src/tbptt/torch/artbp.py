@@ -39,18 +39,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_int
 from ..errors import InputError
 from ..generators import as_generator
-from ..numpy.artbp import Cuts, Probability, check_c, check_max_length, probability
+from ..numpy.artbp import Cuts, Probability
 from ..schedule import Truncation, Window
 from . import draws
 from . import state as st
-from .driver import TBPTT, LossFn, shell_options
-from .modules import l2_loss
+from .driver import TBPTT, SegmentOptions, passed_on
 from .segments import Segments
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's from Python 3.11
+
     from .rule import Shell
 
 Tensor = torch.Tensor
@@ -78,15 +78,7 @@ def ARTBP(  # noqa: N802  (the trainer's name)
     b: int = 1,
     rng: int | np.random.Generator | None = None,
     biased_max_length: int | None = None,
-    loss_fn: LossFn = l2_loss,
-    clip: float | None = None,
-    scheduler: object | None = None,
-    batch_first: bool = False,
-    amp: bool | torch.dtype = False,
-    checkpoint: bool = False,
-    state0: st.State | None = None,
-    process_group: object | None = None,
-    reduction: str = "sum",
+    **options: Unpack[SegmentOptions],
 ) -> TBPTT:
     """Train a recurrent nn.Module online with ARTBP (Tallec and Ollivier 2017): an update at
     every random cut, the gradient compensated across the boundaries that were not cut.
@@ -112,7 +104,7 @@ def ARTBP(  # noqa: N802  (the trainer's name)
     """
 
     schedule = ARTBPRule(c=c, b=b, rng=rng, biased_max_length=biased_max_length)
-    return TBPTT(model, schedule, optimizer, **shell_options(locals()))
+    return TBPTT(model, schedule, optimizer, **passed_on("ARTBP", options, SegmentOptions))
 
 
 class ARTBPRule:
@@ -131,15 +123,9 @@ class ARTBPRule:
         rng: int | np.random.Generator | None = None,
         biased_max_length: int | None = None,
     ) -> None:
-        c = check_c(c)
-        b = check_int("b", b)
-        max_length = check_max_length(biased_max_length, b)
-        if callable(c):  # a bad callable is told now, not after hours of training
-            for L in range(b, 17 * b, b):
-                probability(c, L)
         self.rng = as_generator(rng)
-        self.b, self.max_length = b, max_length
-        self.cuts = Cuts(c, b, self.rng, max_length)
+        self.cuts = Cuts.checked(c, b, self.rng, biased_max_length)
+        b, self.b, self.max_length = self.cuts.b, self.cuts.b, self.cuts.max_length
         self.truncation = Truncation(b, b, inject="new", flush=True)  # the grid of possible cuts
         self.segments = Segments(overlap=False)  # the chained path: one graph per window
         self.fresh = rng is None  # with several processes, rank 0's entropy for all

@@ -65,7 +65,28 @@ def check_arguments(
         raise InputError(
             f"batch_first={batch_first} but the model has batch_first={declared}; pass the same"
         )
+    for name, layer in model.named_modules():  # a recurrent layer at any depth reads the layout
+        if isinstance(layer, nn.RNNBase) and layer.batch_first != batch_first:
+            raise InputError(
+                f"batch_first={batch_first} but the model's {name or 'module'} "
+                f"({type(layer).__name__}) has batch_first={layer.batch_first}: it would read "
+                f"the chunks' {'time' if batch_first else 'stream'} axis as its steps; pass "
+                f"batch_first={layer.batch_first} to the driver, or build the layer with "
+                f"batch_first={batch_first}"
+            )
     return clip
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor]) -> None:
+    """An optimizer that holds at least one of the model's trainable parameters (some may be left
+    out: frozen layers); one over another model's parameters would leave this one unchanged."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in params.values()):
+        raise InputError(
+            f"optimizer ({type(optimizer).__name__}) holds none of the model's {len(params)} "
+            "trainable parameters, so its steps would never change the model: build it over "
+            "this model's parameters, e.g. torch.optim.SGD(model.parameters(), lr=...)"
+        )
 
 
 def check_hooks(backward: object, step: object, grad_hook: object, scaler: bool) -> None:
@@ -151,19 +172,57 @@ def check_state0(
     return st.tree_map(lambda s: s.detach().to(device), state0)
 
 
+def check_state0_batch(state0: st.State | None, batch: int, declared: int | None) -> None:
+    """state0 holds one state per stream of the first chunk: `batch` along its stream axis (the
+    module's state_batch_dim, else some axis), or InputError naming state0."""
+    for k, t in enumerate(st.leaves(state0) if state0 is not None else []):
+        if declared is not None:
+            ok = -t.dim() <= declared < t.dim() and t.shape[declared] == batch
+            where = f"axis {declared} (the module's state_batch_dim)"
+        else:
+            ok = batch in t.shape
+            where = "one axis"
+        if not ok:
+            n = len(st.leaves(state0))
+            which = "state0" if n == 1 else f"state0's tensor {k} of {n}"
+            raise InputError(
+                f"{which} has shape {tuple(t.shape)}, but x has {batch} streams (batch): state0 "
+                f"must hold one state per stream, {batch} along {where}"
+            )
+
+
 @overload
 def check_chunk(
-    x: object, y: None, mask: object, reset: object, device: torch.device, batch_first: bool
+    x: object,
+    y: None,
+    mask: object,
+    reset: object,
+    device: torch.device,
+    batch_first: bool,
+    onehot: torch.dtype | None = None,
 ) -> tuple[Tensor, None, Tensor | None, Tensor | None, int]: ...
 @overload
 def check_chunk(
-    x: object, y: object, mask: object, reset: object, device: torch.device, batch_first: bool
+    x: object,
+    y: object,
+    mask: object,
+    reset: object,
+    device: torch.device,
+    batch_first: bool,
+    onehot: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]: ...
 def check_chunk(
-    x: object, y: object, mask: object, reset: object, device: torch.device, batch_first: bool
+    x: object,
+    y: object,
+    mask: object,
+    reset: object,
+    device: torch.device,
+    batch_first: bool,
+    onehot: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, int]:
     """x, y, mask, reset as tensors on the model's device (y None: None), and the chunk's batch
-    size.
+    size. A tbptt.OneHot x reaches the module as its ids, or as its one-hot rows of dtype
+    `onehot` when given (a module without an embedding: takes_ids False).
 
     A floating x of two axes is one stream, (L, m), as torch.nn.RNN reads unbatched input: it
     gets a batch axis of 1, and so do y, mask and reset. (Integer inputs of two axes are token
@@ -171,9 +230,13 @@ def check_chunk(
     beyond the call (TBPTT.feed).
     """
     lead_name = "(batch, L)" if batch_first else "(L, batch)"
+    dense = isinstance(x, OneHot) and onehot is not None
+    width = x.m if isinstance(x, OneHot) else 0
     if isinstance(x, OneHot):  # integer inputs reach the module as their ids (L, batch)
         x = x.ids
     x = _tensor(x, "x", device)
+    if dense:  # or as their one-hot rows (L, batch, m)
+        x = torch.nn.functional.one_hot(x.long(), width).to(onehot)
     y = None if y is None else _tensor(y, "y", device)
     mask = None if mask is None else _tensor(mask, "mask", device)
     reset = None if reset is None else _tensor(reset, "reset", device)
@@ -203,6 +266,43 @@ def check_chunk(
     return x, y, mask, reset, lead[0 if batch_first else 1]
 
 
+def mask_total(mask: Tensor, batch_first: bool) -> float:
+    """The sum of the mask's weights (one sync, the one feed makes for the chunk's count), each
+    weight checked finite and >= 0: a negative weight would make training climb its loss."""
+    if not mask.numel():
+        return 0.0
+    total, low = torch.stack([mask.sum(dtype=torch.float64), mask.amin().double()]).tolist()
+    if math.isfinite(total) and math.isfinite(low) and low >= 0:
+        return total
+    w = mask.double()
+    bad = tuple(int(i) for i in torch.nonzero(~(torch.isfinite(w) & (w >= 0)))[0])
+    t, j = bad[::-1] if batch_first else bad
+    raise InputError(
+        f"mask must hold finite weights >= 0 (0 switches a loss off), got {w[bad].item()} at "
+        f"step {t}, stream {j} of the chunk"
+    )
+
+
+def nonfinite_input(x: Tensor, y: Tensor, mask: Tensor | None, tdim: int) -> str | None:
+    """Where x, or y at a step that is not masked, holds a NaN or an infinity: a line naming the
+    argument, the value and its step and stream in the chunk (None: both finite). Looked at only
+    once a loss is non-finite, so a finite chunk costs nothing."""
+    for name, a in (("x", x), ("y", y)):
+        if not a.is_floating_point():
+            continue
+        bad = ~torch.isfinite(a)
+        if name == "y" and mask is not None:  # a masked target is never read (B5)
+            bad &= (mask > 0).view(*mask.shape, *(1,) * (a.dim() - mask.dim()))
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+            t, j = (idx[1], idx[0]) if tdim else (idx[0], idx[1])
+            return (
+                f"{name} must be finite, got {a[idx].item()} at step {t}, stream {j} of the chunk "
+                f"(index {idx}): the input, not the training, made the loss non-finite"
+            )
+    return None
+
+
 def _tensor(a: object, name: str, device: torch.device) -> Tensor:
     try:
         return torch.as_tensor(a).detach().to(device)
@@ -228,14 +328,28 @@ def check_result(res: object, x: Tensor) -> tuple[Tensor, st.State]:
     return out, new
 
 
-def check_losses(losses: object, x: Tensor) -> Tensor:
+def check_losses(
+    losses: object, x: Tensor, chunk: tuple[int, ...] | None = None, tdim: int = 0
+) -> Tensor:
     """loss_fn's result: floating per-step, per-stream losses shaped like x's first two axes,
-    attached to the graph when gradients are being recorded."""
+    attached to the graph when gradients are being recorded. x: the piece the loss was called
+    on; chunk: the shape of the caller's chunk it is part of (the error quotes both), tdim: the
+    time axis."""
     want = tuple(x.shape[:2])
     if not isinstance(losses, Tensor) or tuple(losses.shape) != want:
         got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        lead = "(batch, L)" if tdim else "(L, batch)"
+        where = f"{want}"
+        if chunk is not None and tuple(chunk[:2]) != want:
+            where = (
+                f"{tuple(chunk[:2])} for the chunk x of shape {chunk}; the driver calls it on "
+                f"pieces of the chunk, here {x.shape[tdim]} of its {chunk[tdim]} steps: {want}"
+            )
+        elif chunk is not None:
+            where = f"{want} for the chunk x of shape {chunk}"
         raise InputError(
-            f"loss_fn must return per-step, per-stream losses of shape {want}, got {got}"
+            f"loss_fn must return per-step, per-stream losses shaped like x's first two axes "
+            f"{lead}, {where}; got {got}"
         )
     if not losses.is_floating_point():
         raise InputError(f"loss_fn must return floating-point losses, got dtype {losses.dtype}")
@@ -245,6 +359,26 @@ def check_losses(losses: object, x: Tensor) -> Tensor:
             "model's output or loss_fn's result was detached, or computed under torch.no_grad()"
         )
     return losses
+
+
+def check_linked(model: nn.Module, state: st.State, new: st.State) -> bool:
+    """Whether the state a module returned was checked to be a differentiable function of the
+    state it was given (SEMANTICS.md 6): False while the given state carries no gradient (nothing
+    to tell); InputError, naming the module, if a returned tensor was cut from it (detached)."""
+    if not any(st.differentiable(t) for t in st.leaves(state)):
+        return True  # a state of integers carries no gradient: nothing to check
+    if not any(t.requires_grad for t in st.leaves(state)):
+        return False
+    cut = [k for k, t in enumerate(st.leaves(new)) if st.differentiable(t) and not t.requires_grad]
+    if cut:
+        n = len(st.leaves(new))
+        raise InputError(
+            f"model {type(model).__name__} returned a state cut from the state it was given "
+            f"(tensor {cut[0]} of {n} has no gradient: detached?), so no gradient would cross its "
+            "calls; the protocol needs new_state to be a differentiable function of state: "
+            "return it attached (the driver truncates where the schedule says)"
+        )
+    return True
 
 
 def check_starts(model: nn.Module, state0: object) -> bool:
@@ -271,24 +405,3 @@ def check_signature(new: st.State, before: object, state0: object) -> object:
     elif sig != before:
         raise InputError(f"the model returned a state of shapes {sig}, before {before}")
     return sig
-
-
-def check_format(sd: object, fmt: str, kind: str) -> None:
-    """A saved state of format `fmt` (from `kind`.state_dict()), or InputError."""
-    if not isinstance(sd, dict) or sd.get("format") != fmt:
-        got = sd.get("format") if isinstance(sd, dict) else type(sd).__name__
-        raise InputError(f"state must be a {fmt!r} dict from {kind}.state_dict(), got {got!r}")
-
-
-def check_saved(sd: dict, settings: dict, parts: dict) -> None:
-    """A saved state with these settings, and these parts (scheduler, scaler) present or absent
-    as here; InputError naming the first difference."""
-    for name, mine in settings.items():
-        if sd[name] != mine:
-            raise InputError(f"the saved run had {name}={sd[name]!r}, this driver {mine!r}")
-    for name, obj in parts.items():
-        if (sd[name] is None) != (obj is None):
-            raise InputError(
-                f"the saved run {'had' if sd[name] is not None else 'had no'} {name}, "
-                f"this driver {'has none' if obj is None else 'has one'}"
-            )

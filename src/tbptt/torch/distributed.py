@@ -50,16 +50,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import DistributedError, InputError
 from . import state as st
 
 Tensor = torch.Tensor
 PER_STREAM = ("x", "y", "mask", "reset")  # segment records with a stream axis, besides state_in
 DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for the other ranks (TBPTT_TIMEOUT)
-
-
-class DistributedError(RuntimeError):
-    """A collective failed: another process died, or did not answer within the timeout."""
 
 
 def _dist():
@@ -106,6 +102,22 @@ def resolve(model: nn.Module, process_group: object) -> tuple[nn.Module, Any]:
     return inner, group
 
 
+def collective(rank: int, world: int, what: str, fn: Callable, *args: Any, **kw: Any) -> Any:
+    """fn(*args, **kw), a collective of process `rank` of `world`; its failure (gloo's or NCCL's
+    RuntimeError) as a DistributedError in one line naming `what`. Every collective of tbptt
+    goes through here: the driver's (Comm) and torchrun's job (Launch)."""
+    try:
+        return fn(*args, **kw)
+    except DistributedError:
+        raise
+    except RuntimeError as exc:  # gloo, NCCL: a peer died, timed out, or called otherwise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(
+            f"process {rank} of {world}: {what} failed: another process died, did not answer "
+            f"within the process group's timeout, or is elsewhere in the run ({first})"
+        ) from exc
+
+
 class Comm:
     """The driver's side of a process group: the few collectives of the module docstring."""
 
@@ -122,15 +134,7 @@ class Comm:
 
     def call(self, what: str, fn: Callable, *args: Any, **kw: Any) -> Any:
         """fn(*args, **kw), a collective; its failure as a DistributedError naming `what`."""
-        try:
-            return fn(*args, **kw)
-        except RuntimeError as exc:  # gloo, NCCL: a peer died, timed out, or called otherwise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DistributedError(
-                f"process {self.rank} of {self.world}: {what} failed: another process died, did "
-                "not answer within the process group's timeout, or is elsewhere in the run "
-                f"({first})"
-            ) from exc
+        return collective(self.rank, self.world, what, fn, *args, **kw)
 
     def all_reduce(self, tensor: Tensor, what: str) -> None:
         """tensor <- its sum over the ranks, in place."""
@@ -432,7 +436,7 @@ class Launch:
         if self.world == 1:
             return value
         v = torch.tensor([value * count, count], dtype=torch.float64, device=self.comm_device)
-        _dist().all_reduce(v)
+        collective(self.rank, self.world, "averaging the losses", _dist().all_reduce, v)
         return float(v[0] / max(float(v[1]), 1.0))
 
     def agree(self, seconds: float, stop: bool) -> tuple[float, bool]:
@@ -440,7 +444,8 @@ class Launch:
         if self.world == 1:
             return seconds, stop
         v = torch.tensor([seconds, float(stop)], dtype=torch.float64, device=self.comm_device)
-        _dist().all_reduce(v, op=_dist().ReduceOp.MAX)
+        what = "agreeing on the time and on stopping"
+        collective(self.rank, self.world, what, _dist().all_reduce, v, op=_dist().ReduceOp.MAX)
         return float(v[0]), bool(v[1] > 0)
 
     @property

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from typing import Protocol
+from typing import Any, Protocol, TypedDict
 
 import torch
 from torch import nn
@@ -47,26 +47,49 @@ from .checks import (
     check_arguments,
     check_autocast,
     check_chunk,
-    check_format,
     check_hooks,
+    check_linked,
     check_losses,
+    check_optimizer,
     check_result,
-    check_saved,
     check_signature,
     check_starts,
     check_state0,
+    check_state0_batch,
+    mask_total,
+    nonfinite_input,
 )
-from .modules import l2_loss
+from .modules import kept_targets, l2_loss, masked
 from .rule import Rule, Shell
+from .saved import (
+    check_counters,
+    check_format,
+    check_model_state,
+    check_optimizer_state,
+    check_saved,
+    optimizer_kind,
+)
 from .tbptt import TruncationRule
 
 Tensor = torch.Tensor
 LossFn = Callable[[Tensor, Tensor], Tensor]
-__all__ = ["SHELL_OPTIONS", "TBPTT", "LossFn", "Rule", "Shell", "read", "shell_options"]
+__all__ = [
+    "SHELL_OPTIONS",
+    "TBPTT",
+    "ForwardOptions",
+    "LossFn",
+    "Rule",
+    "SegmentOptions",
+    "Shell",
+    "passed_on",
+    "read",
+    "shell_options",
+]
 
 # The shell's options besides model, truncation (or rule) and optimizer, as TBPTT's Args document
-# them. The methods' factories (ARTBP, RTRL, UORO) take some of them, with the same names and
-# defaults, and pass them on with shell_options(locals()).
+# them. The methods' factories (ARTBP, RTRL, UORO) take those of ForwardOptions or SegmentOptions
+# below as **options and pass them on (passed_on); make_trainer picks them from its keywords
+# (shell_options).
 SHELL_OPTIONS = (
     "loss_fn",
     "clip",
@@ -97,13 +120,46 @@ def shell_options(keywords: dict) -> dict:
     return {k: v for k, v in keywords.items() if k in SHELL_OPTIONS}
 
 
+class ForwardOptions(TypedDict, total=False):
+    """The shell's options that the factories of the forward-mode methods (tbptt.torch.RTRL,
+    UORO) pass on, each as TBPTT's Args document it, with TBPTT's defaults."""
+
+    loss_fn: LossFn
+    clip: float | None
+    scheduler: Scheduler | None
+    batch_first: bool
+    state0: st.State | None
+    process_group: object | None
+    reduction: str
+
+
+class SegmentOptions(ForwardOptions, total=False):
+    """ForwardOptions and the two of a method that keeps segments (tbptt.torch.ARTBP)."""
+
+    amp: bool | torch.dtype
+    checkpoint: bool
+
+
+def passed_on(factory: str, options: Mapping[str, object], takes: type) -> dict[str, Any]:
+    """A factory's **options, after a TypeError (Python's own message) for a keyword that is not
+    one of `takes` (a TypedDict above)."""
+    known = takes.__optional_keys__  # type: ignore[attr-defined]
+    for name in options:
+        if name not in known:
+            raise TypeError(f"{factory}() got an unexpected keyword argument {name!r}")
+    return dict(options)
+
+
 class TBPTT:
     """Train a recurrent nn.Module online with TBPTT(k1, k2) on a stream of chunks.
 
     Args:
         model: called as model(x, state) -> (output, new_state); state None means its zeros.
             A forward that takes the keyword starts gets the resets itself, one call per piece:
-            model(x, state, starts=reset) (SEMANTICS.md 10; call.py).
+            model(x, state, starts=reset) (SEMANTICS.md 10; call.py). Any other module's resets
+            run packed, its streams' pieces as the rows of a few calls, unless it is not packable
+            (an attribute packable = False, or a batch-norm layer in training mode:
+            call.packable), whose calls are split at the resets instead.
         truncation: the schedule tbptt.Truncation(k1, k2, inject, flush), or a method's rule
             (rule.py; tbptt.torch.ARTBP, RTRL and UORO build this shell with theirs).
         optimizer: any torch.optim optimizer over the model's parameters.
@@ -169,6 +225,7 @@ class TBPTT:
         }
         if not self.params:
             raise InputError("model has no parameters that require grad: nothing to train")
+        check_optimizer(optimizer, self.params)
         rule = TruncationRule(truncation) if isinstance(truncation, Truncation) else truncation
         self.model, self.rule, self.optimizer = model, rule, optimizer
         self.loss_fn, self.clip, self.scheduler = loss_fn, clip, scheduler
@@ -182,13 +239,19 @@ class TBPTT:
         self.state0 = check_state0(state0, self.params, self.device)
         self.starts = check_starts(model, self.state0)  # it takes the resets (SEMANTICS.md 10)
         self.batch_dim = getattr(model, "state_batch_dim", None)  # its states' stream axis
+        dtypes = [p.dtype for p in self.params.values() if p.is_floating_point()]
+        dense = dtypes and not getattr(model, "takes_ids", True)  # OneHot: one-hot rows
+        self.onehot = dtypes[0] if dense else None  # (a Recurrent without an embedding)
         # t: the steps computed so far, u_prev: the last update time (the schedule's phase),
         # skipped: the updates whose step float16 loss scaling (the GradScaler) skipped
         self.t = self.u_prev = self.updates = self.skipped = 0
         self.batch: int | None = None  # streams, fixed by the first chunk
+        self.chunk: tuple[int, ...] | None = None  # the shape of the chunk x being fed
+        self._fed: tuple[Tensor, Tensor, Tensor | None] | None = None  # its x, y, mask
         self.finished, self.last_grad_norm = False, None
         self.carried: st.State | None = self.state0  # the carried state, attached to the last graph
         self._sig: object = None  # the state's structure and shapes, fixed by the first call
+        self._linked = False  # the module's state was seen to depend on the state given (once)
         self._pending: list[Tensor] = []  # loss sums not yet checked for finiteness
         self._pending_from = 1
         self._chunk_total = self._chunk_count = self._chunk_local = 0.0
@@ -232,19 +295,36 @@ class TBPTT:
         """
         rule = self.rule
         if self.finished:
-            raise RuntimeError(
-                f"the stream was finished; create a new {rule.name} to train on another"
+            raise InputError(
+                "feed after finish(): the stream was finished; create a new "
+                f"{rule.name} to train on another"
             )
-        x, y, mask, reset, batch = check_chunk(x, y, mask, reset, self.device, self.batch_first)
+        x, y, mask, reset, batch = check_chunk(
+            x, y, mask, reset, self.device, self.batch_first, self.onehot
+        )
+        weights = None if mask is None else mask_total(mask, self.batch_first)  # (one sync)
         if self.batch is None:
+            check_state0_batch(self.state0, batch, self.batch_dim)
             self.batch = batch
         elif batch != self.batch:
             raise InputError(
                 f"x has {batch} streams (batch size), but this stream was started with "
                 f"{self.batch}; the streams of a batch go on together, so the size cannot change"
             )
+        try:
+            self.chunk, self._fed = tuple(x.shape), (x, y, mask)
+            return self._feed(x, y, mask, reset, weights)
+        finally:
+            self.chunk = self._fed = None
+
+    def _feed(
+        self, x: Tensor, y: Tensor, mask: Tensor | None, reset: Tensor | None, weights: float | None
+    ) -> float:
+        """feed's pieces and updates, on a checked chunk (weights: the mask's total)."""
+        rule = self.rule
+        assert self.batch is not None  # fixed by feed
         T = x.shape[self.tdim]
-        count = float(T * self.batch) if mask is None else float(mask.sum())
+        count = float(T * self.batch) if weights is None else weights
         self._chunk_total, self._chunk_count, self._chunk_local = 0.0, count, count
         start = 0
         while start < T:  # pieces end where the rule says; chunk ends are free
@@ -282,7 +362,9 @@ class TBPTT:
         zeros), restarting stream j from state0 where reset[t, j], as training does (6.1). No
         gradient, nothing kept; the stream being trained is not touched. Returns (output, state).
         """
-        x, _, _, reset, _ = check_chunk(x, None, None, reset, self.device, self.batch_first)
+        x, _, _, reset, _ = check_chunk(
+            x, None, None, reset, self.device, self.batch_first, self.onehot
+        )
         state = self.state0 if state is None else state
         with torch.no_grad():
             out, state = self.outputs(x, state, reset, stream=False)
@@ -299,7 +381,7 @@ class TBPTT:
             return self.call(xa, s, params, stream, **kw)
 
         kw = {"restart": self.state0, "batch_dim": self.batch_dim, "tdim": self.tdim}
-        kw["starts"] = self.starts
+        kw["starts"], kw["packed"] = self.starts, calls.packable(self.model)
         return calls.outputs(call, x, state, reset, **kw)
 
     def losses(
@@ -307,6 +389,9 @@ class TBPTT:
     ) -> tuple[Tensor, st.State]:
         """A piece from `state`: its masked losses l_t (L, batch) and the state after it; with
         checkpoint, as a torch.utils.checkpoint (recomputed during backward)."""
+        if not self._linked and state is not None and torch.is_grad_enabled():
+            if not any(t.requires_grad for t in st.leaves(state)):  # once: a leaf copy, for the
+                state = st.as_leaf(state)  # check of the state returned (call), the same values
         args = (x, y, mask, reset, state, params)
         if checkpoint:
             return torch_checkpoint(self._losses, *args, use_reentrant=False)
@@ -315,11 +400,8 @@ class TBPTT:
     def _losses(self, x, y, mask, reset, state, params) -> tuple[Tensor, st.State]:
         out, state = self.outputs(x, state, reset, params)
         with self._autocast():
-            losses = self.loss_fn(out, y)
-        losses = check_losses(losses, x)
-        if mask is not None:
-            losses = losses * mask.to(losses.dtype)
-        return losses, state
+            losses = self.loss_fn(out, kept_targets(y, mask))
+        return masked(check_losses(losses, x, self.chunk, self.tdim), mask), state
 
     def _autocast(self):
         dtype = self.amp_dtype
@@ -330,7 +412,7 @@ class TBPTT:
     ) -> tuple[Tensor, st.State]:
         """One call of the module (with the given parameter values; kw: starts=), its result
         checked; on the stream being trained (not predict's), the state's shapes must stay the
-        same."""
+        same on the calls of all its streams (call.py checks the packed calls)."""
         first = self._sig is None
         try:
             with self._autocast():
@@ -338,6 +420,8 @@ class TBPTT:
                     res = self.model(x, state, **kw)
                 else:
                     res = functional_call(self.model, params, (x, state), kw or None)
+        except InputError:  # the module's own check of its input (a TypeError too): as it is
+            raise
         except TypeError as exc:
             if first:
                 raise InputError(
@@ -346,8 +430,10 @@ class TBPTT:
                 ) from exc
             raise
         out, new = check_result(res, x)
-        if stream:
+        if stream and self.batch in (None, x.shape[1 - self.tdim]):
             self._sig = check_signature(new, self._sig, self.state0)
+            if not self._linked and torch.is_grad_enabled() and state is not None:
+                self._linked = check_linked(self.model, state, new)
         return out, new
 
     def stream_dims(self, state: st.State | None, batch: int) -> list[int] | None:
@@ -416,6 +502,12 @@ class TBPTT:
                     self.u_prev,
                     self.updates,
                 )
+            bad = None if self._fed is None or here else nonfinite_input(*self._fed, self.tdim)
+            if bad is not None:  # the input, not the training: say so
+                raise InputError(
+                    f"{bad}; the losses of steps {first}..{self.t} are {value}; {what}; updates "
+                    f"so far: {self.updates}"
+                )
             raise NonFiniteError(
                 f"the loss became non-finite ({value}) in steps {first}..{self.t}; {what}; the "
                 f"parameters are untouched (updates so far: {self.updates})",
@@ -461,6 +553,7 @@ class TBPTT:
             "finished": self.finished,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_class": optimizer_kind(self.optimizer),
             "scheduler": None if sched is None else sched.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": torch.get_rng_state(),
@@ -473,8 +566,9 @@ class TBPTT:
         return self.comm.gather_streams(sd, axis=1 - self.tdim, dims=dims)
 
     def load_state_dict(self, sd: dict | str | None) -> None:
-        """Restore what state_dict() returned, after checking it (InputError, and nothing has
-        changed, if it comes from another kind of trainer or other settings).
+        """Restore what state_dict() returned, after checking all of it (saved.py, the rule's
+        read): InputError, and nothing has changed, if it comes from another kind of trainer,
+        other settings, another model or optimizer, or is incomplete.
 
         Several processes: a collective call; rank 0's sd is used, each process takes its share
         of the streams (any number of processes that divides them). A str (load's: rank 0 could
@@ -490,9 +584,16 @@ class TBPTT:
             B = sd["batch"]
             dims = None if B is None else self.rule.stream_dims(self, sd["state"], B)
             sd = dd.split_streams(sd, self.comm.rank, self.comm.world, 1 - self.tdim, dims)
-        restore = self.rule.read(self, sd)  # checks the rule's part, changing nothing
+        # everything is checked (saved.py) before anything is written: all or nothing
+        check_model_state(self.model, sd["model"])
+        try:
+            restore = self.rule.read(self, sd)  # checks the rule's part, changing nothing
+        except KeyError as exc:
+            raise InputError(f"the saved state is incomplete: it has no {exc}") from None
         settings = {"batch_first": self.batch_first, "reduction": self.reduction}
         check_saved(sd, settings, {"scheduler": self.scheduler, "scaler": self.scaler})
+        check_optimizer_state(self.optimizer, sd["optimizer"], sd.get("optimizer_class"))
+        check_counters(sd)
         self.model.load_state_dict(sd["model"])
         self.optimizer.load_state_dict(sd["optimizer"])
         if self.scheduler is not None:

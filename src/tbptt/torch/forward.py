@@ -63,6 +63,7 @@ from ..schedule import Truncation, Window
 from . import state as st
 from .cells import Cell, OuterRows, Tape, cell_for
 from .checks import check_losses
+from .modules import kept_targets, masked
 from .tbptt import Scheduled
 
 if TYPE_CHECKING:
@@ -345,9 +346,9 @@ class ForwardRule(Scheduled):
         return loss, st.detach(new), None
 
     def _masked(self, shell: Shell, out: Tensor, y: Tensor, x: Tensor, mask) -> Tensor:
-        """The step's losses l_t (1, batch), masked."""
-        losses = check_losses(shell.loss_fn(out, y), x)
-        return losses if mask is None else losses * mask.to(losses.dtype)
+        """The step's losses l_t (1, batch), masked (the masked steps' targets never read)."""
+        losses = shell.loss_fn(out, kept_targets(y, mask))
+        return masked(check_losses(losses, x, shell.chunk, shell.tdim), mask)
 
     def _module_pass(self, shell: Shell, x: Tensor, y: Tensor, mask, v: Tensor, cot):
         """The module's step from h_{t-1} = v (batch, n), run once, with its state a forward-mode
@@ -498,6 +499,7 @@ class ForwardRule(Scheduled):
         refused state changes nothing); the restore."""
         self.check_schedule(sd)
         B, state, recurrent = sd["batch"], sd["state"], sd["recurrent"]
+        pending, pending_count = dict(sd["pending"]), float(sd["pending_count"])
         if recurrent is not None and not set(recurrent) <= set(shell.params):
             raise InputError(
                 f"the saved run's theta has parameters {recurrent}, this model {list(shell.params)}"
@@ -526,8 +528,8 @@ class ForwardRule(Scheduled):
             self.influence, self.recurrent, self.flat = influence, recurrent, None
             self.cell, self.cell_checked = None, False
             device = shell.device
-            self.sum = {k: v.to(device).clone() for k, v in sd["pending"].items()} if mine else {}
-            self.count = float(sd["pending_count"]) if mine else 0.0
+            self.sum = {k: v.to(device).clone() for k, v in pending.items()} if mine else {}
+            self.count = pending_count if mine else 0.0
             return None if state is None else st.to(state["h"], device)
 
         return restore

@@ -47,6 +47,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 OUTPUTS = (*ACTIVATIONS, "softmax")
 FUSED = ("tanh", "relu")  # the f that torch's RNN kernel runs (nn.RNN's nonlinearity)
 IDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+NO_INDEX = -(2**63)  # cross_entropy_loss's ignore_index: no class is ignored (torch's is -100)
 
 
 def l2_loss(output: Tensor, y: Tensor) -> Tensor:
@@ -71,9 +72,38 @@ def cross_entropy_loss(logits: Tensor, y: Tensor) -> Tensor:
             f"y must hold integer class indices of shape {tuple(logits.shape[:-1])} (the logits' "
             f"shape without the class axis) for cross_entropy_loss, got {y.dtype} {tuple(lead)}"
         )
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
-    ).view(lead)
+    p = logits.shape[-1]
+    try:  # every class is read: no ignore_index (torch's -100) silently drops a step's loss;
+        # a masked step's class is set to 0 by the driver, whatever it was
+        losses = F.cross_entropy(
+            logits.reshape(-1, p), y.reshape(-1), reduction="none", ignore_index=NO_INDEX
+        )
+    except IndexError:  # torch's check of the classes
+        bad = y[(y < 0) | (y >= p)]
+        got = int(bad[0]) if bad.numel() else "a class"
+        raise InputError(
+            f"y holds the class {got}, expected 0 <= y < {p} (the logits' classes) for "
+            "cross_entropy_loss"
+        ) from None
+    return losses.view(lead)
+
+
+def kept_targets(y: Tensor, mask: Tensor | None) -> Tensor:
+    """y with the targets of the masked steps (weight 0) set to 0: they are never read, so a NaN
+    or an out-of-range class there reaches neither the loss nor its gradient. mask like y's first
+    two axes, or None."""
+    if mask is None:
+        return y
+    keep = (mask > 0).view(*mask.shape, *(1,) * (y.dim() - mask.dim()))
+    return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def masked(losses: Tensor, mask: Tensor | None) -> Tensor:
+    """The weighted losses w_t l_t, with the masked steps (w_t = 0) selected out, not multiplied
+    by 0 (which keeps a NaN)."""
+    if mask is None:
+        return losses
+    return torch.where(mask > 0, losses * mask.to(losses.dtype), 0.0)
 
 
 class ElmanRNN(nn.Module):
@@ -156,6 +186,12 @@ class ElmanRNN(nn.Module):
         want = "(L, batch) integer ids" if ids else f"(L, batch, {self.m})"
         if x.dim() != (2 if ids else 3) or (not ids and x.shape[-1] != self.m):
             raise InputError(f"x must have shape {want}, got {tuple(x.shape)}")
+        if not ids and x.dtype != self.A.dtype:
+            got, name = (str(d).removeprefix("torch.") for d in (x.dtype, self.A.dtype))
+            raise InputError(
+                f"x is {got}, but this ElmanRNN's parameters are {name}: convert one of them "
+                f"(x.to(torch.{name}), or model.to(torch.{got})); the input is never cast"
+            )
         L, batch = x.shape[:2]
         if h is None:
             h = self.A.new_zeros(batch, self.n)
@@ -166,7 +202,7 @@ class ElmanRNN(nn.Module):
             H, h = self._fused(x, h)
         else:
             if ids:
-                Bx = F.embedding(x.long(), self.B.T)  # (L, batch, n): column ids_t of B, every t
+                Bx = columns(self.B, x)  # (L, batch, n): column ids_t of B, every t
                 if self.b is not None:
                     Bx = Bx + self.b
             else:
@@ -233,24 +269,40 @@ class ElmanRNN(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """module(x, state) -> (head(rnn_out), new_state) for nn.RNN, nn.GRU, nn.LSTM and the like.
+    """module(x, state) -> (head(rnn(embedding(x), state).output), new_state) for nn.RNN, nn.GRU,
+    nn.LSTM and the like.
 
     Args:
         rnn: a module called as rnn(x, state) -> (output, new_state); nn.RNN, nn.GRU and nn.LSTM
-            (any layers, directions, proj_size, batch_first) are checked against their state shape.
+            (any layers, directions, proj_size, batch_first) are checked against their input
+            (its width and dtype: never cast) and their state shape.
         head: applied to the rnn's output (e.g. nn.Linear(hidden, p)); None means the identity.
+        embedding: an nn.Embedding(vocabulary, rnn input size): x is then integer ids (L, batch)
+            ((batch, L) when the rnn is batch_first), looked up before the rnn. Trained in place
+            like the rnn and the head. Without it, integer ids are refused, and a tbptt.OneHot
+            chunk is fed as its one-hot rows.
 
     State None means zeros (the rnn's own default). nn.RNN and nn.GRU carry h, nn.LSTM (h, c), each
     (layers * directions, batch, hidden), batch on axis 1 even when batch_first.
     """
 
-    def __init__(self, rnn: nn.Module, head: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        rnn: nn.Module,
+        head: nn.Module | None = None,
+        *,
+        embedding: nn.Embedding | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(rnn, nn.Module):
             raise InputError(f"rnn must be an nn.Module, got {type(rnn).__name__}")
         if head is not None and not isinstance(head, nn.Module):
             raise InputError(f"head must be an nn.Module or None, got {type(head).__name__}")
-        self.rnn, self.head = rnn, head
+        if embedding is not None and not isinstance(embedding, nn.Embedding):
+            raise InputError(
+                f"embedding must be an nn.Embedding or None, got {type(embedding).__name__}"
+            )
+        self.rnn, self.head, self.embedding = rnn, head, embedding
         if isinstance(rnn, nn.RNNBase):
             self.state_batch_dim = 1
         elif hasattr(rnn, "state_batch_dim"):
@@ -261,13 +313,62 @@ class Recurrent(nn.Module):
         """The rnn's layout when it declares one."""
         return getattr(self.rnn, "batch_first", None)
 
+    @property
+    def takes_ids(self) -> bool:
+        """Whether x is integer ids (with an embedding); the driver feeds a tbptt.OneHot chunk to
+        a Recurrent without one as its one-hot rows."""
+        return self.embedding is not None
+
     def forward(self, x: Tensor, state: object = None) -> tuple[Tensor, object]:
+        x = self._input(x)
         if state is not None and isinstance(self.rnn, nn.RNNBase):
             self._check_state(x, state)
         out, new_state = self.rnn(x, state)
         return (out if self.head is None else self.head(out)), new_state
 
+    def _input(self, given: Tensor | OneHot) -> Tensor:
+        """What the rnn reads: ids looked up in the embedding; the width and dtype checked (an
+        nn.RNNBase's), never cast."""
+        rnn, emb = self.rnn, self.embedding
+        x = given if not isinstance(given, OneHot) else self._onehot(given)
+        if x.dtype in IDS:
+            if emb is None:
+                raise InputError(
+                    f"x holds integer ids ({str(x.dtype).removeprefix('torch.')}), but this "
+                    "Recurrent has no embedding to look them up: pass embedding=nn.Embedding("
+                    "vocabulary, input_size) to Recurrent (or feed floating inputs)"
+                )
+            if x.dim() != 2:
+                lead = "(batch, L)" if self.batch_first else "(L, batch)"
+                raise InputError(f"x must be integer ids of shape {lead}, got {tuple(x.shape)}")
+            x = lookup(emb, x)  # (L, batch, E) or (batch, L, E)
+        if isinstance(rnn, nn.RNNBase):
+            what = "the embedding's output" if emb is not None else "x"
+            if x.shape[-1] != rnn.input_size:
+                raise InputError(
+                    f"{what} has {x.shape[-1]} features per step, but the "
+                    f"{type(rnn).__name__} takes input_size={rnn.input_size}"
+                )
+            want = _dtype(rnn)
+            if want is not None and x.dtype != want:
+                got, name = str(x.dtype).removeprefix("torch."), str(want).removeprefix("torch.")
+                raise InputError(
+                    f"{what} is {got}, but the {type(rnn).__name__}'s parameters are {name}: "
+                    f"convert one of them (x.to(torch.{name}), or model.to(torch.{got})); the "
+                    "input is never cast"
+                )
+        return x
+
+    def _onehot(self, x: OneHot) -> Tensor:
+        """A OneHot given to the module itself: its ids for the embedding, else its one-hot rows
+        (what the driver feeds)."""
+        ids = torch.as_tensor(x.ids, device=next(self.parameters()).device)
+        if self.embedding is not None:
+            return ids
+        return F.one_hot(ids, x.m).to(_dtype(self.rnn) or torch.float32)
+
     def _check_state(self, x: Tensor, state: object) -> None:
+        """The state against the rnn and x, the input the rnn reads (embedded)."""
         rnn = self.rnn
         assert isinstance(rnn, nn.RNNBase)  # forward checks the state of an nn.RNNBase only
         batch = x.shape[0 if rnn.batch_first else 1] if x.dim() == 3 else None
@@ -290,3 +391,33 @@ class Recurrent(nn.Module):
                     f"state must be a tensor of shape {want} for this {type(rnn).__name__}, "
                     f"got {got}"
                 )
+
+
+def _dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating parameter (None: it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def lookup(embedding: nn.Embedding, ids: Tensor) -> Tensor:
+    """embedding(ids), an id out of range an InputError naming it (found after torch's check)."""
+    try:
+        return embedding(ids)
+    except IndexError:
+        n = embedding.num_embeddings
+        bad = ids[(ids < 0) | (ids >= n)]
+        got = int(bad[0]) if bad.numel() else "an id"
+        raise InputError(
+            f"x holds the id {got}, expected 0 <= id < {n} (the embedding's num_embeddings)"
+        ) from None
+
+
+def columns(B: Tensor, ids: Tensor) -> Tensor:
+    """B x_t for one-hot x_t given by its id: column ids_t of B (F.embedding of B^T); an id out of
+    range an InputError naming it (found after torch's check)."""
+    try:
+        return F.embedding(ids.long(), B.T)
+    except IndexError:
+        m = B.shape[1]
+        bad = ids[(ids < 0) | (ids >= m)]
+        got = int(bad[0]) if bad.numel() else "an id"
+        raise InputError(f"x holds the id {got}, expected 0 <= id < m = {m} (the inputs)") from None

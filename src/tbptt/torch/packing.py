@@ -26,9 +26,11 @@ are index_select / index_copy (their backward scatters and gathers the same rows
 
 What a call must allow: out_r rows depend only on their own stream's rows of x_r and h_r (no
 batch statistics), and a call over steps a..c equals a call over a..b followed by b..c from its
-final state. The driver assumes the same when it splits a chunk at its resets; torch's nn.RNN,
+final state. The driver asks the same when it packs a chunk's resets (call.py); torch's nn.RNN,
 nn.GRU, nn.LSTM, tbptt.torch.ElmanRNN and Recurrent around them satisfy it. run(..., packed=False)
 keeps the batch of the collector instead: one call per step on all streams (the per-step path).
+A single-layer nn.GRU (bare or in Recurrent) is called through gru.py's gru_call: the same
+equations with a backward of its own, on the module's parameters.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 
 from ..errors import InputError
 from . import state as st
+from .gru import gru_call
 from .rounds import rounds
 
 Tensor = torch.Tensor
@@ -102,6 +105,7 @@ def run(
 
     Returns (out (T, N, ...) with its graph, final state with its graph).
     """
+    call = gru_call(call)  # a single-layer nn.GRU: its sequence with its own backward
     T, N = (x.shape[0], x.shape[1]) if time_dim == 0 else (x.shape[1], x.shape[0])
     s = np.zeros((T, N), bool) if starts is None else starts.detach().cpu().numpy()
     s = s if time_dim == 0 else s.T  # (T, N)
@@ -297,6 +301,7 @@ def execute(
     ends: every piece's final state, batch S (a padded piece's is not its own: need_end says
     which are read).
     """
+    call = gru_call(call)
     T, N = (x.shape[0], x.shape[1]) if time_dim == 0 else (x.shape[1], x.shape[0])
     xflat = x.reshape(T * N, *x.shape[2:])  # row t N + n (time-major) or n T + t
     S, G = pieces.env.size, int((pieces.prev < 0).sum())
@@ -338,9 +343,13 @@ def execute(
         where += [p.ravel() for p in pos]  # output rows; a padded tail's go to row out[2]
     if out is None:
         return None, cur
-    y = torch.cat(rows) if len(rows) > 1 else rows[0]
-    full = y.new_zeros(out[2] + 1, *y.shape[1:])  # and a last row for the padded tails
-    return full.index_copy(0, as_index(np.concatenate(where), device), y)[: out[2]], cur
+    y = torch.cat(rows) if len(rows) > 1 else rows[0]  # (rows, ...)
+    dst = np.concatenate(where)
+    keep = np.flatnonzero(dst < out[2])  # not a padded tail's
+    if keep.size < dst.size:
+        y, dst = y.index_select(0, as_index(keep, device)), dst[keep]
+    # in place on new zeros: no copy of the (size, ...) tensor, and its backward only gathers
+    return y.new_zeros(out[2], *y.shape[1:]).index_copy_(0, as_index(dst, device), y), cur
 
 
 def as_index(a: np.ndarray, device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:

@@ -30,6 +30,13 @@ module(x[:0], None)[1], which such a module must therefore support. The batch ax
 tensor is the module's state_batch_dim (1 for torch's RNNs, 0 for ElmanRNN), else the one axis of
 size N. Every path runs through packing.py: a few calls of the module for the whole rollout, the
 number of calls independent of N and of the number of episode starts.
+
+A module whose forward takes the keyword `starts` takes the episode starts itself (SEMANTICS.md
+10; call.takes_starts): unroll passes it the mask, module(x, state, starts=starts), one call for
+the rollout (one per BPTT window with k), and Segments.run one call for its segments
+(rl_segments.py); such a module restarts a stream from its own h_init, the state its None means.
+unroll runs a module whose rows depend on the batch they are computed in (not call.packable:
+batch statistics) on the per-step path.
 """
 
 from __future__ import annotations
@@ -41,9 +48,11 @@ from torch import nn
 from ..errors import InputError
 from . import packing
 from . import state as st
+from .call import packable, takes_starts
 from .packing import as_index
 from .rl_base import (
     batch_dims,
+    check_batch,
     check_like,
     check_mask,
     check_module,
@@ -77,16 +86,37 @@ def unroll(
         k: the BPTT length: the gradient of the state entering steps k, 2k, ... is cut;
             None: nothing is cut.
         packed: False runs one call per step on all N environments (for a module whose rows
-            depend on the batch they are computed in, e.g. batch statistics).
+            depend on the batch they are computed in, e.g. batch statistics: a module that is not
+            call.packable runs so whatever packed says). A module that takes starts ignores it:
+            one call per BPTT window, the mask passed to it.
 
     Returns y (T, N, ...) with its graph, and final, the state after step T-1, detached.
     """
-    init, state, dims = _begin(module, x, starts, state0)
     if k is not None and (isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1):
         raise InputError(f"k must be an integer >= 1 or None, got {k!r}")
     k = None if k is None else int(k)
+    if takes_starts(module):
+        return _unroll_starts(module, x, starts, state0, k)
+    init, state, dims = _begin(module, x, starts, state0)
+    packed = packed and packable(module)
     y, final = packing.run(module, x, starts, state, init, dims, k=k, packed=packed)
     return y, st.detach(final)
+
+
+def _unroll_starts(
+    module: nn.Module, x: Tensor, starts: Tensor, state0: st.State | None, k: int | None
+) -> tuple[Tensor, st.State]:
+    """Layout 9(a) for a module that takes the starts (SEMANTICS.md 10): one call per BPTT window
+    of k steps (the whole rollout for k None), the state detached between windows."""
+    check_module(module)
+    T, N = check_rollout(x, starts)
+    h = None if state0 is None else check_batch(state0, "state0", module, N)
+    ys = []
+    for a in range(0, T, k or T):
+        b = min(T, a + (k or T))
+        y, h = module(x[a:b], st.detach(h), starts=starts[a:b])
+        ys.append(y)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys)), st.detach(h)
 
 
 def states(
@@ -123,7 +153,7 @@ def states(
     for hi, h0i, end, d in zip(
         st.leaves(init), st.leaves(state), st.leaves(ends), dims, strict=True
     ):
-        fill = float("nan") if hi.is_floating_point() else 0
+        fill = float("nan") if st.differentiable(hi) else 0  # complex too (the LRU)
         full = hi.new_full((T, *hi.shape), fill)  # (T, ..., N, ...): batch on axis d + 1
         view = full.movedim(d + 1, 1)  # (T, N, ...), a view of full
         for t, n, src, rows in (

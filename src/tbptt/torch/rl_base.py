@@ -129,6 +129,32 @@ def check_like(
     return st.detach(state)
 
 
+def check_batch(
+    state: object, name: str, module: nn.Module, n: int, lead: tuple[int, ...] = ()
+) -> st.State:
+    """state (a tensor or nesting) behind `lead` axes, with n environments on each tensor's batch
+    axis (the module's state_batch_dim, else its one axis of size n); returned detached. The
+    check for a module that takes starts, whose h_init rl does not need: the module checks the
+    rest of its state itself."""
+    st.check(state, name)
+    d = getattr(module, "state_batch_dim", None)
+    k = len(lead)
+    for t in st.leaves(state):
+        shape = tuple(t.shape)
+        if d is not None:
+            ok = shape[:k] == lead and t.dim() > k + int(d) and shape[k + int(d)] == n
+        else:
+            ok = shape[:k] == lead and shape[k:].count(n) == 1
+        if not ok:
+            what = f"a time axis of {lead[0]} steps in front of " if lead else ""
+            raise InputError(
+                f"{name} must hold {what}the module's state for N={n} environments (batch axis "
+                f"{'its one axis of size N' if d is None else d}), got shapes "
+                f"{st.signature(state)}"
+            )
+    return st.detach(state)
+
+
 def check_mask(a: object, name: str, shape: tuple[int, int]) -> np.ndarray:
     """A (T, N) bool tensor, as numpy."""
     if not isinstance(a, Tensor) or a.dtype != torch.bool or tuple(a.shape) != shape:

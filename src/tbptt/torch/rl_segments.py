@@ -15,6 +15,14 @@ Segments are independent, so a minibatch of them is one set of pieces for packin
 burn-ins run first (no gradient, their final states exact), then the segments from them, in
 rounds. The outputs are laid out (L, S', ...), L the longest segment of the plan: column j holds
 segment index[j], its i-th step in row i, then zeros (padding no computation touches).
+
+A module that takes starts (SEMANTICS.md 10) is called once for the segments instead, on their
+inputs laid out (L, S', ...) from their entering states, with starts on the first row of those
+that begin from h_init (so rl never needs its h_init's values): the steps after a segment's end
+are zeros the module runs on after the segment's last output, which they cannot change (the
+module is causal), and their outputs are dropped. The burn-ins run before it without gradient,
+one call per distinct burn-in length: a burn-in is min(burn_in, j length) steps, so one call when
+length >= burn_in, at most ceil(burn_in / length) otherwise.
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from torch import nn
 from ..errors import InputError
 from . import packing
 from . import state as st
+from .call import takes_starts
 from .packing import as_index, put, take
 from .rl_base import (
     batch_dims,
+    check_batch,
     check_buffer,
     check_like,
     check_module,
@@ -130,8 +140,6 @@ class Segments:
         idx = self._index(index)
         check_module(module)
         check_buffer(x, "x", (self.T, self.N))
-        init = h_init(module, x)
-        dims = batch_dims(module, init, self.N)
         tb = self._tb_stored[idx]  # (S',) the stored state each one reads, -1: h_init
         if states is None and (tb >= 0).any():
             j = int(np.flatnonzero(tb >= 0)[0])
@@ -142,6 +150,10 @@ class Segments:
                 f"before step {tb[j]}, which is not an episode start; pass states, e.g. "
                 "rl.states(module, x, starts, state0, at=segs.stored)"
             )
+        if takes_starts(module):
+            return self._run_starts(module, x, states, idx)
+        init = h_init(module, x)
+        dims = batch_dims(module, init, self.N)
         if states is not None:
             states = check_like(states, init, "states", self.N, lead=(self.T,))
         env, t0, burn = self._env[idx], self._t0[idx], self._burn[idx]
@@ -161,6 +173,45 @@ class Segments:
         out = (np.arange(idx.size), idx.size, self.L * idx.size)  # row i S' + j
         y, _ = packing.execute(module, x, pieces, h, dims, out=out)
         return y.view(self.L, idx.size, *y.shape[1:])
+
+    def _run_starts(
+        self, module: nn.Module, x: Tensor, states: st.State | None, idx: np.ndarray
+    ) -> Tensor:
+        """run() for a module that takes starts (SEMANTICS.md 10): one call for the segments,
+        laid out (L, S', ...) from their entering states, the module restarting those that begin
+        at an episode start (starts on their first row); before it, the burn-ins without
+        gradient, one call per distinct burn-in length (one when length >= burn_in)."""
+        env, t0, burn, tb = self._env[idx], self._t0[idx], self._burn[idx], self._tb_stored[idx]
+        S, dev, feat = idx.size, x.device, x.shape[2:]
+        fresh = tb < 0  # (S',) its first step run starts from h_init: the module restarts it
+        h: st.State | None = None  # the entering states, batch S'; None: h_init for all
+        dims: list[int] = []
+        if states is not None:
+            states = check_batch(states, "states", module, self.N, lead=(self.T,))
+            dims = batch_dims(module, st.tree_map(lambda s: s[0], states), self.N)
+            h = _zeros_like(st.tree_map(lambda s: s[0], states), dims, S)
+            take_at(states, tb, env, dims, h)  # stored rows; zeros where fresh
+        flat = x.reshape(self.T * self.N, *feat)  # row t N + n
+        for b in (int(b) for b in np.unique(burn[burn > 0])):
+            w = np.flatnonzero(burn == b)
+            src = (t0[w][None, :] - b + np.arange(b)[:, None]) * self.N + env[w][None, :]  # (b, W)
+            xb = flat.index_select(0, as_index(src.ravel(), dev)).view(b, w.size, *feat)
+            rows = as_index(w, dev)
+            hw = None if h is None else take(h, rows, dims)
+            with torch.no_grad():
+                _, end = module(xb, hw, starts=_first_row(fresh[w], b, dev))
+            if h is None:  # every row started from h_init: the shapes from the burn-ins' states
+                dims = batch_dims(module, end, w.size)
+                h = _zeros_like(end, dims, S)
+            put(h, rows, st.detach(end), dims)
+            fresh[w] = False
+        src, dst = self._cells(idx)
+        xs = flat.new_zeros(self.L * S, *feat)  # (L S', ...): the padding zeros
+        xs = xs.index_copy(0, as_index(dst, dev), flat.index_select(0, as_index(src, dev)))
+        starts = None if h is None else _first_row(fresh, self.L, dev)
+        y, _ = module(xs.view(self.L, S, *feat), h, starts=starts)  # (L, S', ...)
+        keep = self.mask[:, idx].to(dev).view(self.L, S, *([1] * (y.dim() - 2)))
+        return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=dev))
 
     # -- helpers --------------------------------------------------------------------------------
     def _index(self, index: object) -> np.ndarray:
@@ -197,6 +248,26 @@ class Segments:
         src = (self._t0[idx][None, :] + i) * self.N + self._env[idx][None, :]
         dst = i * idx.size + np.arange(idx.size)[None, :]
         return src[valid], dst[valid]
+
+
+def _zeros_like(state: st.State, dims: list[int], rows: int) -> st.State:
+    """Zeros shaped like state with `rows` rows on each tensor's batch axis."""
+    it = iter(dims)
+
+    def zeros(s: Tensor) -> Tensor:
+        d = next(it)
+        return s.new_zeros(*s.shape[:d], rows, *s.shape[d + 1 :])
+
+    return st.tree_map(zeros, state)
+
+
+def _first_row(flags: np.ndarray, L: int, device: torch.device) -> Tensor | None:
+    """starts (L, B) bool, true on row 0 where flags (B,); None when no flag is set."""
+    if not flags.any():
+        return None
+    starts = torch.zeros(L, flags.size, dtype=torch.bool, device=device)
+    starts[0] = as_index(flags, device, torch.bool)
+    return starts
 
 
 def _integer(v: object, low: int) -> bool | np.bool_:  # numpy's bool for a numpy integer

@@ -27,13 +27,13 @@ from torch.func import jacrev, vmap
 
 from ..errors import InputError
 from ..numpy.rtrl import MAX_BYTES
-from . import state as st
 from .cells import OuterJacobian
-from .driver import TBPTT, LossFn, shell_options
+from .driver import TBPTT, ForwardOptions, passed_on
 from .forward import ForwardRule, Step
-from .modules import l2_loss
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's from Python 3.11
+
     from .rule import Shell
 
 Tensor = torch.Tensor
@@ -45,13 +45,7 @@ def RTRL(  # noqa: N802  (the trainer's name)
     *,
     k1: int = 1,
     max_bytes: float = MAX_BYTES,
-    loss_fn: LossFn = l2_loss,
-    clip: float | None = None,
-    scheduler: object | None = None,
-    batch_first: bool = False,
-    state0: st.State | None = None,
-    process_group: object | None = None,
-    reduction: str = "sum",
+    **options: Unpack[ForwardOptions],
 ) -> TBPTT:
     """Train a small recurrent nn.Module online with RTRL, one step at a time, updating every k1
     steps (k1 = 1: Williams and Zipser's real-time learning).
@@ -71,7 +65,8 @@ def RTRL(  # noqa: N802  (the trainer's name)
     rule.influence: {"J": (batch, n, |theta|)}; rule.recurrent: theta's names.
     """
 
-    return TBPTT(model, RTRLRule(k1=k1, max_bytes=max_bytes), optimizer, **shell_options(locals()))
+    rule = RTRLRule(k1=k1, max_bytes=max_bytes)
+    return TBPTT(model, rule, optimizer, **passed_on("RTRL", options, ForwardOptions))
 
 
 class RTRLRule(ForwardRule):

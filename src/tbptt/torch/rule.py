@@ -52,6 +52,7 @@ class Shell(Protocol):
     u_prev: int  # the last update time
     updates: int
     batch: int | None  # streams, fixed by the first chunk
+    chunk: tuple[int, ...] | None  # the shape of the chunk x being fed (None between feeds)
     carried: State | None  # the carried state, attached to the last kept graph if any
 
     @property

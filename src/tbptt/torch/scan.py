@@ -26,7 +26,8 @@ Re(C h) = C_re h_re - C_im h_im is one real product of view_as_real(h).
 
 The layers follow the driver's protocol and take the resets themselves (SEMANTICS.md 10):
 layer(x, state=None, *, starts=None) -> (output, final state); state None is zeros; the final
-state is a differentiable function of the state given, so TBPTT(k1, k2 > k1) carries it.
+state is a differentiable function of the state given, so TBPTT(k1, k2 > k1) carries it. A chunk
+of no steps returns the state given (zeros for None): rl.h_init reads a module's h_init so.
 """
 
 from __future__ import annotations
@@ -218,10 +219,13 @@ def check_call(
             raise InputError(
                 f"x must be integer token ids of shape (T, batch), got {x.dtype} {tuple(x.shape)}"
             )
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= width):
+        try:
+            lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 0)
+        except RuntimeError:  # under torch.func.vmap (RTRL's and UORO's per-stream calls), which
+            lo, hi = 0, 0  # reads no value: the embedding's own lookup refuses a bad id there
+        if lo < 0 or hi >= width:
             raise InputError(
-                f"x must hold token ids in 0..{width - 1}, got values from {int(x.min())} to "
-                f"{int(x.max())}"
+                f"x must hold token ids in 0..{width - 1}, got values from {lo} to {hi}"
             )
     elif x.dim() != 3 or x.shape[-1] != width or x.dtype != dtype:
         raise InputError(
@@ -229,8 +233,6 @@ def check_call(
             f"inputs per step), got {x.dtype} {tuple(x.shape)}"
         )
     T, batch = x.shape[:2]
-    if T < 1:
-        raise InputError(f"x must hold at least one step, got shape {tuple(x.shape)}")
     if x.device != device:
         raise InputError(f"x is on {x.device}, the layer's parameters on {device}")
     if starts is not None:
@@ -315,7 +317,9 @@ class MinGRU(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         dtype, device = _dtype(self)
         m, H = self.input_size, self.hidden_size
-        check_call(x, state, starts, m, dtype, H, self.state_dtype, device)
+        T, batch = check_call(x, state, starts, m, dtype, H, self.state_dtype, device)
+        if T == 0:  # no step: the state given, or h_init (what rl.h_init asks of a module)
+            return x.new_zeros(0, batch, H), _state_or_zeros(state, batch, H, self.state_dtype, x)
         z = torch.sigmoid(self.linear_z(x))  # (T, batch, H): (10.2)
         h = mingru_scan(z, self.linear_h(x), state, starts)  # (T, batch, H): (10.3)
         return h, h[-1].clone()  # the state owns its memory, not a view of the chunk's h
@@ -388,6 +392,8 @@ class LRU(nn.Module):
         dtype, device = _dtype(self)
         m, H = self.input_size, self.hidden_size
         T, batch = check_call(x, state, starts, m, dtype, H, self.state_dtype, device)
+        if T == 0:  # no step: the state given, or h_init (what rl.h_init asks of a module)
+            return x.new_zeros(0, batch, m), _state_or_zeros(state, batch, H, self.state_dtype, x)
         lam = torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))  # (10.4)
         g = torch.exp(self.gamma_log)[:, None]  # (H, 1)
         WB = torch.stack((g * self.B_re, g * self.B_im), 1).reshape(2 * H, m)  # rows re_k, im_k
@@ -399,6 +405,13 @@ class LRU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}"
+
+
+def _state_or_zeros(
+    state: Tensor | None, batch: int, H: int, dtype: torch.dtype, x: Tensor
+) -> Tensor:
+    """The state after zero steps: a copy of the state given, or zeros (batch, H)."""
+    return x.new_zeros(batch, H, dtype=dtype) if state is None else state.clone()
 
 
 def _check_sizes(**sizes: object) -> None:

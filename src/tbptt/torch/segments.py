@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
+from ..errors import InputError
 from . import distributed as dd
 from . import state as st
 from .call import narrow
@@ -317,7 +318,21 @@ class Segments:
         """The restore of what state_dict saved: every segment that had a graph is run again
         from its record, in the same module calls (linked again through `link`), so the rebuilt
         graph and the carried state are those of the uninterrupted run. Returns the carried
-        state, attached to the last graph when it ends at step t."""
+        state, attached to the last graph when it ends at step t. The records are checked here,
+        changing nothing (KeyError: a part is missing)."""
+        require(sd, ("state", "copies", "param_sets", "segments"))
+        for r in sd["segments"]:
+            require(r, (*dd.PER_STREAM, "t0", "L", "state_in", "params", "rng", "device_rng"))
+            require(r, ("graph", "leaf", "link"))
+        for P in sd["param_sets"]:  # the parameter values segments ran with: this model's
+            for name, p in shell.params.items():
+                v = P.get(name)
+                if not isinstance(v, Tensor) or v.shape != p.shape:
+                    got = tuple(v.shape) if isinstance(v, Tensor) else None
+                    raise InputError(
+                        f"the saved parameter values of the kept steps have {name} of shape "
+                        f"{got}, this model's {tuple(p.shape)}"
+                    )
 
         def restore() -> st.State:
             def dev(v: Any) -> Any:  # a saved value (a state, a tensor or None) on the device
@@ -379,6 +394,13 @@ def _copy(a: Tensor | None) -> Tensor | None: ...
 def _copy(a: Tensor | None) -> Tensor | None:
     """Our own copy of a caller's tensor (None: None)."""
     return None if a is None else a.clone()
+
+
+def require(d: dict, keys: tuple[str, ...]) -> None:
+    """KeyError naming the first of `keys` that the saved dict d lacks."""
+    for k in keys:
+        if k not in d:
+            raise KeyError(k)
 
 
 def injected(losses: Tensor, a: int, tdim: int) -> Tensor | None:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..checks import is_int
 from ..errors import InputError
 from ..streams import Streams
 
@@ -197,11 +198,20 @@ class StreamLoader(DataLoader):
     def load_state_dict(self, sd: dict[str, int]) -> None:
         """Begin the next iteration where state_dict() was taken (the next epoch if at its end)."""
         here = self.state_dict()
+        if not isinstance(sd, dict) or "position" not in sd:
+            got = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
+            raise InputError(f"sd must be a StreamLoader's state_dict() with a position, got {got}")
+        pos = sd["position"]
+        if not is_int(pos) or not 0 <= pos <= here["chunks"]:
+            raise InputError(
+                f"sd's position must be an integer 0..{here['chunks']} (the chunks handed out in "
+                f"the epoch), got {pos!r}"
+            )
         for k in ("chunks", "length", "streams", "steps"):
             if sd.get(k) != here[k]:
                 raise InputError(
                     f"the saved loader read {sd.get(k)} {k}, this one {here[k]}: resume with the "
                     "same sequences, batch and chunk length"
                 )
-        self._resume = int(sd["position"]) % here["chunks"]
+        self._resume = int(pos) % here["chunks"]
         self.position = self._resume

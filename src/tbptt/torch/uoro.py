@@ -40,11 +40,12 @@ from ..generators import as_generator
 from ..numpy.uoro import EPS
 from . import draws
 from . import state as st
-from .driver import TBPTT, LossFn, shell_options
+from .driver import TBPTT, ForwardOptions, passed_on
 from .forward import ForwardRule, Step, zero
-from .modules import l2_loss
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's from Python 3.11
+
     from .rule import Shell
 
 Tensor = torch.Tensor
@@ -58,13 +59,7 @@ def UORO(  # noqa: N802  (the trainer's name)
     k1: int = 1,
     rng: int | np.random.Generator | None = None,
     eps: float = EPS,
-    loss_fn: LossFn = l2_loss,
-    clip: float | None = None,
-    scheduler: object | None = None,
-    batch_first: bool = False,
-    state0: st.State | None = None,
-    process_group: object | None = None,
-    reduction: str = "sum",
+    **options: Unpack[ForwardOptions],
 ) -> TBPTT:
     """Train a recurrent nn.Module online with UORO (Tallec and Ollivier 2017), one step at a
     time, updating every k1 steps.
@@ -86,7 +81,8 @@ def UORO(  # noqa: N802  (the trainer's name)
     theta~ = kappa Theta; rule.recurrent: the names of theta's parameters, in order.
     """
 
-    return TBPTT(model, UORORule(k1=k1, rng=rng, eps=eps), optimizer, **shell_options(locals()))
+    rule = UORORule(k1=k1, rng=rng, eps=eps)
+    return TBPTT(model, rule, optimizer, **passed_on("UORO", options, ForwardOptions))
 
 
 class UORORule(ForwardRule):
