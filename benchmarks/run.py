@@ -187,6 +187,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> str:
+    """The vector instruction sets the CPU reports (what decides BLAS kernels and torch's paths)."""
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return " ".join(f for f in wanted if f in have) or "none of " + " ".join(wanted)
+    except OSError:
+        pass
+    return "unknown (no /proc/cpuinfo)"
+
+
 def render(groups: list, env: dict[str, str]) -> str:
     from common import fmt_ms
 
@@ -263,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, "
         f"{platform.system()} {platform.release()}",
+        "CPU flags": cpu_flags(),
         "code": common.git_state(ROOT),
         "python": platform.python_version(),
         "packages": ", ".join(
