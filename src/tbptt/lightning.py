@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -186,7 +186,7 @@ class TBPTTModule(L.LightningModule):
             **self.driver_options,
         )
 
-    def _amp(self) -> bool | torch.dtype:
+    def _amp(self) -> torch.dtype | Literal[False]:
         """The driver's autocast dtype for Lightning's precision: bf16-mixed, or none."""
         precision = str(self.trainer.precision)
         if precision == "bf16-mixed":

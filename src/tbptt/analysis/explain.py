@@ -1,14 +1,9 @@
 """What a TBPTT(k1, k2) schedule does, as text: windows, per-loss use and cost (SEMANTICS.md 3-4).
 
-Everything drawn comes from `tbptt.Truncation`, the object the engines use. One row per update: the
-update after step u backpropagates through the window W = (s, u, I) of the contract,
-
-    (4.1)  update times  u in {k1, 2 k1, ...}, u <= T   (flush: also u = T)
-    (4.2)  window start  s = max(1, u - k2 + 1)   (flush: s = max(1, u_prev + k1 - k2 + 1), 4.4)
-    (4.3)  injected      "new": I = (u_prev, u],  "window": I = [s, u],  "last": I = {u}
-    (3.1)  delta^W_t = [t in I] C^T e_t + A^T (f'(a_{t+1}) * delta^W_{t+1}),   s <= t <= u
-
-so the loss of a step t in I travels back t - s + 1 steps (its depth) and stops at the cut, where
+Everything drawn comes from `tbptt.Truncation`, the object the engines use (schedule.py, where the
+update times, window starts and injected losses of SEMANTICS.md 4 are written out). One row per
+update: the update after step u backpropagates through the window W = (s, u, I) of section 3, so
+the loss of a step t in I travels back t - s + 1 steps (its depth) and stops at the cut, where
 h_{s-1} is a constant. The table gives, for every loss step, how many updates inject it and its
 shortest and longest depth. The cost is Williams and Peng's: backward steps per forward step, k2/k1
 once the windows are full (the first windows are shorter).

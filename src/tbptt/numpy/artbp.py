@@ -89,6 +89,21 @@ class Cuts:
         self.last = 0
         self.warned = False  # c reached 1 (said once)
 
+    @classmethod
+    def checked(
+        cls, c: object, b: object, rng: np.random.Generator, biased_max_length: object
+    ) -> Cuts:
+        """The cuts of ARTBP's options as a user gives them, each checked (InputError naming it);
+        a callable c is tried on the first 16 lengths, so a bad one is told now, not after hours
+        of training. Both engines' rules hold one."""
+        c = check_c(c)
+        b = check_int("b", b)
+        max_length = check_max_length(biased_max_length, b)
+        if callable(c):
+            for L in range(b, 17 * b, b):
+                probability(c, L)
+        return cls(c, b, rng, max_length)
+
     def decide(self, t0: int, t1: int) -> tuple[list[int], dict[int, float]]:
         """Cuts among the boundaries after steps t0+1..t1, and the weight 1 / (1 - c_L) of
         every possible boundary there that was not cut: (cut steps, {step: weight})."""
@@ -297,14 +312,9 @@ class ARTBPRule(KeepsSteps):
         rng: int | np.random.Generator | None = None,
         biased_max_length: int | None = None,
     ) -> None:
-        c = check_c(c)
-        b = check_int("b", b)
-        self.max_length = check_max_length(biased_max_length, b)
-        if callable(c):  # a bad callable is told now, not after hours of training
-            for L in range(b, 17 * b, b):
-                probability(c, L)
-        self.b, self.rng = b, as_generator(rng)
-        self.cuts = Cuts(c, b, self.rng, self.max_length)
+        self.rng = as_generator(rng)
+        self.cuts = Cuts.checked(c, b, self.rng, biased_max_length)
+        self.b, self.max_length = self.cuts.b, self.cuts.max_length
         self.weights: dict[int, float] = {}  # 1 / (1 - c_L) at the window's uncut boundaries
         self.history: History | None = None  # x_t, h_t, e_t of the window's steps
         self.resets: list[Array] = []  # (L_piece, batch) per piece of the window

@@ -1,11 +1,6 @@
-"""Activations f, g with their derivatives, and the per-step losses l_t (SEMANTICS.md 1 and 2).
-
-    (1.2)  h_t = f(a_t)
-    (1.4)  yhat_t = g(z_t)
-    (1.5)  l_t = 1/2 ||yhat_t - y_t||^2                         (loss="l2")
-           l_t = -log softmax(z_t)[y_t]                         (loss="cross_entropy", g = softmax)
-    (2.1)  e_t = dl_t/dz_t = (yhat_t - y_t) * g'(z_t)          (L2, elementwise g)
-           e_t = softmax(z_t) - onehot(y_t)                     (cross-entropy)
+"""Activations f, g with their derivatives, and the per-step losses l_t with their errors e_t:
+SEMANTICS.md 1 (f, g, the L2 and cross-entropy losses) and 2 (e_t = dl_t/dz_t, for an elementwise
+g and for softmax), numbered (1.2), (1.4), (1.5) and (2.1) in elman.py.
 
 Each derivative is written in terms of the activation's output where that is cheaper and exact
 (tanh' = 1 - h^2, sigmoid' = h (1 - h)), so the forward pass need not keep a_t.

@@ -39,10 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_int
 from ..errors import InputError
 from ..generators import as_generator
-from ..numpy.artbp import Cuts, Probability, check_c, check_max_length, probability
+from ..numpy.artbp import Cuts, Probability
 from ..schedule import Truncation, Window
 from . import draws
 from . import state as st
@@ -131,15 +130,9 @@ class ARTBPRule:
         rng: int | np.random.Generator | None = None,
         biased_max_length: int | None = None,
     ) -> None:
-        c = check_c(c)
-        b = check_int("b", b)
-        max_length = check_max_length(biased_max_length, b)
-        if callable(c):  # a bad callable is told now, not after hours of training
-            for L in range(b, 17 * b, b):
-                probability(c, L)
         self.rng = as_generator(rng)
-        self.b, self.max_length = b, max_length
-        self.cuts = Cuts(c, b, self.rng, max_length)
+        self.cuts = Cuts.checked(c, b, self.rng, biased_max_length)
+        b, self.b, self.max_length = self.cuts.b, self.cuts.b, self.cuts.max_length
         self.truncation = Truncation(b, b, inject="new", flush=True)  # the grid of possible cuts
         self.segments = Segments(overlap=False)  # the chained path: one graph per window
         self.fresh = rng is None  # with several processes, rank 0's entropy for all

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import overload
 
 import torch
 
@@ -78,6 +79,10 @@ def reset_rows(reset: Tensor | None, tdim: int) -> list[int]:
     return torch.nonzero(any_row).flatten().tolist()
 
 
+@overload
+def narrow(a: Tensor, tdim: int, start: int, stop: int) -> Tensor: ...
+@overload
+def narrow(a: Tensor | None, tdim: int, start: int, stop: int) -> Tensor | None: ...
 def narrow(a: Tensor | None, tdim: int, start: int, stop: int) -> Tensor | None:
     """Steps start..stop-1 of a chunk's tensor (itself when that is all of it)."""
     if a is None or (start == 0 and stop == a.shape[tdim]):

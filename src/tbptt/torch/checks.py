@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
+from typing import overload
 
 import torch
 from torch import nn
@@ -79,7 +81,9 @@ def check_hooks(backward: object, step: object, grad_hook: object, scaler: bool)
         )
 
 
-def amp_setup(amp: object, device: torch.device) -> tuple[torch.dtype | None, object]:
+def amp_setup(
+    amp: object, device: torch.device
+) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     """The autocast dtype (None: off) and a GradScaler for float16 (True means float16 on CUDA,
     bfloat16 on the CPU).
 
@@ -130,7 +134,9 @@ def probe_autocast(layer: nn.RNNBase, device: torch.device, dtype: torch.dtype) 
         ) from None
 
 
-def check_state0(state0: object, params: dict[str, Tensor], device: torch.device) -> object:
+def check_state0(
+    state0: object, params: Mapping[str, Tensor], device: torch.device
+) -> st.State | None:
     """state0 detached on the model's device, of the parameters' floating dtype (or None)."""
     if state0 is None:
         return None
@@ -145,10 +151,19 @@ def check_state0(state0: object, params: dict[str, Tensor], device: torch.device
     return st.tree_map(lambda s: s.detach().to(device), state0)
 
 
+@overload
+def check_chunk(
+    x: object, y: None, mask: object, reset: object, device: torch.device, batch_first: bool
+) -> tuple[Tensor, None, Tensor | None, Tensor | None, int]: ...
+@overload
 def check_chunk(
     x: object, y: object, mask: object, reset: object, device: torch.device, batch_first: bool
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]:
-    """x, y, mask, reset as tensors on the model's device, and the chunk's batch size.
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, int]: ...
+def check_chunk(
+    x: object, y: object, mask: object, reset: object, device: torch.device, batch_first: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, int]:
+    """x, y, mask, reset as tensors on the model's device (y None: None), and the chunk's batch
+    size.
 
     A floating x of two axes is one stream, (L, m), as torch.nn.RNN reads unbatched input: it
     gets a batch axis of 1, and so do y, mask and reset. (Integer inputs of two axes are token

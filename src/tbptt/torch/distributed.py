@@ -190,8 +190,8 @@ class Comm:
                     raise InputError("sparse gradients cannot be summed over processes here")
             like = ps[0] if ps else torch.zeros((), dtype=torch.float64)
             have = [grads and p.grad is not None for p in ps]
-            parts = [
-                p.grad.reshape(-1) if h else p.new_zeros(p.numel())
+            parts = [  # (h implies a grad: its test again only tells the type checker so)
+                p.grad.reshape(-1) if h and p.grad is not None else p.new_zeros(p.numel())
                 for p, h in zip(ps, have, strict=True)
             ]
             extra = [float(h) for h in have]
@@ -208,6 +208,7 @@ class Comm:
                     p.grad = g.view_as(p) if f > 0 else None
             if k == 0:
                 control = tail[len(ps) :]
+        assert control is not None  # kinds is never empty: its first (k == 0) set it
         values_sum, slots = control[: len(values)], control[len(values) :]
         ts = [int(slots[3 * q]) * (1 << 20) + int(slots[3 * q + 1]) for q in range(W)]
         if min(ts) != max(ts):
@@ -255,7 +256,8 @@ class Comm:
             ],
         }
         local = _cpu(local)
-        parts = [None] * self.world if self.rank == 0 else None
+        # rank 0's slots, each filled by gather_object with a rank's (local, dims)
+        parts: list[Any] | None = [None] * self.world if self.rank == 0 else None
         self.call(
             "gathering the checkpoint",
             _dist().gather_object,
@@ -266,6 +268,7 @@ class Comm:
         )
         if self.rank != 0:
             return None
+        assert parts is not None  # rank 0 made the list
         dims = next((d for _, d in parts if d is not None), None)
         return merge_streams(sd, [p for p, _ in parts], axis, dims)
 
@@ -332,6 +335,7 @@ def merge_streams(sd: dict, parts: list[dict], ax: int, dims: list[int] | None) 
     def cat_state(states: list) -> Any:
         if states[0] is None:
             return None
+        assert dims is not None  # a state's stream axes (None only where no state was saved)
         cols = [st.leaves(s) for s in states]
         it = iter([torch.cat([c[i] for c in cols], dim) for i, dim in enumerate(dims)])
         return st.tree_map(lambda _: next(it), states[0])
@@ -369,6 +373,7 @@ def split_streams(sd: dict, rank: int, world: int, ax: int, dims: list[int] | No
     if B is None:
         return out
     if same:
+        assert ranks is not None  # same says so
         counts = [r["batch"] for r in ranks]
     elif B % world:
         raise InputError(
@@ -383,6 +388,7 @@ def split_streams(sd: dict, rank: int, world: int, ax: int, dims: list[int] | No
     def cut_state(s: Any) -> Any:
         if s is None:
             return None
+        assert dims is not None  # a state's stream axes (None only where no state was saved)
         it = iter(dims)
         return st.tree_map(lambda t: t.narrow(next(it), a, n).clone(), s)
 

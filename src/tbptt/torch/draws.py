@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..generators import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from .distributed import Comm
 
 
 def digest(rng: np.random.Generator, fresh: bool) -> int:
@@ -32,7 +37,7 @@ def float_bits(v: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(v)))[0]
 
 
-def share(comm: object | None, rng: np.random.Generator, fresh: bool) -> None:
+def share(comm: Comm | None, rng: np.random.Generator, fresh: bool) -> None:
     """With several processes and fresh entropy, every process takes rank 0's generator state."""
     if comm is not None and fresh:
         saved = comm.broadcast(str(rng_state(rng)), "the random state")
@@ -44,7 +49,7 @@ def saved(rng: np.random.Generator) -> str:
     return str(rng_state(rng))
 
 
-def restored(rng: np.random.Generator, text: object) -> dict:
+def restored(rng: np.random.Generator, text: object) -> Mapping[str, Any]:
     """The bit generator state saved by `saved`, checked (InputError if damaged or of another
     bit generator), for rng.bit_generator.state = ... once everything else is checked."""
     probe = np.random.Generator(type(rng.bit_generator)())

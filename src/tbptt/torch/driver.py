@@ -29,6 +29,7 @@ import math
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -80,6 +81,15 @@ SHELL_OPTIONS = (
     "step",
     "grad_hook",
 )
+
+
+class Scheduler(Protocol):
+    """What the shell calls on a scheduler (a torch.optim.lr_scheduler.LRScheduler, or any object
+    with these methods): step() once per update, and its state saved and restored."""
+
+    def step(self) -> object: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state_dict: dict, /) -> object: ...
 
 
 def shell_options(keywords: dict) -> dict:
@@ -140,7 +150,7 @@ class TBPTT:
         optimizer: torch.optim.Optimizer,
         loss_fn: LossFn = l2_loss,
         clip: float | None = None,
-        scheduler: object | None = None,
+        scheduler: Scheduler | None = None,
         batch_first: bool = False,
         amp: bool | torch.dtype = False,
         checkpoint: bool = False,
@@ -154,7 +164,9 @@ class TBPTT:
         model, group = dd.resolve(model, process_group)  # DDP: its .module and its group
         args = (model, truncation, optimizer, loss_fn, clip, scheduler, batch_first, checkpoint)
         clip = check_arguments(*args, reduction)
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params: dict[str, Tensor] = {
+            n: p for n, p in model.named_parameters() if p.requires_grad
+        }
         if not self.params:
             raise InputError("model has no parameters that require grad: nothing to train")
         rule = TruncationRule(truncation) if isinstance(truncation, Truncation) else truncation
@@ -460,18 +472,20 @@ class TBPTT:
         dims = self.rule.stream_dims(self, sd["state"], self.batch or 0)
         return self.comm.gather_streams(sd, axis=1 - self.tdim, dims=dims)
 
-    def load_state_dict(self, sd: dict | None) -> None:
+    def load_state_dict(self, sd: dict | str | None) -> None:
         """Restore what state_dict() returned, after checking it (InputError, and nothing has
         changed, if it comes from another kind of trainer or other settings).
 
         Several processes: a collective call; rank 0's sd is used, each process takes its share
-        of the streams (any number of processes that divides them).
+        of the streams (any number of processes that divides them). A str (load's: rank 0 could
+        not read the file) is raised as an InputError on every rank.
         """
         if self.comm is not None:
             sd = self.comm.broadcast(sd, "the checkpoint")
             if isinstance(sd, str):  # rank 0 could not read it: the message
                 raise InputError(sd)
         check_format(sd, self.rule.format, self.rule.name)
+        assert isinstance(sd, dict)  # check_format refused anything else
         if self.comm is not None:
             B = sd["batch"]
             dims = None if B is None else self.rule.stream_dims(self, sd["state"], B)
@@ -501,18 +515,19 @@ class TBPTT:
         Several processes: a collective call; rank 0 writes, and every process returns once the
         file is complete (the other ranks' path is not used).
         """
-        if self.comm is None:
-            atomic_write(path, lambda fh: torch.save(self.state_dict(), fh))
+        comm = self.comm
+        if comm is None:
+            atomic_write(_path_given(path), lambda fh: torch.save(self.state_dict(), fh))
             return
 
         def write() -> None:
             sd = self.state_dict()
-            if self.comm.rank == 0:
+            if comm.rank == 0:
                 if path is None:
                     raise InputError("path must be a file name on rank 0, got None")
                 atomic_write(path, lambda fh: torch.save(sd, fh))
 
-        self.comm.together(write, "writing the checkpoint")
+        comm.together(write, "writing the checkpoint")
 
     def load(self, path: str | os.PathLike | None) -> None:
         """Read what save() wrote, with torch.load(weights_only=True): no arbitrary unpickling.
@@ -521,12 +536,12 @@ class TBPTT:
         used) and sends it to the others; any number of processes that divides the streams.
         """
         if self.comm is None:
-            self.load_state_dict(read(path))
+            self.load_state_dict(read(_path_given(path)))
             return
         sd = None
         if self.comm.rank == 0:
             try:
-                sd = read(path)
+                sd = read(_path_given(path))
             except InputError as exc:
                 sd = str(exc)  # every rank raises it
         self.load_state_dict(sd)
@@ -568,6 +583,14 @@ def optimizer_step(shell: TBPTT, n: int, w: Window) -> tuple[float, int]:
     if shell.scheduler is not None:
         shell.scheduler.step()
     return norm, skipped
+
+
+def _path_given(path: str | os.PathLike | None) -> str | os.PathLike:
+    """The path of save and load where it is used (one process; load's rank 0): None, which only
+    the other ranks may give, raises the TypeError os.fspath raises for it."""
+    if path is None:
+        raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
+    return path
 
 
 def all_finite(params: dict[str, Tensor]) -> bool:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import torch
 from torch.func import functional_call, jvp, vjp, vmap
@@ -51,6 +51,15 @@ if TYPE_CHECKING:
     from .rule import Shell
 
 Tensor = torch.Tensor
+
+
+@overload
+def _step_of(a: Tensor, td: int, i: int) -> Tensor: ...
+@overload
+def _step_of(a: Tensor | None, td: int, i: int) -> Tensor | None: ...
+def _step_of(a: Tensor | None, td: int, i: int) -> Tensor | None:
+    """Step i of a piece's tensor, on the time axis td (None: None)."""
+    return None if a is None else a.narrow(td, i, 1)
 
 
 class FlatState:
@@ -126,6 +135,7 @@ class ForwardRule(Scheduled):
 
     def _restart_influence(self, rows: Tensor) -> None:
         """The streams `rows` (batch,) restart: no influence before this step."""
+        assert self.influence is not None  # the caller restarts an allocated influence only
         for a in self.influence.values():
             a[rows] = 0
 
@@ -139,6 +149,7 @@ class ForwardRule(Scheduled):
     def _state_map(self, shell: Shell, P: dict, x: Tensor) -> Callable[[Tensor], Tensor]:
         """v (batch, n) -> h_t (batch, n) as one batched module call with the values P."""
         flat, model = self.flat, shell.model
+        assert flat is not None  # _step made it before any derivative
 
         def F(v: Tensor) -> Tensor:
             return flat.flat(functional_call(model, P, (x, flat.unflat(v)))[1])
@@ -149,6 +160,7 @@ class ForwardRule(Scheduled):
         """(x_j, v_j, theta) -> h_t of one stream (n,), for vmap over the streams; x_j without
         its stream axis, theta the values of the names in self.recurrent."""
         flat, model, axis = self.flat, shell.model, 1 - shell.tdim
+        assert flat is not None  # _step made it before any derivative
 
         def F(x: Tensor, v: Tensor, theta: dict) -> Tensor:
             state = flat.unflat(v.unsqueeze(0))
@@ -165,6 +177,7 @@ class ForwardRule(Scheduled):
         """nu_j^T dF/dtheta for every stream j, one (batch, numel) tensor per parameter of theta
         (in the order of self.recurrent; not concatenated: a copy of batch x |theta|)."""
         F, names = self._per_stream(shell, P), self.recurrent
+        assert names is not None  # the first step (_start) found theta
         theta = {k: P[k] for k in names}
 
         def one(xj: Tensor, vj: Tensor, nuj: Tensor) -> dict:
@@ -175,26 +188,33 @@ class ForwardRule(Scheduled):
 
     def _sizes(self, shell: Shell) -> list[int]:
         """The entries of each parameter of theta, in order."""
+        assert self.recurrent is not None  # the first step (_start) found theta
         return [shell.params[k].numel() for k in self.recurrent]
 
     # -- the stream -----------------------------------------------------------------------------
-    def run(self, shell: Shell, x, y, mask, reset) -> tuple[Tensor, st.State]:
+    def run(
+        self, shell: Shell, x: Tensor, y: Tensor, mask: Tensor | None, reset: Tensor | None
+    ) -> tuple[Tensor, st.State]:
         """The piece's steps one at a time; returns their loss sums (L,) and the state."""
         td, state, sums = shell.tdim, shell.carried, []
         with no_onednn():
             for i in range(x.shape[td]):
-                cut = lambda a: None if a is None else a.narrow(td, i, 1)  # noqa: E731, B023
-                loss, state = self._step(shell, state, cut(x), cut(y), cut(mask), cut(reset))
+                x_i, y_i = _step_of(x, td, i), _step_of(y, td, i)
+                mask_i, reset_i = _step_of(mask, td, i), _step_of(reset, td, i)
+                loss, state = self._step(shell, state, x_i, y_i, mask_i, reset_i)
                 sums.append(loss)
         return torch.stack(sums), state
 
     def _step(self, shell: Shell, state, x: Tensor, y: Tensor, mask, reset):
         """Step t of every stream from `state`: (8.15), (8.16), the influence carried. Returns
         the step's loss sum and the state after it (detached)."""
+        batch = shell.batch
+        assert batch is not None  # the first chunk set it before any step
         if state is None:  # the module's zeros, made explicit for the derivatives
             with torch.no_grad():
                 state = st.tree_map(torch.zeros_like, shell.call(x, None)[1])
-        dims = shell.stream_dims(state, shell.batch)
+        dims = shell.stream_dims(state, batch)
+        assert dims is not None  # state is a state here (the zeros made above if it was None)
         if self.flat is None:
             self.flat = FlatState(state, dims)
         if reset is not None and bool(reset.any()):  # (6.1), and no influence before step t
@@ -228,9 +248,10 @@ class ForwardRule(Scheduled):
         for k, g in zip(shell.params, grads[:-1], strict=True):
             if g is not None:
                 self._add(k, g)
+        assert self.recurrent is not None  # _start found theta at the first step
         for k, g in zip(self.recurrent, g_theta.split(self._sizes(shell)), strict=True):
             self._add(k, g.view_as(shell.params[k]))
-        self.count += float(shell.batch) if mask is None else float(mask.sum())
+        self.count += float(batch) if mask is None else float(mask.sum())
         return losses.detach().sum(dtype=torch.float64), st.detach(new)
 
     def _add(self, k: str, g: Tensor) -> None:
@@ -239,6 +260,8 @@ class ForwardRule(Scheduled):
     def _start(self, shell: Shell, new: st.State, params: list[Tensor]) -> None:
         """The first step: theta, the parameters h_t depends on (those its graph reaches), and
         the influence at zero."""
+        # _step made flat just before; the first chunk set the batch
+        assert self.flat is not None and shell.batch is not None
         h = self.flat.flat(new)
         got = torch.autograd.grad(h.sum(), params, allow_unused=True, retain_graph=True)
         self.recurrent = [k for k, g in zip(shell.params, got, strict=True) if g is not None]
@@ -284,6 +307,7 @@ class ForwardRule(Scheduled):
         if state is None:
             return None
         dims = shell.stream_dims(state["h"], batch)
+        assert dims is not None  # a saved "h" is a state: state_dict saves one only if carried
         return dims + [0] * len(st.leaves(state["influence"]))
 
     def _pending_sum(self, shell: Shell) -> tuple[dict[str, Tensor], float]:
@@ -312,7 +336,11 @@ class ForwardRule(Scheduled):
         influence = None
         if state is not None and state["influence"]:
             h = state["h"]
-            n = FlatState(h, shell.stream_dims(h, B)).n
+            dims = shell.stream_dims(h, B)
+            assert dims is not None  # a saved "h" is a state: state_dict saves one only if carried
+            # a saved influence comes with theta's names: _start sets both at the first step
+            assert recurrent is not None
+            n = FlatState(h, dims).n
             size = sum(shell.params[k].numel() for k in recurrent)
             influence = self._allocate(shell, B, n, size)
             for k, a in influence.items():
@@ -338,6 +366,11 @@ class ForwardRule(Scheduled):
 def no_onednn():
     """oneDNN off (its LSTM kernel has no forward-mode derivative nor a vmap rule); the other
     flags untouched."""
+    # torch leaves flags' parameters unannotated, so their types are inferred from the defaults
+    # (bool, str); set_flags documents None as "leave this flag as it is"
     return torch.backends.mkldnn.flags(
-        enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None
+        enabled=False,
+        deterministic=None,  # pyright: ignore[reportArgumentType]
+        allow_tf32=None,  # pyright: ignore[reportArgumentType]
+        fp32_precision=None,  # pyright: ignore[reportArgumentType]
     )

@@ -14,13 +14,16 @@ nothing is built.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import nn
 
 from ..methods import OptionNames, build_rule, check_options
-from .driver import TBPTT, LossFn, shell_options
+from ..schedule import Truncation
+from .driver import TBPTT, LossFn, Scheduler, shell_options
 from .modules import l2_loss
+from .rule import Rule
 
 Tensor = torch.Tensor
 
@@ -40,7 +43,7 @@ def make_trainer(
     *,
     loss_fn: LossFn = l2_loss,
     clip: float | None = None,
-    scheduler: object | None = None,
+    scheduler: Scheduler | None = None,
     batch_first: bool = False,
     state0: object | None = None,
     process_group: object | None = None,
@@ -51,6 +54,9 @@ def make_trainer(
     method's rule, with feed(x, y, mask, reset), finish(), predict, save(path), load(path),
     state_dict(), load_state_dict(sd), model, state, t, updates."""
     rule, shell = build_rule(method, options, "torch")  # shell: amp, checkpoint, if given
+    # the table names each method's torch rule by a dotted path, resolved at run time: a Rule
+    # (TBPTT's: a Truncation or its rule), as the shell checks (check_arguments)
+    rule = cast("Truncation | Rule", rule)
     return TBPTT(model, rule, optimizer, **shell_options(locals()), **shell)
 
 

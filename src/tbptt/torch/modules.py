@@ -26,6 +26,7 @@ batch-first data); the driver masks them and sums over the injected steps and th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from ..inputs import OneHot
 
 Tensor = torch.Tensor
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
     "relu": torch.relu,
@@ -183,7 +184,7 @@ class ElmanRNN(nn.Module):
     def _fused(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """(1.1), (1.2) for f = tanh or relu on torch's RNN kernel (what nn.RNN runs): the same
         arithmetic, (B x_t + b) + (A h_{t-1} + 0), with the step loop in C++ (or cuDNN)."""
-        params = [self.B, self.A]
+        params: list[Tensor] = [self.B, self.A]
         if self.b is not None:  # nn.RNN has two biases; the seed's model has one
             params += [self.b, self.b.new_zeros(self.n)]
         rnn = torch._VF.rnn_tanh if self.f == "tanh" else torch._VF.rnn_relu
@@ -220,10 +221,11 @@ class ElmanRNN(nn.Module):
         """This model's current values as a tbptt.ElmanRNN (numpy)."""
         from ..numpy.elman import ElmanRNN as NumpyElman
 
-        arr = lambda p: None if p is None else p.detach().cpu().numpy().copy()  # noqa: E731
-        return NumpyElman(
-            arr(self.A), arr(self.B), arr(self.C), arr(self.b), arr(self.c), f=self.f, g=self.g
-        )
+        def arr(p: Tensor) -> np.ndarray:
+            return p.detach().cpu().numpy().copy()
+
+        b, c = (None if p is None else arr(p) for p in (self.b, self.c))
+        return NumpyElman(arr(self.A), arr(self.B), arr(self.C), b, c, f=self.f, g=self.g)
 
     def extra_repr(self) -> str:
         bias = self.b is not None
@@ -267,14 +269,15 @@ class Recurrent(nn.Module):
 
     def _check_state(self, x: Tensor, state: object) -> None:
         rnn = self.rnn
+        assert isinstance(rnn, nn.RNNBase)  # forward checks the state of an nn.RNNBase only
         batch = x.shape[0 if rnn.batch_first else 1] if x.dim() == 3 else None
         layers = rnn.num_layers * (2 if rnn.bidirectional else 1)
         h_size = rnn.proj_size if getattr(rnn, "proj_size", 0) else rnn.hidden_size
         if isinstance(rnn, nn.LSTM):
             want = ((layers, batch, h_size), (layers, batch, rnn.hidden_size))
-            ok = isinstance(state, tuple | list) and len(state) == 2
-            got = tuple(tuple(s.shape) for s in state) if ok else type(state).__name__
-            ok = ok and all(isinstance(s, Tensor) for s in state) and got == want
+            pair = state if isinstance(state, tuple | list) and len(state) == 2 else None
+            got = type(state).__name__ if pair is None else tuple(tuple(s.shape) for s in pair)
+            ok = pair is not None and all(isinstance(s, Tensor) for s in pair) and got == want
             if not ok:
                 raise InputError(
                     f"state must be (h, c) of shapes {want} for this nn.LSTM, got {got}"

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -256,6 +257,28 @@ def put(state: st.State, rows: Tensor, new: st.State, dims: Sequence[int]) -> No
         s.index_copy_(d, rows, v)
 
 
+@overload
+def execute(
+    call: Call,
+    x: Tensor,
+    pieces: Pieces,
+    h0: st.State,
+    dims: Sequence[int],
+    *,
+    time_dim: int = 0,
+    out: tuple[np.ndarray, int, int],
+) -> tuple[Tensor, st.State]: ...
+@overload
+def execute(
+    call: Call,
+    x: Tensor,
+    pieces: Pieces,
+    h0: st.State,
+    dims: Sequence[int],
+    *,
+    time_dim: int = 0,
+    out: None = None,
+) -> tuple[None, st.State]: ...
 def execute(
     call: Call,
     x: Tensor,

@@ -4,6 +4,8 @@ checks of a rollout's arguments, each error naming the argument, its value and w
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import nn
@@ -28,7 +30,9 @@ def h_init(module: nn.Module, x: Tensor) -> st.State:
     N = x.shape[1]
     rnn = module.rnn if isinstance(module, Recurrent) else module
     if isinstance(rnn, nn.RNNBase):
-        w = rnn.weight_ih_l0
+        # torch sets an RNN's per-layer weights with setattr, so its stubs type them through
+        # nn.Module.__getattr__ (Tensor | Module): layer 0's input weight is a Parameter
+        w = cast(Tensor, rnn.weight_ih_l0)
         h = w.new_zeros(rnn.num_layers, N, rnn.proj_size or rnn.hidden_size)  # (layers, N, h)
         if isinstance(rnn, nn.LSTM):
             return h, w.new_zeros(rnn.num_layers, N, rnn.hidden_size)  # (h, c)

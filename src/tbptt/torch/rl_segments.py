@@ -168,9 +168,12 @@ class Segments:
         S = len(self)
         if index is None:
             return np.arange(S)
-        ok = isinstance(index, Tensor) and not index.is_floating_point() and index.dim() == 1
-        ok = ok and index.dtype not in (torch.bool, torch.complex64, torch.complex128)
-        if not ok:
+        if not (
+            isinstance(index, Tensor)
+            and not index.is_floating_point()
+            and index.dim() == 1
+            and index.dtype not in (torch.bool, torch.complex64, torch.complex128)
+        ):
             raise InputError(
                 f"index must be a 1-D integer tensor of segment numbers, got {described(index)}"
             )
@@ -196,5 +199,5 @@ class Segments:
         return src[valid], dst[valid]
 
 
-def _integer(v: object, low: int) -> bool:
+def _integer(v: object, low: int) -> bool | np.bool_:  # numpy's bool for a numpy integer
     return not isinstance(v, bool) and isinstance(v, int | np.integer) and v >= low

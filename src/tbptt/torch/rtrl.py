@@ -91,6 +91,7 @@ class RTRLRule(ForwardRule):
         known = expected_size(shell.model)
         if known is not None:
             like = next((p for p in shell.model.parameters() if p.is_floating_point()), None)
+            assert like is not None  # the shell has parameters that require grad: floating ones
             check_size(1, *known, like.dtype, like.element_size(), self.max_bytes)
 
     def _allocate(self, shell: Shell, batch: int, n: int, size: int) -> dict[str, Tensor]:
@@ -101,12 +102,14 @@ class RTRLRule(ForwardRule):
 
     def _influence_step(self, shell: Shell, x: Tensor, v: Tensor, dl_dh: Tensor, P: dict):
         """(8.16) and (8.3) for every stream; returns the second term of (8.16) summed."""
+        assert self.influence is not None  # _start allocated it at the first step
         J = self.influence["J"]  # (batch, n, |theta|)
         batch, n, _ = J.shape
         g = torch.einsum("bs,bsp->p", dl_dh, J)  # (|theta|,)
         basis = torch.eye(n, dtype=v.dtype, device=v.device)[:, None].expand(n, batch, n)
         Jh = vmap(lambda e: self._jvp(shell, P, x, v, e))(basis)  # (n_in, batch, n_out)
         F, names = self._per_stream(shell, P), self.recurrent
+        assert names is not None  # the first step (_start) found theta
         theta = {k: P[k] for k in names}
 
         def one(xj: Tensor, vj: Tensor) -> Tensor:  # dF/dtheta of one stream, (n, |theta|)

@@ -59,21 +59,26 @@ class Shell(Protocol):
 
     def call(self, x: Tensor, state: State | None, params: dict | None = None) -> tuple[Any, Any]:
         """One module call (with the parameter values `params`, None: the live ones), checked."""
+        ...
 
     def losses(
         self, x, y, mask, reset, state, params: dict | None = None, checkpoint: bool = False
     ) -> tuple[Tensor, State]:
         """A piece from `state`: its masked losses l_t (time on tdim) and the state after it
         (outputs, the one module call site, then loss_fn under autocast, then the mask)."""
+        ...
 
     def backward(self, loss: Tensor) -> None:
         """The update's one backward() of `loss` (the caller's hook, or the grad scaler's)."""
+        ...
 
     def scale(self, loss: Tensor) -> Tensor:
         """`loss` as the grad scaler scales it (itself without float16 amp)."""
+        ...
 
     def stream_dims(self, state: State | None, batch: int) -> list[int] | None:
         """The stream axis of each tensor of a state."""
+        ...
 
 
 class Rule(Protocol):
@@ -110,9 +115,14 @@ class Rule(Protocol):
                               the carried state
     """
 
-    name: str  # "TBPTT", "ARTBP", ...: messages
-    format: str  # the saved state's "format"
-    truncation: Truncation  # the grid of update times (ARTBP: of possible cuts)
+    # read-only (properties in the protocol), so that a rule may give them as attributes or as
+    # properties (ForwardRule's format)
+    @property
+    def name(self) -> str: ...  # "TBPTT", "ARTBP", ...: messages
+    @property
+    def format(self) -> str: ...  # the saved state's "format"
+    @property
+    def truncation(self) -> Truncation: ...  # the grid of update times (ARTBP: of possible cuts)
 
     def bind(self, shell: Shell) -> None: ...
     def settings(self, shell: Shell) -> dict[str, int]: ...

@@ -55,6 +55,7 @@ def _scan(step, out: Tensor, h0: Tensor, keep: Tensor | None, rows: tuple[int, .
     prev = h0
     for t, h_t in enumerate(out.unbind(0)):  # one fused operation per step
         if t in rows:
+            assert keep is not None  # _resets gives rows only with keep
             prev = prev * keep[t]  # (batch, H): h_init = 0 where starts[t]
         step(t, prev, h_t)
         prev = h_t
@@ -74,10 +75,14 @@ def _scan_back(
     nxt = dhs[T - 1]
     for t in range(T - 1, 0, -1):  # reversed: dh_{t-1} = g_{t-1} + conj(a_t) dh_t
         if t in rows:
+            assert keep is not None  # _resets gives rows only with keep
             nxt = nxt * keep[t]
         torch.addcmul(gs[t - 1], at[t], nxt, out=dhs[t - 1])
         nxt = dhs[t - 1]
-    return dh, (nxt * keep[0] if 0 in rows else nxt)
+    if 0 in rows:
+        assert keep is not None  # _resets gives rows only with keep
+        nxt = nxt * keep[0]
+    return dh, nxt
 
 
 def _previous(h: Tensor, h0: Tensor, out: Tensor) -> Tensor:
@@ -164,7 +169,10 @@ def linear_scan(
     h0 = b.new_zeros(b.shape[1:]) if h0 is None else h0
     keep, rows = _resets(starts, b.real.dtype)
     if b.shape[0] == 1:
-        prev = h0 * keep[0] if rows else h0
+        prev = h0
+        if rows:
+            assert keep is not None  # _resets gives rows only with keep
+            prev = h0 * keep[0]
         return torch.addcmul(b[0], a[0] if a.dim() == 3 else a, prev).unsqueeze(0)
     return _LinearScan.apply(a, b, h0, keep, rows)
 
@@ -179,7 +187,10 @@ def mingru_scan(
     h0 = ht.new_zeros(ht.shape[1:]) if h0 is None else h0
     keep, rows = _resets(starts, ht.dtype)
     if ht.shape[0] == 1:
-        prev = h0 * keep[0] if rows else h0
+        prev = h0
+        if rows:
+            assert keep is not None  # _resets gives rows only with keep
+            prev = h0 * keep[0]
         return torch.lerp(prev, ht[0], z[0]).unsqueeze(0)
     return _MinGRUScan.apply(z, ht, h0, keep, rows)
 

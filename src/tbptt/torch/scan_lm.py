@@ -13,6 +13,8 @@ state_batch_dim = 0; `starts` goes to every layer, which restarts its own state 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,7 +126,7 @@ class ScanLM(nn.Module):
             got = type(state).__name__ + ("" if n is None else f" of {n}")
             raise InputError(f"state must be a tuple of {L} layer states or None, got {got}")
         for i, (block, s) in enumerate(zip(self.blocks, state, strict=True)):
-            mix = block.mix
+            mix = cast(_Block, block).mix  # torch's nn.ModuleList is not generic: its _Blocks
             check_state(s, batch, mix.hidden_size, mix.state_dtype, p.device, f"state[{i}]")
         u = self.embed(x)  # (T, batch, d)
         new = []

@@ -43,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 
@@ -194,6 +194,7 @@ class Segments:
         segs = [seg for seg in self.kept if seg.t1 >= w.s]
         total = None
         for seg in segs:
+            assert seg.graph is not None  # a window's segments keep their graphs until it runs
             part = injected(seg.graph.losses, max(w.i, seg.t0) - seg.t0, shell.tdim)
             if part is not None:
                 total = part if total is None else total + part
@@ -211,6 +212,7 @@ class Segments:
         for seg in reversed([seg for seg in self.kept if seg.t1 >= w.s]):
             need_state = seg.t0 > w.s
             graph = seg.graph
+            assert graph is not None  # a window's segments keep their graphs until it runs
             outs, gouts = [], []
             part = injected(graph.losses, max(w.i, seg.t0) - seg.t0, shell.tdim)
             if part is not None:
@@ -222,6 +224,7 @@ class Segments:
                         outs.append(o)
                         gouts.append(g)
             P = seg.params
+            assert P is not None  # overlapping segments run with the parameter copies
             names = list(P)
             ins = [P[k] for k in names]
             sin = diff_leaves(graph.state_in) if need_state and graph.state_in is not None else []
@@ -247,6 +250,7 @@ class Segments:
             a = max(w.i, seg.t0) - seg.t0
             if seg.t1 >= w.s and a < seg.L:
                 if seg.mask is None:
+                    assert shell.batch is not None  # the first chunk set it
                     total += (seg.L - a) * shell.batch
                 else:
                     total += float(narrow(seg.mask, shell.tdim, a, seg.L).sum())
@@ -267,8 +271,8 @@ class Segments:
             return
         for seg in self.kept:
             if not seg.owned:
-                copy = lambda a: None if a is None else a.clone()  # noqa: E731
-                seg.x, seg.y, seg.mask, seg.reset = map(copy, (seg.x, seg.y, seg.mask, seg.reset))
+                seg.x, seg.y = _copy(seg.x), _copy(seg.y)
+                seg.mask, seg.reset = _copy(seg.mask), _copy(seg.reset)
                 seg.owned = True
 
     # -- saving ---------------------------------------------------------------------------------
@@ -316,7 +320,9 @@ class Segments:
         state, attached to the last graph when it ends at step t."""
 
         def restore() -> st.State:
-            dev = lambda v: st.to(v, shell.device)  # noqa: E731
+            def dev(v: Any) -> Any:  # a saved value (a state, a tensor or None) on the device
+                return st.to(v, shell.device)
+
             sets = [
                 {k: v.to(shell.device).detach().requires_grad_() for k, v in P.items()}
                 for P in sd["param_sets"]
@@ -364,6 +370,15 @@ class Segments:
             return dev(sd["state"])
 
         return restore
+
+
+@overload
+def _copy(a: Tensor) -> Tensor: ...
+@overload
+def _copy(a: Tensor | None) -> Tensor | None: ...
+def _copy(a: Tensor | None) -> Tensor | None:
+    """Our own copy of a caller's tensor (None: None)."""
+    return None if a is None else a.clone()
 
 
 def injected(losses: Tensor, a: int, tdim: int) -> Tensor | None:

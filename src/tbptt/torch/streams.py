@@ -92,7 +92,11 @@ class StreamDataset(IterableDataset):
 
     def select(self) -> None:
         """Take this process's streams: rank and world as given, else torch.distributed's now."""
-        rank, world = (self.rank, self.world) if self.rank is not None else _process()
+        if self.rank is not None:
+            assert self.world is not None  # __init__ took both or neither
+            rank, world = self.rank, self.world
+        else:
+            rank, world = _process()
         self.streams = self.layout.shard(rank, world) if world > 1 else self.layout
 
     def __len__(self) -> int:
@@ -143,6 +147,8 @@ class StreamLoader(DataLoader):
     Takes DataLoader's other arguments (num_workers, pin_memory, persistent_workers,
     prefetch_factor, ...); batch_size, shuffle, samplers and drop_last are the dataset's affair.
     """
+
+    dataset: StreamDataset  # __init__ takes nothing else (DataLoader refuses to replace it)
 
     def __init__(self, dataset: StreamDataset, **kwargs: Any) -> None:
         if not isinstance(dataset, StreamDataset):

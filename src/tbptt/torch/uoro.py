@@ -124,6 +124,7 @@ class UORORule(ForwardRule):
         comm = shell.comm
         rank, world = (0, 1) if comm is None else (comm.rank, comm.world)
         if not self.streams_checked:  # the signs are split by equal shares of the streams
+            assert comm is not None  # with one process bind marked the streams checked
             ((lo, hi),) = comm.spread([batch], "the check of the streams per process")
             if lo != hi:
                 raise InputError(
@@ -135,6 +136,7 @@ class UORORule(ForwardRule):
         return torch.from_numpy(np.where(u < 0.5, -1.0, 1.0)).to(like)
 
     def _restart_influence(self, rows: Tensor) -> None:
+        assert self.influence is not None  # the caller restarts an allocated influence only
         for k in ("s", "theta"):
             self.influence[k][rows] = 0
         self.influence["kappa"][rows] = 1
@@ -144,10 +146,12 @@ class UORORule(ForwardRule):
 
         theta~ is kept as kappa Theta (a scalar kappa per stream), so that the division by rho0
         is a scalar update and Theta changes once per step, by nu^T dF/dtheta / (rho1 kappa)."""
+        assert self.influence is not None  # _start allocated it at the first step
         s, Theta, kappa, eps = (*(self.influence[k] for k in ("s", "theta", "kappa")), self.eps)
         c = (dl_dh * s).sum(1)  # (batch,) dl_t/dh_{t-1} . s~_{t-1}
         g = (c * kappa) @ Theta  # (|theta|,) sum_j c_j theta~_j
-        nu = self._signs(shell, *s.shape, s)  # (batch, n)
+        batch, n = s.shape
+        nu = self._signs(shell, batch, n, s)  # (batch, n)
         Js = self._jvp(shell, P, x, v, s)  # (batch, n) (dF/dh) s~_{t-1}
         nuF = self._vjp_theta(shell, P, x, v, nu)  # (batch, numel) per parameter: nu^T dF/dtheta
         nuF_norm = torch.stack([vector_norm(a, dim=1) for a in nuF]).square().sum(0).sqrt()
