@@ -7,6 +7,14 @@ The same recurrences as the numpy reference in elman.py, one compiled call for a
     scatter_rows    (2.3)         dL/dB = sum_t r_t x_t^T for one-hot x_t:
                                   row ids[t] of (dL/dB)^T gets r_t
 
+and the online update of one stream (tbptt.TBPTT at batch 1), which fast.py chooses:
+
+    forward_piece     (1.1)-(1.4), l_t and e_t (2.1), section 6's check: a piece in one call
+    backward_errors   (5.2) over a segment, with C^T e_t computed inside the loop
+    gradient_sums     (2.3), (2.4) over a window's few stacked rows
+    sgd_update        (5)'s mean, the norm, clipping, torch.optim.SGD's step, the checks
+    adam_update       the same with torch.optim.Adam's step
+
 At batch 1 the numpy loop is a count of calls (three per step each way, about 1 us each) while the
 arithmetic of a step at n = 128 is about 16,000 multiply-adds. Here each step is one pass over A,
 read in place (row i of A for (A h)_i in the forward pass, row k of A scaled by r_k for A^T r in
