@@ -469,9 +469,11 @@ def test_demo_defaults_are_the_seeds_model_on_shakespeare():
         "tanh",
     )
     assert cfg.time_budget == 120 and cfg.max_updates is None
-    assert (cfg.hidden, cfg.batch, cfg.k1, cfg.k2) == (256, 32, 32, 32)
+    assert (cfg.hidden, cfg.batch, cfg.k1, cfg.k2) == (256, 64, 32, 32)
     assert (cfg.optimizer, cfg.lr, cfg.lr_decay) == ("adam", 6e-3, "cosine")
-    assert check(Config(engine="torch", cell="lstm")).lr == 4e-3
+    lstm = check(Config(engine="torch", cell="lstm"))
+    assert (lstm.lr, lstm.batch) == (4e-3, 32)
+    assert check(Config(batch=16)).batch == 16
     assert Path(default_run_dir(cfg)).parts[0] == "runs"
     assert os.sep not in default_run_dir(cfg).name
 
@@ -953,7 +955,7 @@ def test_rtrl_too_large_names_the_flags(tmp_path, text, capsys, engine):
     run = tmp_path / "run"
     args = ["--data", text, "--engine", engine, "--method", "rtrl", "--hidden", 300]
     code, _, err = tbptt(capsys, "train", *args, "--max-updates", 2, "--run-dir", run)
-    assert_one_line_error(code, err, "--method rtrl", "--hidden 300", "--batch 32", "GiB")
+    assert_one_line_error(code, err, "--method rtrl", "--hidden 300", "--batch 64", "GiB")
     assert "max_bytes" not in err and not run.exists()
 
 
