@@ -479,8 +479,9 @@ def test_demo_defaults_are_the_seeds_model_on_shakespeare():
 
 
 def test_threads_default_to_omp_else_one_for_numpy_and_the_idle_cpus_for_torch(monkeypatch):
-    """--threads unset: $OMP_NUM_THREADS; else numpy 1, torch half this process's idle CPUs (at
-    most 4), divided among a torchrun job's local processes. An explicit --threads wins."""
+    """--threads unset: $OMP_NUM_THREADS; else numpy 2 when two CPUs are left by the load
+    average's whole jobs, else 1; torch half this process's idle CPUs (at most 4), divided among
+    a torchrun job's local processes. An explicit --threads wins."""
     from tbptt.app.config import Config, check
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
@@ -488,8 +489,15 @@ def test_threads_default_to_omp_else_one_for_numpy_and_the_idle_cpus_for_torch(m
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert check(Config()).threads == 3 and check(Config(engine="torch")).threads == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert check(Config()).threads == 1
+    assert check(Config()).threads == 2
     assert check(Config(engine="torch")).threads == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.9, 0.0, 0.0))  # 2 cores, neither taken
+    assert check(Config()).threads == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0))  # one taken by another job
+    assert check(Config()).threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert check(Config(engine="torch")).threads == 1
     assert check(Config(engine="torch", threads=2)).threads == 2
