@@ -469,16 +469,19 @@ def test_demo_defaults_are_the_seeds_model_on_shakespeare():
         "tanh",
     )
     assert cfg.time_budget == 120 and cfg.max_updates is None
-    assert (cfg.hidden, cfg.batch, cfg.k1, cfg.k2) == (256, 32, 32, 32)
+    assert (cfg.hidden, cfg.batch, cfg.k1, cfg.k2) == (256, 64, 32, 32)
     assert (cfg.optimizer, cfg.lr, cfg.lr_decay) == ("adam", 6e-3, "cosine")
-    assert check(Config(engine="torch", cell="lstm")).lr == 4e-3
+    lstm = check(Config(engine="torch", cell="lstm"))
+    assert (lstm.lr, lstm.batch) == (4e-3, 32)
+    assert check(Config(batch=16)).batch == 16
     assert Path(default_run_dir(cfg)).parts[0] == "runs"
     assert os.sep not in default_run_dir(cfg).name
 
 
 def test_threads_default_to_omp_else_one_for_numpy_and_the_idle_cpus_for_torch(monkeypatch):
-    """--threads unset: $OMP_NUM_THREADS; else numpy 1, torch half this process's idle CPUs (at
-    most 4), divided among a torchrun job's local processes. An explicit --threads wins."""
+    """--threads unset: $OMP_NUM_THREADS; else numpy 2 when two CPUs are left by the load
+    average's whole jobs, else 1; torch half this process's idle CPUs (at most 4), divided among
+    a torchrun job's local processes. An explicit --threads wins."""
     from tbptt.app.config import Config, check
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
@@ -486,8 +489,15 @@ def test_threads_default_to_omp_else_one_for_numpy_and_the_idle_cpus_for_torch(m
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert check(Config()).threads == 3 and check(Config(engine="torch")).threads == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert check(Config()).threads == 1
+    assert check(Config()).threads == 2
     assert check(Config(engine="torch")).threads == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.9, 0.0, 0.0))  # 2 cores, neither taken
+    assert check(Config()).threads == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 0.0, 0.0))  # one taken by another job
+    assert check(Config()).threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert check(Config(engine="torch")).threads == 1
     assert check(Config(engine="torch", threads=2)).threads == 2
@@ -953,7 +963,7 @@ def test_rtrl_too_large_names_the_flags(tmp_path, text, capsys, engine):
     run = tmp_path / "run"
     args = ["--data", text, "--engine", engine, "--method", "rtrl", "--hidden", 300]
     code, _, err = tbptt(capsys, "train", *args, "--max-updates", 2, "--run-dir", run)
-    assert_one_line_error(code, err, "--method rtrl", "--hidden 300", "--batch 32", "GiB")
+    assert_one_line_error(code, err, "--method rtrl", "--hidden 300", "--batch 64", "GiB")
     assert "max_bytes" not in err and not run.exists()
 
 

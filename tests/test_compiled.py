@@ -148,3 +148,80 @@ def test_overflow_is_reported_on_both_paths(monkeypatch):
 
     ref, got = both_paths(monkeypatch, run)
     assert_same(ref, got, tol=0)
+
+
+OPTIMIZERS = {
+    "sgd": lambda: tbptt.SGD(lr=0.02),
+    "nesterov": lambda: tbptt.SGD(lr=0.02, momentum=0.9, nesterov=True),
+    "adam": lambda: tbptt.Adam(lr=0.01),
+}
+
+
+def train_long(P, opt: str, k1: int, k2: int, reduction: str, onehot: bool = False) -> dict:
+    """Online TBPTT of one stream over many updates: ragged chunks, resets, a mask, clipping."""
+    d = tbptt.TBPTT(
+        P.model,
+        tbptt.Truncation(k1, k2),
+        OPTIMIZERS[opt](),
+        loss=P.loss,
+        clip=1.5,
+        h0=P.h0,
+        reduction=reduction,
+    )
+    x = tbptt.OneHot(np.argmax(P.x, axis=-1), P.x.shape[-1]) if onehot else P.x
+    losses, i, sizes = [], 0, (13, 1, 29, 7, 40, 3)
+    while i < P.T:
+        L = sizes[len(losses) % len(sizes)]
+        sl = slice(i, i + L)
+        losses.append(d.feed(x[sl], P.y[sl], mask=P.mask[sl], reset=P.reset[sl]))
+        i += L
+    d.finish()
+    assert d.updates >= 60
+    return {**d.model.params, "h": d.h, "losses": np.array(losses), **d.opt_state}
+
+
+@pytest.mark.parametrize("opt", list(OPTIMIZERS))
+@pytest.mark.parametrize(
+    "f, g, loss",
+    [
+        ("tanh", "identity", "l2"),
+        ("sigmoid", "tanh", "l2"),
+        ("relu", "softmax", "l2"),
+        ("tanh", "softmax", "cross_entropy"),
+    ],
+)
+@pytest.mark.parametrize("k1, k2, reduction", [(5, 12, "sum"), (6, 6, "mean")])
+def test_compiled_online_update_equals_numpy_path(monkeypatch, opt, f, g, loss, k1, k2, reduction):
+    """The compiled update of one stream (the piece, the window through several segments, the
+    sums, the step) gives the numpy path's parameters, losses and optimizer state to 1e-12."""
+    P = Problem(T=400, n=6, m=4, p=3, f=f, g=g, loss=loss, h0=True, mask=True, reset=True, seed=9)
+    ref, got = both_paths(monkeypatch, lambda: train_long(P, opt, k1, k2, reduction))
+    assert_same(ref, got)
+
+
+def test_compiled_online_update_with_onehot_inputs(monkeypatch):
+    """Integer inputs (tbptt.OneHot) through the compiled piece and sums: the numpy path's
+    results to 1e-12."""
+    P = Problem(T=300, n=5, m=4, p=4, loss="cross_entropy", mask=True, reset=True, seed=10)
+    ref, got = both_paths(monkeypatch, lambda: train_long(P, "adam", 4, 10, "mean", onehot=True))
+    assert_same(ref, got)
+
+
+def test_non_finite_parameters_are_reported_on_both_paths(monkeypatch):
+    """A step that overflows the parameters stops training at the same update on both paths,
+    with the last finite parameters kept."""
+    model = tbptt.ElmanRNN.init(n=3, m=2, p=2, seed=11)
+    x, y = np.ones((8, 2)), np.full((8, 2), 1e6)
+
+    def run():
+        d = tbptt.TBPTT(model.copy(), tbptt.Truncation(4, 4), tbptt.SGD(lr=1e307))
+        with (
+            np.errstate(over="ignore"),
+            pytest.raises(tbptt.NonFiniteError, match="parameters became non-finite") as err,
+        ):
+            d.feed(x, y)
+        return {"step": np.array(float(err.value.step)), **d.model.params}
+
+    ref, got = both_paths(monkeypatch, run)
+    assert_same(ref, got, tol=0)
+    assert_same(ref, {"step": ref["step"], **model.params}, tol=0)

@@ -100,16 +100,18 @@ def test_a_setting_edited_in_config_toml_is_refused(tmp_path, text, capsys, engi
 def test_torch_threads_default_to_one_unless_cpus_are_idle(monkeypatch):
     """--threads unset (no $OMP_NUM_THREADS): torch takes half the CPUs idle by the load average
     (at most 4, shared by a torchrun job's local processes), so 1 on a busy machine or on two
-    cores, where a second thread made an LSTM 12 times slower; numpy 1. --threads wins."""
+    cores, where a second thread made an LSTM 12 times slower; numpy 2 when two CPUs are left by
+    the load average's whole jobs, else 1. --threads wins."""
     from tbptt.app.config import Config, check
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    for cpus, load, threads in [(2, 0.0, 1), (2, 3.5, 1), (6, 0.0, 3), (6, 4.0, 1), (16, 1.0, 4)]:
+    cases = [(2, 0.0, 1, 2), (2, 3.5, 1, 1), (6, 0.0, 3, 2), (6, 4.0, 1, 2), (16, 1.0, 4, 2)]
+    for cpus, load, threads, numpy_threads in cases:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cpus: set(range(c)))
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         assert check(Config(engine="torch")).threads == threads, (cpus, load)
-        assert check(Config()).threads == 1
+        assert check(Config()).threads == numpy_threads, (cpus, load)
         assert check(Config(engine="torch", threads=2)).threads == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 16 CPUs, 15 idle, two processes
     assert check(Config(engine="torch")).threads == 3

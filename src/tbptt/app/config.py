@@ -151,7 +151,13 @@ class Config:
         ("cosine", "none"),
     )
     clip: float | None = _f(5.0, "largest global gradient norm per update (0: no clipping)")
-    batch: int = _f(32, "independent streams trained side by side", metavar="B")
+    batch: int | None = _f(
+        None,
+        "independent streams trained side by side. Default: 64 for the elman cell (measured: "
+        "1.45 nats/char after 27M characters of the demo, 1.47 with 32 streams), 32 for rnn, gru "
+        "and lstm",
+        metavar="B",
+    )
     seed: int = _f(0, "seed of the initial parameters and of the synthetic tasks", metavar="S")
     # how long, and where the results go
     time_budget: float | None = _f(
@@ -173,8 +179,9 @@ class Config:
     threads: int | None = _f(
         None,
         "CPU threads for the matrix products (numpy's OpenBLAS, or torch). Default: "
-        "$OMP_NUM_THREADS when set; else 1 for the numpy engine, whose per-step products are "
-        "small, and for torch half the CPUs idle at the start (by the load average), at least 1 "
+        "$OMP_NUM_THREADS when set; else, for the numpy engine, 2 when two CPUs are idle at the "
+        "start by the 1-minute load average (cpus - int(load) >= 2), else 1, and for torch half "
+        "the CPUs idle at the start, at least 1 "
         "and at most 4, shared among the processes of a torchrun job: a thread more than the idle "
         "CPUs makes every product wait for a descheduled thread (measured on a busy 2-core "
         "machine: an LSTM 12 times slower with 2 threads than with 1). --resume keeps the run's "
@@ -395,28 +402,31 @@ def _shown(name: str, value: object) -> str:
 
 
 def default_threads(engine: str) -> int:
-    """--threads when not given: $OMP_NUM_THREADS, else 1 (numpy) or, for torch, half the CPUs
-    this process may use that are idle by the 1-minute load average, at least 1 and at most 4
-    (a torchrun job's local processes share them).
+    """--threads when not given: $OMP_NUM_THREADS, else, for numpy, 2 when at least two of the
+    CPUs this process may use are left by the whole jobs the 1-minute load average counts (cpus
+    - int(load) >= 2), else 1; for torch, half the CPUs idle by the load average, at least 1 and
+    at most 4 (a torchrun job's local processes share them).
 
-    Why half: a thread more than the CPUs free makes each of the small per-step products wait for
-    a descheduled thread (measured on 2 cores at a load average of 5: the default torch Elman
-    model 46K characters/s with 1 thread, 2.9K with 2; an LSTM 16K and 1.3K), while a second
-    thread on idle CPUs gains at most 1.5 times; the load average lags, and other jobs may start
-    after this one, so only a margin of idle CPUs earns a second thread."""
+    Why so careful: a thread more than the CPUs free makes each of the small per-step products
+    wait for a descheduled thread (measured on 2 cores at a load average of 5: the default torch
+    Elman model 46K characters/s with 1 thread, 2.9K with 2; an LSTM 16K and 1.3K), and the load
+    average lags. On idle CPUs a second thread gains torch at most 1.5 times, so torch wants a
+    margin of idle CPUs; it gains the numpy demo about 2 times (issue 28: 227K against 106K
+    characters/s on an idle 2-core AVX2 machine), which its two minutes need."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) >= 1:
         return int(env)
-    if engine == "numpy":
-        return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpus = cpus or 1
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     local = int(local) if local.isdigit() and int(local) >= 1 else 1
     try:
-        idle = max(0.0, cpus - os.getloadavg()[0])
+        load = os.getloadavg()[0]
     except (OSError, AttributeError):  # no load average here: assume the CPUs idle
-        idle = float(cpus)
+        load = 0.0
+    if engine == "numpy":  # the CPUs no whole job of the load average takes, at most 2
+        return max(1, min(2, cpus - int(load)))
+    idle = max(0.0, cpus - load)
     return max(1, min(4, cpus // local, int(idle / (2 * local))))
 
 
@@ -458,6 +468,8 @@ def _check_engine(cfg: Config) -> None:
         cfg.lr = 6e-3 if cfg.cell == "elman" else 4e-3
     if cfg.layers is None:
         cfg.layers = 2 if cfg.cell in SCAN_CELLS else 1
+    if cfg.batch is None:
+        cfg.batch = 64 if cfg.cell == "elman" else 32
     if cfg.engine == "numpy" and cfg.cell != "elman":
         raise InputError(f"--cell {cfg.cell} needs --engine torch (numpy has the elman cell only)")
     if cfg.engine == "numpy" and cfg.layers != 1:

@@ -277,9 +277,10 @@ class TorchEngine(_Driven):
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is available here")
         self.launch = init_from_env(cfg.device)  # torchrun: join the job (distributed.py)
+        assert cfg.lr is not None and cfg.threads is not None  # config.check resolved them
+        assert cfg.batch is not None
         self.rank, self.streams = self.launch.rank, self.launch.streams(cfg.batch)
         self.torch, self.device = torch, self.launch.device
-        assert cfg.lr is not None and cfg.threads is not None  # config.check resolved them
         assert cfg.layers is not None  # config.check resolved it
         torch.set_num_threads(cfg.threads)
         self.dtype, self.np_dtype = getattr(torch, cfg.dtype), np.dtype(cfg.dtype)
@@ -492,6 +493,7 @@ def check_influence(cfg: cf.Config, m: int, p: int = 1) -> None:
         theta = sum(gates * n * ((m if k == 0 else n) + n + 2) for k in range(layers))
     copies = 2 if cfg.engine == "numpy" else 3
     world = int(os.environ.get("WORLD_SIZE", "1")) if cfg.engine == "torch" else 1
+    assert cfg.batch is not None  # config.check resolved it
     entries = cfg.batch // max(world, 1) * state * theta  # each torchrun process: its streams
     need = copies * entries * np.dtype(cfg.dtype).itemsize
     if need > limit:
@@ -511,6 +513,7 @@ def memory_needed(cfg: cf.Config, m: int = 1, p: int = 1) -> tuple[int, str]:
     inputs and outputs (before the data is read: 1, a lower bound)."""
     s = np.dtype(cfg.dtype).itemsize
     n, B = cfg.hidden, cfg.batch
+    assert B is not None  # config.check resolved it
     # steps held at once: the next window and the steps since the update (no more than the run's)
     kept = cfg.k1 + min(cfg.k2, cfg.max_updates * cfg.k1 if cfg.max_updates else cfg.k2)
     assert cfg.layers is not None  # config.check resolved it

@@ -186,6 +186,7 @@ def validate(engine: Engine, problem: Problem, limit: int | None = None) -> floa
 def record(run: Run, train_loss: float | None, valid_loss: float | None, lr: float) -> None:
     """One row of metrics.csv."""
     cfg, loop = run.cfg, run.loop
+    assert cfg.batch is not None  # config.check resolved it
     run.rows.append(
         {
             "updates": loop.updates,
@@ -226,6 +227,7 @@ def finish(run: Run, lr: float) -> None:
     checkpoint(run, final=True)
     if not run.writer:
         return
+    assert cfg.batch is not None  # config.check resolved it
     count = loop.updates * cfg.k1 * cfg.batch
     what = "characters" if cfg.text else "steps"
     secs = f"{loop.seconds:.{0 if loop.seconds >= 10 else 1}f}"
@@ -314,6 +316,7 @@ class Progress:
         by_time = loop.seconds / cfg.time_budget if cfg.time_budget else 0.0
         self.bar.n = round(100 * min(max(by_updates, by_time), 1.0), 1)
         steps = loop.updates * cfg.k1 / max(loop.seconds, 1e-9)
+        assert cfg.batch is not None  # config.check resolved it
         what = "chars" if cfg.text else "steps x streams"
         self.bar.set_postfix_str(
             f"loss {row['train_loss']}, {steps:.0f} steps/s, {steps * cfg.batch:,.0f} {what}/s"

@@ -221,6 +221,48 @@ def forward(
     return Trajectory(x=x, h_prev=h_prev, h=h, fprime=fprime, z=z, reset=cut)
 
 
+def forward_loss(
+    model: ElmanRNN,
+    loss: str,
+    x: Array | OneHot,
+    y: Array,
+    mask: Array | None,
+    h_init: Array,
+    reset: Array | None = None,
+    h0: Array | None = None,
+    hs: Array | None = None,
+) -> tuple[Trajectory, Array, Array, int]:
+    """A piece of online training from h_init: (1.1)-(1.5) and e_t (2.1), and section 6's check.
+
+    Arguments as forward's, with the loss, y and mask as functions.loss_and_error's. Returns the
+    trajectory, l_t (T, batch), e_t (T, batch, p) and -1, or, when the last state or some loss is
+    not finite, the first step (0-based) whose state or loss is not. With numba installed, one
+    stream's piece is one compiled call (fast.forward_piece) instead of about fifteen.
+    """
+    T, batch = x.shape[:2]
+    piece = fast.forward_piece(batch)  # all of the below, compiled (tbptt[fast]), or None
+    if piece is None:
+        traj = forward(model, x, h_init, reset, h0, hs)
+        l, e = loss_and_error(model.g, loss, traj.z, y, mask)  # (T, batch), (T, batch, p)
+        return traj, l, e, first_non_finite(traj.h, l)
+    if hs is None:
+        hs = np.empty((T + 1, batch, model.n), model.dtype)  # h_0, h_1, ..., h_T
+    hs[0] = h_init
+    restart = h_init if h0 is None else h0
+    cut = reset if reset is not None and reset.any() else None
+    fprime, z, l, e, bad = piece(model, loss, x, y, mask, cut, restart, hs)
+    h_prev = hs[:-1] if cut is None else np.where(cut[:, :, None], restart, hs[:-1])
+    return Trajectory(x=x, h_prev=h_prev, h=hs[1:], fprime=fprime, z=z, reset=cut), l, e, bad
+
+
+def first_non_finite(h: Array, l: Array) -> int:
+    """-1 when the last state h[-1] and every loss l_t are finite; else the first step whose
+    state or loss is not (h (T, batch, n), l (T, batch))."""
+    if np.isfinite(h[-1]).all() and np.isfinite(l).all():
+        return -1
+    return int(np.argmax(~(np.isfinite(h).all(axis=(1, 2)) & np.isfinite(l).all(axis=1))))
+
+
 def forward_steps(hs: Array, A: Array, f: str, reset: Array | None, restart: Array) -> Array:
     """(1.1), (1.2) in place over hs (T + 1, batch, n), one step at a time: the reference loop.
 
@@ -274,6 +316,27 @@ def backprop(
     return R, back
 
 
+def backprop_errors(
+    fprime: Array,
+    A: Array,
+    C: Array,
+    e: Array,
+    carry: Array | None = None,
+    cut: Array | None = None,
+    out: Array | None = None,
+) -> tuple[Array, Array]:
+    """backprop with the injected C^T e_t computed from e (K, batch, p), the errors of the last K
+    steps, and C (p, n): (5.2) over one segment. With numba installed, one stream's product and
+    recursion are one compiled loop (fast.error_loop)."""
+    steps = fast.error_loop(fprime.shape[1])  # the product inside the loop (tbptt[fast]), or None
+    if steps is None:
+        return backprop(fprime, A, project(e, C), carry, cut, out)
+    R = np.empty_like(fprime) if out is None else out  # (L, batch, n)
+    back = np.zeros(fprime.shape[1:], fprime.dtype) if carry is None else carry.copy()
+    steps(R, fprime, A, C, e, back, cut if cut is not None and cut.any() else None)
+    return R, back
+
+
 def backward_steps(
     R: Array, fprime: Array, A: Array, dh: Array, back: Array, cut: Array | None
 ) -> None:
@@ -313,8 +376,12 @@ def parameter_gradients(
     """(2.3) and (2.4) as one matrix product each over the stacked time axis.
 
     R, h_prev: (L, batch, n); x: (L, batch, m) or a OneHot; e: (K, batch, p) and h: (K, batch, n)
-    for the injected steps (e already weighted by how many windows inject each step).
+    for the injected steps (e already weighted by how many windows inject each step). With numba
+    installed, a window of one stream's few rows is one compiled call (fast.gradient_sums).
     """
+    sums = fast.gradient_sums(R.shape[1], R.shape[0] * R.shape[1])  # compiled, or None (BLAS)
+    if sums is not None:
+        return sums(R, h_prev, x, e, h, bias_b, bias_c)
     grads = {
         "A": stacked(R).T @ stacked(h_prev),  # sum_t r_t h_{t-1}^T
         "B": input_gradient(stacked(R), x),  # sum_t r_t x_t^T: a product, or a scatter-add

@@ -143,6 +143,33 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
     return max_norm / (norm + 1e-6)
 
 
+def clipped_step(
+    optimizer: Optimizer,
+    params: Params,
+    grads: Params,
+    state: dict[str, Array],
+    clip: float | None,
+    divisor: float = 1.0,
+) -> tuple[float, Params | None, dict]:
+    """One update from fresh gradient arrays, which it overwrites: the gradients divided by
+    divisor ((5)'s mean), their global norm, then, if the norm is finite, clipping and the
+    optimizer's step. Returns the norm, the new parameters (None when one is not finite) and the
+    new state (the old one when the norm is not finite). fast.optimizer_step is the same in one
+    compiled call."""
+    if divisor != 1:
+        for g in grads.values():
+            g /= divisor
+    norm = grad_norm(grads)  # one pass
+    if not math.isfinite(norm):
+        return norm, None, state
+    coef = 1.0 if clip is None else clip_coefficient(norm, clip)
+    if coef < 1:  # clip_grad_norm, in place: the arrays are ours
+        for g in grads.values():
+            g *= coef
+    new, state = optimizer.step(params, grads, state, reuse_grads=True)
+    return norm, (new if all_finite(new.values()) else None), state
+
+
 def clip_grad_norm(grads: Params, max_norm: float) -> tuple[Params, float]:
     """Rescale all gradients together when their global norm exceeds max_norm; returns the norm."""
     norm = grad_norm(grads)

@@ -37,7 +37,15 @@ from ..checks import prefixed
 from ..errors import InputError
 from ..inputs import OneHot
 from ..schedule import Truncation, Window, from_options
-from .elman import ElmanRNN, Trajectory, backprop, parameter_gradients, project, run
+from .elman import (
+    ElmanRNN,
+    Trajectory,
+    backprop,
+    backprop_errors,
+    parameter_gradients,
+    project,
+    run,
+)
 from .history import History, KeepsSteps
 from .rule import Shell, check_saved_setting, damaged
 
@@ -259,11 +267,17 @@ class TruncationRule(KeepsSteps):
         cuts = []  # (L_seg, batch) reset flags, newest segment first, when some stream restarted
         for seg in reversed(segs):
             lo, hi = max(seg.t0, s), min(seg.t1, u)  # this segment's steps in the window
-            dh = project(hist.e[max(i, lo) - first : hi - first + 1], seg.params["C"])  # C_t^T e_t
+            e = hist.e[max(i, lo) - first : hi - first + 1]  # e_t of the injected steps
             part = slice(lo - seg.t0, hi - seg.t0 + 1)
             cut = None if seg.reset is None else seg.reset[part]
-            _, back = backprop(
-                seg.fprime[part], seg.params["A"], dh, back, cut, out=R[lo - s : hi - s + 1]
+            _, back = backprop_errors(  # with C_t^T e_t injected
+                seg.fprime[part],
+                seg.params["A"],
+                seg.params["C"],
+                e,
+                back,
+                cut,
+                R[lo - s : hi - s + 1],
             )
             if resets:
                 cuts.append(np.zeros((hi - lo + 1, hist.batch), bool) if cut is None else cut)

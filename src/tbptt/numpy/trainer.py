@@ -37,10 +37,11 @@ from ..errors import InputError, NonFiniteError
 from ..files import atomic_write
 from ..inputs import OneHot
 from ..schedule import Truncation
+from . import fast
 from .batch import Batch, check_batch, check_h0, dense_inputs
-from .elman import ElmanRNN, Trajectory, forward
-from .functions import LOSSES, loss_and_error
-from .optim import SGD, Adam, all_finite, clip_coefficient, grad_norm
+from .elman import ElmanRNN, Trajectory, forward_loss
+from .functions import LOSSES
+from .optim import SGD, Adam, clipped_step
 from .rule import Rule
 from .tbptt import TruncationRule
 
@@ -183,28 +184,33 @@ class TBPTT:
         """Steps t+1..t+len(x) from the carried state with the current parameters: the
         trajectory, l_t (L, batch) and e_t (L, batch, p). hs: a buffer for the states (elman's
         forward). NonFiniteError naming the first step whose state or loss is not finite (6)."""
-        model = self.model
         assert self.h is not None  # the first chunk set it
-        traj = forward(model, x, self.h, reset, self.h0, hs=hs)
-        l, e = loss_and_error(model.g, self.loss, traj.z, y, mask)
-        if not (np.isfinite(traj.h[-1]).all() and np.isfinite(l).all()):
-            bad = ~(np.isfinite(traj.h).all(axis=(1, 2)) & np.isfinite(l).all(axis=1))
-            step = self.t + 1 + int(np.argmax(bad))
+        traj, l, e, bad = forward_loss(
+            self.model, self.loss, x, y, mask, self.h, reset, self.h0, hs
+        )
+        if bad >= 0:
             raise NonFiniteError(
-                f"the state or loss became non-finite at step {step} (update {self.updates + 1}); "
-                f"parameters kept at their last finite values",
-                step,
+                f"the state or loss became non-finite at step {self.t + 1 + bad} (update "
+                f"{self.updates + 1}); parameters kept at their last finite values",
+                self.t + 1 + bad,
             )
         return traj, l, e
 
     def _update(self, final: bool) -> None:
         """The rule's gradient, (5)'s mean, clipping and the step, with section 6's checks."""
         grads, count = self.rule.gradient(self, final)  # fresh arrays: the step may reuse them
-        if self.reduction == "mean":  # the derivative of sum / N is the derivative / N
-            for g in grads.values():
-                g /= count if count > 0 else 1.0
+        # the derivative of sum / N is the derivative / N
+        divisor = count if self.reduction == "mean" and count > 0 else 1.0
         self.opt_state = optimizer_update(
-            self.model, self.optimizer, self.opt_state, grads, self.clip, self.t, self.updates
+            self.model,
+            self.optimizer,
+            self.opt_state,
+            grads,
+            self.clip,
+            self.t,
+            self.updates,
+            divisor,
+            batch=len(self.h) if self.h is not None else 1,
         )
         self.u_prev, self.updates = self.t, self.updates + 1
         self.rule.updated(self)
@@ -324,14 +330,20 @@ def optimizer_update(
     clip: float | None,
     u: int,
     updates: int,
+    divisor: float = 1.0,
+    batch: int = 1,
 ) -> dict:
-    """Clip and apply `grads` (fresh arrays, which the optimizer may overwrite) at the update after
-    step u; point the model at the new parameters and return the new optimizer state.
+    """Divide `grads` (fresh arrays, which the optimizer may overwrite) by divisor ((5)'s mean),
+    clip and apply them at the update after step u; point the model at the new parameters and
+    return the new optimizer state.
 
     NonFiniteError, with the parameters untouched, when the gradient or the new parameters are not
-    finite (SEMANTICS.md 6)."""
-    norm = grad_norm(grads)  # one pass; look for the culprit only if needed
-    if not math.isfinite(norm):
+    finite (SEMANTICS.md 6). With numba installed, the update of a trainer of `batch` = 1 stream
+    is one compiled call (fast.optimizer_step) instead of a few calls per parameter.
+    """
+    step = fast.optimizer_step(batch) or clipped_step  # compiled for `batch` streams, or numpy
+    norm, params, new_state = step(optimizer, model.params, grads, opt_state, clip, divisor)
+    if not math.isfinite(norm):  # look for the culprit only now
         for k, g in grads.items():
             if not np.isfinite(g).all():
                 raise NonFiniteError(
@@ -339,19 +351,14 @@ def optimizer_update(
                     f"(update {updates + 1}); parameters kept at their last finite values",
                     u,
                 )
-    coef = 1.0 if clip is None else clip_coefficient(norm, clip)
-    if coef < 1:  # clip_grad_norm, in place: the arrays are ours
-        for g in grads.values():
-            g *= coef
-    params, opt_state = optimizer.step(model.params, grads, opt_state, reuse_grads=True)
-    if not all_finite(params.values()):
+    if params is None:
         raise NonFiniteError(
             f"the parameters became non-finite at the update after step {u} "
             f"(update {updates + 1}); kept at their last finite values",
             u,
         )
     model.rebind(params)  # checked finite just above; the old arrays stay untouched
-    return opt_state
+    return new_state
 
 
 # -- what rules check in a saved state ----------------------------------------------------------
