@@ -162,7 +162,7 @@ def forward_steps(hs, A, code, fprime, reset, restart):
     fprime[t - 1] (T, batch, n) holds f'(a_t). reset: None, or (T, batch) bool, where stream j
     starts step t from restart[j] (batch, n) instead of h_{t-1}.
     """
-    T, batch, n = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    T, batch = hs.shape[0] - 1, hs.shape[1]
     for t in range(T):
         for j in range(batch):
             prev = hs[t, j]
@@ -170,24 +170,7 @@ def forward_steps(hs, A, code, fprime, reset, restart):
                 if reset[t, j]:
                     prev = restart[j]
             cur = hs[t + 1, j]
-            n4 = n - n % 4
-            for i in range(
-                0, n4, 4
-            ):  # a_t = A h_{t-1} + (B x_t + b): dot products, 4 rows of A at once
-                r0, r1, r2, r3 = A[i], A[i + 1], A[i + 2], A[i + 3]
-                s0, s1, s2, s3 = cur[i], cur[i + 1], cur[i + 2], cur[i + 3]
-                for k in range(n):  # four independent sums hide the adds' latency
-                    p = prev[k]
-                    s0 += r0[k] * p
-                    s1 += r1[k] * p
-                    s2 += r2[k] * p
-                    s3 += r3[k] * p
-                cur[i], cur[i + 1], cur[i + 2], cur[i + 3] = s0, s1, s2, s3
-            for i in range(n4, n):
-                row, s = A[i], cur[i]
-                for k in range(n):
-                    s += row[k] * prev[k]
-                cur[i] = s
+            _matvec_add(A, prev, cur)  # a_t = A h_{t-1} + (B x_t + b)
             _activate(code, cur, fprime[t, j])
 
 
@@ -218,16 +201,7 @@ def backward_steps(R, fprime, A, dh, back, cut):
             if cut is not None:
                 if cut[t, j]:
                     continue  # h_{t-1} was a constant for this stream
-            n4 = n - n % 4
-            for k in range(0, n4, 4):  # A^T r_t = sum_k r_k (row k of A), 4 rows per pass over b
-                a0, a1, a2, a3 = A[k], A[k + 1], A[k + 2], A[k + 3]
-                q0, q1, q2, q3 = r[k], r[k + 1], r[k + 2], r[k + 3]
-                for i in range(n):
-                    b[i] += q0 * a0[i] + q1 * a1[i] + q2 * a2[i] + q3 * a3[i]
-            for k in range(n4, n):
-                rk, row = r[k], A[k]
-                for i in range(n):
-                    b[i] += rk * row[i]
+            _matvec_t_add(A, r, b)  # A^T r_t
 
 
 @numba.njit(**OPTIONS)

@@ -315,11 +315,9 @@ class MinGRU(nn.Module):
     def forward(
         self, x: Tensor, state: Tensor | None = None, *, starts: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        dtype, device = _dtype(self)
-        m, H = self.input_size, self.hidden_size
-        T, batch = check_call(x, state, starts, m, dtype, H, self.state_dtype, device)
-        if T == 0:  # no step: the state given, or h_init (what rl.h_init asks of a module)
-            return x.new_zeros(0, batch, H), _state_or_zeros(state, batch, H, self.state_dtype, x)
+        T, batch, empty = _begin(self, x, state, starts, self.hidden_size)
+        if empty is not None:
+            return empty
         z = torch.sigmoid(self.linear_z(x))  # (T, batch, H): (10.2)
         h = mingru_scan(z, self.linear_h(x), state, starts)  # (T, batch, H): (10.3)
         return h, h[-1].clone()  # the state owns its memory, not a view of the chunk's h
@@ -389,11 +387,10 @@ class LRU(nn.Module):
     def forward(
         self, x: Tensor, state: Tensor | None = None, *, starts: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        dtype, device = _dtype(self)
         m, H = self.input_size, self.hidden_size
-        T, batch = check_call(x, state, starts, m, dtype, H, self.state_dtype, device)
-        if T == 0:  # no step: the state given, or h_init (what rl.h_init asks of a module)
-            return x.new_zeros(0, batch, m), _state_or_zeros(state, batch, H, self.state_dtype, x)
+        T, batch, empty = _begin(self, x, state, starts, m)
+        if empty is not None:
+            return empty
         lam = torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))  # (10.4)
         g = torch.exp(self.gamma_log)[:, None]  # (H, 1)
         WB = torch.stack((g * self.B_re, g * self.B_im), 1).reshape(2 * H, m)  # rows re_k, im_k
@@ -405,6 +402,23 @@ class LRU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}"
+
+
+def _begin(
+    layer: MinGRU | LRU, x: Tensor, state: Tensor | None, starts: Tensor | None, width: int
+) -> tuple[int, int, tuple[Tensor, Tensor] | None]:
+    """A layer's call checked (check_call): T, batch and, for a call of no step, its result (no
+    output of `width` features; the state given, or h_init: what rl.h_init asks of a module)."""
+    dtype, device = _dtype(layer)
+    H = layer.hidden_size
+    T, batch = check_call(x, state, starts, layer.input_size, dtype, H, layer.state_dtype, device)
+    if T > 0:
+        return T, batch, None
+    return (
+        T,
+        batch,
+        (x.new_zeros(0, batch, width), _state_or_zeros(state, batch, H, layer.state_dtype, x)),
+    )
 
 
 def _state_or_zeros(
