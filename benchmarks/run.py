@@ -83,6 +83,17 @@ loops" repeat a measurement with `TBPTT_NUMBA=0`, the numpy reference:
   "us per update beyond the model" in the details is that fixed cost: at batch 1 a large
   fraction of the modelled work of an update, and larger still with the compiled loops, which
   make the modelled steps cheaper but not the per-update work; at batch 32 it is within the noise.
+- The architecture of issue 23 (one trainer shell per engine, each method a rule it holds) at no
+  cost in speed, measured side by side with the code before it (7e7ccd9, then main at a3fd5d5,
+  alternating, 2026-12-07 11:58-12:11 UTC, the machine otherwise idle, load average 0.4-1.6).
+  `python benchmarks/run.py --groups torch`, twice each: driver / hand-written detach loop
+  1.03x and 1.03x before, 1.09x and 1.03x after (ranges 0.74-1.69 and 0.73-1.37); the forum
+  snippet / driver at k2 = 128 3.67x, 3.63x before, 3.82x, 3.59x after. `python
+  benchmarks/run.py --groups tbptt_cost --quick --reps 7`, three times each, the median of the
+  three (numpy online, time / cost model): batch 1 with numba, k2 = 20, 40, 80: 2.50x, 2.30x,
+  1.77x before, 2.07x, 1.61x, 1.43x after (issue 28's compiled update included); batch 1 with
+  numpy loops: 1.74x, 1.53x, 1.15x before, 1.85x, 1.48x, 1.08x after; batch 32: 0.87x, 0.85x,
+  0.79x before, 0.80x, 0.77x, 0.77x after.
 
 The `avx2` group repeats issue 17's rows in a child process with every library held to AVX2
 (`OPENBLAS_CORETYPE=Haswell`, `ATEN_CPU_CAPABILITY=avx2`, `XLA_FLAGS=--xla_cpu_max_isa=AVX2`,
