@@ -119,6 +119,27 @@ def test_ids_without_an_embedding_say_to_pass_one(cell) -> None:
         model(ids()[:4] % 3)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_floating_ids_into_an_embedding_say_to_pass_integer_ids(batch_first) -> None:
+    """Ids cast to float (a (batch, L) or (L, batch) float tensor) fed to a Recurrent with an
+    embedding: one InputError naming x's dtype and asking for integer ids, in feed and predict,
+    not a reading of x as one stream of vectors; nothing trained."""
+    torch.manual_seed(0)
+    rnn = nn.LSTM(3, 4, batch_first=batch_first)
+    model = Recurrent(rnn, nn.Linear(4, 5), embedding=nn.Embedding(5, 3)).to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    d = TBPTT(model, tbptt.Truncation(2, 2), opt, batch_first=batch_first)
+    x = ids()[:4] % 5
+    x = x.T if batch_first else x
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(tbptt.InputError, match=r"^x must hold integer ids .* got torch\.float"):
+        d.feed(x.to(DT), torch.zeros(*x.shape, 5, dtype=DT))
+    with pytest.raises(tbptt.InputError, match=r"^x must hold integer ids"):
+        d.predict(x.to(DT))
+    assert d.t == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
 @pytest.mark.parametrize("cell", [nn.RNN, nn.GRU, nn.LSTM])
 def test_a_onehot_chunk_trains_as_its_one_hot_rows(cell) -> None:
     """A tbptt.OneHot chunk fed to a Recurrent without an embedding trains as the dense one-hot

@@ -191,6 +191,16 @@ def check_state0_batch(state0: st.State | None, batch: int, declared: int | None
             )
 
 
+def check_ids(x: object, takes_ids: bool) -> None:
+    """InputError when a module that looks up integer ids (a Recurrent with an embedding) is given
+    floating x: said before check_chunk reads a floating (L, m) x as one stream of vectors."""
+    if takes_ids and isinstance(x, torch.Tensor) and x.is_floating_point():
+        raise InputError(
+            f"x must hold integer ids (the model looks them up in its embedding), got {x.dtype} "
+            f"of shape {tuple(x.shape)}; pass a LongTensor of token ids"
+        )
+
+
 @overload
 def check_chunk(
     x: object,

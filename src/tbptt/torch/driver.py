@@ -48,6 +48,7 @@ from .checks import (
     check_autocast,
     check_chunk,
     check_hooks,
+    check_ids,
     check_linked,
     check_losses,
     check_optimizer,
@@ -242,6 +243,7 @@ class TBPTT:
         dtypes = [p.dtype for p in self.params.values() if p.is_floating_point()]
         dense = dtypes and not getattr(model, "takes_ids", True)  # OneHot: one-hot rows
         self.onehot = dtypes[0] if dense else None  # (a Recurrent without an embedding)
+        self.takes_ids = bool(getattr(model, "takes_ids", False))  # (a Recurrent with one)
         # t: the steps computed so far, u_prev: the last update time (the schedule's phase),
         # skipped: the updates whose step float16 loss scaling (the GradScaler) skipped
         self.t = self.u_prev = self.updates = self.skipped = 0
@@ -299,6 +301,7 @@ class TBPTT:
                 "feed after finish(): the stream was finished; create a new "
                 f"{rule.name} to train on another"
             )
+        check_ids(x, self.takes_ids)
         x, y, mask, reset, batch = check_chunk(
             x, y, mask, reset, self.device, self.batch_first, self.onehot
         )
@@ -362,6 +365,7 @@ class TBPTT:
         zeros), restarting stream j from state0 where reset[t, j], as training does (6.1). No
         gradient, nothing kept; the stream being trained is not touched. Returns (output, state).
         """
+        check_ids(x, self.takes_ids)
         x, _, _, reset, _ = check_chunk(
             x, None, None, reset, self.device, self.batch_first, self.onehot
         )
